@@ -1,0 +1,68 @@
+"""One exception root for medfed, with typed subclasses.
+
+The CLI maps each subclass to an exit code and prints its message on one line,
+so every message must say what is wrong, on which value, and what to do.
+"""
+
+__all__ = [
+    "AggregationError",
+    "BudgetExceededError",
+    "ConfigError",
+    "DataError",
+    "EnvelopeError",
+    "MedfedError",
+    "QuorumError",
+    "ServiceError",
+]
+
+
+class MedfedError(Exception):
+    """Root of every error medfed raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(MedfedError, ValueError):
+    """A study config or a parameter is invalid."""
+
+    exit_code = 2
+
+
+class DataError(MedfedError, ValueError):
+    """A dataset is missing, unreadable or does not match its checksum."""
+
+    exit_code = 3
+
+
+class EnvelopeError(MedfedError, ValueError):
+    """An update envelope is malformed, oversized or inconsistent."""
+
+    exit_code = 4
+
+
+class BudgetExceededError(MedfedError):
+    """A site's next round would spend more privacy than its budget allows."""
+
+    exit_code = 5
+
+
+class ServiceError(MedfedError):
+    """The aggregation service rejected a request or could not be reached."""
+
+    exit_code = 6
+
+    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class AggregationError(MedfedError):
+    """A round could not be aggregated."""
+
+    exit_code = 7
+
+
+class QuorumError(AggregationError):
+    """Fewer sites answered than the round's quorum requires."""
+
+    exit_code = 8
