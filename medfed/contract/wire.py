@@ -128,7 +128,9 @@ class EnvelopeLimits:
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
             if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"envelope limit {name} must be a positive integer, got {value!r}")
+                raise ConfigError(
+                    f"envelope limit {name} must be a positive integer, got {value!r}"
+                )
 
 
 @dataclass(frozen=True)
@@ -158,8 +160,14 @@ def encode_envelope(
     """
     codec = get_codec(codec_name, codec_params)
     arrays = codec.encode(update)
-    raw = save_safetensors({key: np.ascontiguousarray(value) for key, value in arrays.items()})
-    payload = zstandard.ZstdCompressor(level=3).compress(raw) if compression == "zstd" else raw
+    raw = save_safetensors(
+        {key: np.ascontiguousarray(value) for key, value in arrays.items()}
+    )
+    payload = (
+        zstandard.ZstdCompressor(level=3).compress(raw)
+        if compression == "zstd"
+        else raw
+    )
     header = EnvelopeHeader(
         study=study,
         round=round_number,
@@ -177,10 +185,14 @@ def encode_envelope(
         uncompressed_length=len(raw),
     )
     if signer is not None:
-        signature = SignatureInfo(key_id=signer.key_id, value=signer.sign(header.signing_bytes()))
+        signature = SignatureInfo(
+            key_id=signer.key_id, value=signer.sign(header.signing_bytes())
+        )
         header = header.model_copy(update={"signature": signature})
     header_bytes = header.model_dump_json(exclude_none=True).encode()
-    return _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes)) + header_bytes + payload
+    return (
+        _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes)) + header_bytes + payload
+    )
 
 
 def read_header(
@@ -199,7 +211,9 @@ def read_header(
         )
     magic, version, header_length = _PREFIX.unpack_from(data)
     if magic != MAGIC:
-        raise EnvelopeError("envelope magic is not b'MFED': this is not a medfed update")
+        raise EnvelopeError(
+            "envelope magic is not b'MFED': this is not a medfed update"
+        )
     if version != FORMAT_VERSION:
         raise EnvelopeError(
             f"envelope format_version {version} is not supported; this service "
@@ -257,7 +271,9 @@ def decode_envelope(
     try:
         arrays = load_safetensors(raw)
     except (SafetensorError, ValueError, TypeError) as error:
-        raise EnvelopeError(f"envelope payload is not a valid safetensors file: {error}") from None
+        raise EnvelopeError(
+            f"envelope payload is not a valid safetensors file: {error}"
+        ) from None
 
     codec = get_codec(header.codec.name, header.codec.params)
     tensors = codec.decode(arrays, header.tensor_specs())
@@ -292,14 +308,19 @@ def _check_header_limits(header: EnvelopeHeader, limits: EnvelopeLimits) -> None
             f"envelope uncompressed_length {header.uncompressed_length} exceeds "
             f"the limit of {limits.max_uncompressed_bytes} bytes"
         )
-    if header.compression == "none" and header.uncompressed_length != header.payload_length:
+    if (
+        header.compression == "none"
+        and header.uncompressed_length != header.payload_length
+    ):
         raise EnvelopeError(
             "envelope uncompressed_length must equal payload_length when "
             "compression is 'none'"
         )
 
 
-def _decompress(header: EnvelopeHeader, payload: memoryview, limits: EnvelopeLimits) -> bytes:
+def _decompress(
+    header: EnvelopeHeader, payload: memoryview, limits: EnvelopeLimits
+) -> bytes:
     if header.compression == "none":
         return bytes(payload)
     try:
@@ -309,7 +330,9 @@ def _decompress(header: EnvelopeHeader, payload: memoryview, limits: EnvelopeLim
             bytes(payload), max_output_size=header.uncompressed_length
         )
     except zstandard.ZstdError as error:
-        raise EnvelopeError(f"envelope payload failed zstd decompression: {error}") from None
+        raise EnvelopeError(
+            f"envelope payload failed zstd decompression: {error}"
+        ) from None
     if len(raw) != header.uncompressed_length:
         raise EnvelopeError(
             f"envelope uncompressed_length is {header.uncompressed_length} but the "

@@ -16,7 +16,10 @@ class Float32Codec(Codec):
     name = "fp32"
 
     def encode(self, update: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {key: np.ascontiguousarray(value, np.float32) for key, value in update.items()}
+        return {
+            key: np.ascontiguousarray(value, np.float32)
+            for key, value in update.items()
+        }
 
     def decode(
         self, payload: Mapping[str, np.ndarray], specs: list[TensorSpec]

@@ -1,0 +1,27 @@
+"""Logistic regression, the model of the heart-disease benchmark."""
+
+import torch
+from torch import nn
+
+from medfed.contract.models import register_model
+
+__all__ = ["LogisticRegression"]
+
+
+@register_model("logistic_regression")
+class LogisticRegression(nn.Module):
+    """One linear layer producing a logit for the positive class.
+
+    Args:
+        in_features: number of input features.
+    """
+
+    def __init__(self, *, in_features: int) -> None:
+        super().__init__()
+        if in_features <= 0:
+            raise ValueError(f"in_features must be positive, got {in_features}")
+        self.linear = nn.Linear(in_features, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Return logits of shape (batch,) for inputs of shape (batch, in_features)."""
+        return self.linear(features).squeeze(-1)
