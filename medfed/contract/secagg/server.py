@@ -1,0 +1,448 @@
+"""The aggregation service's side of a masking round: relay, collect, unmask.
+
+The service learns the sum of the survivors' encoded updates and nothing
+else, provided at least ``threshold`` sites follow the protocol. It holds
+only public keys, ciphertexts it cannot open, masked vectors, and the shares
+survivors reveal once uploads close: self-mask shares of survivors and
+mask-key shares of dropped sites.
+
+Phases, each method valid in one of them: ``add_advertisement`` then
+``close_advertising`` (returns the roster); ``add_share_upload`` then
+``close_sharing``; ``shares_for`` and ``add_masked_update`` then
+``close_uploads`` (returns the reveal request); ``add_reveal`` then
+``unmask``. A rejected message raises ``SecureAggregationError`` and changes
+no state.
+"""
+
+import logging
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from medfed.contract.ids import validate_identifier
+from medfed.contract.secagg.keys import (
+    RoundContext,
+    decode_key,
+    public_key_bytes,
+    self_mask_commitment,
+)
+from medfed.contract.secagg.masks import pairwise_mask, self_mask
+from medfed.contract.secagg.messages import (
+    EncryptedShare,
+    KeyAdvertisement,
+    KeyRoster,
+    RevealedShares,
+    RevealRequest,
+    ShareUpload,
+    ShareValue,
+    check_threshold,
+)
+from medfed.contract.secagg.ring import (
+    FixedPointEncoding,
+    decode_fixed_point,
+    from_ring,
+)
+from medfed.contract.secagg.shamir import Share, combine_shares
+from medfed.errors import ConfigError, SecureAggregationError
+
+__all__ = ["MaskingServer", "UnmaskedSum"]
+
+logger = logging.getLogger(__name__)
+
+
+class _Phase(Enum):
+    ADVERTISING = 1
+    SHARING = 2
+    UPLOADING = 3
+    REVEALING = 4
+    DONE = 5
+
+
+@dataclass(frozen=True)
+class UnmaskedSum:
+    """The survivors' aggregate, the only thing a masking round releases.
+
+    Attributes:
+        ring_sum: the sum of the survivors' ring vectors, shape ``(length,)``.
+        weighted_sum: ``ring_sum`` decoded to float64: the sum over survivors
+            of sample count times clipped update.
+        sample_count: the survivors' total sample count.
+        survivors: the sites whose updates the sum contains, sorted.
+    """
+
+    ring_sum: np.ndarray
+    weighted_sum: np.ndarray
+    sample_count: int
+    survivors: tuple[str, ...]
+
+    def mean(self) -> np.ndarray:
+        """Return the sample-weighted mean update as a float64 vector."""
+        return self.weighted_sum / self.sample_count
+
+
+class MaskingServer:
+    """Round state of one masking round at the aggregation service.
+
+    Args:
+        study: the study id.
+        round_number: the round.
+        threshold: the Shamir threshold t; more than half of the roster.
+        encoding: the round's fixed-point encoding.
+        vector_length: the number of coordinates of every update.
+    """
+
+    def __init__(
+        self,
+        *,
+        study: str,
+        round_number: int,
+        threshold: int,
+        encoding: FixedPointEncoding,
+        vector_length: int,
+    ) -> None:
+        if not isinstance(vector_length, int) or vector_length < 1:
+            raise ConfigError(
+                f"vector_length must be a positive integer, got {vector_length!r}"
+            )
+        self.context = RoundContext(
+            validate_identifier(study, kind="study"), round_number
+        )
+        self.threshold = threshold
+        self.encoding = encoding
+        self.vector_length = vector_length
+        self._phase = _Phase.ADVERTISING
+        self._advertisements: dict[str, KeyAdvertisement] = {}
+        self._roster: KeyRoster | None = None
+        self._share_uploads: dict[str, ShareUpload] = {}
+        self._masked: dict[str, np.ndarray] = {}
+        self._sample_counts: dict[str, int] = {}
+        self._request: RevealRequest | None = None
+        self._reveals: dict[str, RevealedShares] = {}
+
+    def add_advertisement(self, advertisement: KeyAdvertisement) -> None:
+        """Record a site's public keys.
+
+        Raises:
+            SecureAggregationError: the site already advertised, or reuses a
+                public key another site advertised.
+        """
+        self._require(_Phase.ADVERTISING, "accept key advertisements")
+        if advertisement.site in self._advertisements:
+            raise SecureAggregationError(
+                f"site {advertisement.site!r} already advertised its keys this round"
+            )
+        known_keys = {
+            key
+            for item in self._advertisements.values()
+            for key in (item.mask_public_key, item.share_public_key)
+        }
+        if {advertisement.mask_public_key, advertisement.share_public_key} & known_keys:
+            raise SecureAggregationError(
+                f"site {advertisement.site!r} advertised a public key another site "
+                "already uses"
+            )
+        self._advertisements[advertisement.site] = advertisement
+
+    def close_advertising(self) -> KeyRoster:
+        """Freeze the roster that every site receives.
+
+        Raises:
+            SecureAggregationError: too few sites advertised for the threshold,
+                or more than the encoding is sized for.
+        """
+        self._require(_Phase.ADVERTISING, "close advertising")
+        count = len(self._advertisements)
+        try:
+            check_threshold(self.threshold, count)
+        except ConfigError as error:
+            raise SecureAggregationError(
+                f"cannot start the round with {count} sites: {error}"
+            ) from None
+        if count > self.encoding.site_count:
+            raise SecureAggregationError(
+                f"{count} sites advertised keys but the encoding is sized for at "
+                f"most {self.encoding.site_count}; the sum could wrap around"
+            )
+        self._roster = KeyRoster(
+            study=self.context.study,
+            round=self.context.round_number,
+            threshold=self.threshold,
+            advertisements=[
+                self._advertisements[site] for site in sorted(self._advertisements)
+            ],
+        )
+        self._phase = _Phase.SHARING
+        return self._roster
+
+    def add_share_upload(self, upload: ShareUpload) -> None:
+        """Store a site's encrypted shares for relaying.
+
+        Raises:
+            SecureAggregationError: the sender is not in the roster, already
+                uploaded, or its shares do not address every other site once.
+        """
+        self._require(_Phase.SHARING, "accept shares")
+        roster = self._current_roster()
+        if upload.sender not in roster.sites:
+            raise SecureAggregationError(
+                f"site {upload.sender!r} is not in the round's roster"
+            )
+        if upload.sender in self._share_uploads:
+            raise SecureAggregationError(
+                f"site {upload.sender!r} already uploaded its shares"
+            )
+        if any(share.sender != upload.sender for share in upload.shares):
+            raise SecureAggregationError(
+                f"share upload from {upload.sender!r} contains another site's share"
+            )
+        recipients = sorted(share.recipient for share in upload.shares)
+        expected = [site for site in roster.sites if site != upload.sender]
+        if recipients != expected:
+            raise SecureAggregationError(
+                f"share upload from {upload.sender!r} must address each other "
+                f"roster site once: expected {expected}, got {recipients}"
+            )
+        self._share_uploads[upload.sender] = upload
+
+    def close_sharing(self) -> None:
+        """End the share phase: the sites that uploaded shares form the round.
+
+        Raises:
+            SecureAggregationError: fewer than ``threshold`` sites uploaded
+                shares.
+        """
+        self._require(_Phase.SHARING, "close sharing")
+        if len(self._share_uploads) < self.threshold:
+            raise SecureAggregationError(
+                f"only {len(self._share_uploads)} sites uploaded shares, fewer "
+                f"than the threshold {self.threshold}; the round cannot go on"
+            )
+        self._phase = _Phase.UPLOADING
+
+    @property
+    def sharing_sites(self) -> list[str]:
+        """The sites that uploaded shares, sorted: the only ones that may upload."""
+        return sorted(self._share_uploads)
+
+    def shares_for(self, site: str) -> list[EncryptedShare]:
+        """Return the encrypted shares addressed to ``site`` from sharing sites."""
+        self._require(_Phase.UPLOADING, "relay shares")
+        if site not in self._share_uploads:
+            raise SecureAggregationError(
+                f"site {site!r} did not upload shares and takes no further part"
+            )
+        return [
+            share
+            for sender in self.sharing_sites
+            if sender != site
+            for share in self._share_uploads[sender].shares
+            if share.recipient == site
+        ]
+
+    def add_masked_update(
+        self, site: str, vector: np.ndarray, *, sample_count: int
+    ) -> None:
+        """Store a site's masked ring vector and its sample count.
+
+        Raises:
+            SecureAggregationError: the site did not share keys, already
+                uploaded, or the vector has the wrong shape or dtype, or the
+                sample count is outside 1 to ``max_weight``.
+        """
+        self._require(_Phase.UPLOADING, "accept masked updates")
+        if site not in self._share_uploads:
+            raise SecureAggregationError(
+                f"site {site!r} did not upload shares, so its masked update "
+                "cannot be unmasked"
+            )
+        if site in self._masked:
+            raise SecureAggregationError(f"site {site!r} already uploaded this round")
+        array = np.asarray(vector)
+        if array.shape != (self.vector_length,) or array.dtype != self.encoding.dtype:
+            raise SecureAggregationError(
+                f"masked update from {site!r} has shape {list(array.shape)} and "
+                f"dtype {array.dtype}, expected [{self.vector_length}] "
+                f"{self.encoding.dtype}"
+            )
+        if (
+            not isinstance(sample_count, int)
+            or not 1 <= sample_count <= self.encoding.max_weight
+        ):
+            raise SecureAggregationError(
+                f"sample_count from {site!r} must be from 1 to max_weight "
+                f"{self.encoding.max_weight}, got {sample_count!r}"
+            )
+        self._masked[site] = array.copy()
+        self._sample_counts[site] = sample_count
+
+    def close_uploads(self) -> RevealRequest:
+        """End the upload phase and return the request every survivor receives.
+
+        Sites that shared keys but did not upload count as dropped.
+
+        Raises:
+            SecureAggregationError: fewer than ``threshold`` sites uploaded; no
+                request is issued, so no share is revealed.
+        """
+        self._require(_Phase.UPLOADING, "close uploads")
+        survivors = sorted(self._masked)
+        if len(survivors) < self.threshold:
+            raise SecureAggregationError(
+                f"only {len(survivors)} sites uploaded masked updates, fewer than "
+                f"the threshold {self.threshold}; the round is abandoned and "
+                "nothing is unmasked"
+            )
+        dropped = [site for site in self.sharing_sites if site not in self._masked]
+        self._request = RevealRequest(
+            study=self.context.study,
+            round=self.context.round_number,
+            survivors=survivors,
+            dropped=dropped,
+        )
+        self._phase = _Phase.REVEALING
+        logger.info(
+            "round %s closed uploads: %s survivors, %s dropped",
+            self.context.round_number,
+            len(survivors),
+            len(dropped),
+        )
+        return self._request
+
+    def add_reveal(self, revealed: RevealedShares) -> None:
+        """Store a survivor's revealed shares.
+
+        Raises:
+            SecureAggregationError: the site is not a survivor, already
+                revealed, or revealed other sites or indexes than requested.
+        """
+        self._require(_Phase.REVEALING, "accept revealed shares")
+        request = self._current_request()
+        roster = self._current_roster()
+        if revealed.site not in request.survivors:
+            raise SecureAggregationError(
+                f"site {revealed.site!r} is not a survivor of this round"
+            )
+        if revealed.site in self._reveals:
+            raise SecureAggregationError(
+                f"site {revealed.site!r} already revealed its shares"
+            )
+        if sorted(revealed.self_mask_shares) != request.survivors or sorted(
+            revealed.mask_key_shares
+        ) != list(request.dropped):
+            raise SecureAggregationError(
+                f"site {revealed.site!r} must reveal self-mask shares of exactly "
+                "the survivors and mask-key shares of exactly the dropped sites"
+            )
+        index = roster.share_index(revealed.site)
+        values = [
+            *revealed.self_mask_shares.values(),
+            *revealed.mask_key_shares.values(),
+        ]
+        if any(value.index != index for value in values):
+            raise SecureAggregationError(
+                f"site {revealed.site!r} revealed shares whose index is not its "
+                f"own index {index}"
+            )
+        self._reveals[revealed.site] = revealed
+
+    def unmask(self) -> UnmaskedSum:
+        """Remove every mask from the survivors' sum and decode it.
+
+        Raises:
+            SecureAggregationError: fewer than ``threshold`` survivors revealed
+                shares, or a rebuilt secret does not match its site's
+                commitment or public key. Nothing is released in either case.
+        """
+        self._require(_Phase.REVEALING, "unmask")
+        request = self._current_request()
+        roster = self._current_roster()
+        if len(self._reveals) < self.threshold:
+            raise SecureAggregationError(
+                f"only {len(self._reveals)} survivors revealed shares, fewer than "
+                f"the threshold {self.threshold}; nothing is unmasked"
+            )
+        dtype = self.encoding.dtype
+        total = np.zeros(self.vector_length, dtype=dtype)
+        for site in request.survivors:
+            total += self._masked[site]
+        for site in request.survivors:
+            seed = self._rebuild(site, "self_mask_shares")
+            expected = roster.advertisement(site).self_mask_commitment
+            if self_mask_commitment(seed, context=self.context, site=site) != expected:
+                raise SecureAggregationError(
+                    f"rebuilt self-mask seed of site {site!r} does not match its "
+                    "commitment: a revealed share is wrong"
+                )
+            total -= self_mask(seed, self.vector_length, dtype)
+        for dropped in request.dropped:
+            total -= self._dropped_site_terms(dropped, request.survivors, roster)
+        self._phase = _Phase.DONE
+        weighted_sum = decode_fixed_point(from_ring(total), self.encoding)
+        sample_count = sum(self._sample_counts[site] for site in request.survivors)
+        logger.info(
+            "round %s unmasked the sum of %s sites",
+            self.context.round_number,
+            len(request.survivors),
+        )
+        return UnmaskedSum(
+            ring_sum=total,
+            weighted_sum=weighted_sum,
+            sample_count=sample_count,
+            survivors=tuple(request.survivors),
+        )
+
+    def _dropped_site_terms(
+        self, dropped: str, survivors: list[str], roster: KeyRoster
+    ) -> np.ndarray:
+        """Return the sum of the pairwise terms survivors added for ``dropped``."""
+        raw_key = self._rebuild(dropped, "mask_key_shares")
+        private_key = X25519PrivateKey.from_private_bytes(raw_key)
+        advertised = decode_key(
+            roster.advertisement(dropped).mask_public_key, field="mask_public_key"
+        )
+        if public_key_bytes(private_key) != advertised:
+            raise SecureAggregationError(
+                f"rebuilt mask key of site {dropped!r} does not match its public "
+                "key: a revealed share is wrong"
+            )
+        terms = np.zeros(self.vector_length, dtype=self.encoding.dtype)
+        for survivor in survivors:
+            survivor_public = decode_key(
+                roster.advertisement(survivor).mask_public_key, field="mask_public_key"
+            )
+            terms += pairwise_mask(
+                private_key,
+                survivor_public,
+                context=self.context,
+                site=survivor,
+                peer=dropped,
+                length=self.vector_length,
+                dtype=self.encoding.dtype,
+            )
+        return terms
+
+    def _rebuild(self, site: str, field: str) -> bytes:
+        shares = []
+        for revealed in self._reveals.values():
+            value: ShareValue = getattr(revealed, field)[site]
+            shares.append(Share.from_hex(value.index, value.value))
+        return combine_shares(shares, threshold=self.threshold)
+
+    def _current_roster(self) -> KeyRoster:
+        if self._roster is None:
+            raise SecureAggregationError("the round's roster is not closed yet")
+        return self._roster
+
+    def _current_request(self) -> RevealRequest:
+        if self._request is None:
+            raise SecureAggregationError("uploads are not closed yet")
+        return self._request
+
+    def _require(self, phase: _Phase, action: str) -> None:
+        if self._phase is not phase:
+            raise SecureAggregationError(
+                f"round {self.context.round_number} cannot {action} in phase "
+                f"{self._phase.name.lower()}; expected phase {phase.name.lower()}"
+            )
