@@ -67,7 +67,7 @@ def test_integer_inputs_sum_exactly(data, site_count, length, ring_bits):
     data=st.data(),
     site_count=st.integers(3, 20),
     rounding=st.sampled_from(["nearest", "stochastic"]),
-    fractional_bits=st.integers(4, 16),
+    fractional_bits=st.integers(4, 14),
 )
 def test_float_inputs_within_bound(data, site_count, rounding, fractional_bits):
     encoding = FixedPointEncoding(
