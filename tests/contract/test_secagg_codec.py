@@ -21,12 +21,14 @@ def masked_round_through_envelopes(updates, counts):
     server = MaskingServer(
         study="heart", round_number=1, threshold=2, encoding=encoding, vector_length=7
     )
+
     for site in sites.values():
         server.add_advertisement(site.advertise())
     roster = server.close_advertising()
     for site in sites.values():
         server.add_share_upload(site.share_keys(roster))
     server.close_sharing()
+
     envelopes = {}
     for name, site in sites.items():
         site.receive_shares(server.shares_for(name))
@@ -41,6 +43,7 @@ def masked_round_through_envelopes(updates, counts):
             codec_name="masked",
             codec_params={"ring_bits": 32, "fractional_bits": 16},
         )
+
     for name, envelope in envelopes.items():
         decoded = decode_envelope(envelope)
         layout_vector = np.concatenate(
@@ -49,6 +52,7 @@ def masked_round_through_envelopes(updates, counts):
         server.add_masked_update(
             name, layout_vector, sample_count=decoded.header.sample_count
         )
+
     request = server.close_uploads()
     for site in sites.values():
         server.add_reveal(site.reveal(request))

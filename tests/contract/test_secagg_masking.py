@@ -239,12 +239,12 @@ def test_masked_vectors_uncorrelated_and_uniform():
 
     # |r| of independent vectors is about 1/sqrt(length) = 0.0045.
     for masked in outcome.masked_vectors.values():
-        held = masked.astype(np.float64)
+        masked_values = masked.astype(np.float64)
         for site, update in updates.items():
             values = update["weight"].astype(np.float64)
             if values.std() == 0:
                 continue
-            correlation = np.corrcoef(held, values)[0, 1]
+            correlation = np.corrcoef(masked_values, values)[0, 1]
             assert abs(correlation) < 0.03, site
         # The top 4 bits of a uniform uint32 fall in 16 equally likely bins.
         counts_per_bin = np.bincount(masked >> 28, minlength=16)
@@ -252,7 +252,7 @@ def test_masked_vectors_uncorrelated_and_uniform():
         chi_square = float(((counts_per_bin - expected) ** 2 / expected).sum())
         # 15 degrees of freedom: P(chi-square > 50) < 1e-5.
         assert chi_square < 50
-        assert abs(held.mean() / 2**32 - 0.5) < 0.01
+        assert abs(masked_values.mean() / 2**32 - 0.5) < 0.01
 
 
 def test_masked_vector_differs_from_encoding():

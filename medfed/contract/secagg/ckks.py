@@ -2,7 +2,7 @@
 
 All sites of a study share one CKKS context that contains the secret key;
 it is distributed among the sites over a channel the aggregation service
-never sees. The service receives only ``public_context_bytes``, which holds
+cannot read. The service receives only ``public_context_bytes``, which holds
 the encryption parameters and no secret key, so it can add ciphertexts but
 cannot decrypt any of them. Each site clips and weights its flattened update
 like the masking protocol does, splits it into chunks of ``slot_count``
@@ -338,7 +338,7 @@ class CkksAggregator:
                 ) from None
             if remaining <= 0 or vector.size() != min(remaining, self.slot_count):
                 raise SecureAggregationError(
-                    f"ciphertext {position} from {site!r} holds {vector.size()} "
+                    f"ciphertext {position} from {site!r} contains {vector.size()} "
                     f"values, which does not fit an update of {self.vector_length}"
                 )
             remaining -= vector.size()

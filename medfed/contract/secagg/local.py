@@ -29,7 +29,7 @@ __all__ = ["LocalRound", "run_masking_round"]
 
 @dataclass
 class LocalRound:
-    """What a local round produced and what the service saw.
+    """The outcome of a local round and the data the service received.
 
     Attributes:
         result: the unmasked sum.

@@ -57,7 +57,7 @@ _FLOAT64_EXACT_BITS = 53
 
 
 def ring_dtype(ring_bits: int) -> np.dtype:
-    """Return the unsigned numpy dtype that holds elements of Z_{2^ring_bits}.
+    """Return the unsigned numpy dtype that stores elements of Z_{2^ring_bits}.
 
     Raises:
         ConfigError: ``ring_bits`` is not 32 or 64.
@@ -69,7 +69,7 @@ def ring_dtype(ring_bits: int) -> np.dtype:
 
 @dataclass(frozen=True, kw_only=True)
 class FixedPointEncoding:
-    """How a round turns float updates into ring elements.
+    """The round's rule for turning float updates into ring elements.
 
     Attributes:
         fractional_bits: the scale is ``2^fractional_bits``.
@@ -137,7 +137,7 @@ def check_ring_capacity(
 
     Raises:
         ConfigError: a parameter is out of range, or the named limit is
-            exceeded. The message says which parameter to lower.
+            exceeded. The message names the parameter to lower.
     """
     ring_dtype(ring_bits)
     if not isinstance(fractional_bits, int) or not 0 <= fractional_bits <= 52:

@@ -6,12 +6,15 @@ only public keys, ciphertexts it cannot open, masked vectors, and the shares
 survivors reveal once uploads close: self-mask shares of survivors and
 mask-key shares of dropped sites.
 
-Phases, each method valid in one of them: ``add_advertisement`` then
-``close_advertising`` (returns the roster); ``add_share_upload`` then
-``close_sharing``; ``shares_for`` and ``add_masked_update`` then
-``close_uploads`` (returns the reveal request); ``add_reveal`` then
-``unmask``. A rejected message raises ``SecureAggregationError`` and changes
-no state.
+Each method is valid in one phase, and the phases run in this order:
+
+1. ``add_advertisement``, then ``close_advertising`` returns the roster.
+2. ``add_share_upload``, then ``close_sharing``.
+3. ``shares_for`` and ``add_masked_update``, then ``close_uploads`` returns
+   the reveal request.
+4. ``add_reveal``, then ``unmask``.
+
+A rejected message raises ``SecureAggregationError`` and changes no state.
 """
 
 import logging
