@@ -15,6 +15,7 @@ from medfed.contract.secagg import (
     check_threshold,
 )
 from medfed.contract.secagg.local import run_masking_round
+from medfed.contract.secagg.ring import from_ring, to_ring
 from medfed.errors import ConfigError, SecureAggregationError
 
 STUDY = "heart"
@@ -308,9 +309,9 @@ class Round:
         for name, site in self.sites.items():
             site.receive_shares(self.server.shares_for(name))
 
-    def upload(self, names) -> None:
+    def upload(self, names, vectors=None) -> None:
         for name in names:
-            vector = np.arange(4, dtype=np.uint32)
+            vector = np.arange(4, dtype=np.uint32) if vectors is None else vectors[name]
             self.server.add_masked_update(
                 name, self.sites[name].mask_vector(vector), sample_count=1
             )
@@ -552,3 +553,54 @@ def test_server_rejects_roster_beyond_encoding():
         "4 sites advertised keys but the encoding is sized for at most 3; the sum "
         "could wrap around"
     )
+
+
+@settings(max_examples=20, deadline=None)
+@given(data=st.data(), site_count=st.integers(3, 12))
+def test_random_dropouts_exact(data, site_count):
+    threshold = data.draw(st.integers(site_count // 2 + 1, site_count))
+    names = site_names(site_count)
+    upload_drops = data.draw(
+        st.sets(st.sampled_from(names), max_size=site_count - threshold)
+    )
+    survivors = [name for name in names if name not in upload_drops]
+    reveal_drops = data.draw(
+        st.sets(st.sampled_from(survivors), max_size=len(survivors) - threshold)
+    )
+    updates, counts = integer_updates(site_count, seed=data.draw(st.integers(0, 999)))
+
+    outcome = run_masking_round(
+        updates,
+        counts,
+        study=STUDY,
+        round_number=13,
+        threshold=threshold,
+        encoding=encoding_for(site_count),
+        drop_before_upload=upload_drops,
+        drop_before_reveal=reveal_drops,
+    )
+
+    np.testing.assert_array_equal(
+        outcome.result.weighted_sum, weighted_sum(updates, counts, survivors)
+    )
+
+
+def test_integer_quantizer_composes_with_masking():
+    # Any quantizer whose integers share one scale across the round can feed
+    # to_ring in place of the fixed-point encoder; int8 values here.
+    round_ = Round()
+    round_.share()
+    rng = np.random.default_rng(9)
+    quantized = {
+        name: rng.integers(-128, 128, size=4, dtype=np.int64) for name in round_.names
+    }
+    round_.upload(
+        round_.names, {name: to_ring(value, 32) for name, value in quantized.items()}
+    )
+    request = round_.server.close_uploads()
+    for name in round_.names:
+        round_.server.add_reveal(round_.sites[name].reveal(request))
+
+    result = round_.server.unmask()
+
+    np.testing.assert_array_equal(from_ring(result.ring_sum), sum(quantized.values()))

@@ -210,7 +210,11 @@ def encode_fixed_point(
         SecureAggregationError: the weight is out of range or a value is not
             finite.
     """
-    if not isinstance(weight, int) or not 1 <= weight <= encoding.max_weight:
+    if (
+        not isinstance(weight, int | np.integer)
+        or isinstance(weight, bool)
+        or not 1 <= weight <= encoding.max_weight
+    ):
         raise SecureAggregationError(
             f"sample-count weight must be an integer from 1 to max_weight "
             f"{encoding.max_weight}, got {weight!r}"
@@ -221,7 +225,7 @@ def encode_fixed_point(
             "update contains NaN or infinite values and cannot be encoded"
         )
     scaled = np.clip(floats, -encoding.clip, encoding.clip) * (
-        weight * 2.0**encoding.fractional_bits
+        int(weight) * 2.0**encoding.fractional_bits
     )
     if encoding.rounding == "nearest":
         rounded = np.rint(scaled)
