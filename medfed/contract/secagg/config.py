@@ -1,9 +1,9 @@
 """The ``secure_aggregation`` section of a study config.
 
-A study picks ``mode: none``, ``masking`` or ``ckks``. ``build`` checks the
-section against the study's number of sites when the config is loaded, so a
-threshold that is too low or an encoding that could wrap around is rejected
-before any round starts.
+A study picks ``mode: none``, ``masking`` or ``ckks``. The config loader
+calls ``check`` with the study's number of sites, so a threshold that is too
+low or an encoding that could wrap around is rejected before any round
+starts.
 """
 
 from typing import Literal
@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from medfed.contract.secagg.ckks import CkksParameters, check_ckks_capacity
 from medfed.contract.secagg.messages import check_threshold
-from medfed.contract.secagg.ring import DEFAULT_RING_BITS, FixedPointEncoding
+from medfed.contract.secagg.ring import FixedPointEncoding
 from medfed.errors import ConfigError
 
 __all__ = ["SecureAggregationConfig"]
@@ -43,7 +43,7 @@ class SecureAggregationConfig(BaseModel):
     clip: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     max_weight: int = Field(default=100_000, ge=1)
     fractional_bits: int = Field(default=10, ge=0, le=52)
-    ring_bits: Literal[32, 64] = DEFAULT_RING_BITS
+    ring_bits: Literal[32, 64] = 32
     rounding: Literal["nearest", "stochastic"] = "nearest"
     poly_modulus_degree: int = 8192
     coeff_mod_bit_sizes: tuple[int, ...] = (60, 60)
