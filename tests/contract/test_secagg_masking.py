@@ -471,27 +471,50 @@ def test_server_rejects_upload_without_shares():
     )
 
 
-def test_server_detects_wrong_revealed_share():
-    round_ = Round()
+def reveal_with_wrong_shares(round_, wrong_revealers, site):
+    """Reveal every site's shares, with ``site``'s self-mask share altered in
+    the reveals of ``wrong_revealers``."""
     round_.share()
     round_.upload(round_.names)
     request = round_.server.close_uploads()
-    reveals = [round_.sites[name].reveal(request) for name in round_.names]
-    bad = reveals[0]
-    share = bad.self_mask_shares["site-03"]
-    wrong = share.model_copy(update={"value": "00" + share.value[2:-2] + "00"})
-    reveals[0] = bad.model_copy(
-        update={"self_mask_shares": {**bad.self_mask_shares, "site-03": wrong}}
-    )
-    for revealed in reveals:
+    for name in round_.names:
+        revealed = round_.sites[name].reveal(request)
+        if name in wrong_revealers:
+            share = revealed.self_mask_shares[site]
+            wrong = share.model_copy(update={"value": "00" + share.value[2:-2] + "00"})
+            revealed = revealed.model_copy(
+                update={"self_mask_shares": {**revealed.self_mask_shares, site: wrong}}
+            )
         round_.server.add_reveal(revealed)
+
+
+def test_server_ignores_one_wrong_share(caplog):
+    round_ = Round()
+    reveal_with_wrong_shares(round_, {"site-00"}, "site-03")
+
+    with caplog.at_level("WARNING", logger="medfed.contract.secagg.server"):
+        result = round_.server.unmask()
+
+    np.testing.assert_array_equal(
+        from_ring(result.ring_sum), 5 * np.arange(4, dtype=np.int64)
+    )
+    assert (
+        "sites ['site-00'] revealed wrong shares of the self-mask seed of site "
+        "site-03; they were ignored"
+    ) in caplog.text
+
+
+def test_server_rejects_too_many_wrong_shares():
+    round_ = Round()
+    reveal_with_wrong_shares(round_, {"site-00", "site-01", "site-02"}, "site-03")
 
     with pytest.raises(SecureAggregationError) as error:
         round_.server.unmask()
 
     assert str(error.value) == (
-        "rebuilt self-mask seed of site 'site-03' does not match its commitment: a "
-        "revealed share is wrong"
+        "could not rebuild the self-mask seed of site 'site-03': no set of 3 of the "
+        "5 shares rebuilds a secret that passes its check in 1000 attempts: too "
+        "many shares are wrong"
     )
 
 

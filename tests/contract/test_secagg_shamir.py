@@ -8,7 +8,13 @@ from Crypto.Util.number import isPrime
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medfed.contract.secagg.shamir import PRIME, Share, combine_shares, split_secret
+from medfed.contract.secagg.shamir import (
+    PRIME,
+    Share,
+    combine_shares,
+    rebuild_verified,
+    split_secret,
+)
 from medfed.errors import SecureAggregationError
 
 
@@ -110,3 +116,35 @@ def test_split_rejects_invalid_input(secret, threshold, message):
         split_secret(secret, threshold=threshold, share_count=3)
 
     assert str(error.value) == message
+
+
+def test_rebuild_verified_skips_wrong_share():
+    secret = secrets.token_bytes(32)
+    shares = split_secret(secret, threshold=3, share_count=5)
+    shares[1] = Share(shares[1].index, (shares[1].value + 1) % PRIME)
+
+    rebuilt, wrong = rebuild_verified(
+        shares, threshold=3, verify=lambda candidate: candidate == secret
+    )
+
+    assert rebuilt == secret
+    assert wrong == [2]
+
+
+def test_rebuild_verified_gives_up():
+    secret = secrets.token_bytes(32)
+    shares = split_secret(secret, threshold=3, share_count=4)
+    # Two of four shares altered by different amounts: every 3-subset holds a
+    # wrong share, and no two alterations cancel at x = 0.
+    shares[0] = Share(shares[0].index, (shares[0].value + 1) % PRIME)
+    shares[1] = Share(shares[1].index, (shares[1].value + 5) % PRIME)
+
+    with pytest.raises(SecureAggregationError) as error:
+        rebuild_verified(
+            shares, threshold=3, verify=lambda candidate: candidate == secret
+        )
+
+    assert str(error.value) == (
+        "no set of 3 of the 4 shares rebuilds a secret that passes its check in "
+        "1000 attempts: too many shares are wrong"
+    )

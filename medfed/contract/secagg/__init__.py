@@ -14,9 +14,10 @@ Security model: the service and any set of fewer than ``threshold`` sites
 are honest-but-curious, and the service may drop or delay messages. Sites do
 not authenticate their key advertisements here; a service that forges
 advertisements (a man in the middle) is out of scope until advertisements
-are signed with the sites' Ed25519 keys. A site that sends a wrong share is
-detected (the rebuilt secret fails its commitment or public key) but the
-round then fails instead of going on without it.
+are signed with the sites' Ed25519 keys. Wrong revealed shares are detected,
+because a rebuilt secret must match its commitment or public key; the service
+ignores them and logs the revealing sites while ``threshold`` correct shares
+remain, and fails the round otherwise.
 
 Invariants: every site flattens tensors in ``layout.VectorLayout`` order;
 ``ring.check_ring_capacity`` holds for the round's encoding, so the sum never

@@ -18,6 +18,7 @@ A rejected message raises ``SecureAggregationError`` and changes no state.
 """
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -47,7 +48,7 @@ from medfed.contract.secagg.ring import (
     decode_fixed_point,
     from_ring,
 )
-from medfed.contract.secagg.shamir import Share, combine_shares
+from medfed.contract.secagg.shamir import Share, rebuild_verified
 from medfed.errors import ConfigError, SecureAggregationError
 
 __all__ = ["MaskingServer", "UnmaskedSum"]
@@ -355,7 +356,8 @@ class MaskingServer:
 
         Raises:
             SecureAggregationError: fewer than ``threshold`` survivors revealed
-                shares, or a rebuilt secret does not match its site's
+                shares, or so many revealed shares are wrong that no
+                ``threshold`` of them rebuild a secret matching its site's
                 commitment or public key. Nothing is released in either case.
         """
         self._require(_Phase.REVEALING, "unmask")
@@ -371,13 +373,9 @@ class MaskingServer:
         for site in request.survivors:
             total += self._masked[site]
         for site in request.survivors:
-            seed = self._rebuild(site, "self_mask_shares")
-            expected = roster.advertisement(site).self_mask_commitment
-            if self_mask_commitment(seed, context=self.context, site=site) != expected:
-                raise SecureAggregationError(
-                    f"rebuilt self-mask seed of site {site!r} does not match its "
-                    "commitment: a revealed share is wrong"
-                )
+            seed = self._rebuild(
+                site, "self_mask_shares", self._commitment_check(site, roster)
+            )
             total -= self_mask(seed, self.vector_length, dtype)
         for dropped in request.dropped:
             total -= self._dropped_site_terms(dropped, request.survivors, roster)
@@ -400,16 +398,16 @@ class MaskingServer:
         self, dropped: str, survivors: list[str], roster: KeyRoster
     ) -> np.ndarray:
         """Return the sum of the pairwise terms survivors added for ``dropped``."""
-        raw_key = self._rebuild(dropped, "mask_key_shares")
-        private_key = X25519PrivateKey.from_private_bytes(raw_key)
         advertised = decode_key(
             roster.advertisement(dropped).mask_public_key, field="mask_public_key"
         )
-        if public_key_bytes(private_key) != advertised:
-            raise SecureAggregationError(
-                f"rebuilt mask key of site {dropped!r} does not match its public "
-                "key: a revealed share is wrong"
-            )
+
+        def matches_public_key(raw_key: bytes) -> bool:
+            candidate = X25519PrivateKey.from_private_bytes(raw_key)
+            return public_key_bytes(candidate) == advertised
+
+        raw_key = self._rebuild(dropped, "mask_key_shares", matches_public_key)
+        private_key = X25519PrivateKey.from_private_bytes(raw_key)
         terms = np.zeros(self.vector_length, dtype=self.encoding.dtype)
         for survivor in survivors:
             survivor_public = decode_key(
@@ -426,12 +424,49 @@ class MaskingServer:
             )
         return terms
 
-    def _rebuild(self, site: str, field: str) -> bytes:
+    def _commitment_check(
+        self, site: str, roster: KeyRoster
+    ) -> Callable[[bytes], bool]:
+        expected = roster.advertisement(site).self_mask_commitment
+
+        def matches_commitment(seed: bytes) -> bool:
+            commitment = self_mask_commitment(seed, context=self.context, site=site)
+            return commitment == expected
+
+        return matches_commitment
+
+    def _rebuild(self, site: str, field: str, verify: Callable[[bytes], bool]) -> bytes:
+        """Rebuild ``site``'s secret from the ``field`` shares all revealers sent.
+
+        Wrong shares are tolerated as long as some ``threshold`` of the
+        revealed shares rebuild a secret that passes ``verify``; the sites that
+        revealed the wrong ones are logged.
+        """
         shares = []
-        for revealed in self._reveals.values():
+        revealer_by_index = {}
+        for revealer, revealed in sorted(self._reveals.items()):
             value: ShareValue = getattr(revealed, field)[site]
             shares.append(Share.from_hex(value.index, value.value))
-        return combine_shares(shares, threshold=self.threshold)
+            revealer_by_index[value.index] = revealer
+        secret_name = "self-mask seed" if field == "self_mask_shares" else "mask key"
+        try:
+            secret, wrong = rebuild_verified(
+                shares, threshold=self.threshold, verify=verify
+            )
+        except SecureAggregationError as error:
+            raise SecureAggregationError(
+                f"could not rebuild the {secret_name} of site {site!r}: {error}"
+            ) from None
+        if wrong:
+            logger.warning(
+                "round %s: sites %s revealed wrong shares of the %s of site %s; "
+                "they were ignored",
+                self.context.round_number,
+                sorted(revealer_by_index[index] for index in wrong),
+                secret_name,
+                site,
+            )
+        return secret
 
     def _current_roster(self) -> KeyRoster:
         if self._roster is None:

@@ -8,13 +8,21 @@ polynomial ``f`` of degree ``threshold - 1`` with ``f(0)`` the secret; any
 reveal nothing about it.
 """
 
+import itertools
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from medfed.errors import SecureAggregationError
 
-__all__ = ["PRIME", "SECRET_BYTES", "Share", "combine_shares", "split_secret"]
+__all__ = [
+    "PRIME",
+    "SECRET_BYTES",
+    "Share",
+    "combine_shares",
+    "rebuild_verified",
+    "split_secret",
+]
 
 PRIME = 2**256 + 297
 SECRET_BYTES = 32
@@ -86,22 +94,75 @@ def combine_shares(shares: Sequence[Share], *, threshold: int) -> bytes:
         raise SecureAggregationError(
             f"need {threshold} distinct shares to rebuild a secret, got {len(distinct)}"
         )
-    points = list(distinct.values())[:threshold]
-    secret = 0
-    for i, share_i in enumerate(points):
-        numerator = 1
-        denominator = 1
-        for j, share_j in enumerate(points):
-            if i != j:
-                numerator = numerator * share_j.index % PRIME
-                denominator = denominator * (share_j.index - share_i.index) % PRIME
-        basis = numerator * pow(denominator, -1, PRIME) % PRIME
-        secret = (secret + share_i.value * basis) % PRIME
+    secret = _interpolate(list(distinct.values())[:threshold], 0)
     if secret >= 2 ** (8 * SECRET_BYTES):
         raise SecureAggregationError(
             "rebuilt secret does not fit in 32 bytes: at least one share is wrong"
         )
     return secret.to_bytes(SECRET_BYTES, "big")
+
+
+def rebuild_verified(
+    shares: Sequence[Share],
+    *,
+    threshold: int,
+    verify: Callable[[bytes], bool],
+    max_attempts: int = 1000,
+) -> tuple[bytes, list[int]]:
+    """Rebuild a secret that ``verify`` accepts, tolerating some wrong shares.
+
+    Tries subsets of ``threshold`` shares in order, starting with the first
+    ``threshold``, until the rebuilt secret passes ``verify`` (a commitment or
+    public-key check).
+
+    Returns:
+        The secret and the indexes of the shares that do not lie on its
+        polynomial, which are wrong.
+
+    Raises:
+        SecureAggregationError: fewer than ``threshold`` distinct shares, or
+            no subset among the first ``max_attempts`` passes ``verify``.
+    """
+    by_index: dict[int, Share] = {}
+    for share in shares:
+        by_index.setdefault(share.index, share)
+    distinct = list(by_index.values())
+    if len(distinct) < threshold:
+        raise SecureAggregationError(
+            f"need {threshold} distinct shares to rebuild a secret, got {len(distinct)}"
+        )
+    subsets = itertools.combinations(distinct, threshold)
+    for subset in itertools.islice(subsets, max_attempts):
+        value = _interpolate(list(subset), 0)
+        if value >= 2 ** (8 * SECRET_BYTES):
+            continue
+        secret = value.to_bytes(SECRET_BYTES, "big")
+        if verify(secret):
+            wrong = [
+                share.index
+                for share in distinct
+                if _interpolate(list(subset), share.index) != share.value
+            ]
+            return secret, wrong
+    raise SecureAggregationError(
+        f"no set of {threshold} of the {len(distinct)} shares rebuilds a secret that "
+        f"passes its check in {max_attempts} attempts: too many shares are wrong"
+    )
+
+
+def _interpolate(points: Sequence[Share], x: int) -> int:
+    """Return the value at ``x`` of the polynomial through ``points`` (Lagrange)."""
+    result = 0
+    for i, share_i in enumerate(points):
+        numerator = 1
+        denominator = 1
+        for j, share_j in enumerate(points):
+            if i != j:
+                numerator = numerator * (x - share_j.index) % PRIME
+                denominator = denominator * (share_i.index - share_j.index) % PRIME
+        basis = numerator * pow(denominator, -1, PRIME) % PRIME
+        result = (result + share_i.value * basis) % PRIME
+    return result
 
 
 def _evaluate(coefficients: Sequence[int], x: int) -> int:
