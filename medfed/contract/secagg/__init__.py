@@ -11,10 +11,12 @@ Two mechanisms, both used by sites and by the aggregation service:
 * CKKS homomorphic encryption (TenSEAL, imported lazily) in ``ckks``.
 
 Security model: the service and any set of fewer than ``threshold`` sites
-are honest-but-curious, and the service may drop or delay messages. Sites do
-not authenticate their key advertisements here; a service that forges
-advertisements (a man in the middle) is out of scope until advertisements
-are signed with the sites' Ed25519 keys. Wrong revealed shares are detected,
+are honest-but-curious, and the service may drop or delay messages. When the
+sites have each other's Ed25519 verify keys, they sign their key
+advertisements (``signing``) and a service that substitutes a site's keys is
+detected; without those keys that attack is out of scope. A service that
+tells sites different survivor sets is not detected, but the majority
+threshold keeps it from unmasking one site. Wrong revealed shares are detected,
 because a rebuilt secret must match its commitment or public key; the service
 ignores them and logs the revealing sites while ``threshold`` correct shares
 remain, and fails the round otherwise.

@@ -77,12 +77,17 @@ class _Message(BaseModel):
 
 
 class KeyAdvertisement(_Message):
-    """A site's public keys and self-mask commitment for one round."""
+    """A site's public keys and self-mask commitment for one round.
+
+    ``signature`` is the base64 Ed25519 signature described in ``signing``,
+    or None in studies without site signing keys.
+    """
 
     site: Identifier
     mask_public_key: Base64Key
     share_public_key: Base64Key
     self_mask_commitment: Sha256Hex
+    signature: str | None = Field(default=None, pattern=r"^[A-Za-z0-9+/]{86}==$")
 
 
 class KeyRoster(_Message):

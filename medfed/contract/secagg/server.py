@@ -18,11 +18,12 @@ A rejected message raises ``SecureAggregationError`` and changes no state.
 """
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from medfed.contract.ids import validate_identifier
@@ -49,6 +50,7 @@ from medfed.contract.secagg.ring import (
     from_ring,
 )
 from medfed.contract.secagg.shamir import Share, rebuild_verified
+from medfed.contract.secagg.signing import verify_advertisement
 from medfed.errors import ConfigError, SecureAggregationError
 
 __all__ = ["MaskingServer", "UnmaskedSum"]
@@ -95,6 +97,8 @@ class MaskingServer:
         threshold: the Shamir threshold t; more than half of the roster.
         encoding: the round's fixed-point encoding.
         vector_length: the number of coordinates of every update.
+        verify_keys: the Ed25519 verify key of every site of the study; when
+            set, unsigned or wrongly signed advertisements are rejected.
     """
 
     def __init__(
@@ -105,6 +109,7 @@ class MaskingServer:
         threshold: int,
         encoding: FixedPointEncoding,
         vector_length: int,
+        verify_keys: Mapping[str, Ed25519PublicKey] | None = None,
     ) -> None:
         if not isinstance(vector_length, int) or vector_length < 1:
             raise ConfigError(
@@ -116,6 +121,7 @@ class MaskingServer:
         self.threshold = threshold
         self.encoding = encoding
         self.vector_length = vector_length
+        self._verify_keys = verify_keys
         self._phase = _Phase.ADVERTISING
         self._advertisements: dict[str, KeyAdvertisement] = {}
         self._roster: KeyRoster | None = None
@@ -129,10 +135,18 @@ class MaskingServer:
         """Record a site's public keys.
 
         Raises:
-            SecureAggregationError: the site already advertised, or reuses a
-                public key another site advertised.
+            SecureAggregationError: the site already advertised, reuses a
+                public key another site advertised, or its signature does not
+                verify when verify keys are set.
         """
         self._require(_Phase.ADVERTISING, "accept key advertisements")
+        if self._verify_keys is not None:
+            verify_key = self._verify_keys.get(advertisement.site)
+            if verify_key is None:
+                raise SecureAggregationError(
+                    f"site {advertisement.site!r} has no known verify key in this study"
+                )
+            verify_advertisement(advertisement, verify_key, self.context)
         if advertisement.site in self._advertisements:
             raise SecureAggregationError(
                 f"site {advertisement.site!r} already advertised its keys this round"

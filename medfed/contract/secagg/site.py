@@ -25,6 +25,10 @@ from enum import Enum
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from medfed.contract.ids import validate_identifier
@@ -54,6 +58,7 @@ from medfed.contract.secagg.messages import (
 from medfed.contract.secagg.prg import SEED_BYTES
 from medfed.contract.secagg.ring import FixedPointEncoding, encode_fixed_point, to_ring
 from medfed.contract.secagg.shamir import Share, split_secret
+from medfed.contract.secagg.signing import sign_advertisement, verify_advertisement
 from medfed.errors import SecureAggregationError
 
 __all__ = ["SHARE_ENCRYPTION_PURPOSE", "MaskingSite", "share_associated_data"]
@@ -86,6 +91,11 @@ class MaskingSite:
         study: the study id.
         round_number: the round; every derived key is bound to it.
         encoding: the round's fixed-point encoding, the same at every site.
+        signing_key: this site's Ed25519 key; when set, advertisements are
+            signed.
+        peer_verify_keys: the Ed25519 verify key of every site of the study;
+            when set, the site rejects a roster with an advertisement that is
+            unsigned, signed with another key, or from a site not listed.
     """
 
     def __init__(
@@ -95,12 +105,16 @@ class MaskingSite:
         study: str,
         round_number: int,
         encoding: FixedPointEncoding,
+        signing_key: Ed25519PrivateKey | None = None,
+        peer_verify_keys: Mapping[str, Ed25519PublicKey] | None = None,
     ) -> None:
         self.site = validate_identifier(site, kind="site")
         self.context = RoundContext(
             validate_identifier(study, kind="study"), round_number
         )
         self.encoding = encoding
+        self._signing_key = signing_key
+        self._peer_verify_keys = peer_verify_keys
         self._keys = SiteKeyPairs.generate()
         self._self_mask_seed = secrets.token_bytes(SEED_BYTES)
         self._phase = _Phase.ADVERTISE
@@ -289,7 +303,7 @@ class MaskingSite:
         return revealed
 
     def _advertisement(self) -> KeyAdvertisement:
-        return KeyAdvertisement(
+        advertisement = KeyAdvertisement(
             site=self.site,
             mask_public_key=encode_key(public_key_bytes(self._keys.mask_key)),
             share_public_key=encode_key(public_key_bytes(self._keys.share_key)),
@@ -297,6 +311,11 @@ class MaskingSite:
                 self._self_mask_seed, context=self.context, site=self.site
             ),
         )
+        if self._signing_key is None:
+            return advertisement
+        # Ed25519 signatures are deterministic, so the advertisement rebuilt
+        # for the roster check equals the one sent.
+        return sign_advertisement(advertisement, self._signing_key, self.context)
 
     def _check_roster(self, roster: KeyRoster) -> None:
         if (roster.study, roster.round) != (
@@ -313,6 +332,15 @@ class MaskingSite:
             raise SecureAggregationError(
                 f"roster carries keys for site {self.site!r} that are not its own"
             )
+        if self._peer_verify_keys is not None:
+            for advertisement in roster.advertisements:
+                verify_key = self._peer_verify_keys.get(advertisement.site)
+                if verify_key is None:
+                    raise SecureAggregationError(
+                        f"roster lists site {advertisement.site!r}, which has no "
+                        "known verify key in this study"
+                    )
+                verify_advertisement(advertisement, verify_key, self.context)
         if len(roster.sites) > self.encoding.site_count:
             raise SecureAggregationError(
                 f"roster lists {len(roster.sites)} sites but the encoding is sized "
