@@ -15,8 +15,9 @@ are honest-but-curious, and the service may drop or delay messages. When the
 sites have each other's Ed25519 verify keys, they sign their key
 advertisements (``signing``) and a service that substitutes a site's keys is
 detected; without those keys that attack is out of scope. A service that
-tells sites different survivor sets is not detected, but the majority
-threshold keeps it from unmasking one site. Wrong revealed shares are detected,
+tells sites different survivor sets is not detected. The majority threshold
+still keeps it from unmasking one site, unless c sites collude with it and
+``threshold <= (n + c) / 2``. Wrong revealed shares are detected,
 because a rebuilt secret must match its commitment or public key; the service
 ignores them and logs the revealing sites while ``threshold`` correct shares
 remain, and fails the round otherwise.

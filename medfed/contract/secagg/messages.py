@@ -49,9 +49,12 @@ def check_threshold(threshold: int, site_count: int) -> None:
 
     The rule is ``site_count / 2 < t <= site_count``. A surviving site reveals
     either the self-mask share or the mask-key share of each peer, never
-    both; with more than half required for each secret, a service that tells
-    different sites different stories about who dropped out still cannot
-    collect enough of both to unmask one site's update.
+    both. With more than half required for each secret, a service that tells
+    different sites different stories about who dropped out cannot collect
+    enough of both to unmask one site's update. That holds while no site
+    colludes with the service: c colluding sites break it once
+    ``t <= (site_count + c) / 2``, so studies that fear collusion should
+    choose a higher threshold.
 
     Raises:
         ConfigError: the site count is below ``MIN_SITES`` or the threshold
