@@ -21,6 +21,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -43,6 +44,7 @@ from medfed.contract.secagg.messages import (
     ShareUpload,
     ShareValue,
     check_threshold,
+    parse_message,
 )
 from medfed.contract.secagg.ring import (
     FixedPointEncoding,
@@ -56,6 +58,8 @@ from medfed.errors import ConfigError, SecureAggregationError
 __all__ = ["MaskingServer", "UnmaskedSum"]
 
 logger = logging.getLogger(__name__)
+
+_STATE_FORMAT = "medfed-masking-round/1"
 
 
 class _Phase(Enum):
@@ -437,6 +441,96 @@ class MaskingServer:
                 dtype=self.encoding.dtype,
             )
         return terms
+
+    def export_state(self) -> dict[str, Any]:
+        """Return the round state as JSON-compatible data, for persistence.
+
+        The masked vectors are left out because the service already stores
+        the envelopes they came in; pass them back to ``restore``. The state
+        holds only what the service may see anyway: public keys, sealed
+        shares, sample counts and revealed shares.
+        """
+        return {
+            "format": _STATE_FORMAT,
+            "study": self.context.study,
+            "round": self.context.round_number,
+            "threshold": self.threshold,
+            "vector_length": self.vector_length,
+            "phase": self._phase.name.lower(),
+            "advertisements": [
+                item.model_dump(mode="json") for item in self._advertisements.values()
+            ],
+            "share_uploads": [
+                item.model_dump(mode="json") for item in self._share_uploads.values()
+            ],
+            "sample_counts": dict(self._sample_counts),
+            "reveals": [
+                item.model_dump(mode="json") for item in self._reveals.values()
+            ],
+        }
+
+    @classmethod
+    def restore(
+        cls,
+        state: Mapping[str, Any],
+        *,
+        encoding: FixedPointEncoding,
+        masked_vectors: Mapping[str, np.ndarray],
+        verify_keys: Mapping[str, Ed25519PublicKey] | None = None,
+    ) -> "MaskingServer":
+        """Rebuild a round from ``export_state`` output and the stored vectors.
+
+        Every message is checked again as it is replayed, so corrupted state
+        raises instead of producing a wrong sum.
+
+        Raises:
+            SecureAggregationError: the state is malformed, inconsistent, or
+                the masked vectors do not match the recorded uploads.
+        """
+        try:
+            if state["format"] != _STATE_FORMAT:
+                raise SecureAggregationError(
+                    f"masking round state format {state['format']!r} is not "
+                    f"{_STATE_FORMAT!r}"
+                )
+            phase = _Phase[str(state["phase"]).upper()]
+            if phase is _Phase.DONE:
+                raise SecureAggregationError(
+                    "masking round state is from a round that was already unmasked"
+                )
+            server = cls(
+                study=state["study"],
+                round_number=state["round"],
+                threshold=state["threshold"],
+                encoding=encoding,
+                vector_length=state["vector_length"],
+                verify_keys=verify_keys,
+            )
+            sample_counts = dict(state["sample_counts"])
+            for raw in state["advertisements"]:
+                server.add_advertisement(parse_message(KeyAdvertisement, raw))
+            if phase.value >= _Phase.SHARING.value:
+                server.close_advertising()
+            for raw in state["share_uploads"]:
+                server.add_share_upload(parse_message(ShareUpload, raw))
+            if phase.value >= _Phase.UPLOADING.value:
+                server.close_sharing()
+            if set(masked_vectors) != set(sample_counts):
+                raise SecureAggregationError(
+                    f"masked vectors are given for sites {sorted(masked_vectors)} "
+                    f"but the state records uploads from {sorted(sample_counts)}"
+                )
+            for site, vector in masked_vectors.items():
+                server.add_masked_update(site, vector, sample_count=sample_counts[site])
+            if phase.value >= _Phase.REVEALING.value:
+                server.close_uploads()
+            for raw in state["reveals"]:
+                server.add_reveal(parse_message(RevealedShares, raw))
+        except (KeyError, TypeError, ValueError, ConfigError) as error:
+            raise SecureAggregationError(
+                f"masking round state is malformed: {error!r}"
+            ) from None
+        return server
 
     def _commitment_check(
         self, site: str, roster: KeyRoster
