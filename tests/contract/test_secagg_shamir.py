@@ -134,7 +134,7 @@ def test_rebuild_verified_skips_wrong_share():
 def test_rebuild_verified_gives_up():
     secret = secrets.token_bytes(32)
     shares = split_secret(secret, threshold=3, share_count=4)
-    # Two of four shares altered by different amounts: every 3-subset holds a
+    # Two of four shares altered by different amounts: every 3-subset contains a
     # wrong share, and no two alterations cancel at x = 0.
     shares[0] = Share(shares[0].index, (shares[0].value + 1) % PRIME)
     shares[1] = Share(shares[1].index, (shares[1].value + 5) % PRIME)

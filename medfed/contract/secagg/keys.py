@@ -1,6 +1,6 @@
 """Key agreement: X25519 key pairs and the secrets derived from them.
 
-Each site holds two X25519 key pairs per round. The *mask key* agrees a
+Each site has two X25519 key pairs per round. The *mask key* agrees a
 pairwise mask seed with every other site; its private half is secret-shared
 so that the survivors can cancel the masks of a site that drops out. The
 *share key* agrees the AES-256-GCM key that encrypts Shamir shares from one

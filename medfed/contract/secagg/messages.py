@@ -140,7 +140,7 @@ class ShareValue(_Message):
 
 
 class SharePlaintext(_Message):
-    """What ``EncryptedShare.ciphertext`` decrypts to."""
+    """The plaintext sealed in ``EncryptedShare.ciphertext``."""
 
     sender: Identifier
     recipient: Identifier
@@ -165,7 +165,7 @@ class ShareUpload(_Message):
 
 
 class RevealRequest(_Message):
-    """Which sites uploaded a masked update and which shared keys but did not."""
+    """The survivors (sites that uploaded) and the dropped sites (shared keys only)."""
 
     study: Identifier
     round: int = Field(ge=0, le=1_000_000)

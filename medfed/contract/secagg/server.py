@@ -547,7 +547,7 @@ class MaskingServer:
         """Rebuild ``site``'s secret from the ``field`` shares all revealers sent.
 
         Wrong shares are tolerated as long as some ``threshold`` of the
-        revealed shares rebuild a secret that passes ``verify``; the sites that
+        revealed shares rebuild a secret that passes ``verify``. The sites that
         revealed the wrong ones are logged.
         """
         shares = []

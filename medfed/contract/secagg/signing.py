@@ -2,7 +2,7 @@
 
 Without them, an aggregation service could hand the sites its own public
 keys in place of a peer's (a man in the middle) and then open that peer's
-shares. When every site holds the Ed25519 verify keys of the study's sites,
+shares. When every site has the Ed25519 verify keys of the study's sites,
 each site signs its advertisement and rejects a roster with an advertisement
 that is unsigned or signed by the wrong key. The signed bytes bind the study
 and round, so an advertisement cannot be replayed in another round.

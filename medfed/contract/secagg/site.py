@@ -93,8 +93,8 @@ class MaskingSite:
         encoding: the round's fixed-point encoding, the same at every site.
         signing_key: this site's Ed25519 key; when set, advertisements are
             signed.
-        peer_verify_keys: the Ed25519 verify key of every site of the study;
-            when set, the site rejects a roster with an advertisement that is
+        peer_verify_keys: the Ed25519 verify key of every site of the study.
+            When set, the site rejects a roster with an advertisement that is
             unsigned, signed with another key, or from a site not listed.
     """
 
