@@ -50,7 +50,7 @@ from medfed.contract.secagg.ring import (
     from_ring,
     to_ring,
 )
-from medfed.contract.secagg.server import MaskingServer, UnmaskedSum
+from medfed.contract.secagg.server import MaskingServer, RoundNotReadyError, UnmaskedSum
 from medfed.contract.secagg.site import MaskingSite
 
 __all__ = [
@@ -64,6 +64,7 @@ __all__ = [
     "MaskingSite",
     "RevealRequest",
     "RevealedShares",
+    "RoundNotReadyError",
     "ShareUpload",
     "UnmaskedSum",
     "VectorLayout",

@@ -55,7 +55,7 @@ from medfed.contract.secagg.shamir import Share, rebuild_verified
 from medfed.contract.secagg.signing import verify_advertisement
 from medfed.errors import ConfigError, SecureAggregationError
 
-__all__ = ["MaskingServer", "UnmaskedSum"]
+__all__ = ["MaskingServer", "RoundNotReadyError", "UnmaskedSum"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,10 @@ class _Phase(Enum):
     UPLOADING = 3
     REVEALING = 4
     DONE = 5
+
+
+class RoundNotReadyError(SecureAggregationError):
+    """The round has not reached the phase a request needs yet; retry later."""
 
 
 @dataclass(frozen=True)
@@ -242,6 +246,26 @@ class MaskingServer:
                 f"than the threshold {self.threshold}; the round cannot go on"
             )
         self._phase = _Phase.UPLOADING
+
+    @property
+    def advertised_sites(self) -> list[str]:
+        """The sites that advertised keys so far, sorted."""
+        return sorted(self._advertisements)
+
+    @property
+    def roster(self) -> KeyRoster:
+        """The roster; raises ``RoundNotReadyError`` before advertising closed."""
+        return self._current_roster()
+
+    @property
+    def reveal_request(self) -> RevealRequest:
+        """The reveal request; raises ``RoundNotReadyError`` before uploads closed."""
+        return self._current_request()
+
+    @property
+    def uploaded_sites(self) -> list[str]:
+        """The sites whose masked update arrived, sorted."""
+        return sorted(self._masked)
 
     @property
     def sharing_sites(self) -> list[str]:
@@ -578,17 +602,22 @@ class MaskingServer:
 
     def _current_roster(self) -> KeyRoster:
         if self._roster is None:
-            raise SecureAggregationError("the round's roster is not closed yet")
+            raise RoundNotReadyError("the round's roster is not closed yet")
         return self._roster
 
     def _current_request(self) -> RevealRequest:
         if self._request is None:
-            raise SecureAggregationError("uploads are not closed yet")
+            raise RoundNotReadyError("uploads are not closed yet")
         return self._request
 
     def _require(self, phase: _Phase, action: str) -> None:
         if self._phase is not phase:
-            raise SecureAggregationError(
+            error_type = (
+                RoundNotReadyError
+                if self._phase.value < phase.value
+                else SecureAggregationError
+            )
+            raise error_type(
                 f"round {self.context.round_number} cannot {action} in phase "
                 f"{self._phase.name.lower()}; expected phase {phase.name.lower()}"
             )

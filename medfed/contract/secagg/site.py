@@ -22,6 +22,7 @@ import logging
 import secrets
 from collections.abc import Mapping, Sequence
 from enum import Enum
+from typing import Any
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -127,7 +128,9 @@ class MaskingSite:
         self._phase = _Phase.SHARE
         return self._advertisement()
 
-    def share_keys(self, roster: KeyRoster | str | bytes) -> ShareUpload:
+    def share_keys(
+        self, roster: KeyRoster | str | bytes | dict[str, Any]
+    ) -> ShareUpload:
         """Split this site's secrets over ``roster`` and encrypt each share.
 
         Raises:
@@ -272,7 +275,9 @@ class MaskingSite:
         masked = self.mask_vector(to_ring(integers, self.encoding.ring_bits))
         return layout.split(masked)
 
-    def reveal(self, request: RevealRequest | str | bytes) -> RevealedShares:
+    def reveal(
+        self, request: RevealRequest | str | bytes | dict[str, Any]
+    ) -> RevealedShares:
         """Return the shares the service needs to unmask the survivors' sum.
 
         Raises:
