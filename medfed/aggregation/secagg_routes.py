@@ -62,6 +62,8 @@ StudyId = Annotated[str, PathParam(pattern=IDENTIFIER_PATTERN.pattern)]
 SiteId = Annotated[str, PathParam(pattern=IDENTIFIER_PATTERN.pattern)]
 RoundNumber = Annotated[int, PathParam(ge=0, le=1_000_000)]
 _PREFIX = "/v1/studies/{study}/rounds/{round_number}/secagg"
+# Magic, format version and header length in front of an envelope's header.
+_ENVELOPE_PREFIX_BYTES = 9
 
 
 class UnknownRoundError(SecureAggregationError):
@@ -79,7 +81,7 @@ class _OpenRound:
 class MaskingRounds:
     """The masking rounds a service process runs, in memory.
 
-    NOTE: state lives in this process only; a service that must survive a
+    NOTE: state lives in this process only. A service that must survive a
     restart mid-round saves ``MaskingServer.export_state()`` in its store
     after every change and restores it with ``MaskingServer.restore``.
     """
@@ -210,7 +212,12 @@ def create_masking_router(rounds: MaskingRounds) -> APIRouter:
     async def upload_masked(
         study: StudyId, round_number: RoundNumber, site: SiteId, request: Request
     ) -> dict[str, Any]:
-        body = await request.body()
+        limit = (
+            _ENVELOPE_PREFIX_BYTES
+            + rounds.limits.max_header_bytes
+            + rounds.limits.max_payload_bytes
+        )
+        body = await _read_limited_body(request, limit)
         with rounds.edit(study, round_number) as entry:
             vector, sample_count = _read_masked_envelope(
                 body, entry, study, round_number, site, rounds.limits
@@ -240,7 +247,7 @@ def create_masking_router(rounds: MaskingRounds) -> APIRouter:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Map secure-aggregation errors to 404 and 409 JSON responses."""
+    """Map secure-aggregation errors to 404, 409 and 425 JSON responses."""
 
     @app.exception_handler(SecureAggregationError)
     async def _rejected(
@@ -253,6 +260,20 @@ def install_error_handlers(app: FastAPI) -> None:
             status = 425
         logger.info("rejected %s %s: %s", request.method, request.url.path, error)
         return JSONResponse(status_code=status, content={"detail": str(error)})
+
+
+async def _read_limited_body(request: Request, limit: int) -> bytes:
+    """Read the body, rejecting it as soon as it exceeds ``limit`` bytes."""
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise SecureAggregationError(
+                f"request body exceeds the limit of {limit} bytes for an envelope"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _read_masked_envelope(
