@@ -77,4 +77,4 @@ class SecureAggregationError(AggregationError):
     reconstructed secret does not match what its site committed to.
     """
 
-    exit_code = 9
+    exit_code = 10
