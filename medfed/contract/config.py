@@ -9,9 +9,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from medfed.contract.ids import IDENTIFIER_PATTERN
+from medfed.contract.secagg.config import SecureAggregationConfig
 from medfed.errors import ConfigError
 
 __all__ = [
@@ -133,6 +141,13 @@ class StudyConfig(_Strict):
     aggregation: AggregationConfig = AggregationConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     tracking: TrackingConfig = TrackingConfig()
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
+
+    @field_validator("secure_aggregation", mode="before")
+    @classmethod
+    def _mode_shorthand(cls, value: object) -> object:
+        # ``secure_aggregation: masking`` is short for ``{mode: masking}``.
+        return {"mode": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check_sites(self) -> "StudyConfig":
@@ -147,6 +162,10 @@ class StudyConfig(_Strict):
                 f"round.quorum is {self.round.quorum} but the study has only "
                 f"{len(self.sites)} sites"
             )
+        try:
+            self.secure_aggregation.check(len(self.sites))
+        except ConfigError as error:
+            raise ValueError(str(error)) from None
         return self
 
     @property

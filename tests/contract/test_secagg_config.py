@@ -3,6 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
+from medfed.contract.config import parse_study_config
 from medfed.contract.secagg.config import SecureAggregationConfig
 from medfed.errors import ConfigError
 
@@ -67,3 +68,46 @@ def test_unknown_mode_rejected():
         SecureAggregationConfig.model_validate({"mode": "paillier"})
 
     assert "'none', 'masking' or 'ckks'" in str(error.value)
+
+
+STUDY = {
+    "study": "heart",
+    "data": {"dataset": "heart_disease"},
+    "sites": [{"id": f"site-{index}"} for index in range(4)],
+    "model": {"name": "logistic_regression"},
+    "training": {"rounds": 1, "learning_rate": 0.1},
+}
+
+
+def test_study_default_is_none():
+    config = parse_study_config(STUDY)
+
+    assert config.secure_aggregation.mode == "none"
+
+
+def test_study_mode_shorthand():
+    config = parse_study_config(STUDY | {"secure_aggregation": "masking"})
+
+    assert config.secure_aggregation.mode == "masking"
+    assert config.secure_aggregation.resolved_threshold(4) == 3
+
+
+def test_study_rejects_wraparound_with_key():
+    raw = STUDY | {"secure_aggregation": {"mode": "masking", "fractional_bits": 20}}
+
+    with pytest.raises(ConfigError) as error:
+        parse_study_config(raw)
+
+    message = str(error.value)
+    assert "secure_aggregation (mode 'masking'): the masked sum can wrap" in message
+    assert "fractional_bits of at most 12 fits" in message
+
+
+def test_study_rejects_unknown_mode():
+    with pytest.raises(ConfigError) as error:
+        parse_study_config(STUDY | {"secure_aggregation": "paillier"})
+
+    assert str(error.value) == (
+        "study config is invalid: secure_aggregation.mode: Input should be 'none', "
+        "'masking' or 'ckks' (got 'paillier')"
+    )
