@@ -8,21 +8,24 @@ All routes are under ``/v1/studies/{study}/rounds/{round}/secagg``:
 - ``POST /shares``: a site's ``ShareUpload``. Sharing closes by itself once
   every roster site has uploaded, or by ``POST /shares/close``.
 - ``GET /shares/{site}``: the encrypted shares relayed to ``site``.
-- ``PUT /masked/{site}``: a site's envelope with the ``masked`` codec.
+- ``PUT /masked/{site}``: a site's envelope with the ``masked`` codec, for a
+  service that does not take masked envelopes on its own upload route.
+  Uploads close by themselves once every site that shared keys uploaded.
 - ``POST /uploads/close``: end uploads; returns the ``RevealRequest``.
 - ``GET /reveal-request``: the ``RevealRequest``, 409 until uploads closed.
 - ``POST /reveals``: a survivor's ``RevealedShares``.
 
 A message the round rejects gets a 409 JSON body ``{"detail": message}`` and
 changes nothing. A request that comes before its phase (the roster before
-advertising closed) gets 425 Too Early, so sites poll; an unknown round
-gets 404. The routes never return a masked
+advertising closed) gets 425 Too Early, so sites poll; a poll after the
+round's deadline closes the pending phase. An unknown round gets 404. The routes never return a masked
 vector or a revealed share. The service unmasks with ``MaskingRounds.unmask``
 when it finalizes the round.
 """
 
 import logging
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -76,6 +79,25 @@ class _OpenRound:
     sites: tuple[str, ...]
     layout: VectorLayout
     lock: threading.Lock
+    #: Unix time after which a site's poll closes the current phase with
+    #: whoever has answered, or None to close phases only explicitly.
+    deadline_at: float | None = None
+
+    def close_overdue_phase(self) -> None:
+        """Close the current phase if the deadline passed, so polls can go on.
+
+        NOTE: one deadline covers every phase, so a site that never
+        advertises keys holds the others until the round's deadline.
+        """
+        if self.deadline_at is None or time.time() < self.deadline_at:
+            return
+        phase = self.server.phase_name
+        if phase == "advertising":
+            self.server.close_advertising()
+        elif phase == "sharing":
+            self.server.close_sharing()
+        elif phase == "uploading":
+            self.server.close_uploads()
 
 
 class MaskingRounds:
@@ -100,8 +122,12 @@ class MaskingRounds:
         threshold: int,
         encoding: FixedPointEncoding,
         layout: VectorLayout,
+        deadline_at: float | None = None,
     ) -> None:
         """Start a masking round for ``sites`` over updates of ``layout``.
+
+        After ``deadline_at`` (Unix time), a site polling for the next phase
+        closes the current one with the sites that have answered.
 
         Raises:
             SecureAggregationError: the round is already open.
@@ -121,7 +147,7 @@ class MaskingRounds:
                     f"masking round {round_number} of study {study!r} is already open"
                 )
             self._rounds[(study, round_number)] = _OpenRound(
-                server, tuple(sorted(sites)), layout, threading.Lock()
+                server, tuple(sorted(sites)), layout, threading.Lock(), deadline_at
             )
         logger.info(
             "opened masking round %s of study %s for %s sites",
@@ -183,6 +209,7 @@ def create_masking_router(rounds: MaskingRounds) -> APIRouter:
     @router.get("/roster")
     def roster(study: StudyId, round_number: RoundNumber) -> KeyRoster:
         with rounds.edit(study, round_number) as entry:
+            entry.close_overdue_phase()
             return entry.server.roster
 
     @router.post("/shares")
@@ -206,6 +233,7 @@ def create_masking_router(rounds: MaskingRounds) -> APIRouter:
         study: StudyId, round_number: RoundNumber, site: SiteId
     ) -> list[EncryptedShare]:
         with rounds.edit(study, round_number) as entry:
+            entry.close_overdue_phase()
             return entry.server.shares_for(site)
 
     @router.put("/masked/{site}")
@@ -223,6 +251,8 @@ def create_masking_router(rounds: MaskingRounds) -> APIRouter:
                 body, entry, study, round_number, site, rounds.limits
             )
             entry.server.add_masked_update(site, vector, sample_count=sample_count)
+            if entry.server.uploaded_sites == entry.server.sharing_sites:
+                entry.server.close_uploads()
         return {"site": site}
 
     @router.post("/uploads/close")
@@ -233,6 +263,7 @@ def create_masking_router(rounds: MaskingRounds) -> APIRouter:
     @router.get("/reveal-request")
     def reveal_request(study: StudyId, round_number: RoundNumber) -> RevealRequest:
         with rounds.edit(study, round_number) as entry:
+            entry.close_overdue_phase()
             return entry.server.reveal_request
 
     @router.post("/reveals")

@@ -10,6 +10,8 @@ Routes, all under ``/v1/studies/{study}``:
 - ``GET /rounds/{round}/model``: the global model the round trains from.
 - ``PUT /rounds/{round}/updates/{site}``: upload a site's envelope.
 - ``POST /rounds/{round}/finalize``: aggregate the round or abort it.
+- ``/rounds/{round}/secagg/...``: the masking messages of studies with
+  ``secure_aggregation: masking`` (see ``secagg_routes``).
 
 A rejected request gets a 4xx JSON body ``{"detail": message}`` and changes
 nothing. No route returns an individual upload.
@@ -27,6 +29,10 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from medfed.aggregation.rounds import Rejected, RoundService
+from medfed.aggregation.secagg_routes import (
+    create_masking_router,
+    install_error_handlers,
+)
 from medfed.aggregation.store import Store
 from medfed.contract.ids import IDENTIFIER_PATTERN
 from medfed.contract.wire import EnvelopeLimits
@@ -74,6 +80,9 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     service = RoundService(store, settings.limits)
     app = FastAPI(title="medfed aggregation service", version="1")
     app.state.service = service
+    # Key, share and reveal messages of studies with secure_aggregation masking.
+    app.include_router(create_masking_router(service.masking))
+    install_error_handlers(app)
 
     @app.exception_handler(Rejected)
     async def _rejected(request: Request, error: Rejected) -> JSONResponse:

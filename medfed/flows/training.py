@@ -170,6 +170,7 @@ def _train(
         initial_model_weights(config),
         metadata={"medfed_study_settings": json.dumps({
             "sites": sites, "strategy": config.strategy.name, "strategy_params": config.strategy.params,
+            "secure_aggregation": config.secure_aggregation.model_dump(mode="json"),
         })},
     )  # fmt: skip
     client.create_study(config.study, initial)

@@ -21,12 +21,14 @@ from safetensors.numpy import save as save_safetensors
 from medfed.contract.config import StudyConfig
 from medfed.contract.metrics import EvaluationAggregates
 from medfed.contract.models import build_model
+from medfed.contract.secagg import MaskingSite
 from medfed.contract.wire import encode_envelope
 from medfed.errors import BudgetExceededError
 from medfed.sites.client import AggregationClient
 from medfed.sites.data import load_split, prepare_site_data
 from medfed.sites.data.root import resolve_data_root
 from medfed.sites.privacy import PrivacyLedger
+from medfed.sites.secagg_client import MaskingClient
 from medfed.sites.training import (
     LocalTrainingSettings,
     dp_sample_rate,
@@ -196,15 +198,22 @@ class SiteRunner:
             key: (local[key] - base.weights[key]).astype(np.float32)
             for key in base.weights
         }
-        envelope = encode_envelope(
-            delta,
-            study=self.config.study,
-            round_number=round_number,
-            site=self.site_id,
-            sample_count=records,
-            nonce=secrets.token_hex(16),
-        )
-        receipt = client.upload(self.config.study, round_number, self.site_id, envelope)
+        if self.config.secure_aggregation.mode == "masking":
+            envelope, receipt = self._upload_masked(
+                client, round_number, delta, records
+            )
+        else:
+            envelope = encode_envelope(
+                delta,
+                study=self.config.study,
+                round_number=round_number,
+                site=self.site_id,
+                sample_count=records,
+                nonce=secrets.token_hex(16),
+            )
+            receipt = client.upload(
+                self.config.study, round_number, self.site_id, envelope
+            )
         return SiteRoundReport(
             site=self.site_id,
             round=round_number,
@@ -226,6 +235,51 @@ class SiteRunner:
         inputs, labels = load_split(self.config, self.data_dir, "test")
         downloaded = client.download_model(self.config.study, version)
         return evaluate_weights(self.config, downloaded.weights, inputs, labels)
+
+    def _upload_masked(
+        self,
+        client: AggregationClient,
+        round_number: int,
+        delta: dict[str, np.ndarray],
+        records: int,
+    ) -> tuple[bytes, dict[str, Any]]:
+        """Take part in the round's masking protocol; return the envelope sent."""
+        secure = self.config.secure_aggregation
+        clipped = sum(
+            int((np.abs(value) > secure.clip).sum()) for value in delta.values()
+        )
+        if clipped:
+            logger.warning(
+                "site %s clips %d update values to +-%s for secure aggregation; "
+                "raise secure_aggregation.clip to keep them",
+                self.site_id, clipped, secure.clip,
+            )  # fmt: skip
+        site = MaskingSite(
+            site=self.site_id,
+            study=self.config.study,
+            round_number=round_number,
+            encoding=secure.encoding(len(self.config.sites)),
+        )
+        sent: dict[str, Any] = {}
+
+        def upload(envelope: bytes) -> None:
+            sent["envelope"] = envelope
+            sent["receipt"] = client.upload(
+                self.config.study, round_number, self.site_id, envelope
+            )
+
+        masking_client = MaskingClient(client.base_url)
+        try:
+            masking_client.run_round(
+                site,
+                delta,
+                sample_count=records,
+                wait_seconds=self.config.round.deadline_seconds,
+                upload=upload,
+            )
+        finally:
+            masking_client.close()
+        return sent["envelope"], sent["receipt"]
 
     def _model_with(self, weights: dict[str, np.ndarray]) -> torch.nn.Module:
         model = build_model(self.config.model.name, **self.config.model.params)

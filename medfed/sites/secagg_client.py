@@ -9,7 +9,7 @@ reached the next phase it answers 425 Too Early and the client polls.
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx
@@ -69,6 +69,7 @@ class MaskingClient:
         *,
         sample_count: int,
         wait_seconds: float,
+        upload: Callable[[bytes], object] | None = None,
     ) -> None:
         """Take part in ``site``'s round from advertising to revealing shares.
 
@@ -77,6 +78,8 @@ class MaskingClient:
             update: the site's update (tensor name to float array).
             sample_count: the site's sample count, its weight in the mean.
             wait_seconds: how long to wait, in total, for the other sites.
+            upload: sends the masked envelope, for a service that takes it on
+                its own upload route; when None it goes to ``PUT /masked``.
 
         Raises:
             ServiceError: a request failed or the round did not advance in
@@ -91,8 +94,8 @@ class MaskingClient:
         roster = parse_message(
             KeyRoster, self._poll(f"{prefix}/roster", deadline).content
         )
-        upload = site.share_keys(roster)
-        self._send("POST", f"{prefix}/shares", json=_json(upload))
+        share_upload = site.share_keys(roster)
+        self._send("POST", f"{prefix}/shares", json=_json(share_upload))
         relayed = _SHARE_LIST.validate_json(
             self._poll(f"{prefix}/shares/{site.site}", deadline).content
         )
@@ -111,7 +114,10 @@ class MaskingClient:
                 "fractional_bits": site.encoding.fractional_bits,
             },
         )
-        self._send("PUT", f"{prefix}/masked/{site.site}", content=envelope)
+        if upload is None:
+            self._send("PUT", f"{prefix}/masked/{site.site}", content=envelope)
+        else:
+            upload(envelope)
         request = parse_message(
             RevealRequest, self._poll(f"{prefix}/reveal-request", deadline).content
         )

@@ -248,6 +248,11 @@ class MaskingServer:
         self._phase = _Phase.UPLOADING
 
     @property
+    def phase_name(self) -> str:
+        """The current phase: advertising, sharing, uploading, revealing or done."""
+        return self._phase.name.lower()
+
+    @property
     def advertised_sites(self) -> list[str]:
         """The sites that advertised keys so far, sorted."""
         return sorted(self._advertisements)
