@@ -17,7 +17,7 @@ All routes are under ``/v1/studies/{study}/rounds/{round}/secagg``:
 
 A message the round rejects gets a 409 JSON body ``{"detail": message}`` and
 changes nothing. A request that comes before its phase (the roster before
-advertising closed) gets 425 Too Early, so sites poll; a poll after the
+advertising closed) gets 425 Too Early, so sites poll. A poll after the
 round's deadline closes the pending phase. An unknown round gets 404. The routes never return a masked
 vector or a revealed share. The service unmasks with ``MaskingRounds.unmask``
 when it finalizes the round.
@@ -79,15 +79,16 @@ class _OpenRound:
     sites: tuple[str, ...]
     layout: VectorLayout
     lock: threading.Lock
-    #: Unix time after which a site's poll closes the current phase with
-    #: whoever has answered, or None to close phases only explicitly.
+    #: Unix time after which a site's poll closes the current phase with the
+    #: sites that have sent their message, or None to close phases only
+    #: explicitly.
     deadline_at: float | None = None
 
     def close_overdue_phase(self) -> None:
         """Close the current phase if the deadline passed, so polls can go on.
 
         NOTE: one deadline covers every phase, so a site that never
-        advertises keys holds the others until the round's deadline.
+        advertises keys delays the others until the round's deadline.
         """
         if self.deadline_at is None or time.time() < self.deadline_at:
             return
@@ -127,7 +128,7 @@ class MaskingRounds:
         """Start a masking round for ``sites`` over updates of ``layout``.
 
         After ``deadline_at`` (Unix time), a site polling for the next phase
-        closes the current one with the sites that have answered.
+        closes the current one with the sites that have sent their message.
 
         Raises:
             SecureAggregationError: the round is already open.

@@ -3,7 +3,7 @@
 ``MaskingClient.run_round`` drives a ``MaskingSite`` through the routes of
 ``medfed.aggregation.secagg_routes``: advertise keys, upload encrypted
 shares, upload the masked envelope, reveal shares. While the service has not
-reached the next phase it answers 425 Too Early and the client polls.
+reached the next phase it returns 425 Too Early and the client polls.
 """
 
 import logging
