@@ -153,7 +153,9 @@ class SiteRunner:
         """Train on the round's base model and upload the update.
 
         A round that would exceed the site's privacy budget is rejected before
-        any training; the report says so and nothing is uploaded.
+        any training; the report says so and nothing is uploaded. In a study
+        with ``secure_aggregation: masking`` the upload runs the masking
+        protocol with the other sites (``_upload_masked``).
         """
         self.prepare()
         inputs, labels = load_split(self.config, self.data_dir, "train")
