@@ -1,5 +1,6 @@
 """Provisioning: certificates, key modes and what each kit contains."""
 
+import json
 import stat
 import tarfile
 from pathlib import Path
@@ -165,3 +166,26 @@ def test_invalid_config_rejected(tmp_path: Path, config: str, message: str) -> N
 def test_validity_days_checked(study_config: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="validity_days must be an integer from 1"):
         provision(study_config, tmp_path / "out", validity_days=0)
+
+
+def test_cli_provision_writes_audit(study_config: Path, tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from medfed.aggregation.audit import verify
+    from medfed.security_cli import PROVISIONING_AUDIT_LOG, provision_command
+
+    app = typer.Typer()
+    app.command()(provision_command)
+    out = tmp_path / "kits"
+    result = CliRunner().invoke(app, [str(study_config), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"site-alpha: {out / 'site-alpha'}" in result.output
+    log = out / PROVISIONING_AUDIT_LOG
+    assert verify(log).ok
+    entry = json.loads(log.read_text())
+    assert entry["event"] == "study.provisioned"
+    assert entry["details"]["sites"] == ["alpha", "beta"]
+    again = CliRunner().invoke(app, [str(study_config), "--out", str(out)])
+    assert again.exit_code == ConfigError.exit_code
+    assert "is not empty: provisioning never overwrites" in again.output

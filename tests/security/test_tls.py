@@ -101,8 +101,11 @@ def test_foreign_ca_certificate_rejected(tls_url, kits, foreign_kits) -> None:
     context = client_ssl_context(foreign_kits["site-alpha"])
     context.load_verify_locations(cafile=str(kits["aggregation"] / KitFiles.CA_CERT))
     context.maximum_version = ssl.TLSVersion.TLSv1_2
-    with httpx.Client(verify=context) as client, pytest.raises(
-        httpx.ConnectError, match=r"EOF occurred in violation|ALERT_UNKNOWN_CA"
+    with (
+        httpx.Client(verify=context) as client,
+        pytest.raises(
+            httpx.ConnectError, match=r"EOF occurred in violation|ALERT_UNKNOWN_CA"
+        ),
     ):
         client.get(url)
 
