@@ -1,5 +1,6 @@
 """Run a real uvicorn server on 127.0.0.1 in a background thread for a test."""
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -30,3 +31,19 @@ def serve(app: Any, **options: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def raw_http(url: str, request: bytes, *, timeout: float = 10) -> tuple[int, bytes]:
+    """Send ``request`` bytes over plain TCP; return the status and body.
+
+    For requests an HTTP client library would refuse to send, such as a
+    ``Content-Length`` that does not match the body.
+    """
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as connection:
+        connection.sendall(request)
+        response = b""
+        while chunk := connection.recv(65536):
+            response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
