@@ -42,6 +42,7 @@ __all__ = [
     "PeerIdentity",
     "TLSH11Protocol",
     "authenticated_coordinator",
+    "authenticated_participant",
     "authenticated_site",
     "configure_authentication",
     "peer_identity",
@@ -286,6 +287,25 @@ def authenticated_coordinator(request: Request) -> str:
             f"client certificate is for site {identity.name!r}; only the "
             "coordinator may call this endpoint",
         )
+    _record_success(settings, identity, request)
+    return identity.name
+
+
+def authenticated_participant(request: Request) -> str:
+    """Return the site or "coordinator" a request comes from; else raise.
+
+    For endpoints any participant may call, such as model downloads. In
+    local mode the caller is anonymous and the result is "local".
+
+    Raises:
+        HTTPException: 401 without a client certificate.
+    """
+    settings = _settings(request)
+    identity = peer_identity(request.scope)
+    if identity is None:
+        if settings.require_client_certificate:
+            raise _unauthorized(request, settings, "participant")
+        return "local"
     _record_success(settings, identity, request)
     return identity.name
 

@@ -1,6 +1,7 @@
 """Run a real uvicorn server on 127.0.0.1 in a background thread for a test."""
 
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -45,5 +46,20 @@ def raw_http(url: str, request: bytes, *, timeout: float = 10) -> tuple[int, byt
         response = b""
         while chunk := connection.recv(65536):
             response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+def raw_https(
+    url: str, request: bytes, context: ssl.SSLContext, *, timeout: float = 10
+) -> tuple[int, bytes]:
+    """Like ``raw_http`` over TLS with ``context`` (a client certificate context)."""
+    host, port = url.removeprefix("https://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as connection:
+        with context.wrap_socket(connection, server_hostname=host) as tls:
+            tls.sendall(request)
+            response = b""
+            while chunk := tls.recv(65536):
+                response += chunk
     head, _, body = response.partition(b"\r\n\r\n")
     return int(head.split(b" ", 2)[1]), body

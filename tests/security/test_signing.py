@@ -121,3 +121,39 @@ def test_signer_repr_hides_key(signers) -> None:
     assert (
         repr(signers["alpha"]) == f"Ed25519Signer(key_id={signers['alpha'].key_id!r})"
     )
+
+
+def test_zstd_bomb_not_allocated(signers, verifier) -> None:
+    """A frame announcing 1 GiB is read only up to the declared length."""
+    import hashlib
+    import tracemalloc
+
+    import zstandard
+
+    from medfed.contract.wire import EnvelopeHeader
+
+    payload = zstandard.ZstdCompressor().compress(b"\0" * (1024**3 // 8))
+    envelope = _envelope(signers["alpha"], compression="zstd")
+    _, _, length = _PREFIX.unpack_from(envelope)
+    header = json.loads(envelope[_PREFIX.size : _PREFIX.size + length])
+    header.pop("signature")
+    header.update(
+        payload_length=len(payload),
+        payload_sha256=hashlib.sha256(payload).hexdigest(),
+    )
+    parsed = EnvelopeHeader.model_validate(header)
+    header["signature"] = {
+        "algorithm": "ed25519",
+        "key_id": signers["alpha"].key_id,
+        "value": signers["alpha"].sign(parsed.signing_bytes()),
+    }
+    raw = json.dumps(header).encode()
+    bomb = _PREFIX.pack(b"MFED", 1, len(raw)) + raw + payload
+    tracemalloc.start()
+    try:
+        with pytest.raises(EnvelopeError, match="decompresses to more than"):
+            decode_envelope(bomb, verify_signature=verifier)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 1024 * 1024
