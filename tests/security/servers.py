@@ -55,11 +55,11 @@ def raw_https(
 ) -> tuple[int, bytes]:
     """Like ``raw_http`` over TLS with ``context`` (a client certificate context)."""
     host, port = url.removeprefix("https://").split(":")
-    with socket.create_connection((host, int(port)), timeout=timeout) as connection:
-        with context.wrap_socket(connection, server_hostname=host) as tls:
-            tls.sendall(request)
-            response = b""
-            while chunk := tls.recv(65536):
-                response += chunk
+    connection = socket.create_connection((host, int(port)), timeout=timeout)
+    with connection, context.wrap_socket(connection, server_hostname=host) as tls:
+        tls.sendall(request)
+        response = b""
+        while chunk := tls.recv(65536):
+            response += chunk
     head, _, body = response.partition(b"\r\n\r\n")
     return int(head.split(b" ", 2)[1]), body
