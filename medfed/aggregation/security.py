@@ -19,6 +19,7 @@ endpoints ``Depends(authenticated_coordinator)`` (both from
 import json
 import logging
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,17 +107,21 @@ class ServiceSecurity:
         self.head_path = Path(settings.audit_log).with_name(
             Path(settings.audit_log).name + ".head.json"
         )
+        # Handlers record from many threads; one lock keeps each append and
+        # the signed head that follows it in step.
+        self._lock = threading.Lock()
 
     def record(
         self, event: str, actor: str, details: Mapping[str, Any] | None = None
     ) -> None:
         """Append an audit entry and, in deployment mode, rewrite the signed head."""
-        self.audit.append(event, actor, details)
-        if self.head_signer is not None:
-            signed = self.audit.sign_head(self.head_signer)
-            temporary = self.head_path.with_name(self.head_path.name + ".tmp")
-            temporary.write_text(json.dumps(signed) + "\n", encoding="utf-8")
-            os.replace(temporary, self.head_path)
+        with self._lock:
+            self.audit.append(event, actor, details)
+            if self.head_signer is not None:
+                signed = self.audit.sign_head(self.head_signer)
+                temporary = self.head_path.with_name(self.head_path.name + ".tmp")
+                temporary.write_text(json.dumps(signed) + "\n", encoding="utf-8")
+                os.replace(temporary, self.head_path)
 
     def decode_upload(self, data: bytes) -> DecodedUpdate:
         """Decode an uploaded envelope, verifying its signature before decoding.
