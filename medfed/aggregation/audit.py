@@ -4,10 +4,11 @@ Each entry is one line of canonical JSON (sorted keys, no spaces, ASCII) with
 the fields ``seq`` (1, 2, ... equal to the line number), ``time`` (UTC, ISO
 8601), ``event``, ``actor``, ``details``, ``prev_hash`` and ``hash``. ``hash``
 is the SHA-256 of the canonical JSON of the other six fields, and
-``prev_hash`` is the previous entry's ``hash`` (64 zeros for the first), so
-editing, deleting, inserting or reordering an entry breaks the chain at that
-entry or, for a carefully forged insertion, at the entry after it. Every
-append is flushed and fsynced before ``append`` returns.
+``prev_hash`` is the previous entry's ``hash`` (64 zeros for the first).
+Editing, deleting, inserting or reordering an entry therefore breaks the
+chain at that entry. An edit or insertion whose own hash was recomputed
+breaks it at the entry after it. Every append is fsynced before ``append``
+returns.
 
 A chain alone cannot show that entries were cut off its end, or that an
 attacker rewrote every entry after the one changed. For that the service
@@ -151,7 +152,7 @@ class AuditLog:
     file, so a second service cannot interleave entries. A last line without
     its newline (a write cut short by a crash) is moved to a
     ``<name>.partial-<time>`` file and recorded in an ``audit.recovered``
-    entry; any other break raises ``AuditLogError``.
+    entry. Any other break raises ``AuditLogError``.
     """
 
     def __init__(self, path: Path | str) -> None:

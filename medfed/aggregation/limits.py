@@ -1,14 +1,14 @@
 """Request limits of the aggregation service: body size, rate, concurrency.
 
 - ``BodySizeLimitMiddleware`` rejects with 413 a request whose
-  ``Content-Length`` exceeds the limit before reading any of its body, and
-  one whose streamed (chunked) body grows past the limit as soon as it does,
-  so the service never buffers more than the limit.
+  ``Content-Length`` exceeds the limit before reading any of its body. It
+  rejects a streamed (chunked) body as soon as it grows past the limit, so
+  the service never buffers more than the limit.
 - ``RateLimitMiddleware`` keeps one token bucket per site (the site of the
   client certificate, or the client address without one) and rejects with
   429 and ``Retry-After`` when a bucket is empty.
 - The number of concurrent connections and tasks is capped by uvicorn's
-  ``limit_concurrency``, which answers 503 beyond it
+  ``limit_concurrency``, which responds with 503 beyond it
   (``uvicorn_limit_options``).
 
 Both middlewares are pure ASGI, so they run before FastAPI routes and
@@ -55,7 +55,7 @@ class ServiceLimits:
         rate_per_second: sustained requests per second per site.
         rate_burst: requests a site may make at once after being idle.
         max_concurrency: concurrent connections plus tasks before uvicorn
-            answers 503.
+            responds with 503.
         max_tracked_clients: token buckets kept in memory; the least
             recently used bucket is dropped beyond it.
     """

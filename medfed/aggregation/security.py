@@ -90,7 +90,7 @@ class SecuritySettings:
 
 
 class ServiceSecurity:
-    """The security state one service process holds while it runs."""
+    """The security state of one running service process."""
 
     def __init__(self, settings: SecuritySettings) -> None:
         self.settings = settings

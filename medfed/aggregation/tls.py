@@ -5,8 +5,8 @@ pass it to the application. ``TLSH11Protocol`` closes that gap: when a
 connection is made it reads the peer certificate from the transport's
 ``ssl_object`` and adds it to every request scope of that connection as
 ``scope["extensions"]["tls"]``, with the keys of the ASGI TLS extension
-(``client_cert_chain`` holds the leaf certificate as PEM, because Python 3.11
-exposes only the leaf). Plain-HTTP connections get no ``tls`` entry.
+(``client_cert_chain`` contains the leaf certificate as PEM, because Python
+3.11 exposes only the leaf). Plain-HTTP connections get no ``tls`` entry.
 
 The server context uses ``CERT_OPTIONAL``: a certificate that does not chain
 to the study CA still fails the handshake, and a connection without one
@@ -65,7 +65,7 @@ class PeerIdentity:
 
 @dataclass(frozen=True)
 class AuthenticationSettings:
-    """How the service authenticates requests.
+    """Authentication policy of the service.
 
     Attributes:
         require_client_certificate: True in deployment mode. False only in
