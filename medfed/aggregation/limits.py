@@ -93,13 +93,16 @@ def uvicorn_limit_options(limits: ServiceLimits) -> dict[str, Any]:
     return {"limit_concurrency": limits.max_concurrency}
 
 
-def install_limits(app: FastAPI, limits: ServiceLimits) -> None:
-    """Add the body-size and rate-limit middlewares to ``app``.
+def install_limits(
+    app: FastAPI, limits: ServiceLimits, *, rate_limit: bool = True
+) -> None:
+    """Add the body-size and, unless ``rate_limit`` is False, rate-limit middlewares.
 
     The body-size check is added last, so it runs first: an oversized
     request is rejected before it costs a rate-limit token.
     """
-    app.add_middleware(RateLimitMiddleware, limits=limits)
+    if rate_limit:
+        app.add_middleware(RateLimitMiddleware, limits=limits)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=limits.max_body_bytes)
 
 
@@ -228,7 +231,7 @@ class RateLimitMiddleware:
                 send,
                 429,
                 f"rate limit of {self.limits.rate_per_second:g} requests per second "
-                f"exceeded for {client}; retry in {wait:.1f} s",
+                f"exceeded for {client}; retry in {max(wait, 0.1):.1f} s",
                 headers=[(b"retry-after", str(math.ceil(wait)).encode())],
             )
             return

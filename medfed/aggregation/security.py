@@ -158,7 +158,9 @@ def install_security(app: FastAPI, settings: SecuritySettings) -> ServiceSecurit
             on_event=security.record,
         ),
     )
-    install_limits(app, settings.limits)
+    # In local mode every site shares the loopback address, so a per-client
+    # rate limit would throttle the whole study as one client.
+    install_limits(app, settings.limits, rate_limit=security.deployment)
     app.state.security = security
     security.record(
         "service.started",

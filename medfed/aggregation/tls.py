@@ -34,8 +34,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from medfed.contract.ids import IDENTIFIER_PATTERN
+from medfed.contract.ids import IDENTIFIER_PATTERN, validate_identifier
 from medfed.contract.kits import COORDINATOR_URI, SITE_URI_PREFIX, KitFiles
+from medfed.errors import ConfigError
 
 __all__ = [
     "AuthenticationSettings",
@@ -230,9 +231,10 @@ def authenticated_site(request: Request) -> str:
     if identity is None:
         if settings.require_client_certificate:
             raise _unauthorized(request, settings, "site")
-        if path_site is None or not IDENTIFIER_PATTERN.fullmatch(path_site):
-            raise HTTPException(404, f"invalid site identifier {path_site!r}")
-        return str(path_site)
+        try:
+            return validate_identifier(path_site, kind="site")
+        except ConfigError as error:
+            raise HTTPException(422, str(error)) from None
     if identity.role != "site":
         _record(
             settings,
