@@ -33,14 +33,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from medfed.contract.ids import validate_identifier
+from medfed.contract.config import load_study_config
 from medfed.contract.kits import (
     AGGREGATION_KIT,
     COORDINATOR_KIT,
@@ -63,7 +62,7 @@ _HOSTNAME = re.compile(
 
 @dataclass(frozen=True)
 class ProvisioningInputs:
-    """The study id, site ids and service hostnames read from a study config."""
+    """The study id, site ids and service hostnames that provisioning uses."""
 
     study: str
     sites: tuple[str, ...]
@@ -73,40 +72,17 @@ class ProvisioningInputs:
 def read_provisioning_inputs(study_config_path: Path) -> ProvisioningInputs:
     """Read the study id, site ids and service hostnames from a study config.
 
-    Reads only ``study`` (an id, or a mapping with ``id``), ``sites`` (a list
-    of ids or of mappings with ``id``, or a mapping keyed by id) and the
-    optional ``aggregation.hostnames``. The study config schema validates the
-    other keys.
-
     Raises:
-        ConfigError: the file is unreadable, or a key is missing or invalid.
+        ConfigError: the config fails the study config schema, or an
+            ``aggregation.hostnames`` entry is not a DNS name or IP address.
     """
-    # NOTE: reads the study config's keys directly; switch to the validated
-    # study config model once the schema module exists.
-    try:
-        document = yaml.safe_load(Path(study_config_path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as error:
-        raise ConfigError(
-            f"cannot read study config {study_config_path}: {error}"
-        ) from None
-    if not isinstance(document, dict):
-        raise ConfigError(f"study config {study_config_path} is not a YAML mapping")
-
-    study_entry = document.get("study")
-    if isinstance(study_entry, dict):
-        study_entry = study_entry.get("id")
-    study = validate_identifier(study_entry, kind="study")
-
-    sites = _read_site_ids(document.get("sites"))
-    aggregation = document.get("aggregation") or {}
-    if not isinstance(aggregation, dict):
-        raise ConfigError(
-            f"study config key aggregation must be a mapping, got {aggregation!r}"
-        )
-    hostnames = tuple(
-        _validate_hostname(name) for name in aggregation.get("hostnames") or ()
+    config = load_study_config(study_config_path)
+    hostnames = tuple(_validate_hostname(name) for name in config.aggregation.hostnames)
+    return ProvisioningInputs(
+        study=config.study,
+        sites=tuple(site.id for site in config.sites),
+        hostnames=hostnames,
     )
-    return ProvisioningInputs(study=study, sites=sites, hostnames=hostnames)
 
 
 def provision(
@@ -186,26 +162,6 @@ def provision(
         out,
     )
     return kits
-
-
-def _read_site_ids(entry: Any) -> tuple[str, ...]:
-    if isinstance(entry, dict):
-        candidates: Iterable[Any] = entry.keys()
-    elif isinstance(entry, list):
-        candidates = (
-            item.get("id") if isinstance(item, dict) else item for item in entry
-        )
-    else:
-        raise ConfigError(
-            "study config key sites must be a list or mapping of site ids, "
-            f"got {entry!r}"
-        )
-    sites = tuple(validate_identifier(site, kind="site") for site in candidates)
-    if not sites:
-        raise ConfigError("study config key sites is empty: list at least one site")
-    if len(set(sites)) != len(sites):
-        raise ConfigError(f"study config key sites names a site twice: {list(sites)}")
-    return sites
 
 
 def _validate_hostname(name: Any) -> str:

@@ -8,12 +8,30 @@ from medfed.provision import provision
 
 STUDY_CONFIG = """\
 study: heart
+data: {dataset: heart_disease}
 sites:
   - id: alpha
   - id: beta
+model: {name: logistic_regression, params: {in_features: 15}}
+training: {rounds: 1, learning_rate: 0.05}
 aggregation:
   hostnames: [aggregator.example.org, 10.0.0.7]
 """
+
+
+def study_config_text(
+    *, study: str = "heart", sites: str = "[{id: alpha}]", **extra: str
+) -> str:
+    """Return a valid study config with ``study``, ``sites`` and extra top-level keys."""
+    lines = [
+        f"study: {study}",
+        "data: {dataset: heart_disease}",
+        f"sites: {sites}",
+        "model: {name: logistic_regression, params: {in_features: 15}}",
+        "training: {rounds: 1, learning_rate: 0.05}",
+        *(f"{key}: {value}" for key, value in extra.items()),
+    ]
+    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture(scope="session")

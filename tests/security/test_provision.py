@@ -1,6 +1,7 @@
 """Provisioning: certificates, key modes and what each kit contains."""
 
 import json
+import re
 import stat
 import tarfile
 from pathlib import Path
@@ -13,6 +14,8 @@ from medfed.contract.kits import KitFiles
 from medfed.contract.signing import SignatureVerifier, load_private_key
 from medfed.errors import ConfigError
 from medfed.provision import provision
+
+from .conftest import study_config_text
 
 PRIVATE_FILES = {KitFiles.TLS_KEY, KitFiles.SIGNING_KEY, KitFiles.CA_KEY}
 
@@ -145,20 +148,30 @@ def test_nonempty_output_rejected(study_config: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ("study: heart\nsites: [alpha, ../x]\n", "invalid site identifier '../x'"),
-        ("study: /etc\nsites: [alpha]\n", "invalid study identifier '/etc'"),
-        ("study: heart\nsites: [alpha, alpha]\n", "names a site twice"),
-        ("study: heart\nsites: []\n", "sites is empty"),
         (
-            "study: heart\nsites: [alpha]\naggregation: {hostnames: ['a b']}\n",
+            study_config_text(sites="[{id: alpha}, {id: ../x}]"),
+            "sites.1.id: String should match pattern",
+        ),
+        (study_config_text(study="/etc"), "study: String should match pattern"),
+        (
+            study_config_text(sites="[{id: alpha}, {id: alpha}]"),
+            "site ids must be unique; repeated: alpha",
+        ),
+        (study_config_text(sites="[]"), "sites: List should have at least 1 item"),
+        (
+            study_config_text(aggregation="{hostnames: ['a b']}"),
             "invalid aggregation.hostnames entry 'a b'",
+        ),
+        (
+            study_config_text(aggregation="{hostname: x}"),
+            "unknown key 'aggregation.hostname'",
         ),
     ],
 )
 def test_invalid_config_rejected(tmp_path: Path, config: str, message: str) -> None:
     path = tmp_path / "study.yaml"
     path.write_text(config, encoding="utf-8")
-    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         provision(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -189,3 +202,27 @@ def test_cli_provision_writes_audit(study_config: Path, tmp_path: Path) -> None:
     again = CliRunner().invoke(app, [str(study_config), "--out", str(out)])
     assert again.exit_code == ConfigError.exit_code
     assert "is not empty: provisioning never overwrites" in again.output
+
+
+def test_shipped_config_provisions(tmp_path: Path) -> None:
+    config = Path(__file__).resolve().parents[2] / "configs" / "heart_disease.yaml"
+    kits = provision(config, tmp_path / "kits")
+    assert sorted(kits) == [
+        "aggregation",
+        "coordinator",
+        "site-cleveland",
+        "site-hungary",
+        "site-long-beach",
+        "site-switzerland",
+    ]
+
+
+def test_config_limits_match_service_defaults() -> None:
+    from medfed.aggregation.limits import ServiceLimits
+    from medfed.contract.config import AggregationConfig
+
+    config = AggregationConfig()
+    limits = ServiceLimits()
+    assert config.rate_per_second == limits.rate_per_second
+    assert config.rate_burst == limits.rate_burst
+    assert config.max_concurrency == limits.max_concurrency
