@@ -4,7 +4,7 @@ Provisions a study of N sites (default 100), starts ``python -m
 medfed.aggregation`` with the aggregation kit, then:
 
 1. every site uploads one signed update for round 0 at the same time, each
-   over its own TLS connection with its own client certificate; all must be
+   over its own TLS connection with its own client certificate. All must be
    accepted, and the round is finalized with all N updates;
 2. round 1 is opened and sites send M malformed requests for it (default
    1,000, ten kinds, 50 at a time); every one must be rejected with a 4xx

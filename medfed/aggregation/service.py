@@ -15,9 +15,9 @@ A rejected request gets a 4xx JSON body ``{"detail": message}`` and changes
 nothing. No route returns an individual upload.
 
 With an aggregation kit (deployment mode) every route but ``/health`` needs
-a client certificate from the study CA: the upload route only the named
-site's, the routes that create studies, open and finalize rounds only the
-coordinator's, and the others any participant's. Each upload's signature
+a client certificate from the study CA. The upload route accepts only the
+named site's certificate. The routes that create studies, open and finalize
+rounds accept only the coordinator's, and the others any participant's. Each upload's signature
 is checked against the site registry before its payload is decoded. Every
 decision that matters to an audit (uploads accepted or rejected, rounds
 opened, finalized or aborted, model versions registered and downloaded) is
@@ -103,7 +103,7 @@ class FinalizeRequest(BaseModel):
 def create_app(settings: ServiceSettings) -> FastAPI:
     """Build the FastAPI application over the state in ``settings.state_dir``."""
     store = Store(settings.state_dir / "aggregation.sqlite3")
-    # In deployment mode only /health answers without a client certificate,
+    # In deployment mode only /health responds without a client certificate,
     # so the OpenAPI schema and docs pages are not served.
     openapi_url = "/openapi.json" if settings.kit_dir is None else None
     app = FastAPI(

@@ -3,7 +3,7 @@
 Each test talks to uvicorn on 127.0.0.1 with certificates from a provisioned
 study and checks that a hostile request is rejected with a clear message,
 changes no state, and never makes the service import, write or allocate what
-the request asks for.
+the request names.
 """
 
 import json
