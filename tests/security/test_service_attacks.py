@@ -21,6 +21,7 @@ from medfed.aggregation.service import ServiceSettings, create_app
 from medfed.contract.kits import KitFiles, client_ssl_context
 from medfed.contract.signing import Ed25519Signer, public_key_from_base64
 from medfed.contract.wire import _PREFIX, EnvelopeHeader, encode_envelope
+from medfed.sites.client import AggregationClient
 
 from .federation import (
     STUDY,
@@ -378,3 +379,23 @@ def _resign_raw(kits: dict[str, Path], change: dict) -> bytes:
     header.update(change)
     raw = json.dumps(header).encode()
     return _PREFIX.pack(b"MFED", 1, len(raw)) + raw + envelope[_PREFIX.size + length :]
+
+
+def test_aborted_round_audited(service, kits) -> None:
+    """Runs after the finalized round: round 1 misses its quorum and is aborted."""
+    with AggregationClient.with_kit(service["url"], kits["coordinator"]) as coordinator:
+        coordinator.open_round(
+            STUDY, 1, sites=list(SITES), quorum=2, deadline_seconds=600
+        )
+        with AggregationClient.with_kit(service["url"], kits["site-alpha"]) as alpha:
+            receipt = alpha.upload(STUDY, 1, "alpha", signed_envelope(kits, "alpha", 1))
+        status = coordinator.finalize(STUDY, 1, absent=["beta"])
+    assert receipt["site"] == "alpha"
+    assert status["state"] == "aborted"
+    log = service["state_dir"] / "audit.jsonl"
+    last = json.loads(log.read_text().splitlines()[-1])
+    assert last["event"] == "round.aborted"
+    assert last["actor"] == "coordinator"
+    assert last["details"]["round"] == 1
+    assert "fewer than its quorum of 2" in last["details"]["reason"]
+    assert verify(log).ok
