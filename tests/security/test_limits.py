@@ -163,3 +163,24 @@ def test_token_bucket_refills() -> None:
 def test_invalid_limits_rejected(options, message) -> None:
     with pytest.raises(ConfigError, match=message):
         ServiceLimits(**options)
+
+
+def test_rate_limit_per_site_over_tls(kits, received) -> None:
+    """Each site has its own bucket: one site's burst does not throttle another."""
+    from medfed.aggregation.tls import uvicorn_tls_options
+    from medfed.contract.kits import client_ssl_context
+
+    limits = ServiceLimits(max_body_bytes=LIMIT, rate_per_second=0.5, rate_burst=2)
+    app = _app(limits, received)
+    with serve(app, **uvicorn_tls_options(kits["aggregation"])) as base:
+        alpha = httpx.Client(verify=client_ssl_context(kits["site-alpha"]))
+        beta = httpx.Client(verify=client_ssl_context(kits["site-beta"]))
+        with alpha, beta:
+            alpha_statuses = [alpha.put(f"{base}/upload").status_code for _ in range(3)]
+            limited = alpha.put(f"{base}/upload")
+            beta_status = beta.put(f"{base}/upload").status_code
+    assert alpha_statuses == [200, 200, 429]
+    assert limited.json()["detail"].startswith(
+        "rate limit of 0.5 requests per second exceeded for site alpha"
+    )
+    assert beta_status == 200
