@@ -9,6 +9,8 @@ Routes, all under ``/v1/studies/{study}``:
 - ``GET /rounds/{round}``: a round's state, never an upload's content.
 - ``GET /rounds/{round}/model``: the global model the round trains from.
 - ``PUT /rounds/{round}/updates/{site}``: upload a site's envelope.
+- ``POST /rounds/{round}/privacy/{site}``: a site's privacy spent or its
+  refusal of the round, recorded in the audit log only.
 - ``POST /rounds/{round}/finalize``: aggregate the round or abort it.
 
 A rejected request gets a 4xx JSON body ``{"detail": message}`` and changes
@@ -27,7 +29,7 @@ appended to the hash-chained audit log in the state directory.
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi import Path as PathParam
@@ -98,6 +100,19 @@ class FinalizeRequest(BaseModel):
     absent: list[Annotated[str, Field(pattern=IDENTIFIER_PATTERN.pattern)]] = Field(
         default_factory=list
     )
+
+
+class PrivacyReport(BaseModel):
+    """A site's privacy accounting for one round, recorded in the audit log."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: "spent": the site trained and reports its cumulative epsilon.
+    #: "refused": the site rejected the round to stay within its budget.
+    status: Literal["spent", "refused"]
+    epsilon_spent: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    delta: float | None = Field(default=None, gt=0, lt=1)
+    message: str = Field(default="", max_length=500)
 
 
 def create_app(settings: ServiceSettings) -> FastAPI:
@@ -229,6 +244,30 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             "sha256": stored.sha256,
             "received_at": stored.received_at,
         }
+
+    @app.post(
+        "/v1/studies/{study}/rounds/{round_number}/privacy/{site}",
+        dependencies=[Depends(authenticated_site)],
+    )
+    def report_privacy(
+        study: StudyId, round_number: RoundNumber, site: SiteId, body: PrivacyReport
+    ) -> dict[str, Any]:
+        record = service.round(study, round_number)
+        if site not in record.sites:
+            raise Rejected(
+                403,
+                f"site {site!r} does not take part in round {round_number} of "
+                f"study {study!r}",
+            )
+        details = {
+            "study": study,
+            "round": round_number,
+            "epsilon_spent": body.epsilon_spent,
+            "delta": body.delta,
+            "message": body.message,
+        }
+        security.record(f"privacy.{body.status}", site, details)
+        return {"study": study, "round": round_number, "site": site, "recorded": True}
 
     @app.post(
         "/v1/studies/{study}/rounds/{round_number}/finalize",

@@ -127,6 +127,29 @@ class AggregationClient:
             content=envelope,
         )
 
+    def report_privacy(
+        self,
+        study: str,
+        round_number: int,
+        site: str,
+        *,
+        status: str,
+        epsilon_spent: float | None,
+        delta: float | None,
+        message: str = "",
+    ) -> dict[str, Any]:
+        """Send the site's privacy spent ("spent") or its refusal ("refused")."""
+        return self._json(
+            "POST",
+            f"/v1/studies/{study}/rounds/{round_number}/privacy/{site}",
+            json={
+                "status": status,
+                "epsilon_spent": epsilon_spent,
+                "delta": delta,
+                "message": message[:500],
+            },
+        )
+
     def finalize(
         self, study: str, round_number: int, *, absent: Sequence[str] = ()
     ) -> dict[str, Any]:

@@ -298,6 +298,28 @@ def test_no_certificate_rejected(service, kits) -> None:
     assert docs.status_code == 404
 
 
+def test_privacy_report_audited(service, kits) -> None:
+    with AggregationClient.with_kit(service["url"], kits["site-beta"]) as beta:
+        beta.report_privacy(
+            STUDY, 0, "beta", status="refused", epsilon_spent=0.98, delta=1e-3,
+            message="round 0 would spend epsilon 1.2, over the budget of 1.0",
+        )  # fmt: skip
+    with client(service["url"], kits["site-alpha"]) as alpha:
+        forged = alpha.post(
+            f"/v1/studies/{STUDY}/rounds/0/privacy/beta",
+            json={"status": "spent", "epsilon_spent": 0.1, "delta": 1e-3},
+        )
+    assert forged.status_code == 403
+    log = service["state_dir"] / "audit.jsonl"
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    refused = [e for e in entries if e["event"] == "privacy.refused"]
+    assert len(refused) == 1
+    assert refused[0]["actor"] == "beta"
+    assert refused[0]["details"]["epsilon_spent"] == 0.98
+    assert refused[0]["details"]["message"].startswith("round 0 would spend")
+    assert not any(e["event"] == "privacy.spent" for e in entries)
+
+
 def test_round_completes_and_audit_verifies(service, kits) -> None:
     """Runs last: honest uploads still go through after every attack above."""
     with client(service["url"], kits["site-alpha"]) as alpha:
