@@ -89,6 +89,8 @@ class TLSH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # asyncio calls connection_made once the TLS handshake has completed,
+        # so the peer certificate, if any, is verified and available here.
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             self.app = _TLSExtensionApp(self.app, _tls_extension(ssl_object))
