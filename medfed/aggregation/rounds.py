@@ -135,6 +135,22 @@ class RoundService:
             raise Rejected(404, f"study {study!r} not found; create it first")
         return StudySettings.from_json(record.settings)
 
+    def study_status(self, study: str) -> dict[str, Any]:
+        """Describe a study: its sites, latest model version and latest round."""
+        settings = self.settings(study)
+        latest_model = self.store.get_model(study, None)
+        latest_round = self.store.latest_round(study)
+        assert latest_model is not None
+        return {
+            "study": study,
+            "sites": settings.sites,
+            "strategy": settings.strategy,
+            "latest_version": latest_model.version,
+            "latest_round": None
+            if latest_round is None
+            else self.round_status(study, latest_round.round),
+        }
+
     def model(self, study: str, version: int | None) -> ModelVersion:
         self.settings(study)
         model = self.store.get_model(study, version)

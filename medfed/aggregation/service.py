@@ -3,6 +3,7 @@
 Routes, all under ``/v1/studies/{study}``:
 
 - ``POST ""``: create a study from a safetensors body of its initial model.
+- ``GET ""``: the study's sites, latest model version and latest round.
 - ``GET /models/{version}`` and ``GET /models/latest``: a global model as
   safetensors, with its version and SHA-256 in response headers.
 - ``POST /rounds/{round}``: open a round (sites, quorum, deadline).
@@ -156,6 +157,10 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             {"study": study, "version": model.version, "sha256": model.sha256},
         )
         return {"study": study, "version": model.version, "sha256": model.sha256}
+
+    @app.get("/v1/studies/{study}")
+    def study_status(study: StudyId) -> dict[str, Any]:
+        return service.study_status(study)
 
     @app.get("/v1/studies/{study}/models/latest")
     def latest_model(study: StudyId, actor: Participant) -> Response:
