@@ -43,7 +43,7 @@ class Rejected(Exception):
 
 @dataclass(frozen=True)
 class StudySettings:
-    """What the service needs to know about a study."""
+    """A study as the service stores it: its sites and strategy."""
 
     sites: list[str]
     strategy: str
@@ -341,7 +341,7 @@ class RoundService:
         """Aggregate a round into a new global model version, or abort it.
 
         The round closes when every site has uploaded, or every site that has
-        not is named in ``absent`` (the coordinator knows it will not upload),
+        not is named in ``absent`` (the coordinator has learned that it will not upload),
         or the deadline has passed. It then needs ``quorum`` uploads, else it
         is aborted and the previous global model stays current.
         """

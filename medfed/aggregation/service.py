@@ -65,7 +65,7 @@ RoundNumber = Annotated[int, PathParam(ge=0, le=1_000_000)]
 
 @dataclass(frozen=True)
 class ServiceSettings:
-    """Where the service keeps its state and what it accepts."""
+    """State folder and request limits of the service."""
 
     state_dir: Path
     max_upload_bytes: int = 64 * 1024 * 1024
@@ -97,7 +97,7 @@ class OpenRoundRequest(BaseModel):
 class FinalizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    #: Sites the coordinator knows will not upload (they failed or refused).
+    #: Sites that will not upload because they failed or rejected the round.
     absent: list[Annotated[str, Field(pattern=IDENTIFIER_PATTERN.pattern)]] = Field(
         default_factory=list
     )

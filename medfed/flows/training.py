@@ -1,8 +1,8 @@
 """The ``federated_training`` Prefect flow: rounds of site training and aggregation.
 
 Per round the flow opens the round on the aggregation service, runs every
-site's round as one Prefect task named after the site, asks the service to
-finalize (naming the sites that rejected the round or failed), runs each
+site's round as one Prefect task named after the site, requests that the
+service finalize (naming the sites that rejected the round or failed), runs each
 site's evaluation of the new global model, pools the aggregates and logs the
 round to MLflow. In local mode the site tasks run in this process, each with
 its own state folder; only the task launcher differs from a deployment.
