@@ -20,8 +20,9 @@ nothing. No route returns an individual upload.
 With an aggregation kit (deployment mode) every route but ``/health`` needs
 a client certificate from the study CA. The upload route accepts only the
 named site's certificate. The routes that create studies, open and finalize
-rounds accept only the coordinator's, and the others any participant's. Each upload's signature
-is checked against the site registry before its payload is decoded. Every
+rounds accept only the coordinator's, and the others any participant's. Each
+upload's signature is checked against the site registry before its payload is
+decoded. Every
 decision that matters to an audit (uploads accepted or rejected, rounds
 opened, finalized or aborted, model versions registered and downloaded) is
 appended to the hash-chained audit log in the state directory.
@@ -158,7 +159,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         )
         return {"study": study, "version": model.version, "sha256": model.sha256}
 
-    @app.get("/v1/studies/{study}")
+    @app.get("/v1/studies/{study}", dependencies=[Depends(authenticated_participant)])
     def study_status(study: StudyId) -> dict[str, Any]:
         return service.study_status(study)
 

@@ -421,3 +421,31 @@ def test_aborted_round_audited(service, kits) -> None:
     assert last["details"]["round"] == 1
     assert "fewer than its quorum of 2" in last["details"]["reason"]
     assert verify(log).ok
+
+
+def test_every_route_authenticates(service) -> None:
+    """A route added later without an authentication dependency fails here."""
+    from fastapi.routing import APIRoute
+
+    from medfed.aggregation.tls import (
+        authenticated_coordinator,
+        authenticated_participant,
+        authenticated_site,
+    )
+
+    checks = {authenticated_coordinator, authenticated_participant, authenticated_site}
+
+    def calls(dependant) -> set:
+        found = {dependant.call}
+        for child in dependant.dependencies:
+            found |= calls(child)
+        return found
+
+    unprotected = [
+        route.path
+        for route in service["app"].routes
+        if isinstance(route, APIRoute)
+        and route.path != "/health"
+        and not calls(route.dependant) & checks
+    ]
+    assert unprotected == []
