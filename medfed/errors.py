@@ -6,6 +6,7 @@ so every message must say what is wrong, on which value, and what to do.
 
 __all__ = [
     "AggregationError",
+    "AuditLogError",
     "BudgetExceededError",
     "ConfigError",
     "DataError",
@@ -13,6 +14,7 @@ __all__ = [
     "MedfedError",
     "QuorumError",
     "ServiceError",
+    "SignatureError",
 ]
 
 
@@ -38,6 +40,10 @@ class EnvelopeError(MedfedError, ValueError):
     """An update envelope is malformed, oversized or inconsistent."""
 
     exit_code = 4
+
+
+class SignatureError(EnvelopeError):
+    """An envelope's signature is missing, unknown or does not verify."""
 
 
 class BudgetExceededError(MedfedError):
@@ -66,3 +72,9 @@ class QuorumError(AggregationError):
     """Fewer sites answered than the round's quorum requires."""
 
     exit_code = 8
+
+
+class AuditLogError(MedfedError):
+    """The audit log cannot be read or appended, or its hash chain is broken."""
+
+    exit_code = 9

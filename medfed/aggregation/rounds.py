@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +22,8 @@ from safetensors.numpy import save as save_safetensors
 from medfed.aggregation.store import ModelVersion, RoundRecord, Store, StoredUpload
 from medfed.aggregation.strategies import SiteUpdate, get_strategy
 from medfed.contract.ids import IDENTIFIER_PATTERN
-from medfed.contract.wire import EnvelopeLimits, decode_envelope
-from medfed.errors import AggregationError, ConfigError, EnvelopeError
+from medfed.contract.wire import EnvelopeHeader, EnvelopeLimits, decode_envelope
+from medfed.errors import AggregationError, ConfigError, EnvelopeError, SignatureError
 
 __all__ = ["Rejected", "RoundService", "StudySettings"]
 
@@ -79,9 +79,18 @@ class StudySettings:
 class RoundService:
     """Studies, rounds, uploads and aggregation on top of a ``Store``."""
 
-    def __init__(self, store: Store, limits: EnvelopeLimits | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        limits: EnvelopeLimits | None = None,
+        *,
+        verify_signature: Callable[[EnvelopeHeader], None] | None = None,
+    ) -> None:
         self.store = store
         self.limits = limits or EnvelopeLimits()
+        # Called on each new upload's header before its payload is decoded;
+        # None (local mode) accepts unsigned envelopes.
+        self.verify_signature = verify_signature
 
     # Studies
 
@@ -294,7 +303,11 @@ class RoundService:
 
     def _decode(self, body: bytes) -> Any:
         try:
-            return decode_envelope(body, self.limits)
+            return decode_envelope(
+                body, self.limits, verify_signature=self.verify_signature
+            )
+        except SignatureError as error:
+            raise Rejected(403, f"invalid update envelope: {error}") from None
         except (EnvelopeError, ConfigError) as error:
             raise Rejected(400, f"invalid update envelope: {error}") from None
 

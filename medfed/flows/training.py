@@ -491,6 +491,7 @@ def run_study(
         with LocalAggregationService(
             work_dir / "aggregation",
             max_upload_bytes=config.aggregation.max_upload_bytes,
+            max_concurrency=config.aggregation.max_concurrency,
         ) as service:
             return federated_training(
                 config, config_text, str(work_dir), service.url, resume

@@ -163,6 +163,15 @@ class SiteRunner:
             except BudgetExceededError as error:
                 ledger.save(self.ledger_path)
                 logger.warning("%s", error)
+                client.report_privacy(
+                    self.config.study,
+                    round_number,
+                    self.site_id,
+                    status="refused",
+                    epsilon_spent=ledger.epsilon_spent(),
+                    delta=ledger.delta,
+                    message=str(error),
+                )
                 return SiteRoundReport(
                     site=self.site_id,
                     round=round_number,
@@ -205,6 +214,15 @@ class SiteRunner:
             nonce=secrets.token_hex(16),
         )
         receipt = client.upload(self.config.study, round_number, self.site_id, envelope)
+        if ledger is not None:
+            client.report_privacy(
+                self.config.study,
+                round_number,
+                self.site_id,
+                status="spent",
+                epsilon_spent=epsilon,
+                delta=ledger.delta,
+            )
         return SiteRoundReport(
             site=self.site_id,
             round=round_number,
