@@ -8,6 +8,7 @@ updates, sample counts, aggregate metrics and privacy spent leave the site.
 import hashlib
 import json
 import logging
+import os
 import secrets
 import zlib
 from dataclasses import asdict, dataclass
@@ -19,8 +20,10 @@ import torch
 from safetensors.numpy import save as save_safetensors
 
 from medfed.contract.config import StudyConfig
+from medfed.contract.kits import KitFiles
 from medfed.contract.metrics import EvaluationAggregates
 from medfed.contract.models import build_model
+from medfed.contract.signing import Ed25519Signer
 from medfed.contract.wire import encode_envelope
 from medfed.errors import BudgetExceededError
 from medfed.sites.client import AggregationClient
@@ -34,7 +37,7 @@ from medfed.sites.training import (
     train_locally,
 )
 
-__all__ = ["SiteRoundReport", "SiteRunner", "initial_model_weights"]
+__all__ = ["SiteRoundReport", "SiteRunner", "connect_site", "initial_model_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +61,26 @@ class SiteRoundReport:
         return asdict(self)
 
 
+KIT_ENV_VAR = "MEDFED_KIT_DIR"
+
+
+def connect_site(
+    aggregation_url: str,
+) -> tuple[AggregationClient, Ed25519Signer | None]:
+    """Open this site's connection to the aggregation service.
+
+    When ``MEDFED_KIT_DIR`` names the site's startup kit (deployment mode),
+    the client authenticates with the kit's certificate and uploads are
+    signed with its key; otherwise (local mode) both are plain.
+    """
+    kit = os.environ.get(KIT_ENV_VAR)
+    if not kit:
+        return AggregationClient(aggregation_url), None
+    kit_dir = Path(kit)
+    signer = Ed25519Signer.from_file(kit_dir / KitFiles.SIGNING_KEY)
+    return AggregationClient.with_kit(aggregation_url, kit_dir), signer
+
+
 def initial_model_weights(config: StudyConfig) -> dict[str, np.ndarray]:
     """Build the study's model with the study seed and return its weights."""
     torch.manual_seed(config.training.seed)
@@ -76,6 +99,8 @@ class SiteRunner:
         state_dir: the site's private folder; nothing in it leaves the site.
         data_root: the site's data folder; resolved as documented in
             ``medfed.sites.data.root`` when None.
+        signer: signs every upload with the site's Ed25519 key from its
+            startup kit; None sends unsigned envelopes (local mode).
     """
 
     def __init__(
@@ -84,11 +109,13 @@ class SiteRunner:
         site_id: str,
         state_dir: Path,
         data_root: Path | None = None,
+        signer: Ed25519Signer | None = None,
     ) -> None:
         if site_id not in {site.id for site in config.sites}:
             raise ValueError(f"site {site_id!r} is not part of study {config.study!r}")
         self.config = config
         self.site_id = site_id
+        self.signer = signer
         self.study_dir = state_dir / "studies" / config.study
         self.data_dir = self.study_dir / "data"
         self.ledger_path = self.study_dir / "privacy-ledger.json"
@@ -212,6 +239,7 @@ class SiteRunner:
             site=self.site_id,
             sample_count=records,
             nonce=secrets.token_hex(16),
+            signer=self.signer,
         )
         receipt = client.upload(self.config.study, round_number, self.site_id, envelope)
         if ledger is not None:
