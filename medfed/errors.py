@@ -6,6 +6,7 @@ so every message must say what is wrong, on which value, and what to do.
 
 __all__ = [
     "AggregationError",
+    "AuditLogError",
     "BudgetExceededError",
     "ConfigError",
     "DataError",
@@ -14,6 +15,7 @@ __all__ = [
     "QuorumError",
     "SecureAggregationError",
     "ServiceError",
+    "SignatureError",
 ]
 
 
@@ -39,6 +41,10 @@ class EnvelopeError(MedfedError, ValueError):
     """An update envelope is malformed, oversized or inconsistent."""
 
     exit_code = 4
+
+
+class SignatureError(EnvelopeError):
+    """An envelope's signature is missing, unknown or does not verify."""
 
 
 class BudgetExceededError(MedfedError):
@@ -78,3 +84,9 @@ class SecureAggregationError(AggregationError):
     """
 
     exit_code = 10
+
+
+class AuditLogError(MedfedError):
+    """The audit log cannot be read or appended, or its hash chain is broken."""
+
+    exit_code = 9

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,12 +31,13 @@ from medfed.aggregation.store import ModelVersion, RoundRecord, Store, StoredUpl
 from medfed.aggregation.strategies import SiteUpdate, get_strategy
 from medfed.contract.ids import IDENTIFIER_PATTERN
 from medfed.contract.secagg.config import SecureAggregationConfig
-from medfed.contract.wire import EnvelopeLimits, decode_envelope
+from medfed.contract.wire import EnvelopeHeader, EnvelopeLimits, decode_envelope
 from medfed.errors import (
     AggregationError,
     ConfigError,
     EnvelopeError,
     SecureAggregationError,
+    SignatureError,
 )
 
 __all__ = ["Rejected", "RoundService", "StudySettings"]
@@ -57,7 +58,7 @@ class Rejected(Exception):
 
 @dataclass(frozen=True)
 class StudySettings:
-    """What the service needs to know about a study."""
+    """A study as the service stores it: its sites and strategy."""
 
     sites: list[str]
     strategy: str
@@ -106,11 +107,20 @@ class StudySettings:
 class RoundService:
     """Studies, rounds, uploads and aggregation on top of a ``Store``."""
 
-    def __init__(self, store: Store, limits: EnvelopeLimits | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        limits: EnvelopeLimits | None = None,
+        *,
+        verify_signature: Callable[[EnvelopeHeader], None] | None = None,
+    ) -> None:
         self.store = store
         self.limits = limits or EnvelopeLimits()
         #: Masking rounds of studies with ``secure_aggregation: masking``.
         self.masking = MaskingRounds(self.limits)
+        # Called on each new upload's header before its payload is decoded;
+        # None (local mode) accepts unsigned envelopes.
+        self.verify_signature = verify_signature
 
     # Studies
 
@@ -154,6 +164,22 @@ class RoundService:
         if record is None:
             raise Rejected(404, f"study {study!r} not found; create it first")
         return StudySettings.from_json(record.settings)
+
+    def study_status(self, study: str) -> dict[str, Any]:
+        """Describe a study: its sites, latest model version and latest round."""
+        settings = self.settings(study)
+        latest_model = self.store.get_model(study, None)
+        latest_round = self.store.latest_round(study)
+        assert latest_model is not None
+        return {
+            "study": study,
+            "sites": settings.sites,
+            "strategy": settings.strategy,
+            "latest_version": latest_model.version,
+            "latest_round": None
+            if latest_round is None
+            else self.round_status(study, latest_round.round),
+        }
 
     def model(self, study: str, version: int | None) -> ModelVersion:
         self.settings(study)
@@ -335,7 +361,11 @@ class RoundService:
 
     def _decode(self, body: bytes) -> Any:
         try:
-            return decode_envelope(body, self.limits)
+            return decode_envelope(
+                body, self.limits, verify_signature=self.verify_signature
+            )
+        except SignatureError as error:
+            raise Rejected(403, f"invalid update envelope: {error}") from None
         except (EnvelopeError, ConfigError) as error:
             raise Rejected(400, f"invalid update envelope: {error}") from None
 
@@ -369,7 +399,7 @@ class RoundService:
         """Aggregate a round into a new global model version, or abort it.
 
         The round closes when every site has uploaded, or every site that has
-        not is named in ``absent`` (the coordinator knows it will not upload),
+        not is named in ``absent`` (the coordinator has learned that it will not upload),
         or the deadline has passed. It then needs ``quorum`` uploads, else it
         is aborted and the previous global model stays current.
         """

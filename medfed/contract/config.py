@@ -113,6 +113,15 @@ class AggregationConfig(_Strict):
     #: starts one on 127.0.0.1.
     url: str | None = None
     max_upload_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    #: DNS names and IP addresses, besides 127.0.0.1 and localhost, that the
+    #: service's TLS certificate from ``medfed provision`` is valid for.
+    hostnames: list[str] = Field(default_factory=list, max_length=64)
+    #: Sustained requests per second allowed per site in deployment mode.
+    rate_per_second: float = Field(default=20.0, gt=0, allow_inf_nan=False)
+    #: Requests a site may send at once after being idle, in deployment mode.
+    rate_burst: int = Field(default=50, ge=1)
+    #: Concurrent connections and tasks before the service responds with 503.
+    max_concurrency: int = Field(default=256, ge=1)
 
 
 class EvaluationConfig(_Strict):

@@ -47,8 +47,6 @@ __all__ = [
 MAGIC = b"MFED"
 FORMAT_VERSION = 1
 _PREFIX = struct.Struct(">4sBI")
-_ALLOWED_DTYPES = {"float32", "float16", "int8", "int16", "int32", "int64", "uint32"}
-_ALLOWED_DTYPE_ITEMSIZE = {name: np.dtype(name).itemsize for name in _ALLOWED_DTYPES}
 
 
 class TensorInfo(BaseModel):
@@ -325,22 +323,34 @@ def _decompress(
 ) -> bytes:
     if header.compression == "none":
         return bytes(payload)
+    limit = header.uncompressed_length
+    # ZstdDecompressor.decompress allocates the content size a frame header
+    # announces and ignores max_output_size then, so a small bomb could make
+    # it allocate gigabytes. Reading through a stream stops one byte past the
+    # declared length instead.
+    chunks = []
+    size = 0
     try:
-        # max_output_size caps the allocation at the declared size, so a
-        # zstd bomb cannot make the decoder allocate more than it announced.
-        raw = zstandard.ZstdDecompressor().decompress(
-            bytes(payload), max_output_size=header.uncompressed_length
-        )
+        with zstandard.ZstdDecompressor().stream_reader(
+            payload, read_across_frames=True
+        ) as reader:
+            while size <= limit:
+                chunk = reader.read(min(1 << 20, limit + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
     except zstandard.ZstdError as error:
         raise EnvelopeError(
             f"envelope payload failed zstd decompression: {error}"
         ) from None
-    if len(raw) != header.uncompressed_length:
+    if size != limit:
+        actual = f"more than {limit}" if size > limit else str(size)
         raise EnvelopeError(
-            f"envelope uncompressed_length is {header.uncompressed_length} but the "
-            f"payload decompresses to {len(raw)} bytes"
+            f"envelope uncompressed_length is {limit} but the payload decompresses "
+            f"to {actual} bytes"
         )
-    return raw
+    return b"".join(chunks)
 
 
 def _describe(error: ValidationError) -> str:

@@ -8,6 +8,7 @@ updates, sample counts, aggregate metrics and privacy spent leave the site.
 import hashlib
 import json
 import logging
+import os
 import secrets
 import zlib
 from dataclasses import asdict, dataclass
@@ -19,9 +20,11 @@ import torch
 from safetensors.numpy import save as save_safetensors
 
 from medfed.contract.config import StudyConfig
+from medfed.contract.kits import KitFiles
 from medfed.contract.metrics import EvaluationAggregates
 from medfed.contract.models import build_model
 from medfed.contract.secagg import MaskingSite
+from medfed.contract.signing import Ed25519Signer
 from medfed.contract.wire import encode_envelope
 from medfed.errors import BudgetExceededError
 from medfed.sites.client import AggregationClient
@@ -36,7 +39,7 @@ from medfed.sites.training import (
     train_locally,
 )
 
-__all__ = ["SiteRoundReport", "SiteRunner", "initial_model_weights"]
+__all__ = ["SiteRoundReport", "SiteRunner", "connect_site", "initial_model_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +63,26 @@ class SiteRoundReport:
         return asdict(self)
 
 
+KIT_ENV_VAR = "MEDFED_KIT_DIR"
+
+
+def connect_site(
+    aggregation_url: str,
+) -> tuple[AggregationClient, Ed25519Signer | None]:
+    """Open this site's connection to the aggregation service.
+
+    When ``MEDFED_KIT_DIR`` names the site's startup kit (deployment mode),
+    the client authenticates with the kit's certificate and uploads are
+    signed with its key; otherwise (local mode) both are plain.
+    """
+    kit = os.environ.get(KIT_ENV_VAR)
+    if not kit:
+        return AggregationClient(aggregation_url), None
+    kit_dir = Path(kit)
+    signer = Ed25519Signer.from_file(kit_dir / KitFiles.SIGNING_KEY)
+    return AggregationClient.with_kit(aggregation_url, kit_dir), signer
+
+
 def initial_model_weights(config: StudyConfig) -> dict[str, np.ndarray]:
     """Build the study's model with the study seed and return its weights."""
     torch.manual_seed(config.training.seed)
@@ -78,6 +101,8 @@ class SiteRunner:
         state_dir: the site's private folder; nothing in it leaves the site.
         data_root: the site's data folder; resolved as documented in
             ``medfed.sites.data.root`` when None.
+        signer: signs every upload with the site's Ed25519 key from its
+            startup kit; None sends unsigned envelopes (local mode).
     """
 
     def __init__(
@@ -86,11 +111,13 @@ class SiteRunner:
         site_id: str,
         state_dir: Path,
         data_root: Path | None = None,
+        signer: Ed25519Signer | None = None,
     ) -> None:
         if site_id not in {site.id for site in config.sites}:
             raise ValueError(f"site {site_id!r} is not part of study {config.study!r}")
         self.config = config
         self.site_id = site_id
+        self.signer = signer
         self.study_dir = state_dir / "studies" / config.study
         self.data_dir = self.study_dir / "data"
         self.ledger_path = self.study_dir / "privacy-ledger.json"
@@ -167,6 +194,15 @@ class SiteRunner:
             except BudgetExceededError as error:
                 ledger.save(self.ledger_path)
                 logger.warning("%s", error)
+                client.report_privacy(
+                    self.config.study,
+                    round_number,
+                    self.site_id,
+                    status="refused",
+                    epsilon_spent=ledger.epsilon_spent(),
+                    delta=ledger.delta,
+                    message=str(error),
+                )
                 return SiteRoundReport(
                     site=self.site_id,
                     round=round_number,
@@ -212,9 +248,19 @@ class SiteRunner:
                 site=self.site_id,
                 sample_count=records,
                 nonce=secrets.token_hex(16),
+                signer=self.signer,
             )
             receipt = client.upload(
                 self.config.study, round_number, self.site_id, envelope
+            )
+        if ledger is not None:
+            client.report_privacy(
+                self.config.study,
+                round_number,
+                self.site_id,
+                status="spent",
+                epsilon_spent=epsilon,
+                delta=ledger.delta,
             )
         return SiteRoundReport(
             site=self.site_id,
@@ -270,7 +316,7 @@ class SiteRunner:
                 self.config.study, round_number, self.site_id, envelope
             )
 
-        masking_client = MaskingClient(client.base_url)
+        masking_client = MaskingClient(client.base_url, http_client=client.http_client)
         try:
             masking_client.run_round(
                 site,
@@ -278,6 +324,7 @@ class SiteRunner:
                 sample_count=records,
                 wait_seconds=self.config.round.deadline_seconds,
                 upload=upload,
+                signer=self.signer,
             )
         finally:
             masking_client.close()

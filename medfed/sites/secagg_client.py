@@ -55,12 +55,15 @@ class MaskingClient:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.poll_interval = poll_interval
+        self._owns_http = http_client is None
         self._http = http_client or httpx.Client(
             base_url=self.base_url, timeout=timeout
         )
 
     def close(self) -> None:
-        self._http.close()
+        """Close the HTTP client, unless the caller passed it in."""
+        if self._owns_http:
+            self._http.close()
 
     def run_round(
         self,
@@ -70,6 +73,7 @@ class MaskingClient:
         sample_count: int,
         wait_seconds: float,
         upload: Callable[[bytes], object] | None = None,
+        signer: Any = None,
     ) -> None:
         """Take part in ``site``'s round from advertising to revealing shares.
 
@@ -80,6 +84,8 @@ class MaskingClient:
             wait_seconds: how long to wait, in total, for the other sites.
             upload: sends the masked envelope, for a service that takes it on
                 its own upload route; when None it goes to ``PUT /masked``.
+            signer: signs the masked envelope (``key_id`` and
+                ``sign(bytes) -> str``, as ``encode_envelope`` takes), or None.
 
         Raises:
             ServiceError: a request failed or the round did not advance in
@@ -113,6 +119,7 @@ class MaskingClient:
                 "ring_bits": site.encoding.ring_bits,
                 "fractional_bits": site.encoding.fractional_bits,
             },
+            signer=signer,
         )
         if upload is None:
             self._send("PUT", f"{prefix}/masked/{site.site}", content=envelope)
