@@ -20,7 +20,7 @@ import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 import zstandard
@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 MAGIC = b"MFED"
-FORMAT_VERSION = 1
+FORMAT_VERSION: Final = 1
 _PREFIX = struct.Struct(">4sBI")
 _ALLOWED_DTYPES = {"float32", "float16", "int8", "int16", "int32", "int64", "uint32"}
 _ALLOWED_DTYPE_ITEMSIZE = {name: np.dtype(name).itemsize for name in _ALLOWED_DTYPES}
@@ -160,8 +160,9 @@ def encode_envelope(
     """
     codec = get_codec(codec_name, codec_params)
     arrays = codec.encode(update)
+    # np.asarray keeps 0-d arrays 0-d, where np.ascontiguousarray makes them 1-d.
     raw = save_safetensors(
-        {key: np.ascontiguousarray(value) for key, value in arrays.items()}
+        {key: np.asarray(value, order="C") for key, value in arrays.items()}
     )
     payload = (
         zstandard.ZstdCompressor(level=3).compress(raw)
