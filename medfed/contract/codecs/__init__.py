@@ -1,6 +1,34 @@
-"""Update codecs, registered by name (see ``base.Codec``)."""
+"""Update codecs, registered by name (see ``base.Codec``).
 
-from medfed.contract.codecs import fp32
-from medfed.contract.codecs.base import CODECS, Codec, TensorSpec, get_codec
+Built in: ``fp32`` (lossless), ``fp16``, ``int8`` (stochastic rounding),
+``topk`` and ``randk`` (sparsification). ``check_codec_compatibility`` says
+which of them compose with each secure aggregation mode.
+"""
 
-__all__ = ["CODECS", "Codec", "TensorSpec", "fp32", "get_codec"]
+from medfed.contract.codecs import fp16, fp32, int8, randk, topk
+from medfed.contract.codecs.base import (
+    CODECS,
+    Codec,
+    Encoder,
+    TensorSpec,
+    get_codec,
+)
+from medfed.contract.codecs.compatibility import (
+    SECURE_AGGREGATION_MODES,
+    check_codec_compatibility,
+)
+
+__all__ = [
+    "CODECS",
+    "SECURE_AGGREGATION_MODES",
+    "Codec",
+    "Encoder",
+    "TensorSpec",
+    "check_codec_compatibility",
+    "fp16",
+    "fp32",
+    "get_codec",
+    "int8",
+    "randk",
+    "topk",
+]
