@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-from medfed.contract.codecs import TensorSpec, get_codec
+from medfed.contract.codecs import Encoder, TensorSpec, get_codec
 from medfed.contract.ids import IDENTIFIER_PATTERN
 from medfed.errors import ConfigError, EnvelopeError
 
@@ -151,14 +151,19 @@ def encode_envelope(
     codec_params: Mapping[str, Any] | None = None,
     compression: Literal["none", "zstd"] = "none",
     signer: Any = None,
+    codec: Encoder | None = None,
 ) -> bytes:
     """Encode ``update`` (tensor name to float32 array) as an envelope.
 
     Args:
         signer: an object with ``key_id`` and ``sign(bytes) -> str`` (base64),
             or None for an unsigned envelope.
+        codec: a codec already built, or a wrapper around one such as the
+            site's error feedback; when given, ``codec_name`` and
+            ``codec_params`` are ignored.
     """
-    codec = get_codec(codec_name, codec_params)
+    if codec is None:
+        codec = get_codec(codec_name, codec_params)
     arrays = codec.encode(update)
     # np.asarray keeps 0-d arrays 0-d, where np.ascontiguousarray makes them 1-d.
     raw = save_safetensors(
@@ -174,6 +179,7 @@ def encode_envelope(
         round=round_number,
         site=site,
         nonce=nonce,
+        # Read after encode: randk records the seed it drew while encoding.
         codec=CodecInfo(name=codec.name, params=codec.params),
         compression=compression,
         tensors=[
