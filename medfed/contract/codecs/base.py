@@ -104,18 +104,23 @@ def get_codec(name: str, params: Mapping[str, Any] | None = None) -> Codec:
             f"unknown codec {name!r}: choose one of {', '.join(sorted(CODECS))}"
         )
     cls = CODECS[name]
-    accepted = [
-        parameter.name
+    keyword_only = [
+        parameter
         for parameter in inspect.signature(cls).parameters.values()
         if parameter.kind is inspect.Parameter.KEYWORD_ONLY
     ]
-    for key in params or {}:
+    accepted = [parameter.name for parameter in keyword_only]
+    given = dict(params or {})
+    for key in given:
         if key not in accepted:
             raise ConfigError(
                 f"codec {name!r} has no parameter {key!r}: its parameters are "
                 f"{', '.join(accepted) or 'none'}"
             )
-    return cls(**dict(params or {}))
+    for parameter in keyword_only:
+        if parameter.default is inspect.Parameter.empty and parameter.name not in given:
+            raise ConfigError(f"codec {name!r} requires parameter {parameter.name}")
+    return cls(**given)
 
 
 def require_keys(payload: Mapping[str, np.ndarray], expected: Iterable[str]) -> None:
