@@ -331,10 +331,21 @@ def _decompress(
     if header.compression == "none":
         return bytes(payload)
     try:
-        # max_output_size caps the allocation at the declared size, so a
-        # zstd bomb cannot make the decoder allocate more than it announced.
+        # decompress() allocates the content size written in the frame
+        # header and uses max_output_size only when the frame omits it, so
+        # a frame declaring more than uncompressed_length (a zstd bomb) is
+        # rejected before decompressing. Trailing bytes after the frame are
+        # rejected as well.
+        frame_size = zstandard.frame_content_size(payload)
+        if frame_size not in (-1, header.uncompressed_length):
+            raise EnvelopeError(
+                f"envelope uncompressed_length is {header.uncompressed_length} "
+                f"but the zstd frame declares {frame_size} bytes"
+            )
         raw = zstandard.ZstdDecompressor().decompress(
-            bytes(payload), max_output_size=header.uncompressed_length
+            payload,
+            max_output_size=header.uncompressed_length,
+            allow_extra_data=False,
         )
     except zstandard.ZstdError as error:
         raise EnvelopeError(
