@@ -274,15 +274,19 @@ def decode_envelope(
     header, payload = read_header(data, limits)
     if verify_signature is not None:
         verify_signature(header)
+    try:
+        codec = get_codec(header.codec.name, header.codec.params)
+    except ConfigError as error:
+        raise EnvelopeError(f"invalid envelope codec: {error}") from None
     raw = _decompress(header, payload, limits)
     try:
         arrays = load_safetensors(raw)
-    except (SafetensorError, ValueError, TypeError) as error:
+    # safetensors raises KeyError for dtypes NumPy lacks (BF16, F8_*).
+    except (SafetensorError, ValueError, TypeError, KeyError) as error:
         raise EnvelopeError(
             f"envelope payload is not a valid safetensors file: {error}"
         ) from None
 
-    codec = get_codec(header.codec.name, header.codec.params)
     tensors = codec.decode(arrays, header.tensor_specs())
     for name, value in tensors.items():
         if not np.isfinite(value).all():
