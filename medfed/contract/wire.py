@@ -303,6 +303,14 @@ def _check_header_limits(header: EnvelopeHeader, limits: EnvelopeLimits) -> None
     names = [tensor.name for tensor in header.tensors]
     if len(set(names)) != len(names):
         raise EnvelopeError("envelope tensors list names a tensor twice")
+    for tensor in header.tensors:
+        # A zero-size dimension makes the product 0, so each dimension is
+        # bounded on its own before anything builds an array of that shape.
+        if any(size > limits.max_elements for size in tensor.shape):
+            raise EnvelopeError(
+                f"envelope tensor {tensor.name!r} has shape {tensor.shape} with a "
+                f"dimension above the limit of {limits.max_elements} elements"
+            )
     elements = sum(math.prod(tensor.shape) for tensor in header.tensors)
     if elements > limits.max_elements:
         raise EnvelopeError(
