@@ -131,7 +131,9 @@ def test_topk_keeps_largest_values(value_dtype, fraction, update):
         indices = payload[f"{key}.indices"]
         kept = np.zeros(flat.size, dtype=bool)
         kept[indices] = True
-        expected_count = 0 if flat.size == 0 else max(1, math.floor(fraction * flat.size + 0.5))
+        expected_count = (
+            0 if flat.size == 0 else max(1, math.floor(fraction * flat.size + 0.5))
+        )
         assert indices.size == min(expected_count, flat.size)
         assert indices.dtype == np.int32
         assert (decoded[key].reshape(-1)[~kept] == 0).all()
@@ -247,16 +249,40 @@ INVALID_PARAMS = [
     ("int8", {"scale": float("nan")}, "parameter scale must be greater than 0.0"),
     ("int8", {"scale": "big"}, "parameter scale must be a number, got 'big'"),
     ("int8", {"scale": 1e-50}, "scale must be representable as a positive float32"),
-    ("int8", {"scale": 0.1, "chunk_size": 8}, "chunk_size and scale exclude each other"),
+    (
+        "int8",
+        {"scale": 0.1, "chunk_size": 8},
+        "chunk_size and scale exclude each other",
+    ),
     ("int8", {"seed": -3}, "parameter seed must be between 0 and"),
     ("int8", {"bits": 4}, "codec 'int8' has no parameter 'bits'"),
     ("topk", {}, "codec 'topk' requires parameter fraction"),
-    ("topk", {"fraction": 0}, "parameter fraction must be greater than 0.0 and at most 1.0, got 0"),
-    ("topk", {"fraction": 1.5}, "parameter fraction must be greater than 0.0 and at most 1.0, got 1.5"),
-    ("topk", {"fraction": 0.1, "value_dtype": "int8"}, "value_dtype must be one of float32, float16, got 'int8'"),
+    (
+        "topk",
+        {"fraction": 0},
+        "parameter fraction must be greater than 0.0 and at most 1.0, got 0",
+    ),
+    (
+        "topk",
+        {"fraction": 1.5},
+        "parameter fraction must be greater than 0.0 and at most 1.0, got 1.5",
+    ),
+    (
+        "topk",
+        {"fraction": 0.1, "value_dtype": "int8"},
+        "value_dtype must be one of float32, float16, got 'int8'",
+    ),
     ("randk", {"fraction": 0.1, "seed": 2**63}, "parameter seed must be between 0 and"),
-    ("randk", {"fraction": 0.1, "rescale": 1}, "parameter rescale must be true or false, got 1"),
-    ("fp16", {"scale": 1}, "codec 'fp16' has no parameter 'scale': its parameters are none"),
+    (
+        "randk",
+        {"fraction": 0.1, "rescale": 1},
+        "parameter rescale must be true or false, got 1",
+    ),
+    (
+        "fp16",
+        {"scale": 1},
+        "codec 'fp16' has no parameter 'scale': its parameters are none",
+    ),
     ("gzip", {}, "unknown codec 'gzip': choose one of"),
 ]
 

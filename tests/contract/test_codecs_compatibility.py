@@ -19,8 +19,18 @@ ACCEPTED = [
 REJECTED = [
     ("topk", "masking", {"fraction": 0.1}, "a mask is non-zero on every coordinate"),
     ("topk", "masking", {"fraction": 0.1}, "the sum of their sparse supports is wrong"),
-    ("randk", "masking", {"fraction": 0.1}, "choose codec int8 with a shared params.scale"),
-    ("int8", "masking", {}, "per-tensor or per-chunk scales come from each site's data"),
+    (
+        "randk",
+        "masking",
+        {"fraction": 0.1},
+        "choose codec int8 with a shared params.scale",
+    ),
+    (
+        "int8",
+        "masking",
+        {},
+        "per-tensor or per-chunk scales come from each site's data",
+    ),
     ("int8", "masking", {"chunk_size": 64}, "set params.scale"),
     ("fp16", "masking", {}, "cannot be summed in the masking ring"),
     ("int8", "ckks", {"scale": 0.01}, "quantizing adds error and saves nothing"),

@@ -70,7 +70,9 @@ def test_decode_rejects_wrong_dtype(name, params):
 
 def test_decode_rejects_header_shape_mismatch():
     codec, payload = encoded("int8", {})
-    with pytest.raises(EnvelopeError, match=r"'w.q' has shape \[4, 5\], expected \[5, 4\]"):
+    with pytest.raises(
+        EnvelopeError, match=r"'w.q' has shape \[4, 5\], expected \[5, 4\]"
+    ):
         codec.decode(payload, [("w", (5, 4), "float32")])
 
 
@@ -78,7 +80,9 @@ def test_topk_rejects_index_out_of_range():
     codec, payload = encoded("topk", {"fraction": 0.25})
     payload["w.indices"] = payload["w.indices"].copy()
     payload["w.indices"][0] = 20
-    with pytest.raises(EnvelopeError, match=r"'w.indices' holds an index outside \[0, 20\)"):
+    with pytest.raises(
+        EnvelopeError, match=r"'w.indices' holds an index outside \[0, 20\)"
+    ):
         codec.decode(payload, SPECS)
 
 
@@ -111,12 +115,16 @@ def test_int8_rejects_bad_scale(bad_scale):
     codec, payload = encoded("int8", {"chunk_size": 3})
     payload["w.scale"] = payload["w.scale"].copy()
     payload["w.scale"][2] = bad_scale
-    with pytest.raises(EnvelopeError, match=r"'w.scale' holds a negative, NaN or infinite"):
+    with pytest.raises(
+        EnvelopeError, match=r"'w.scale' holds a negative, NaN or infinite"
+    ):
         codec.decode(payload, SPECS)
 
 
 def test_int8_scale_count_follows_chunk_size():
-    codec, payload = encoded("int8", {"chunk_size": 3})
+    _, payload = encoded("int8", {"chunk_size": 3})
     assert payload["w.scale"].shape == (7,)
-    with pytest.raises(EnvelopeError, match=r"'w.scale' has shape \[7\], expected \[4\]"):
+    with pytest.raises(
+        EnvelopeError, match=r"'w.scale' has shape \[7\], expected \[4\]"
+    ):
         get_codec("int8", {"chunk_size": 5}).decode(payload, SPECS)

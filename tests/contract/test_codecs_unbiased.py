@@ -15,9 +15,12 @@ TRIALS = 2000
 # Values sitting 0.3 and 0.7 of a step between integers: rounding to nearest
 # would be off by 0.3 of a step on each, 13 standard errors at this count.
 STEP = 1.0 / 127
-VALUES = np.array(
-    [0.3, 0.7, -0.3, -0.7, 10.3, -55.7, 100.5, 126.9, 127.0, 0.0], dtype=np.float64
-) * STEP
+VALUES = (
+    np.array(
+        [0.3, 0.7, -0.3, -0.7, 10.3, -55.7, 100.5, 126.9, 127.0, 0.0], dtype=np.float64
+    )
+    * STEP
+)
 
 
 def test_int8_stochastic_rounding_unbiased():

@@ -38,10 +38,15 @@ def bits(array):
 @pytest.mark.parametrize(("name", "params"), LOSSY)
 @given(first=tensors, second_scale=st.floats(-2, 2))
 @settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_residual_carried_bit_exactly(tmp_path_factory, name, params, first, second_scale):
+def test_residual_carried_bit_exactly(
+    tmp_path_factory, name, params, first, second_scale
+):
     state_dir = tmp_path_factory.mktemp("site")
     feedback = ErrorFeedback(get_codec(name, params), state_dir=state_dir)
-    updates = [{"w": first}, {"w": (first * np.float32(second_scale)).astype(np.float32)}]
+    updates = [
+        {"w": first},
+        {"w": (first * np.float32(second_scale)).astype(np.float32)},
+    ]
     residual_before = np.zeros(first.shape, dtype=np.float32)
     for update in updates:
         payload = feedback.encode(update)
@@ -137,5 +142,5 @@ def test_missing_residual_tensor_rejected(tmp_path):
 def test_corrupt_residual_rejected(tmp_path):
     (tmp_path / RESIDUAL_FILE_NAME).write_bytes(b"not a safetensors file")
     feedback = ErrorFeedback(get_codec("fp16"), state_dir=tmp_path)
-    with pytest.raises(DataError, match="is unreadable .*delete it to restart"):
+    with pytest.raises(DataError, match=r"is unreadable .*delete it to restart"):
         feedback.encode({"w": np.zeros(3, np.float32)})
