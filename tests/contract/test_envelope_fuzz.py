@@ -5,10 +5,13 @@ mislabelled (the header disagrees with the payload), zstd bombs, or random
 bytes. For each the decoder must raise ``EnvelopeError`` (never another
 exception type), and ``tracemalloc`` shows it allocates no more than the
 configured ``EnvelopeLimits`` allow, however large the declared sizes are.
+
+Each property runs 150 examples; set MEDFED_FUZZ_EXAMPLES for a longer run.
 """
 
 import hashlib
 import json
+import os
 import struct
 import tracemalloc
 
@@ -44,7 +47,9 @@ CODECS = [
     ("randk", {"fraction": 0.2}),
 ]
 FUZZ = settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=int(os.environ.get("MEDFED_FUZZ_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
 )
 
 
@@ -412,3 +417,57 @@ def test_zstd_label_on_raw_payload_rejected():
 def test_random_zstd_payload_rejected(payload, declared):
     header, _ = split(make_envelope(compression="zstd"))
     assert_rejected(pack(header, payload, raw_length=declared))
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+HEADER_PATHS = [
+    ("study",),
+    ("round",),
+    ("nonce",),
+    ("codec",),
+    ("codec", "name"),
+    ("codec", "params"),
+    ("codec", "params", "chunk_size"),
+    ("compression",),
+    ("tensors",),
+    ("tensors", 0),
+    ("tensors", 0, "name"),
+    ("tensors", 0, "shape"),
+    ("tensors", 0, "shape", 0),
+    ("sample_count",),
+    ("uncompressed_length",),
+    ("signature",),
+]
+
+
+@FUZZ
+@given(path=st.sampled_from(HEADER_PATHS), value=JSON_VALUES)
+def test_random_header_field_decodes_or_rejected(path, value):
+    header, payload = split(make_envelope("int8", {"chunk_size": 8}))
+    target = header
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    outcome, peak = decode_measured(pack(header, payload))
+    assert peak <= PEAK_BUDGET
+    if not isinstance(outcome, EnvelopeError):
+        assert outcome.tensors["w"].dtype == np.float32
+
+
+@FUZZ
+@given(text=st.binary(max_size=300))
+def test_random_header_bytes_rejected(text):
+    _, payload = split(make_envelope())
+    data = PREFIX.pack(b"MFED", 1, len(text)) + text + payload
+    assert_rejected(data)
