@@ -44,7 +44,7 @@ class ErrorFeedback:
     """
 
     def __init__(self, codec: Codec, *, state_dir: Path) -> None:
-        """Bind the codec and the directory that holds the residual file.
+        """Bind the codec and the directory that contains the residual file.
 
         Args:
             codec: the codec whose error is carried over.

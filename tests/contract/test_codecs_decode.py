@@ -81,7 +81,7 @@ def test_topk_rejects_index_out_of_range():
     payload["w.indices"] = payload["w.indices"].copy()
     payload["w.indices"][0] = 20
     with pytest.raises(
-        EnvelopeError, match=r"'w.indices' holds an index outside \[0, 20\)"
+        EnvelopeError, match=r"'w.indices' contains an index outside \[0, 20\)"
     ):
         codec.decode(payload, SPECS)
 
@@ -90,7 +90,7 @@ def test_topk_rejects_negative_index():
     codec, payload = encoded("topk", {"fraction": 0.25})
     payload["w.indices"] = payload["w.indices"].copy()
     payload["w.indices"][0] = -1
-    with pytest.raises(EnvelopeError, match=r"'w.indices' holds an index outside"):
+    with pytest.raises(EnvelopeError, match=r"'w.indices' contains an index outside"):
         codec.decode(payload, SPECS)
 
 
@@ -98,7 +98,7 @@ def test_topk_rejects_duplicate_index():
     codec, payload = encoded("topk", {"fraction": 0.25})
     payload["w.indices"] = payload["w.indices"].copy()
     payload["w.indices"][1] = payload["w.indices"][0]
-    with pytest.raises(EnvelopeError, match=r"'w.indices' holds a duplicate index"):
+    with pytest.raises(EnvelopeError, match=r"'w.indices' contains a duplicate index"):
         codec.decode(payload, SPECS)
 
 
@@ -106,7 +106,7 @@ def test_int8_rejects_minus_128():
     codec, payload = encoded("int8", {})
     payload["w.q"] = payload["w.q"].copy()
     payload["w.q"][0, 0] = -128
-    with pytest.raises(EnvelopeError, match=r"'w.q' holds -128"):
+    with pytest.raises(EnvelopeError, match=r"'w.q' contains -128"):
         codec.decode(payload, SPECS)
 
 
@@ -116,7 +116,7 @@ def test_int8_rejects_bad_scale(bad_scale):
     payload["w.scale"] = payload["w.scale"].copy()
     payload["w.scale"][2] = bad_scale
     with pytest.raises(
-        EnvelopeError, match=r"'w.scale' holds a negative, NaN or infinite"
+        EnvelopeError, match=r"'w.scale' contains a negative, NaN or infinite"
     ):
         codec.decode(payload, SPECS)
 

@@ -247,7 +247,7 @@ def test_mislabelled_header_rejected(change, message):
 
 def test_sparse_codecs_take_shape_from_header():
     """A sparse payload carries flat positions only, so a relabelled shape
-    with the same element count decodes; the aggregation service checks
+    with the same element count decodes. The aggregation service must check
     shapes against the global model."""
     header, payload = split(make_envelope("topk", {"fraction": 0.2}))
     header["tensors"][0]["shape"] = [6, 4]

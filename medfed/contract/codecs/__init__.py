@@ -1,8 +1,8 @@
 """Update codecs, registered by name (see ``base.Codec``).
 
 Built in: ``fp32`` (lossless), ``fp16``, ``int8`` (stochastic rounding),
-``topk`` and ``randk`` (sparsification). ``check_codec_compatibility`` says
-which of them compose with each secure aggregation mode.
+``topk`` and ``randk`` (sparsification). ``check_codec_compatibility``
+rejects the ones that do not compose with a secure aggregation mode.
 """
 
 from medfed.contract.codecs import fp16, fp32, int8, randk, topk

@@ -69,7 +69,7 @@ class Codec(ABC):
 
 
 class Encoder(Protocol):
-    """What ``encode_envelope`` needs from a codec, or from a wrapper around one.
+    """The part of a codec that ``encode_envelope`` uses, also met by wrappers.
 
     ``params`` is read after ``encode``, so a codec may record there a value
     it chose while encoding (randk's seed).

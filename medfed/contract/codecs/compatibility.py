@@ -1,4 +1,4 @@
-"""Which codecs compose with which secure aggregation.
+"""Compatibility rules between codecs and secure aggregation modes.
 
 Masking (pairwise masks that cancel in the sum) adds every site's payload in
 an integer ring, so it accepts a codec only when its payload is dense and its
@@ -52,8 +52,8 @@ def check_codec_compatibility(
 
     Raises:
         ConfigError: the codec or its parameters are invalid, the mode is
-            unknown, or the pair does not compose; the message says why and
-            what to choose instead.
+            unknown, or the pair does not compose. The message gives the
+            reason and what to choose instead.
     """
     if secure_aggregation not in SECURE_AGGREGATION_MODES:
         raise ConfigError(

@@ -2,7 +2,7 @@
 
 Error bound per element, for round-to-nearest-even on IEEE binary16:
 ``|decoded - x| <= max(|x| * 2**-11, 2**-25)``. The first term is half a unit
-in the last place of a normal float16 (11 significant bits); the second is
+in the last place of a normal float16 (11 significant bits). The second is
 half the subnormal spacing 2**-24, which covers values below 2**-14.
 """
 
@@ -40,7 +40,7 @@ class Float16Codec(Codec):
         """Return each tensor rounded to float16, under its own name.
 
         Raises:
-            EnvelopeError: a tensor is not finite float, or holds a magnitude
+            EnvelopeError: a tensor is not finite float, or contains a magnitude
                 above ``FLOAT16_MAX`` (65504) that float16 cannot represent.
         """
         arrays = {}
@@ -48,7 +48,7 @@ class Float16Codec(Codec):
             array = check_update_tensor(self.name, key, value)
             if array.size and float(np.abs(array).max()) > FLOAT16_MAX:
                 raise EnvelopeError(
-                    f"codec 'fp16' cannot encode tensor {key!r}: it holds a value "
+                    f"codec 'fp16' cannot encode tensor {key!r}: it contains a value "
                     f"of magnitude {float(np.abs(array).max())}, above the float16 "
                     f"maximum {FLOAT16_MAX}; use fp32 or int8"
                 )

@@ -14,7 +14,7 @@ Two ways to choose ``scale``:
   this mode does not compose with masking.
 - shared (``scale``): one scale fixed in the study config for every site and
   round. Values are clipped to ``[-127 * scale, 127 * scale]`` first, which
-  biases any value beyond that range; with DP clipping at norm C, a scale of
+  biases any value beyond that range. With DP clipping at norm C, a scale of
   C / 127 never clips. Because every site uses the same scale, the sum of the
   sites' integers times ``scale`` is the sum of their decoded updates, so
   masking can add the integers in its ring.
@@ -147,8 +147,8 @@ class Int8Codec(Codec):
             quantized = require_array(payload, f"{name}.q", shape, "int8")
             if quantized.size and int(quantized.min()) < -QUANT_MAX:
                 raise EnvelopeError(
-                    f"payload array {name + '.q'!r} holds -128; int8 values must "
-                    f"lie in [-{QUANT_MAX}, {QUANT_MAX}]"
+                    f"payload array {name + '.q'!r} contains -128, but int8 "
+                    f"values must lie in [-{QUANT_MAX}, {QUANT_MAX}]"
                 )
             size = math.prod(shape)
             if self.scale is not None:
@@ -159,7 +159,7 @@ class Int8Codec(Codec):
                 )
                 if not (np.isfinite(scales).all() and (scales >= 0).all()):
                     raise EnvelopeError(
-                        f"payload array {name + '.scale'!r} holds a negative, NaN "
+                        f"payload array {name + '.scale'!r} contains a negative, NaN "
                         "or infinite scale"
                     )
             flat = quantized.reshape(-1).astype(np.float32)

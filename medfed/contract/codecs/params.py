@@ -1,9 +1,9 @@
 """Checks shared by the codecs: parameters on entry, update tensors on encode.
 
 Codec parameters arrive from a study config on the site and from an envelope
-header on the aggregation service, so each check rejects booleans posing as
-numbers and non-finite floats, and its message names the codec, the parameter,
-the rule and the received value.
+header on the aggregation service. Each check therefore rejects booleans
+posing as numbers and non-finite floats. Its message names the codec, the
+parameter, the rule and the received value.
 """
 
 import math

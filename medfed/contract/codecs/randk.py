@@ -8,7 +8,7 @@ The positions are not sent: the decoder draws them again from the seed in
 The positions are the k smallest of d keys from the PCG64 bit generator,
 seeded through ``SeedSequence([seed, name_hash])``. NumPy keeps the raw
 streams of its bit generators and ``SeedSequence`` stable across releases,
-which encoder and decoder rely on; ``Generator.choice`` carries no such
+and encoder and decoder rely on that. ``Generator.choice`` carries no such
 promise, so it is not used. Ties among 64-bit keys would make the choice
 ambiguous; at d = 64 Mi elements their probability is about 1e-4 per
 tensor, and a tie matters only when it straddles the k-th key.

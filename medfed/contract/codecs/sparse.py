@@ -36,12 +36,12 @@ def check_indices(field: str, indices: np.ndarray, size: int) -> None:
         return
     if int(indices.min()) < 0 or int(indices.max()) >= size:
         raise EnvelopeError(
-            f"payload array {field!r} holds an index outside [0, {size}) for a "
+            f"payload array {field!r} contains an index outside [0, {size}) for a "
             f"tensor of {size} elements"
         )
     ordered = np.sort(indices)
     if (ordered[1:] == ordered[:-1]).any():
-        raise EnvelopeError(f"payload array {field!r} holds a duplicate index")
+        raise EnvelopeError(f"payload array {field!r} contains a duplicate index")
 
 
 def scatter(
