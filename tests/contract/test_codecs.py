@@ -292,3 +292,36 @@ def test_invalid_params_rejected(name, params, message):
     with pytest.raises(ConfigError) as caught:
         get_codec(name, params)
     assert message in str(caught.value)
+
+
+def reference_positions(seed, name, size, kept):
+    """The k smallest of all keys, drawn at once, for comparison."""
+    import hashlib
+
+    name_hash = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
+    generator = np.random.PCG64(np.random.SeedSequence([seed, name_hash]))
+    keys = generator.random_raw(size)
+    return np.sort(np.argpartition(keys, kept - 1)[:kept])
+
+
+@given(
+    seed=st.integers(0, 2**63 - 1),
+    size=st.integers(1, 5000),
+    fraction=st.floats(0.0001, 1.0),
+    block_size=st.integers(1, 3000),
+)
+def test_randk_positions_match_reference(seed, size, fraction, block_size):
+    from medfed.contract.codecs.params import kept_count
+    from medfed.contract.codecs.randk import random_positions
+
+    kept = kept_count(fraction, size)
+    positions = random_positions(seed, "w", size, kept, block_size=block_size)
+    assert np.array_equal(positions, reference_positions(seed, "w", size, kept))
+
+
+def test_randk_positions_retry_low_threshold(monkeypatch):
+    from medfed.contract.codecs import randk
+
+    monkeypatch.setattr(randk, "_initial_threshold", lambda size, kept: 2**40)
+    positions = randk.random_positions(5, "w", 3000, 300, block_size=128)
+    assert np.array_equal(positions, reference_positions(5, "w", 3000, 300))

@@ -5,8 +5,8 @@ positions drawn uniformly without replacement, and sends only their values.
 The positions are not sent: the decoder draws them again from the seed in
 ``params`` and the tensor's name.
 
-The positions are the k smallest of d keys from the PCG64 bit generator,
-seeded through ``SeedSequence([seed, name_hash])``. NumPy keeps the raw
+The positions are those of the k smallest of d keys from the PCG64 bit
+generator, seeded through ``SeedSequence([seed, name_hash])``. NumPy keeps the raw
 streams of its bit generators and ``SeedSequence`` stable across releases,
 and encoder and decoder rely on that. ``Generator.choice`` carries no such
 promise, so it is not used. Ties among 64-bit keys would make the choice
@@ -52,19 +52,53 @@ from medfed.errors import EnvelopeError
 __all__ = ["RandKCodec", "random_positions"]
 
 
-def random_positions(seed: int, name: str, size: int, kept: int) -> np.ndarray:
+def random_positions(
+    seed: int, name: str, size: int, kept: int, *, block_size: int = 2**20
+) -> np.ndarray:
     """Return ``kept`` distinct sorted positions in [0, size), drawn from ``seed``.
 
-    Allocates 8 bytes per element of the tensor for the keys.
+    The result is the positions of the ``kept`` smallest of ``size`` keys
+    from the bit generator. Keys are drawn ``block_size`` at a time and only
+    those below a threshold are kept as candidates, so memory grows with
+    ``kept`` and ``block_size`` rather than with ``size``. The threshold
+    admits about ``kept + 8 * sqrt(kept) + 64`` keys on average; in the rare
+    case that fewer than ``kept`` pass, it doubles and the stream restarts.
     """
     if kept == size:
         return np.arange(size)
     name_hash = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
-    generator = np.random.PCG64(np.random.SeedSequence([seed, name_hash]))
-    keys = generator.random_raw(size)
-    positions = np.argpartition(keys, kept - 1)[:kept]
-    positions.sort()
-    return positions
+    threshold = _initial_threshold(size, kept)
+    while True:
+        generator = np.random.PCG64(np.random.SeedSequence([seed, name_hash]))
+        keys, positions = _keys_below(generator, size, threshold, block_size)
+        if keys.size >= kept or threshold == 2**64 - 1:
+            break
+        threshold = min(2**64 - 1, threshold * 2)
+    chosen = positions[np.argpartition(keys, kept - 1)[:kept]]
+    chosen.sort()
+    return chosen
+
+
+def _initial_threshold(size: int, kept: int) -> int:
+    """Return a key threshold that about ``kept + 8 * sqrt(kept) + 64`` keys pass."""
+    expected = kept + 8 * math.sqrt(kept) + 64
+    return min(2**64 - 1, int(expected / size * 2**64))
+
+
+def _keys_below(
+    generator: np.random.PCG64, size: int, threshold: int, block_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return the keys below ``threshold`` among ``size`` drawn, and their positions."""
+    limit = np.uint64(threshold)
+    keys, positions = [], []
+    for start in range(0, size, block_size):
+        block = generator.random_raw(min(block_size, size - start))
+        below = np.flatnonzero(block < limit)
+        keys.append(block[below])
+        positions.append(below + start)
+    if not keys:
+        return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    return np.concatenate(keys), np.concatenate(positions)
 
 
 @register_codec
