@@ -325,3 +325,12 @@ def test_randk_positions_retry_low_threshold(monkeypatch):
     monkeypatch.setattr(randk, "_initial_threshold", lambda size, kept: 2**40)
     positions = randk.random_positions(5, "w", 3000, 300, block_size=128)
     assert np.array_equal(positions, reference_positions(5, "w", 3000, 300))
+
+
+def test_randk_positions_pinned_for_seed():
+    """Site and service must draw the same positions from a seed, across
+    NumPy releases too; these were recorded with NumPy 2.4."""
+    from medfed.contract.codecs.randk import random_positions
+
+    positions = random_positions(12345, "layer.weight", 1000, 10)
+    assert positions.tolist() == [256, 280, 391, 405, 456, 499, 619, 719, 939, 958]

@@ -6,12 +6,14 @@ The positions are not sent: the decoder draws them again from the seed in
 ``params`` and the tensor's name.
 
 The positions are those of the k smallest of d keys from the PCG64 bit
-generator, seeded through ``SeedSequence([seed, name_hash])``. NumPy keeps the raw
-streams of its bit generators and ``SeedSequence`` stable across releases,
-and encoder and decoder rely on that. ``Generator.choice`` carries no such
-promise, so it is not used. Ties among 64-bit keys would make the choice
-ambiguous; at d = 64 Mi elements their probability is about 1e-4 per
-tensor, and a tie matters only when it straddles the k-th key.
+generator, seeded through ``SeedSequence([seed, name_hash])``. Both are
+fixed algorithms, while NumPy's random compatibility policy lets
+``Generator`` methods such as ``choice`` change between releases, so those
+are not used. NOTE: site and service must still produce the same PCG64 raw
+stream; a test pins the positions for one seed so that a change shows up.
+Ties among 64-bit keys would make the choice ambiguous. At d = 64 Mi
+elements their probability is about 1e-4 per tensor, and a tie matters
+only when it straddles the k-th key.
 
 With ``rescale`` (the default) kept values are multiplied by d / k, so
 ``E[decode(encode(x))] = x`` over the seed: unbiased, at the price of a
