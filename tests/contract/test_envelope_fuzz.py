@@ -12,6 +12,7 @@ Each property runs 150 examples; set MEDFED_FUZZ_EXAMPLES for a longer run.
 import hashlib
 import json
 import os
+import re
 import struct
 import tracemalloc
 
@@ -106,11 +107,13 @@ def decode_measured(data, limits=LIMITS):
     return outcome, peak
 
 
-def assert_rejected(data, message=None, limits=LIMITS):
+def assert_rejected(data, message=None, limits=LIMITS, *, pattern=None):
     outcome, peak = decode_measured(data, limits)
     assert isinstance(outcome, EnvelopeError), f"accepted a bad envelope: {outcome}"
     if message is not None:
         assert message in str(outcome)
+    if pattern is not None:
+        assert re.search(pattern, str(outcome)), str(outcome)
     assert peak <= PEAK_BUDGET, f"peak allocation {peak} bytes"
     return outcome
 
@@ -364,6 +367,11 @@ def test_too_many_tensors_rejected():
     assert_rejected(pack(header, payload), "declares 17 tensors, more than the limit")
 
 
+# A decoder may reject an oversized frame from its header, or stop reading one
+# byte past the declared length; either message names the mismatch.
+ZSTD_MISMATCH = r"uncompressed_length is \d+ but|failed zstd decompression"
+
+
 @pytest.fixture(scope="module")
 def zstd_bomb():
     """A ~3 KB zstd frame that decompresses to 64 MiB of zeros."""
@@ -374,14 +382,14 @@ def zstd_bomb():
 def test_zstd_bomb_with_content_size_rejected(zstd_bomb, declared):
     header, _ = split(make_envelope(compression="zstd"))
     data = pack(header, zstd_bomb, raw_length=declared)
-    assert_rejected(data, "the zstd frame declares 67108864 bytes")
+    assert_rejected(data, pattern=ZSTD_MISMATCH)
 
 
 def test_zstd_bomb_without_content_size_rejected():
     compressor = zstandard.ZstdCompressor(level=19, write_content_size=False)
     bomb = compressor.compress(bytes(64 * 1024 * 1024))
     header, _ = split(make_envelope(compression="zstd"))
-    assert_rejected(pack(header, bomb, raw_length=1000), "failed zstd decompression")
+    assert_rejected(pack(header, bomb, raw_length=1000), pattern=ZSTD_MISMATCH)
 
 
 def test_zstd_frame_shorter_than_declared_rejected():
@@ -400,7 +408,7 @@ def test_zstd_trailing_data_rejected():
         payload + zstandard.ZstdCompressor().compress(b"x"),
         raw_length=raw_length,
     )
-    assert_rejected(data, "failed zstd decompression")
+    assert_rejected(data, pattern=ZSTD_MISMATCH)
 
 
 def test_zstd_label_on_raw_payload_rejected():
