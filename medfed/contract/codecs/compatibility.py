@@ -1,23 +1,26 @@
 """Compatibility rules between codecs and secure aggregation modes.
 
-Masking (pairwise masks that cancel in the sum) adds every site's payload in
-an integer ring, so it accepts a codec only when its payload is dense and its
-decoding is linear with parameters shared by all sites:
+Masking (pairwise masks that cancel in the sum) clips each site's update,
+weights it by the sample count, encodes it in fixed point and adds masks in
+the ring Z_{2^32} or Z_{2^64}. A masked value is uniform over the whole ring,
+so it takes 32 or 64 bits on the wire whatever codec produced it. Hence:
 
-- ``fp32``: accepted. The masking layer encodes the float values in fixed
-  point itself; fp32 is the uncompressed baseline.
-- ``int8`` with a shared ``scale``: accepted. The sum of the sites' integers
-  times the scale is the sum of their updates, so the ring adds the 8-bit
-  integers directly (in a word wide enough for the number of sites).
-- ``int8`` with per-tensor or per-chunk scales: rejected, because each site
-  picks its scales from its own data, and integers at different scales do
-  not add up to anything.
-- ``fp16``: rejected. Float16 bit patterns do not add in a ring, so masking
-  would widen them back to its fixed-point words: the rounding error stays
-  and no byte is saved.
+- ``fp32``: accepted. It means no compression, and the masking layer does
+  the fixed-point encoding itself.
+- ``int8`` with a shared ``scale``: rejected, although it composes in
+  principle. With one scale for every site, the sum of the sites' integers
+  times the scale is the sum of their updates, so its integers could replace
+  the fixed-point step before masking (``Int8Codec.linear`` is True). But
+  the weighted sum needs about 8 + log2(total samples) bits, more than 16
+  for any real study, so the ring stays 32 bits wide and no byte is saved.
+- ``int8`` with per-tensor or per-chunk scales: rejected as well, because
+  each site picks its scales from its own data, and integers at different
+  scales cannot be summed.
+- ``fp16``: rejected. Float16 bit patterns cannot be summed in a ring, and
+  the masking layer would widen the values back to ring words.
 - ``topk``, ``randk``: rejected. A mask is non-zero on every coordinate, so
-  a masked sparse update is dense and saves nothing, and the sites' kept
-  positions differ, so the masks cannot cancel on the positions each sent.
+  a masked sparse update is as large as a dense one. The sites' kept
+  positions also differ, so the sum of their sparse supports is wrong.
 
 CKKS encrypts a dense vector of floats, and the ciphertext size depends on
 the encryption parameters (polynomial degree, modulus chain), not on the
@@ -88,26 +91,34 @@ def _check_ckks(codec_name: str, dense: bool) -> None:
 
 
 def _check_masking(codec_name: str, dense: bool, linear: bool) -> None:
+    if codec_name == "fp32":
+        return
     if not dense:
-        raise ConfigError(
-            f"codec {codec_name!r} does not compose with secure_aggregation "
-            "'masking': a mask is non-zero on every coordinate, so a masked "
-            "sparse update is as large as a dense one, and the sites' kept "
-            "positions differ, so the sum of their sparse supports is wrong; "
-            "choose codec int8 with a shared params.scale, or fp32"
+        reason = (
+            "a mask is non-zero on every coordinate, so a masked sparse update "
+            "is as large as a dense one, and the sites' kept positions differ, "
+            "so the sum of their sparse supports is wrong"
         )
-    if codec_name == "int8" and not linear:
-        raise ConfigError(
-            "codec 'int8' composes with secure_aggregation 'masking' only with "
-            "a scale shared by every site: per-tensor or per-chunk scales come "
-            "from each site's data, so the sites' integers cannot be summed; "
-            "set params.scale (for example the DP clipping norm / 127) and "
-            "leave chunk_size at 0"
+    elif codec_name == "int8" and linear:
+        reason = (
+            "int8 integers with a shared scale do add up in the ring, but the "
+            "sample-weighted sum needs a 32-bit ring, and masked values fill "
+            "it, so int8 would only coarsen the update and save no bytes"
         )
-    if not linear:
-        raise ConfigError(
-            f"codec {codec_name!r} does not compose with secure_aggregation "
-            "'masking': its payload cannot be summed in the masking ring, so "
-            "it would be widened to fixed point and save nothing; choose codec "
-            "int8 with a shared params.scale, or fp32"
+    elif codec_name == "int8":
+        reason = (
+            "per-tensor or per-chunk scales come from each site's data, so the "
+            "sites' integers cannot be summed, and masked values fill the "
+            "32-bit ring whatever the codec, so nothing would be saved"
         )
+    else:
+        reason = (
+            "its payload cannot be summed in the masking ring, and masked "
+            "values fill the 32-bit ring whatever the codec, so it would only "
+            "add rounding error"
+        )
+    raise ConfigError(
+        f"codec {codec_name!r} does not compose with secure_aggregation "
+        f"'masking': {reason}; choose codec fp32, because masking encodes the "
+        "update in fixed point itself"
+    )

@@ -10,14 +10,15 @@ Two ways to choose ``scale``:
 - data-dependent (``chunk_size``): each tensor, or each run of ``chunk_size``
   elements of the flattened tensor, gets ``scale = max|x| / 127``, sent as a
   float32 array beside the integers. No value is clipped, but every site
-  chooses its own scales, so integers from different sites cannot be summed:
-  this mode does not compose with masking.
+  chooses its own scales, so integers from different sites cannot be summed.
 - shared (``scale``): one scale fixed in the study config for every site and
   round. Values are clipped to ``[-127 * scale, 127 * scale]`` first, which
   biases any value beyond that range. With DP clipping at norm C, a scale of
   C / 127 never clips. Because every site uses the same scale, the sum of the
-  sites' integers times ``scale`` is the sum of their decoded updates, so
-  masking can add the integers in its ring.
+  sites' integers times ``scale`` is the sum of their decoded updates, so the
+  integers could be added in a masking ring (``linear`` is True). The
+  compatibility rules still reject int8 under masking, because masked values
+  fill a 32-bit ring and no byte would be saved.
 """
 
 import math
@@ -68,11 +69,11 @@ class Int8Codec(Codec):
 
         Args:
             chunk_size: elements that share one scale, counted along the
-                flattened tensor; 0 gives one scale per tensor. Ignored with
-                ``scale``, so it must stay 0 then.
-            scale: a positive scale shared by every site; when set, the codec
-                sends no scales and composes with masking.
-            seed: seed of the stochastic rounding, for reproducible tests;
+                flattened tensor, or 0 for one scale per tensor. It must stay
+                0 with ``scale``.
+            scale: a positive scale shared by every site. When set, the codec
+                sends no scales and its decoding is linear across sites.
+            seed: seed of the stochastic rounding, for reproducible tests.
                 None draws fresh randomness from the operating system. It is
                 not part of ``params`` because the decoder does not need it.
         """
