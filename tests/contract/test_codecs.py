@@ -1,5 +1,6 @@
 """Round trips, parameter checks and decoder checks shared by every codec."""
 
+import hashlib
 import math
 
 import numpy as np
@@ -8,8 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from medfed.contract.codecs import CODECS, get_codec
+from medfed.contract.codecs import CODECS, get_codec, randk
 from medfed.contract.codecs.fp16 import FLOAT16_MAX
+from medfed.contract.codecs.params import kept_count
+from medfed.contract.codecs.randk import random_positions
 from medfed.contract.wire import decode_envelope, encode_envelope
 from medfed.errors import ConfigError, EnvelopeError
 
@@ -296,8 +299,6 @@ def test_invalid_params_rejected(name, params, message):
 
 def reference_positions(seed, name, size, kept):
     """The k smallest of all keys, drawn at once, for comparison."""
-    import hashlib
-
     name_hash = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
     generator = np.random.PCG64(np.random.SeedSequence([seed, name_hash]))
     keys = generator.random_raw(size)
@@ -311,17 +312,12 @@ def reference_positions(seed, name, size, kept):
     block_size=st.integers(1, 3000),
 )
 def test_randk_positions_match_reference(seed, size, fraction, block_size):
-    from medfed.contract.codecs.params import kept_count
-    from medfed.contract.codecs.randk import random_positions
-
     kept = kept_count(fraction, size)
     positions = random_positions(seed, "w", size, kept, block_size=block_size)
     assert np.array_equal(positions, reference_positions(seed, "w", size, kept))
 
 
 def test_randk_positions_retry_low_threshold(monkeypatch):
-    from medfed.contract.codecs import randk
-
     monkeypatch.setattr(randk, "_initial_threshold", lambda size, kept: 2**40)
     positions = randk.random_positions(5, "w", 3000, 300, block_size=128)
     assert np.array_equal(positions, reference_positions(5, "w", 3000, 300))
@@ -329,8 +325,6 @@ def test_randk_positions_retry_low_threshold(monkeypatch):
 
 def test_randk_positions_pinned_for_seed():
     """Site and service must draw the same positions from a seed, across
-    NumPy releases too; these were recorded with NumPy 2.4."""
-    from medfed.contract.codecs.randk import random_positions
-
+    NumPy releases too. These were recorded with NumPy 2.4."""
     positions = random_positions(12345, "layer.weight", 1000, 10)
     assert positions.tolist() == [256, 280, 391, 405, 456, 499, 619, 719, 939, 958]

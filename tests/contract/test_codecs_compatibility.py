@@ -1,8 +1,9 @@
 """Which codec and secure aggregation pairs are accepted, and why others are not."""
 
+import numpy as np
 import pytest
 
-from medfed.contract.codecs import check_codec_compatibility
+from medfed.contract.codecs import check_codec_compatibility, get_codec
 from medfed.errors import ConfigError
 
 ACCEPTED = [
@@ -55,10 +56,6 @@ def test_incompatible_pairs_rejected(codec, mode, params, message):
 def test_int8_shared_scale_sums_linearly():
     """With one scale, the sum of decodes is the decode of the integer sum,
     which is what would let int8 replace masking's fixed-point step."""
-    import numpy as np
-
-    from medfed.contract.codecs import get_codec
-
     specs = [("w", (50,), "float32")]
     rng = np.random.default_rng(3)
     codec = get_codec("int8", {"scale": 0.01, "seed": 1})
