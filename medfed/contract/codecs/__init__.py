@@ -17,11 +17,13 @@ from medfed.contract.codecs.compatibility import (
     SECURE_AGGREGATION_MODES,
     check_codec_compatibility,
 )
+from medfed.contract.codecs.config import CompressionConfig
 
 __all__ = [
     "CODECS",
     "SECURE_AGGREGATION_MODES",
     "Codec",
+    "CompressionConfig",
     "Encoder",
     "TensorSpec",
     "check_codec_compatibility",
