@@ -2,16 +2,17 @@
 
 Each round the site encodes ``update + residual`` instead of ``update``, then
 keeps ``residual = (update + residual) - decode(encode(update + residual))``,
-computed in float32, for the next round. Over rounds every coordinate that
-topk, randk or int8 dropped or rounded is sent eventually, which restores
-convergence for biased codecs.
+computed in float32, for the next round. So every coordinate that topk,
+randk or int8 dropped or rounded is sent in a later round instead of being
+lost, which matters most for biased codecs such as topk.
 
 The residual is computed from the update that DP-SGD produced, so it is
 post-processing of a DP output and spends no privacy budget. It never leaves
-the site: it is a safetensors file in the site's state directory, replaced atomically (temporary file, fsync, ``os.replace``), so a
-crash leaves either the old or the new residual and never a torn file. It
-advances only on ``commit``, which the site calls once the aggregation
-service accepted the upload, so a failed upload can be retried from the same
+the site: it is a safetensors file in the site's state directory, replaced
+atomically (temporary file, fsync, ``os.replace``). A crash therefore leaves
+either the old or the new residual, never a torn file. The residual advances
+only on ``commit``, which the site calls once the aggregation service
+accepted the upload, so a failed upload can be retried from the same
 residual without counting an update twice.
 """
 
