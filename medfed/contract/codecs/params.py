@@ -79,12 +79,18 @@ def check_flag(codec: str, param: str, value: object) -> bool:
     return value
 
 
-def check_update_tensor(codec: str, key: str, value: np.ndarray) -> np.ndarray:
+def check_update_tensor(
+    codec: str, key: str, value: np.ndarray, *, require_finite: bool = True
+) -> np.ndarray:
     """Return an update tensor as a contiguous float32 array.
+
+    Args:
+        require_finite: reject NaN and infinite values, which no decoder
+            accepts. Lossy codecs need finite input to compute their scales.
 
     Raises:
         EnvelopeError: the tensor is not a real floating-point array, or it
-            contains NaN or infinite values, which no envelope may carry.
+            contains NaN or infinite values while ``require_finite`` is set.
     """
     array = np.asarray(value)
     if not np.issubdtype(array.dtype, np.floating):
@@ -93,7 +99,7 @@ def check_update_tensor(codec: str, key: str, value: np.ndarray) -> np.ndarray:
             f"{array.dtype}, expected float32"
         )
     array = np.asarray(array, dtype=np.float32, order="C")
-    if not np.isfinite(array).all():
+    if require_finite and not np.isfinite(array).all():
         raise EnvelopeError(
             f"codec {codec!r} cannot encode tensor {key!r}: it contains NaN or "
             "infinite values"
