@@ -11,11 +11,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from medfed.contract.codecs.config import CompressionConfig
 from medfed.contract.ids import IDENTIFIER_PATTERN
 from medfed.errors import ConfigError
 
 __all__ = [
     "AggregationConfig",
+    "CompressionConfig",
     "DataConfig",
     "ModelConfig",
     "PrivacyConfig",
@@ -131,6 +133,7 @@ class StudyConfig(_Strict):
     privacy: PrivacyConfig = PrivacyConfig(enabled=False)
     round: RoundConfig = RoundConfig()
     aggregation: AggregationConfig = AggregationConfig()
+    compression: CompressionConfig = CompressionConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     tracking: TrackingConfig = TrackingConfig()
 
