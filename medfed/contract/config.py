@@ -133,6 +133,9 @@ class StudyConfig(_Strict):
     privacy: PrivacyConfig = PrivacyConfig(enabled=False)
     round: RoundConfig = RoundConfig()
     aggregation: AggregationConfig = AggregationConfig()
+    # NOTE: nothing checks the codec against secure aggregation yet, because
+    # the schema has no secure_aggregation section; once it does, the study
+    # validator should call compression.check(secure_aggregation.mode).
     compression: CompressionConfig = CompressionConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     tracking: TrackingConfig = TrackingConfig()

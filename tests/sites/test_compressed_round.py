@@ -1,9 +1,9 @@
 """Sites upload compressed updates through the real runner and service.
 
-Two rounds of the heart-disease study (two of its sites) with DP-SGD and a topk
-codec with zstd and error feedback: each site uploads a topk envelope to
-the aggregation service on 127.0.0.1, keeps its residual, and the rounds
-finalize to new model versions.
+The heart-disease study runs two rounds at two of its sites, with DP-SGD and
+a topk codec with zstd and error feedback. Each site uploads a topk envelope
+to the aggregation service on 127.0.0.1 and keeps its residual, and each
+round finalizes to a new model version.
 """
 
 import json
@@ -79,7 +79,7 @@ def test_topk_rounds_with_error_feedback(tmp_path: Path, data_root: Path) -> Non
     for site, runner in runners.items():
         residual = load_file(runner.study_dir / RESIDUAL_FILE_NAME)
         # The logistic regression's weight has 15 elements, topk keeps 4, so
-        # the residual holds the 11 others (non-zero after DP noise).
+        # the residual contains the 11 others (non-zero after DP noise).
         assert residual["linear.weight"].shape == (1, 15), site
         assert np.count_nonzero(residual["linear.weight"]) >= 11, site
 
