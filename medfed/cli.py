@@ -31,12 +31,29 @@ from medfed.errors import MedfedError
 __all__ = ["app", "main"]
 
 app = typer.Typer(
+    pretty_exceptions_show_locals=False,
     add_completion=False,
     no_args_is_help=True,
     help="Federated learning across hospitals under DP.",
 )
 console = Console()
-errors = Console(stderr=True)
+
+
+@app.callback()
+def configure(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="log progress at INFO level")
+    ] = False,
+) -> None:
+    """Federated learning across hospitals under differential privacy."""
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("mlflow").setLevel(level)
+    logging.getLogger("alembic").setLevel(level)
+    if verbose:
+        os.environ["PREFECT_LOGGING_LEVEL"] = "INFO"
 
 
 @app.command()
@@ -169,9 +186,12 @@ def _number(value: float | None) -> str:
     return f"{value:.3f}"
 
 
-def configure_prefect_environment() -> None:
-    """Set quiet, offline-friendly Prefect defaults unless the user set them."""
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+def configure_environment() -> None:
+    """Set quiet, offline-friendly Prefect and MLflow defaults unless set."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # Prefect logs every failed task with its traceback; the CLI reports
+    # errors as one line instead. ``medfed --verbose`` restores the logs.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
     # Hospitals and CI machines may have no route to Prefect's telemetry host.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The ephemeral API starts a server subprocess; on a loaded 2-core
@@ -181,20 +201,10 @@ def configure_prefect_environment() -> None:
 
 def main() -> None:
     """Entry point of the ``medfed`` console command."""
-    configure_prefect_environment()
+    configure_environment()
     try:
-        app(standalone_mode=False)
+        app()
     except MedfedError as error:
-        errors.print(f"medfed: error: {error}", markup=False, highlight=False)
+        # A plain print: a rich console would wrap the line at terminal width.
+        print(f"medfed: error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
-    except (typer.Exit, typer.Abort) as stop:
-        sys.exit(getattr(stop, "exit_code", 1))
-    except (
-        Exception
-    ) as error:  # click usage errors arrive here in standalone_mode=False
-        import click
-
-        if isinstance(error, click.ClickException):
-            error.show()
-            sys.exit(error.exit_code)
-        raise

@@ -25,7 +25,7 @@ from safetensors.numpy import load as load_safetensors
 
 from medfed.contract.config import StudyConfig
 from medfed.contract.metrics import EvaluationAggregates, pool
-from medfed.errors import AggregationError, QuorumError
+from medfed.errors import AggregationError, MedfedError, QuorumError
 from medfed.flows.tracking import StudyTracker
 from medfed.sites.client import AggregationClient
 from medfed.sites.runner import (
@@ -151,18 +151,19 @@ def _train(
     prepared = _gather(
         {site: site_prepare.submit(config, site, site_dirs[site]) for site in sites}
     )
-    failed_prepare = {
-        site: str(error)
+    failures = {
+        site: error
         for site, error in prepared.items()
         if isinstance(error, BaseException)
     }
-    if failed_prepare:
-        raise AggregationError(
-            "sites could not prepare their data: "
-            + "; ".join(
-                f"{site}: {message}" for site, message in failed_prepare.items()
-            )
-        )
+    if failures:
+        message = "; ".join(f"site {site}: {error}" for site, error in failures.items())
+        first = next(iter(failures.values()))
+        # Keep the sites' own error type (a data or config error) so the CLI
+        # reports it with its exit code.
+        if isinstance(first, MedfedError):
+            raise type(first)(message)
+        raise AggregationError(f"sites could not prepare their data: {message}")
 
     tracker.log_params({site: info["privacy"] for site, info in prepared.items()})
     initial = weights_to_safetensors(
