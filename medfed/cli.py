@@ -26,7 +26,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from medfed.errors import MedfedError
+from medfed.errors import ConfigError, MedfedError
 
 __all__ = ["app", "main"]
 
@@ -74,15 +74,31 @@ def run(
             help="folder for site and service state; default .medfed/runs/STUDY-TIMESTAMP",
         ),
     ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="continue the study in --work-dir (default: its latest run folder) "
+            "from its last finished round",
+        ),
+    ] = False,
 ) -> None:
     """Run a study in local mode and print per-site and pooled results."""
     from medfed.contract.config import load_study_config
 
     config = load_study_config(config_path)
     config_text = config_path.read_text(encoding="utf-8")
-    if work_dir is None:
+    runs = Path(".medfed") / "runs"
+    if work_dir is None and resume:
+        previous = sorted(runs.glob(f"{config.study}-*"))
+        if not previous:
+            raise ConfigError(
+                f"no earlier run of study {config.study!r} under {runs}; pass --work-dir"
+            )
+        work_dir = previous[-1]
+    elif work_dir is None:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        work_dir = Path(".medfed") / "runs" / f"{config.study}-{stamp}"
+        work_dir = runs / f"{config.study}-{stamp}"
     work_dir.mkdir(parents=True, exist_ok=True)
 
     from medfed.flows.training import run_study
@@ -109,7 +125,9 @@ def run(
                 f"auc {summary['pooled_test_auc']:.3f}",
             )
 
-        summary = run_study(config, config_text, work_dir=work_dir, listener=on_round)
+        summary = run_study(
+            config, config_text, work_dir=work_dir, listener=on_round, resume=resume
+        )
     summary["wall_seconds"] = time.monotonic() - started
     summary["work_dir"] = str(work_dir)
     _print_summary(summary)

@@ -1,5 +1,6 @@
 """The command line as a user meets it: exit codes and one-line errors."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,15 +13,16 @@ from tests.conftest import CONFIGS
 def run_medfed(
     *arguments: str, cwd: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    import os
-
+    # The command uses its own default tracking store (mlflow.db in cwd)
+    # unless a test sets one, whatever fixtures set in this process.
+    environment = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     return subprocess.run(
         [sys.executable, "-m", "medfed", *arguments],
         cwd=cwd,
         capture_output=True,
         text=True,
-        timeout=300,
-        env={**os.environ, **(env or {})},
+        timeout=600,
+        env={**environment, **(env or {})},
         check=False,
     )
 

@@ -43,7 +43,7 @@ class Rejected(Exception):
 
 @dataclass(frozen=True)
 class StudySettings:
-    """What the service needs to know about a study."""
+    """A study as the service stores it: its sites and strategy."""
 
     sites: list[str]
     strategy: str
@@ -125,6 +125,22 @@ class RoundService:
         if record is None:
             raise Rejected(404, f"study {study!r} not found; create it first")
         return StudySettings.from_json(record.settings)
+
+    def study_status(self, study: str) -> dict[str, Any]:
+        """Describe a study: its sites, latest model version and latest round."""
+        settings = self.settings(study)
+        latest_model = self.store.get_model(study, None)
+        latest_round = self.store.latest_round(study)
+        assert latest_model is not None
+        return {
+            "study": study,
+            "sites": settings.sites,
+            "strategy": settings.strategy,
+            "latest_version": latest_model.version,
+            "latest_round": None
+            if latest_round is None
+            else self.round_status(study, latest_round.round),
+        }
 
     def model(self, study: str, version: int | None) -> ModelVersion:
         self.settings(study)
@@ -312,7 +328,7 @@ class RoundService:
         """Aggregate a round into a new global model version, or abort it.
 
         The round closes when every site has uploaded, or every site that has
-        not is named in ``absent`` (the coordinator knows it will not upload),
+        not is named in ``absent`` (the coordinator has learned that it will not upload),
         or the deadline has passed. It then needs ``quorum`` uploads, else it
         is aborted and the previous global model stays current.
         """

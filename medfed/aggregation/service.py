@@ -3,6 +3,7 @@
 Routes, all under ``/v1/studies/{study}``:
 
 - ``POST ""``: create a study from a safetensors body of its initial model.
+- ``GET ""``: the study's sites, latest model version and latest round.
 - ``GET /models/{version}`` and ``GET /models/latest``: a global model as
   safetensors, with its version and SHA-256 in response headers.
 - ``POST /rounds/{round}``: open a round (sites, quorum, deadline).
@@ -42,7 +43,7 @@ RoundNumber = Annotated[int, PathParam(ge=0, le=1_000_000)]
 
 @dataclass(frozen=True)
 class ServiceSettings:
-    """Where the service keeps its state and what it accepts."""
+    """State folder and request limits of the service."""
 
     state_dir: Path
     max_upload_bytes: int = 64 * 1024 * 1024
@@ -62,7 +63,7 @@ class OpenRoundRequest(BaseModel):
 class FinalizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    #: Sites the coordinator knows will not upload (they failed or refused).
+    #: Sites that will not upload because they failed or rejected the round.
     absent: list[Annotated[str, Field(pattern=IDENTIFIER_PATTERN.pattern)]] = Field(
         default_factory=list
     )
@@ -93,6 +94,10 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         body = await _read_body(request, settings.max_upload_bytes)
         model = await run_in_threadpool(service.create_study, study, body)
         return {"study": study, "version": model.version, "sha256": model.sha256}
+
+    @app.get("/v1/studies/{study}")
+    def study_status(study: StudyId) -> dict[str, Any]:
+        return service.study_status(study)
 
     @app.get("/v1/studies/{study}/models/latest")
     def latest_model(study: StudyId) -> Response:

@@ -47,8 +47,6 @@ __all__ = [
 MAGIC = b"MFED"
 FORMAT_VERSION: Final = 1
 _PREFIX = struct.Struct(">4sBI")
-_ALLOWED_DTYPES = {"float32", "float16", "int8", "int16", "int32", "int64", "uint32"}
-_ALLOWED_DTYPE_ITEMSIZE = {name: np.dtype(name).itemsize for name in _ALLOWED_DTYPES}
 
 
 class TensorInfo(BaseModel):

@@ -58,6 +58,9 @@ class AggregationClient:
     def create_study(self, study: str, initial_model: bytes) -> dict[str, Any]:
         return self._json("POST", f"/v1/studies/{study}", content=initial_model)
 
+    def study_status(self, study: str) -> dict[str, Any]:
+        return self._json("GET", f"/v1/studies/{study}")
+
     def download_model(self, study: str, version: int | None = None) -> DownloadedModel:
         """Download a global model; safetensors is parsed without unpickling."""
         return self._download(

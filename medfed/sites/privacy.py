@@ -3,7 +3,7 @@
 Each site owns one ledger per study, persisted as JSON in its state directory.
 The noise multiplier is calibrated once, when the ledger is created, for the
 study's planned rounds x local epochs, and never changes afterwards. Before a
-round the site asks ``check_next_round``: if the projected epsilon after that
+round the site calls ``check_next_round``: if the projected epsilon after that
 round would exceed the budget, it raises ``BudgetExceededError`` and the site
 does not train. Spending is recorded after local training and before the
 update leaves the site, because the release is what costs privacy.
@@ -57,7 +57,7 @@ def _quiet_rdp_order_warning() -> Iterator[None]:
     # Opacus warns when the best RDP order is the largest one it tries. The
     # PRV accountant uses RDP only to size its discretization domain, and an
     # RDP bound from a non-optimal order is still a valid upper bound, so the
-    # warning says nothing a site operator can act on.
+    # warning gives a site operator nothing to act on.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         yield

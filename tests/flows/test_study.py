@@ -1,5 +1,6 @@
 """Short studies through the real flow: Prefect, uvicorn and MLflow."""
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -155,3 +156,70 @@ def test_full_study_reaches_accuracy(tmp_path: Path, name: str, minimum: float) 
         for site, values in summary["sites"].items():
             assert values["epsilon_spent"] <= 1.0, site
     assert not math.isnan(summary["pooled_test_auc"])
+
+
+class Interrupt(Exception):
+    """Stands in for a coordinator crash between two rounds."""
+
+
+def interrupt_after(last_round: int):  # type: ignore[no-untyped-def]
+    def listener(round_number: int, _: dict[str, Any]) -> None:
+        if round_number == last_round:
+            raise Interrupt(f"stopped after round {round_number}")
+
+    return listener
+
+
+def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
+    config, text = short_config("heart_disease.yaml", "e2e-resume", rounds=3)
+    reference = run_study(config, text, work_dir=tmp_path / "reference")
+
+    with pytest.raises(Interrupt):
+        run_study(
+            config, text, work_dir=tmp_path / "resumed", listener=interrupt_after(0)
+        )
+    # Round 1 is open and one site has uploaded when the coordinator returns.
+    from medfed.flows.local import LocalAggregationService
+    from medfed.sites.client import AggregationClient
+    from medfed.sites.runner import SiteRunner
+
+    with (
+        LocalAggregationService(
+            tmp_path / "resumed" / "aggregation", max_upload_bytes=10**7
+        ) as service,
+        AggregationClient(service.url) as client,
+    ):
+        client.open_round(
+            "e2e-resume",
+            1,
+            sites=[s.id for s in config.sites],
+            quorum=3,
+            deadline_seconds=300,
+        )
+        SiteRunner(
+            config, "cleveland", tmp_path / "resumed" / "sites" / "cleveland"
+        ).train_round(client, 1)
+
+    with pytest.raises(Exception, match="pass --resume to continue it"):
+        run_study(config, text, work_dir=tmp_path / "resumed")
+    resumed = run_study(config, text, work_dir=tmp_path / "resumed", resume=True)
+
+    assert resumed["rounds"] == 3
+    assert resumed["model_sha256"] == reference["model_sha256"]
+    assert resumed["mlflow_run_id"] != reference["mlflow_run_id"]
+    ledger = json.loads(
+        (
+            tmp_path
+            / "resumed"
+            / "sites"
+            / "cleveland"
+            / "studies"
+            / "e2e-resume"
+            / "privacy-ledger.json"
+        ).read_text()
+    )
+    assert ledger["rounds_spent"] == [0, 1, 2]
+    history = MlflowClient().get_metric_history(
+        resumed["mlflow_run_id"], "pooled.test_accuracy"
+    )
+    assert sorted(point.step for point in history) == [1, 2, 3]
