@@ -89,7 +89,12 @@ class ErrorFeedback:
         return arrays
 
     def commit(self) -> None:
-        """Persist the residual held by the last ``encode``, atomically."""
+        """Persist the residual held by the last ``encode``, atomically.
+
+        NOTE: a crash after the service accepted the upload and before this
+        call leaves the older residual in place, so the next round sends
+        that residual a second time.
+        """
         if self._pending is None:
             raise ConfigError(
                 "error feedback has no residual to commit: call encode first"
