@@ -11,11 +11,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from medfed.contract.codecs.config import CompressionConfig
 from medfed.contract.ids import IDENTIFIER_PATTERN
 from medfed.errors import ConfigError
 
 __all__ = [
     "AggregationConfig",
+    "CompressionConfig",
     "DataConfig",
     "ModelConfig",
     "PrivacyConfig",
@@ -140,6 +142,10 @@ class StudyConfig(_Strict):
     privacy: PrivacyConfig = PrivacyConfig(enabled=False)
     round: RoundConfig = RoundConfig()
     aggregation: AggregationConfig = AggregationConfig()
+    # NOTE: nothing checks the codec against secure aggregation yet, because
+    # the schema has no secure_aggregation section; once it does, the study
+    # validator should call compression.check(secure_aggregation.mode).
+    compression: CompressionConfig = CompressionConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     tracking: TrackingConfig = TrackingConfig()
 

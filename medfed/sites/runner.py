@@ -27,8 +27,10 @@ from medfed.contract.signing import Ed25519Signer
 from medfed.contract.wire import encode_envelope
 from medfed.errors import BudgetExceededError
 from medfed.sites.client import AggregationClient
+from medfed.sites.compression import build_update_encoder
 from medfed.sites.data import load_split, prepare_site_data
 from medfed.sites.data.root import resolve_data_root
+from medfed.sites.error_feedback import ErrorFeedback
 from medfed.sites.privacy import PrivacyLedger
 from medfed.sites.training import (
     LocalTrainingSettings,
@@ -232,6 +234,8 @@ class SiteRunner:
             key: (local[key] - base.weights[key]).astype(np.float32)
             for key in base.weights
         }
+        compression = self.config.compression
+        encoder = build_update_encoder(compression, state_dir=self.study_dir)
         envelope = encode_envelope(
             delta,
             study=self.config.study,
@@ -240,8 +244,14 @@ class SiteRunner:
             sample_count=records,
             nonce=secrets.token_hex(16),
             signer=self.signer,
+            codec=encoder,
+            compression=compression.envelope_compression,
         )
         receipt = client.upload(self.config.study, round_number, self.site_id, envelope)
+        if isinstance(encoder, ErrorFeedback):
+            # Only an accepted upload advances the residual, so a retried
+            # round starts again from the residual of the last accepted one.
+            encoder.commit()
         if ledger is not None:
             client.report_privacy(
                 self.config.study,
