@@ -58,6 +58,9 @@ class SiteRoundReport:
     bytes_uploaded: int
     bytes_downloaded: int
     receipt: str | None = None
+    #: Size of the update as dense float32 values, the baseline of the
+    #: compression ratio.
+    dense_float32_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -272,6 +275,7 @@ class SiteRunner:
             bytes_uploaded=len(envelope),
             bytes_downloaded=base.size,
             receipt=receipt["receipt"],
+            dense_float32_bytes=sum(4 * value.size for value in delta.values()),
         )
 
     def evaluate(
