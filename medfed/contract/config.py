@@ -18,12 +18,14 @@ from pydantic import (
     model_validator,
 )
 
+from medfed.contract.codecs.config import CompressionConfig
 from medfed.contract.ids import IDENTIFIER_PATTERN
 from medfed.contract.secagg.config import SecureAggregationConfig
 from medfed.errors import ConfigError
 
 __all__ = [
     "AggregationConfig",
+    "CompressionConfig",
     "DataConfig",
     "ModelConfig",
     "PrivacyConfig",
@@ -148,6 +150,7 @@ class StudyConfig(_Strict):
     privacy: PrivacyConfig = PrivacyConfig(enabled=False)
     round: RoundConfig = RoundConfig()
     aggregation: AggregationConfig = AggregationConfig()
+    compression: CompressionConfig = CompressionConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     tracking: TrackingConfig = TrackingConfig()
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
@@ -171,8 +174,14 @@ class StudyConfig(_Strict):
                 f"round.quorum is {self.round.quorum} but the study has only "
                 f"{len(self.sites)} sites"
             )
+        if self.secure_aggregation.mode == "ckks":
+            raise ValueError(
+                "secure_aggregation mode 'ckks' is not available in studies yet: "
+                "the aggregation service has no CKKS routes; use 'masking' or 'none'"
+            )
         try:
             self.secure_aggregation.check(len(self.sites))
+            self.compression.check(self.secure_aggregation.mode)
         except ConfigError as error:
             raise ValueError(str(error)) from None
         return self

@@ -28,8 +28,10 @@ from medfed.contract.signing import Ed25519Signer
 from medfed.contract.wire import encode_envelope
 from medfed.errors import BudgetExceededError
 from medfed.sites.client import AggregationClient
+from medfed.sites.compression import build_update_encoder
 from medfed.sites.data import load_split, prepare_site_data
 from medfed.sites.data.root import resolve_data_root
+from medfed.sites.error_feedback import ErrorFeedback
 from medfed.sites.privacy import PrivacyLedger
 from medfed.sites.secagg_client import MaskingClient
 from medfed.sites.training import (
@@ -58,6 +60,9 @@ class SiteRoundReport:
     bytes_uploaded: int
     bytes_downloaded: int
     receipt: str | None = None
+    #: Size of the update as dense float32 values, the baseline of the
+    #: compression ratio.
+    dense_float32_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -241,6 +246,8 @@ class SiteRunner:
                 client, round_number, delta, records
             )
         else:
+            compression = self.config.compression
+            encoder = build_update_encoder(compression, state_dir=self.study_dir)
             envelope = encode_envelope(
                 delta,
                 study=self.config.study,
@@ -249,10 +256,16 @@ class SiteRunner:
                 sample_count=records,
                 nonce=secrets.token_hex(16),
                 signer=self.signer,
+                codec=encoder,
+                compression=compression.envelope_compression,
             )
             receipt = client.upload(
                 self.config.study, round_number, self.site_id, envelope
             )
+            if isinstance(encoder, ErrorFeedback):
+                # Only an accepted upload advances the residual, so a retried
+                # round starts again from the residual of the last accepted one.
+                encoder.commit()
         if ledger is not None:
             client.report_privacy(
                 self.config.study,
@@ -273,6 +286,7 @@ class SiteRunner:
             bytes_uploaded=len(envelope),
             bytes_downloaded=base.size,
             receipt=receipt["receipt"],
+            dense_float32_bytes=sum(4 * value.size for value in delta.values()),
         )
 
     def evaluate(

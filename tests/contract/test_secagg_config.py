@@ -111,3 +111,24 @@ def test_study_rejects_unknown_mode():
         "study config is invalid: secure_aggregation.mode: Input should be 'none', "
         "'masking' or 'ckks' (got 'paillier')"
     )
+
+
+def test_study_rejects_ckks_until_wired():
+    with pytest.raises(ConfigError) as error:
+        parse_study_config(STUDY | {"secure_aggregation": "ckks"})
+
+    assert "secure_aggregation mode 'ckks' is not available in studies yet" in str(
+        error.value
+    )
+
+
+def test_study_rejects_lossy_codec_under_masking():
+    raw = STUDY | {
+        "secure_aggregation": "masking",
+        "compression": {"codec": "topk", "params": {"fraction": 0.1}},
+    }
+
+    with pytest.raises(ConfigError) as error:
+        parse_study_config(raw)
+
+    assert "compression (codec 'topk')" in str(error.value)

@@ -62,6 +62,7 @@ def test_dp_study_end_to_end(tmp_path: Path) -> None:
     assert run.data.params["switzerland.target_epsilon"] == "1.0"
     assert run.data.params["hungary.delta"] == "0.001"
     assert run.data.params["long-beach.max_grad_norm"] == "1.0"
+    assert run.data.params["compression_codec"] == "fp32"
     history = client.get_metric_history(run.info.run_id, "pooled.test_accuracy")
     assert [point.step for point in history] == [1, 2]
     for metric in (
@@ -69,6 +70,7 @@ def test_dp_study_end_to_end(tmp_path: Path) -> None:
         "hungary.bytes_uploaded",
         "switzerland.test_accuracy",
         "pooled.test_auc",
+        "long-beach.compression_ratio",
     ):
         assert client.get_metric_history(run.info.run_id, metric), metric
     artifacts = [item.path for item in client.list_artifacts(run.info.run_id)]

@@ -102,7 +102,7 @@ def test_signature_checked_before_codec(signers, verifier) -> None:
     )
     with pytest.raises(SignatureError, match="does not verify"):
         decode_envelope(tampered, verify_signature=verifier)
-    with pytest.raises(ConfigError, match="unknown codec 'pickle'"):
+    with pytest.raises(EnvelopeError, match="unknown codec 'pickle'"):
         decode_envelope(tampered)
 
 
@@ -151,7 +151,7 @@ def test_zstd_bomb_not_allocated(signers, verifier) -> None:
     bomb = _PREFIX.pack(b"MFED", 1, len(raw)) + raw + payload
     tracemalloc.start()
     try:
-        with pytest.raises(EnvelopeError, match="decompresses to more than"):
+        with pytest.raises(EnvelopeError, match="the zstd frame declares"):
             decode_envelope(bomb, verify_signature=verifier)
         _, peak = tracemalloc.get_traced_memory()
     finally:
