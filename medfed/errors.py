@@ -13,6 +13,7 @@ __all__ = [
     "EnvelopeError",
     "MedfedError",
     "QuorumError",
+    "SecureAggregationError",
     "ServiceError",
     "SignatureError",
 ]
@@ -72,6 +73,17 @@ class QuorumError(AggregationError):
     """Fewer sites answered than the round's quorum requires."""
 
     exit_code = 8
+
+
+class SecureAggregationError(AggregationError):
+    """A secure-aggregation round cannot go on without risking a site's update.
+
+    Raised, before anything is released, when too few sites remain to unmask,
+    when a protocol message is inconsistent with the round, or when a
+    reconstructed secret does not match what its site committed to.
+    """
+
+    exit_code = 10
 
 
 class AuditLogError(MedfedError):

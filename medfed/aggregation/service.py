@@ -13,6 +13,8 @@ Routes, all under ``/v1/studies/{study}``:
 - ``POST /rounds/{round}/privacy/{site}``: a site's privacy spent or its
   refusal of the round, recorded in the audit log only.
 - ``POST /rounds/{round}/finalize``: aggregate the round or abort it.
+- ``/rounds/{round}/secagg/...``: the masking messages of studies with
+  ``secure_aggregation: masking`` (see ``secagg_routes``).
 
 A rejected request gets a 4xx JSON body ``{"detail": message}`` and changes
 nothing. No route returns an individual upload.
@@ -41,6 +43,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from medfed.aggregation.limits import ServiceLimits
 from medfed.aggregation.rounds import Rejected, RoundService
+from medfed.aggregation.secagg_routes import (
+    create_masking_router,
+    install_error_handlers,
+)
 from medfed.aggregation.security import (
     SecuritySettings,
     ServiceSecurity,
@@ -129,6 +135,14 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     security = install_security(app, settings.security_settings())
     service = RoundService(store, settings.limits, verify_signature=security.verifier)
     app.state.service = service
+    # Key, share and reveal messages of studies with secure_aggregation masking.
+    # NOTE: any authenticated participant may call these routes; binding the
+    # site named in a message to the client certificate is not done yet.
+    app.include_router(
+        create_masking_router(service.masking),
+        dependencies=[Depends(authenticated_participant)],
+    )
+    install_error_handlers(app)
 
     @app.exception_handler(Rejected)
     async def _rejected(request: Request, error: Rejected) -> JSONResponse:

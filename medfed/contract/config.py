@@ -9,10 +9,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from medfed.contract.codecs.config import CompressionConfig
 from medfed.contract.ids import IDENTIFIER_PATTERN
+from medfed.contract.secagg.config import SecureAggregationConfig
 from medfed.errors import ConfigError
 
 __all__ = [
@@ -142,12 +150,16 @@ class StudyConfig(_Strict):
     privacy: PrivacyConfig = PrivacyConfig(enabled=False)
     round: RoundConfig = RoundConfig()
     aggregation: AggregationConfig = AggregationConfig()
-    # NOTE: nothing checks the codec against secure aggregation yet, because
-    # the schema has no secure_aggregation section; once it does, the study
-    # validator should call compression.check(secure_aggregation.mode).
     compression: CompressionConfig = CompressionConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     tracking: TrackingConfig = TrackingConfig()
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
+
+    @field_validator("secure_aggregation", mode="before")
+    @classmethod
+    def _mode_shorthand(cls, value: object) -> object:
+        # ``secure_aggregation: masking`` is short for ``{mode: masking}``.
+        return {"mode": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check_sites(self) -> "StudyConfig":
@@ -162,6 +174,16 @@ class StudyConfig(_Strict):
                 f"round.quorum is {self.round.quorum} but the study has only "
                 f"{len(self.sites)} sites"
             )
+        if self.secure_aggregation.mode == "ckks":
+            raise ValueError(
+                "secure_aggregation mode 'ckks' is not available in studies yet: "
+                "the aggregation service has no CKKS routes; use 'masking' or 'none'"
+            )
+        try:
+            self.secure_aggregation.check(len(self.sites))
+            self.compression.check(self.secure_aggregation.mode)
+        except ConfigError as error:
+            raise ValueError(str(error)) from None
         return self
 
     @property

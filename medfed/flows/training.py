@@ -281,6 +281,9 @@ class _Coordinator:
             "sites": self.sites,
             "strategy": self.config.strategy.name,
             "strategy_params": self.config.strategy.params,
+            "secure_aggregation": self.config.secure_aggregation.model_dump(
+                mode="json"
+            ),
         }
         return weights_to_safetensors(
             initial_model_weights(self.config),

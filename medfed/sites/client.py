@@ -64,6 +64,11 @@ class AggregationClient:
         )
         return cls(base_url, timeout=timeout, http_client=http_client)
 
+    @property
+    def http_client(self) -> httpx.Client:
+        """The underlying client, shared by the masking protocol's requests."""
+        return self._http
+
     def close(self) -> None:
         self._http.close()
 

@@ -23,6 +23,7 @@ from medfed.contract.config import StudyConfig
 from medfed.contract.kits import KitFiles
 from medfed.contract.metrics import EvaluationAggregates
 from medfed.contract.models import build_model
+from medfed.contract.secagg import MaskingSite
 from medfed.contract.signing import Ed25519Signer
 from medfed.contract.wire import encode_envelope
 from medfed.errors import BudgetExceededError
@@ -32,6 +33,7 @@ from medfed.sites.data import load_split, prepare_site_data
 from medfed.sites.data.root import resolve_data_root
 from medfed.sites.error_feedback import ErrorFeedback
 from medfed.sites.privacy import PrivacyLedger
+from medfed.sites.secagg_client import MaskingClient
 from medfed.sites.training import (
     LocalTrainingSettings,
     dp_sample_rate,
@@ -183,7 +185,9 @@ class SiteRunner:
         """Train on the round's base model and upload the update.
 
         A round that would exceed the site's privacy budget is rejected before
-        any training; the report says so and nothing is uploaded.
+        any training; the report says so and nothing is uploaded. In a study
+        with ``secure_aggregation: masking`` the upload runs the masking
+        protocol with the other sites (``_upload_masked``).
         """
         self.prepare()
         inputs, labels = load_split(self.config, self.data_dir, "train")
@@ -237,24 +241,31 @@ class SiteRunner:
             key: (local[key] - base.weights[key]).astype(np.float32)
             for key in base.weights
         }
-        compression = self.config.compression
-        encoder = build_update_encoder(compression, state_dir=self.study_dir)
-        envelope = encode_envelope(
-            delta,
-            study=self.config.study,
-            round_number=round_number,
-            site=self.site_id,
-            sample_count=records,
-            nonce=secrets.token_hex(16),
-            signer=self.signer,
-            codec=encoder,
-            compression=compression.envelope_compression,
-        )
-        receipt = client.upload(self.config.study, round_number, self.site_id, envelope)
-        if isinstance(encoder, ErrorFeedback):
-            # Only an accepted upload advances the residual, so a retried
-            # round starts again from the residual of the last accepted one.
-            encoder.commit()
+        if self.config.secure_aggregation.mode == "masking":
+            envelope, receipt = self._upload_masked(
+                client, round_number, delta, records
+            )
+        else:
+            compression = self.config.compression
+            encoder = build_update_encoder(compression, state_dir=self.study_dir)
+            envelope = encode_envelope(
+                delta,
+                study=self.config.study,
+                round_number=round_number,
+                site=self.site_id,
+                sample_count=records,
+                nonce=secrets.token_hex(16),
+                signer=self.signer,
+                codec=encoder,
+                compression=compression.envelope_compression,
+            )
+            receipt = client.upload(
+                self.config.study, round_number, self.site_id, envelope
+            )
+            if isinstance(encoder, ErrorFeedback):
+                # Only an accepted upload advances the residual, so a retried
+                # round starts again from the residual of the last accepted one.
+                encoder.commit()
         if ledger is not None:
             client.report_privacy(
                 self.config.study,
@@ -286,6 +297,52 @@ class SiteRunner:
         inputs, labels = load_split(self.config, self.data_dir, "test")
         downloaded = client.download_model(self.config.study, version)
         return evaluate_weights(self.config, downloaded.weights, inputs, labels)
+
+    def _upload_masked(
+        self,
+        client: AggregationClient,
+        round_number: int,
+        delta: dict[str, np.ndarray],
+        records: int,
+    ) -> tuple[bytes, dict[str, Any]]:
+        """Take part in the round's masking protocol; return the envelope sent."""
+        secure = self.config.secure_aggregation
+        clipped = sum(
+            int((np.abs(value) > secure.clip).sum()) for value in delta.values()
+        )
+        if clipped:
+            logger.warning(
+                "site %s clips %d update values to +-%s for secure aggregation; "
+                "raise secure_aggregation.clip to keep them",
+                self.site_id, clipped, secure.clip,
+            )  # fmt: skip
+        site = MaskingSite(
+            site=self.site_id,
+            study=self.config.study,
+            round_number=round_number,
+            encoding=secure.encoding(len(self.config.sites)),
+        )
+        sent: dict[str, Any] = {}
+
+        def upload(envelope: bytes) -> None:
+            sent["envelope"] = envelope
+            sent["receipt"] = client.upload(
+                self.config.study, round_number, self.site_id, envelope
+            )
+
+        masking_client = MaskingClient(client.base_url, http_client=client.http_client)
+        try:
+            masking_client.run_round(
+                site,
+                delta,
+                sample_count=records,
+                wait_seconds=self.config.round.deadline_seconds,
+                upload=upload,
+                signer=self.signer,
+            )
+        finally:
+            masking_client.close()
+        return sent["envelope"], sent["receipt"]
 
     def _model_with(self, weights: dict[str, np.ndarray]) -> torch.nn.Module:
         model = build_model(self.config.model.name, **self.config.model.params)

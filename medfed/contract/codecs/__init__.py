@@ -1,11 +1,14 @@
 """Update codecs, registered by name (see ``base.Codec``).
 
 Built in: ``fp32`` (lossless), ``fp16``, ``int8`` (stochastic rounding),
-``topk`` and ``randk`` (sparsification). ``check_codec_compatibility``
-rejects the ones that do not compose with a secure aggregation mode.
+``topk`` and ``randk`` (sparsification), and ``masked``, which carries the
+ring elements of secure aggregation's masking protocol and is chosen by the
+``secure_aggregation`` setting, not by ``compression``.
+``check_codec_compatibility`` rejects the codecs that do not compose with a
+secure aggregation mode.
 """
 
-from medfed.contract.codecs import fp16, fp32, int8, randk, topk
+from medfed.contract.codecs import fp16, fp32, int8, masked, randk, topk
 from medfed.contract.codecs.base import (
     CODECS,
     Codec,
@@ -31,6 +34,7 @@ __all__ = [
     "fp32",
     "get_codec",
     "int8",
+    "masked",
     "randk",
     "topk",
 ]
