@@ -31,10 +31,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 
+from medfed.aggregation.tls import peer_identity
 from medfed.contract.ids import IDENTIFIER_PATTERN, validate_identifier
 from medfed.contract.secagg import (
     EncryptedShare,
@@ -183,14 +184,50 @@ class MaskingRounds:
         return result
 
 
+def _require_site(request: Request, claimed: str) -> None:
+    """Reject a request whose client certificate names another site.
+
+    A site may advertise keys, upload shares and masked updates, fetch its
+    relayed shares and reveal shares only as itself. Without a client
+    certificate (local mode) the router's own dependency has already decided
+    whether anonymous callers are allowed.
+    """
+    identity = peer_identity(request.scope)
+    if identity is None:
+        return
+    if identity.role != "site" or identity.name != claimed:
+        logger.warning(
+            "rejected %s %s: %s %s acted as site %s",
+            request.method, request.url.path, identity.role, identity.name, claimed,
+        )  # fmt: skip
+        raise HTTPException(
+            403, f"{identity.role} {identity.name!r} may not act as site {claimed!r}"
+        )
+
+
+def _require_coordinator(request: Request) -> None:
+    """Reject a phase-closing request from anyone but the coordinator."""
+    identity = peer_identity(request.scope)
+    if identity is not None and identity.role != "coordinator":
+        logger.warning(
+            "rejected %s %s from %s %s: only the coordinator closes phases",
+            request.method, request.url.path, identity.role, identity.name,
+        )  # fmt: skip
+        raise HTTPException(403, "only the coordinator may close a masking phase")
+
+
 def create_masking_router(rounds: MaskingRounds) -> APIRouter:
     """Return the routes of masking rounds kept in ``rounds``."""
     router = APIRouter(prefix=_PREFIX)
 
     @router.post("/keys")
     def advertise(
-        study: StudyId, round_number: RoundNumber, advertisement: KeyAdvertisement
+        study: StudyId,
+        round_number: RoundNumber,
+        advertisement: KeyAdvertisement,
+        request: Request,
     ) -> dict[str, Any]:
+        _require_site(request, advertisement.site)
         with rounds.edit(study, round_number) as entry:
             if advertisement.site not in entry.sites:
                 raise SecureAggregationError(
@@ -203,7 +240,10 @@ def create_masking_router(rounds: MaskingRounds) -> APIRouter:
         return {"site": advertisement.site}
 
     @router.post("/keys/close")
-    def close_advertising(study: StudyId, round_number: RoundNumber) -> KeyRoster:
+    def close_advertising(
+        study: StudyId, round_number: RoundNumber, request: Request
+    ) -> KeyRoster:
+        _require_coordinator(request)
         with rounds.edit(study, round_number) as entry:
             return entry.server.close_advertising()
 
@@ -215,8 +255,9 @@ def create_masking_router(rounds: MaskingRounds) -> APIRouter:
 
     @router.post("/shares")
     def upload_shares(
-        study: StudyId, round_number: RoundNumber, upload: ShareUpload
+        study: StudyId, round_number: RoundNumber, upload: ShareUpload, request: Request
     ) -> dict[str, Any]:
+        _require_site(request, upload.sender)
         with rounds.edit(study, round_number) as entry:
             entry.server.add_share_upload(upload)
             if entry.server.sharing_sites == entry.server.roster.sites:
@@ -224,15 +265,19 @@ def create_masking_router(rounds: MaskingRounds) -> APIRouter:
         return {"site": upload.sender}
 
     @router.post("/shares/close")
-    def close_sharing(study: StudyId, round_number: RoundNumber) -> dict[str, Any]:
+    def close_sharing(
+        study: StudyId, round_number: RoundNumber, request: Request
+    ) -> dict[str, Any]:
+        _require_coordinator(request)
         with rounds.edit(study, round_number) as entry:
             entry.server.close_sharing()
             return {"sites": entry.server.sharing_sites}
 
     @router.get("/shares/{site}")
     def relayed_shares(
-        study: StudyId, round_number: RoundNumber, site: SiteId
+        study: StudyId, round_number: RoundNumber, site: SiteId, request: Request
     ) -> list[EncryptedShare]:
+        _require_site(request, site)
         with rounds.edit(study, round_number) as entry:
             entry.close_overdue_phase()
             return entry.server.shares_for(site)
@@ -241,6 +286,7 @@ def create_masking_router(rounds: MaskingRounds) -> APIRouter:
     async def upload_masked(
         study: StudyId, round_number: RoundNumber, site: SiteId, request: Request
     ) -> dict[str, Any]:
+        _require_site(request, site)
         limit = (
             _ENVELOPE_PREFIX_BYTES
             + rounds.limits.max_header_bytes
@@ -257,7 +303,10 @@ def create_masking_router(rounds: MaskingRounds) -> APIRouter:
         return {"site": site}
 
     @router.post("/uploads/close")
-    def close_uploads(study: StudyId, round_number: RoundNumber) -> RevealRequest:
+    def close_uploads(
+        study: StudyId, round_number: RoundNumber, request: Request
+    ) -> RevealRequest:
+        _require_coordinator(request)
         with rounds.edit(study, round_number) as entry:
             return entry.server.close_uploads()
 
@@ -269,8 +318,12 @@ def create_masking_router(rounds: MaskingRounds) -> APIRouter:
 
     @router.post("/reveals")
     def reveal(
-        study: StudyId, round_number: RoundNumber, revealed: RevealedShares
+        study: StudyId,
+        round_number: RoundNumber,
+        revealed: RevealedShares,
+        request: Request,
     ) -> dict[str, Any]:
+        _require_site(request, revealed.site)
         with rounds.edit(study, round_number) as entry:
             entry.server.add_reveal(revealed)
         return {"site": revealed.site}

@@ -136,8 +136,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     service = RoundService(store, settings.limits, verify_signature=security.verifier)
     app.state.service = service
     # Key, share and reveal messages of studies with secure_aggregation masking.
-    # NOTE: any authenticated participant may call these routes; binding the
-    # site named in a message to the client certificate is not done yet.
+    # Each route also checks that a site acts only as itself and that only
+    # the coordinator closes a phase.
     app.include_router(
         create_masking_router(service.masking),
         dependencies=[Depends(authenticated_participant)],

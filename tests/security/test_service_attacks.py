@@ -449,3 +449,42 @@ def test_every_route_authenticates(service) -> None:
         and not calls(route.dependant) & checks
     ]
     assert unprotected == []
+
+
+MASKING = f"/v1/studies/{STUDY}/rounds/0/secagg"
+ADVERTISEMENT = {
+    "site": "beta",
+    "mask_public_key": "A" * 43 + "=",
+    "share_public_key": "B" * 43 + "=",
+    "self_mask_commitment": "0" * 64,
+}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/keys", ADVERTISEMENT),
+        ("GET", "/shares/beta", None),
+        ("PUT", "/masked/beta", None),
+        (
+            "POST",
+            "/reveals",
+            {"site": "beta", "self_mask_shares": {}, "mask_key_shares": {}},
+        ),
+    ],
+)
+def test_masking_route_as_other_site_rejected(
+    service, kits, method, path, body
+) -> None:
+    with client(service["url"], kits["site-alpha"]) as site:
+        response = site.request(method, MASKING + path, json=body)
+    assert response.status_code == 403
+    assert response.json()["detail"] == "site 'alpha' may not act as site 'beta'"
+
+
+@pytest.mark.parametrize("phase", ["keys", "shares", "uploads"])
+def test_site_cannot_close_masking_phase(service, kits, phase) -> None:
+    with client(service["url"], kits["site-alpha"]) as site:
+        response = site.post(f"{MASKING}/{phase}/close")
+    assert response.status_code == 403
+    assert response.json()["detail"] == "only the coordinator may close a masking phase"
