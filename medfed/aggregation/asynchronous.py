@@ -1,7 +1,7 @@
 """Buffered asynchronous aggregation with staleness weighting.
 
 Sites train from whatever global version they last downloaded and upload when
-done; the server buffers the updates and aggregates every ``buffer_size``
+done. The server buffers the updates and aggregates every ``buffer_size``
 arrivals (FedBuff: Nguyen et al., "Federated Learning with Buffered
 Asynchronous Aggregation", AISTATS 2022). An update computed from version
 ``v`` that arrives when the server is at version ``t`` has staleness

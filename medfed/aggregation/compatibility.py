@@ -1,7 +1,8 @@
 """Config-time checks and assembly of a study's strategy and wrappers.
 
-A study names one strategy and an ordered list of wrappers; the wrappers see
-the updates in the order listed, so the first listed is the outermost object.
+A study names one strategy and an ordered list of wrappers. The wrappers
+receive the updates in the order listed, so the first listed is the outermost
+object.
 ``check_strategy_compatibility`` rejects, before any round runs, combinations
 that could not aggregate or would silently weaken a guarantee:
 
@@ -24,7 +25,7 @@ from medfed.errors import ConfigError
 
 __all__ = ["NO_SECURE_AGGREGATION", "build_strategy", "check_strategy_compatibility"]
 
-#: The ``secure_aggregation`` value under which the service sees each update.
+#: The ``secure_aggregation`` value under which the service receives each update.
 #: Every other mode reveals only the sum of the updates.
 NO_SECURE_AGGREGATION = "none"
 

@@ -36,7 +36,7 @@ def select_sites(
         sample_counts: each site's training-set size; needed when ``weighted``.
         round_number: the round, >= 0.
         fraction: share of the eligible sites to choose, in (0, 1].
-        minimum: least number of sites to choose, >= 1.
+        minimum: minimum number of sites to choose, >= 1.
         weighted: choose with probability proportional to sample count
             (successively, without replacement) instead of uniformly.
         seed: the study's selection seed.

@@ -16,8 +16,8 @@ Round trip at a site::
     ... compute and upload the delta of ``shared`` only ...
     store.save(local)
 
-Local parameters are never uploaded, so the aggregation service never sees
-them: every strategy aggregates exactly the tensors of the global model.
+Local parameters are never uploaded, so the aggregation service never
+receives them: every strategy aggregates exactly the tensors of the global model.
 """
 
 import fnmatch

@@ -61,9 +61,10 @@ def proximal_penalty(
 ) -> torch.Tensor:
     """Return ``mu / 2 * sum ||w - w_global||^2`` over the trainable parameters.
 
-    Parameters absent from ``global_weights`` raise, except when they are
-    frozen; personalized layers kept local should be frozen or left out of
-    the sum by the caller.
+    Every trainable parameter must be in ``global_weights``. With
+    personalized layers, pass the merged weights (see
+    ``personalization.merge_global``), so local layers are pulled toward
+    their values at the start of the round.
 
     Args:
         model: the site's model (plain or wrapped by Opacus).

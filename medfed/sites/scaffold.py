@@ -27,9 +27,9 @@ How the site trainer uses it::
 
 Opacus replaces ``p.grad`` by its noised per-sample sum inside
 ``optimizer.step()``, so a correction added to ``p.grad`` before the step
-would be lost; the separate step ``p -= lr * (c - c_i)`` is the same update
-for SGD without momentum and costs no privacy, because ``c`` and ``c_i`` are
-computed from already released models.
+would be lost. The separate step ``p -= lr * (c - c_i)`` is the same update
+for SGD without momentum. It costs no privacy, because ``c`` and ``c_i`` are
+computed from models that were already released.
 """
 
 import logging
@@ -57,17 +57,20 @@ def _zeros_like(weights: Mapping[str, np.ndarray]) -> Weights:
 
 
 def _check_like(
-    what: str, tensors: Mapping[str, np.ndarray], weights: Mapping[str, np.ndarray]
+    description: str,
+    tensors: Mapping[str, np.ndarray],
+    weights: Mapping[str, np.ndarray],
 ) -> Weights:
     if set(tensors) != set(weights):
         raise ConfigError(
-            f"{what} has tensors {sorted(tensors)}, but the global model has "
+            f"{description} has tensors {sorted(tensors)}, but the global model has "
             f"{sorted(weights)}"
         )
     for key, value in weights.items():
         if np.shape(tensors[key]) != np.shape(value):
+            shape = list(np.shape(tensors[key]))
             raise ConfigError(
-                f"{what} tensor {key!r} has shape {list(np.shape(tensors[key]))}, "
+                f"{description} tensor {key!r} has shape {shape}, "
                 f"but the global model's has {list(np.shape(value))}"
             )
     return {key: np.asarray(value, np.float64) for key, value in tensors.items()}

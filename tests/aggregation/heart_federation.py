@@ -1,9 +1,9 @@
 """A small numpy federation on the UCI heart-disease files, for strategy tests.
 
 Five sites: the Cleveland file split in two halves, then Hungary,
-Switzerland and Long Beach VA, or (``by_hospital=False``) the 920 records
-pooled and dealt to five sites at random; each site has a seeded 66/34
-train/test split.
+Switzerland and Long Beach VA. With ``by_hospital=False`` the 920 records are
+pooled and dealt to five sites at random instead. Each site has a seeded
+66/34 train/test split.
 Features are the ten columns present in all four files (slope, ca and thal
 are mostly missing outside Cleveland), missing values are filled with the
 pooled training mean and features are standardized with pooled training

@@ -45,7 +45,7 @@ def test_noise_scale_matches_sigma_c_over_n() -> None:
 
 
 def test_fixed_denominator_when_sites_drop_out() -> None:
-    # 2 of the 4 expected sites answer with delta 1: the mean divides by 4.
+    # 2 of the 4 expected sites send delta 1, and the mean divides by 4.
     strategy = central_dp(noise_multiplier=1e-9, clip_norm=10.0)
     updates = [SiteUpdate(s, {"w": np.ones(1, np.float32)}, 50) for s in "ab"]
     result = strategy.aggregate(zeros(1), updates)
@@ -69,7 +69,7 @@ def test_rejects_more_sites_than_per_round() -> None:
     strategy = central_dp(sites_per_round=2)
     updates = [SiteUpdate(s, zeros(1), 1) for s in "abc"]
     with pytest.raises(
-        AggregationError, match=r"3 sites answered .* sites_per_round=2"
+        AggregationError, match=r"3 sites sent updates, .* sites_per_round=2"
     ):
         strategy.aggregate(zeros(1), updates)
 

@@ -188,7 +188,9 @@ def test_scaffold_requires_control_delta() -> None:
 def test_scaffold_rejects_more_sites_than_total() -> None:
     strategy = get_strategy("scaffold", {"total_sites": 1})
     updates = [update("a", 0.1, control_delta=0.0), update("b", 0.1, control_delta=0.0)]
-    with pytest.raises(AggregationError, match=r"2 sites answered .* total_sites=1"):
+    with pytest.raises(
+        AggregationError, match=r"2 sites sent updates, .* total_sites=1"
+    ):
         strategy.aggregate(scalar(0.0), updates)
 
 

@@ -42,7 +42,7 @@ def test_weighted_selection_prefers_large_sites() -> None:
             select_sites(SITES, counts, round_number, fraction=0.1, weighted=True)
         )
     assert tally["site-9"] == 0
-    # site-0 holds 900 of 980 samples, so it is chosen in about 92% of rounds.
+    # site-0 has 900 of 980 samples, so it is chosen in about 92% of rounds.
     assert tally["site-0"] > 250
 
 

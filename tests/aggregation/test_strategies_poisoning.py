@@ -1,9 +1,10 @@
 """One poisoned site out of five, on the real UCI heart-disease records.
 
 The records are pooled and dealt to five sites at random (see
-``heart_federation``); each site in turn plays the attacker, and accuracies
-are averaged over the five choices, because which honest data is lost with
-the attacker moves a 315-record test set by a few hundredths on its own.
+``heart_federation``). Each site in turn plays the attacker, and accuracies
+are averaged over the five choices. Averaging matters because the honest data
+lost with the attacker moves accuracy on the 315-record test set by a few
+hundredths on its own.
 """
 
 import numpy as np

@@ -55,7 +55,7 @@ class FedAvgM(Strategy):
             previous = self._velocity.get(key, np.zeros(weights.shape))
             if previous.shape != weights.shape:
                 raise AggregationError(
-                    f"strategy 'fedavgm' holds a velocity of shape "
+                    f"strategy 'fedavgm' has a velocity of shape "
                     f"{list(previous.shape)} for tensor {key!r}, but the global "
                     f"model's has {list(weights.shape)}"
                 )

@@ -68,7 +68,7 @@ class Scaffold(Strategy):
     ) -> Weights:
         if summed.site_count > self.total_sites:
             raise AggregationError(
-                f"{summed.site_count} sites answered but scaffold was configured "
+                f"{summed.site_count} sites sent updates, but scaffold was configured "
                 f"with total_sites={self.total_sites}"
             )
         mean_control_delta = summed.mean_extras(CONTROL_DELTA)

@@ -105,7 +105,7 @@ class AdaptiveServerOptimizer(Strategy):
             return np.full(shape, start, np.float64)
         if moments[key].shape != shape:
             raise AggregationError(
-                f"strategy {self.name!r} holds a moment of shape "
+                f"strategy {self.name!r} has a moment of shape "
                 f"{list(moments[key].shape)} for tensor {key!r}, but the global "
                 f"model's has {list(shape)}; the model changed during the study"
             )

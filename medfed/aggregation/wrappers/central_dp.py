@@ -2,10 +2,10 @@
 
 DP-FedAvg (McMahan et al., "Learning Differentially Private Recurrent
 Language Models", ICLR 2018): each site's delta is clipped to L2 norm ``C``,
-the clipped deltas are summed, Gaussian noise ``N(0, (sigma * C)^2)`` is added
-to every coordinate of the sum, and the sum is divided by the *fixed* number
-of sites per round, not by the number that answered, so one site's presence
-changes the result by at most ``C / sites_per_round``. The guarantee protects
+the clipped deltas are summed, and Gaussian noise ``N(0, (sigma * C)^2)`` is
+added to every coordinate of the sum. The sum is then divided by the *fixed*
+number of sites per round, not by the number that sent updates, so one site's
+presence changes the result by at most ``C / sites_per_round``. The guarantee protects
 a whole site's data, on top of whatever DP-SGD the sites run locally.
 
 Adaptive clipping (Andrew et al., "Differentially Private Learning with
@@ -49,8 +49,8 @@ __all__ = ["CLIP_INDICATOR", "CentralDP"]
 logger = logging.getLogger(__name__)
 
 #: Extras group in which each site sends ``{"below": [1.0]}`` when its delta's
-#: norm was at most the published clip norm, else ``[0.0]``; only needed for
-#: adaptive clipping under secure aggregation.
+#: norm was at most the published clip norm, else ``[0.0]``. Only adaptive
+#: clipping under secure aggregation needs it.
 CLIP_INDICATOR = "clip_indicator"
 
 _ACCOUNTANTS = ("rdp", "prv")
@@ -102,10 +102,12 @@ class CentralDP(StrategyWrapper):
         seed: int | None = None,
     ) -> None:
         super().__init__(inner)
+
         if inner.needs_individual_updates:
             raise ConfigError(
                 f"central_dp cannot wrap {inner.name!r}, which needs each site's "
-                "update; the noise is calibrated to the mean of clipped updates"
+                "update, because the noise is calibrated to the mean of clipped "
+                "updates; list central_dp alone or use norm_bound"
             )
         self.clip_norm = require_float(
             "clip_norm", clip_norm, minimum=0.0, exclusive_minimum=True
@@ -138,6 +140,23 @@ class CentralDP(StrategyWrapper):
             )
         self.accountant_name = accountant
         self._accountant = create_accountant(accountant)
+
+        self._init_adaptive_clipping(
+            adaptive_clipping, target_quantile, clip_learning_rate, clip_count_stddev
+        )
+        # NOTE: numpy's PCG64 seeded from OS entropy is not a cryptographic
+        # generator, and sampling Gaussians in floating point leaks through
+        # the low-order bits (Mironov, CCS 2012); Opacus' secure_mode avoids
+        # both and this wrapper does not yet.
+        self._rng = np.random.default_rng(seed)
+
+    def _init_adaptive_clipping(
+        self,
+        adaptive_clipping: bool,
+        target_quantile: float,
+        clip_learning_rate: float,
+        clip_count_stddev: float | None,
+    ) -> None:
         if not isinstance(adaptive_clipping, bool):
             raise ConfigError(
                 f"adaptive_clipping must be true or false, got {adaptive_clipping!r}"
@@ -152,16 +171,14 @@ class CentralDP(StrategyWrapper):
             minimum=0.0,
             exclusive_minimum=True,
         )
+        default_stddev = self.sites_per_round / 20
         self.clip_count_stddev = require_float(
             "clip_count_stddev",
-            self.sites_per_round / 20
-            if clip_count_stddev is None
-            else clip_count_stddev,
+            default_stddev if clip_count_stddev is None else clip_count_stddev,
             minimum=0.0,
             exclusive_minimum=True,
         )
         self.delta_noise_multiplier = self._delta_noise_multiplier()
-        self._rng = np.random.default_rng(seed)
 
     def _delta_noise_multiplier(self) -> float:
         if not self.adaptive_clipping:
@@ -224,7 +241,7 @@ class CentralDP(StrategyWrapper):
     def _check_site_count(self, site_count: int) -> None:
         if site_count > self.sites_per_round:
             raise AggregationError(
-                f"{site_count} sites answered but central_dp divides by "
+                f"{site_count} sites sent updates, but central_dp divides by "
                 f"sites_per_round={self.sites_per_round}; more updates than that "
                 "would exceed the sensitivity the noise is calibrated to"
             )
@@ -310,7 +327,7 @@ class CentralDP(StrategyWrapper):
             )
         if not np.all(np.isfinite(history)) or not clip_norm[0] > 0:
             raise AggregationError(
-                "central_dp state holds a non-finite accountant history or a "
+                "central_dp state has a non-finite accountant history or a "
                 f"non-positive clip_norm {clip_norm[0]}"
             )
         restored: list[Any] = [

@@ -80,11 +80,11 @@ class MultiKrum(RobustRule):
     def __init__(self, inner: Strategy, *, f: int = 1, m: int = 2) -> None:
         super().__init__(inner)
         self.byzantine = require_int("f", f, minimum=0)
-        self.kept = require_int("m", m, minimum=1)
+        self.kept_count = require_int("m", m, minimum=1)
 
     def combine(self, updates: Sequence[SiteUpdate]) -> UpdateSum:
         scores = krum_scores(updates, self.byzantine)
-        kept = min(self.kept, len(updates) - self.byzantine)
+        kept = min(self.kept_count, len(updates) - self.byzantine)
         # A stable sort keeps the earlier update among equal scores, so
         # identical updates give a deterministic choice.
         order = np.argsort(scores, kind="stable")[:kept]
