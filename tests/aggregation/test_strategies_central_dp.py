@@ -220,9 +220,21 @@ def test_rejects_invalid_parameter(params: dict[str, object], message: str) -> N
 
 def test_rejects_inner_robust_rule() -> None:
     median = get_wrapper("median", get_strategy("fedavg"))
-    with pytest.raises(ConfigError, match=r"central_dp cannot wrap 'median'"):
+    with pytest.raises(
+        ConfigError, match="central_dp and median each combine the updates"
+    ):
         get_wrapper(
             "central_dp",
             median,
+            {"clip_norm": 1.0, "noise_multiplier": 1.0, "total_sites": 3},
+        )
+
+
+def test_rejects_inner_scaffold() -> None:
+    scaffold = get_strategy("scaffold", {"total_sites": 3})
+    with pytest.raises(ConfigError, match="central_dp cannot wrap scaffold"):
+        get_wrapper(
+            "central_dp",
+            scaffold,
             {"clip_norm": 1.0, "noise_multiplier": 1.0, "total_sites": 3},
         )

@@ -261,3 +261,9 @@ def test_robust_results_stay_within_input_range(
 def test_clip_update_rejects_non_positive_bound() -> None:
     with pytest.raises(ConfigError, match=r"max_norm must be > 0.0, got 0"):
         clip_update(vector(1.0), max_norm=0)
+
+
+def test_robust_rule_rejects_inner_combining_rule() -> None:
+    median = get_wrapper("median", get_strategy("fedavg"))
+    with pytest.raises(ConfigError, match="krum and median each combine the updates"):
+        get_wrapper("krum", median, {"f": 0})

@@ -27,7 +27,13 @@ from medfed.aggregation.strategies.base import (
 )
 from medfed.errors import AggregationError, ConfigError
 
-__all__ = ["WRAPPERS", "StrategyWrapper", "get_wrapper", "register_wrapper"]
+__all__ = [
+    "WRAPPERS",
+    "StrategyWrapper",
+    "get_wrapper",
+    "register_wrapper",
+    "wrapped_chain",
+]
 
 WRAPPERS: dict[str, type["StrategyWrapper"]] = {}
 
@@ -46,6 +52,13 @@ class StrategyWrapper(Strategy):
     combines_updates: ClassVar[bool] = False
 
     def __init__(self, inner: Strategy) -> None:
+        if self.combines_updates:
+            for wrapped in wrapped_chain(inner):
+                if isinstance(wrapped, StrategyWrapper) and wrapped.combines_updates:
+                    raise ConfigError(
+                        f"{self.name} and {wrapped.name} each combine the updates "
+                        "themselves, so only one of them can run; keep one"
+                    )
         self.inner = inner
         self.needs_individual_updates = (
             type(self).needs_individual_updates or inner.needs_individual_updates
@@ -113,6 +126,14 @@ class StrategyWrapper(Strategy):
                 )
         self.inner.load_state_dict(inner)
         self.load_own_state_dict(own)
+
+
+def wrapped_chain(strategy: Strategy) -> list[Strategy]:
+    """Return ``strategy`` and every strategy inside it, outermost first."""
+    chain = [strategy]
+    while isinstance(chain[-1], StrategyWrapper):
+        chain.append(chain[-1].inner)
+    return chain
 
 
 def register_wrapper(cls: type[StrategyWrapper]) -> type[StrategyWrapper]:

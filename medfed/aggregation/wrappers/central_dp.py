@@ -40,7 +40,11 @@ from medfed.aggregation.strategies.base import (
     Weights,
     sum_updates,
 )
-from medfed.aggregation.wrappers.base import StrategyWrapper, register_wrapper
+from medfed.aggregation.wrappers.base import (
+    StrategyWrapper,
+    register_wrapper,
+    wrapped_chain,
+)
 from medfed.aggregation.wrappers.clipping import clip_update
 from medfed.errors import AggregationError, ConfigError
 
@@ -103,6 +107,13 @@ class CentralDP(StrategyWrapper):
     ) -> None:
         super().__init__(inner)
 
+        base = wrapped_chain(inner)[-1]
+        if base.name == "scaffold":
+            raise ConfigError(
+                "central_dp cannot wrap scaffold: the sites' control deltas would "
+                "be released without clipping or noise; use fedavg, fedprox or a "
+                "server optimizer with central_dp"
+            )
         if inner.needs_individual_updates:
             raise ConfigError(
                 f"central_dp cannot wrap {inner.name!r}, which needs each site's "
