@@ -210,6 +210,8 @@ class CentralDP(StrategyWrapper):
     @property
     def sample_rate(self) -> float:
         """Fraction of the study's sites that take part in a round."""
+        # NOTE: the accountant's amplification by sampling assumes Poisson
+        # sampling of sites; select_sites draws a fixed number instead.
         return self.sites_per_round / self.total_sites
 
     def aggregate(
