@@ -47,6 +47,11 @@ def check_strategy_compatibility(
         ConfigError: an unknown name, or a conflict; the message gives the
             reason and what to change.
     """
+    if not isinstance(secure_aggregation, str) or not secure_aggregation:
+        raise ConfigError(
+            "secure_aggregation must be 'none' or the name of a secure-aggregation "
+            f"mode, got {secure_aggregation!r}"
+        )
     if strategy not in STRATEGIES:
         raise ConfigError(
             f"unknown strategy {strategy!r}: choose one of "
