@@ -1,11 +1,13 @@
 """Config-time rejection of strategy, wrapper and secure-aggregation conflicts."""
 
+import numpy as np
 import pytest
 
 from medfed.aggregation.compatibility import (
     build_strategy,
     check_strategy_compatibility,
 )
+from medfed.aggregation.strategies import SiteUpdate, sum_updates
 from medfed.aggregation.wrappers.central_dp import CentralDP
 from medfed.aggregation.wrappers.median import CoordinateMedian
 from medfed.aggregation.wrappers.norm_bound import NormBound
@@ -115,3 +117,54 @@ def test_build_strategy_sum_only_chain() -> None:
 def test_build_strategy_reports_wrapper_parameter() -> None:
     with pytest.raises(ConfigError, match=r"invalid parameters for wrapper 'krum'"):
         build_strategy("fedavg", {}, [("krum", {"byzantine": 1})])
+
+
+@pytest.mark.parametrize(
+    ("strategy", "params", "wrappers"),
+    [
+        ("fedavg", {}, []),
+        ("fedadam", {"tau": 0.1}, []),
+        ("fedavgm", {}, [("norm_bound", {"max_norm": 10.0})]),
+        ("scaffold", {"total_sites": 3}, []),
+        (
+            "fedyogi",
+            {},
+            [
+                (
+                    "central_dp",
+                    {
+                        "clip_norm": 10.0,
+                        "noise_multiplier": 1.0,
+                        "total_sites": 3,
+                        "seed": 3,
+                    },
+                )
+            ],
+        ),
+    ],
+)
+def test_sum_path_matches_individual_path(
+    strategy: str, params: dict, wrappers: list
+) -> None:
+    # What the service computes from unmasked sums must equal what it
+    # computes from the individual updates, when every site is within bounds.
+    updates = [
+        SiteUpdate(
+            site,
+            {"w": np.array([value, -value], np.float32)},
+            count,
+            {"control_delta": {"w": np.array([value / 2, 0.0], np.float32)}}
+            if strategy == "scaffold"
+            else {},
+        )
+        for site, value, count in [("a", 0.2, 10), ("b", 0.5, 30), ("c", -0.1, 5)]
+    ]
+    global_weights = {"w": np.array([1.0, 1.0], np.float32)}
+    individual = build_strategy(strategy, params, wrappers)
+    summed = build_strategy(strategy, params, wrappers, secure_aggregation="masking")
+    for _ in range(2):
+        expected = individual.aggregate(global_weights, updates)
+        sums = sum_updates(updates, uniform=summed.uniform_weighting)
+        result = summed.aggregate_sum(global_weights, sums)
+        np.testing.assert_allclose(result["w"], expected["w"], rtol=1e-6)
+        global_weights = expected
