@@ -398,13 +398,41 @@ def write_docs(report: dict[str, Any]) -> None:
     ]
     for row in report["rows"]:
         summary = row["summary"]
-        epsilon = summary.get("server_epsilon", summary["site_epsilon"])
+        epsilon_value = summary.get("server_epsilon", summary["site_epsilon"])
+        epsilon = f"{epsilon_value:.2f}" if row["dp"] != "none" else "-"
         per_site = " | ".join(f"{summary['per_site_mean'][site]:.3f}" for site in sites)
         lines.append(
             f"| {row['config']} | {row['dp']} | {summary['pooled_mean']:.3f} "
-            f"± {summary['pooled_std']:.3f} | {per_site} | {epsilon:.2f} |"
+            f"± {summary['pooled_std']:.3f} | {per_site} | {epsilon} |"
         )
-    lines += ["", *report["notes"], ""]
+    central = next(row for row in report["rows"] if row["dp"] == "central")
+    lines += [
+        "",
+        "Pooled accuracy is the mean ± standard deviation over seeds; per-site "
+        "columns are means.",
+        "",
+        *report["notes"],
+        "",
+        "Reading the table:",
+        "",
+        "- Differences between the unwrapped strategies (under 0.01) are well "
+        "inside the spread over seeds (about 0.02).",
+        "- With four sites, `trimmed_mean` at beta 0.25 drops one value per end "
+        "and averages the middle two, which is the median, so their rows match.",
+        "- `norm_bound` at max_norm 1.0 matches `fedavg` to three decimals: the "
+        "hospitals' deltas rarely or never exceed the bound.",
+        "- `krum` keeps one hospital's update per round, which costs Switzerland, "
+        "the smallest and most different site, the most.",
+        "- Central DP at epsilon 1 over "
+        f"{report['rounds']} rounds with only four sites needs noise multiplier "
+        f"{central['params']['noise_multiplier']:.1f} on a sum of four clipped "
+        "updates, so the noise drowns the signal. Site-level DP needs many more "
+        "sites per round.",
+        "- For comparison, FLamby (Terrail et al., NeurIPS 2022) reports about "
+        "0.79 for pooled training and 0.75 for FedAvg on the same four-hospital "
+        "split, with its own preprocessing and training settings.",
+        "",
+    ]
     DOCS.write_text("\n".join(lines))
 
 
@@ -424,7 +452,15 @@ def main() -> None:
     parser.add_argument(
         "--configs", nargs="*", default=list(CONFIGS), help="strategy configs to run"
     )
+    parser.add_argument(
+        "--docs-only",
+        action="store_true",
+        help="rewrite the docs page from the saved JSON without training",
+    )
     arguments = parser.parse_args()
+    if arguments.docs_only:
+        write_docs(json.loads(RESULTS.read_text()))
+        return
     warnings.filterwarnings("ignore")
     logging.disable(logging.INFO)
 
