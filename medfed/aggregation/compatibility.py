@@ -15,6 +15,7 @@ that could not aggregate or would silently weaken a guarantee:
 - a wrapper listed twice.
 """
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,13 +24,28 @@ from medfed.aggregation.strategies.base import STRATEGIES, Strategy, get_strateg
 from medfed.aggregation.wrappers.base import WRAPPERS, get_wrapper
 from medfed.errors import ConfigError
 
-__all__ = ["NO_SECURE_AGGREGATION", "build_strategy", "check_strategy_compatibility"]
+__all__ = [
+    "NO_SECURE_AGGREGATION",
+    "SITE_SIDE_MISSING",
+    "build_strategy",
+    "build_study_strategy",
+    "check_strategy_compatibility",
+]
 
 #: The ``secure_aggregation`` value under which the service receives each update.
 #: Every other mode reveals only the sum of the updates.
 NO_SECURE_AGGREGATION = "none"
 
 _CLIPPING_ALTERNATIVES = "use norm_bound or central_dp instead"
+
+#: Strategies whose site-side part the site runner does not perform yet, with
+#: what is missing. Studies naming them are rejected rather than run wrongly.
+SITE_SIDE_MISSING = {
+    "scaffold": (
+        "the site runner does not yet send control deltas in its uploads, and "
+        "the service does not publish the server control variate"
+    ),
+}
 
 
 def check_strategy_compatibility(
@@ -120,3 +136,57 @@ def build_strategy(
     for name, wrapper_params in reversed(wrappers):
         built = get_wrapper(name, built, wrapper_params)
     return built
+
+
+def build_study_strategy(
+    settings: Mapping[str, Any],
+    *,
+    secure_aggregation: str = NO_SECURE_AGGREGATION,
+) -> Strategy:
+    """Build a study's strategy from its stored settings.
+
+    Args:
+        settings: ``{"strategy": name, "strategy_params": {...}, "wrappers":
+            [[name, params], ...], "total_sites": n}``; ``wrappers`` and
+            ``total_sites`` are optional. ``total_sites`` fills the parameter
+            of that name where the strategy or a wrapper takes it and the
+            settings leave it out.
+        secure_aggregation: as for ``check_strategy_compatibility``.
+
+    Raises:
+        ConfigError: malformed settings, a conflict, an unknown name, an
+            invalid parameter, or a strategy whose site side is missing.
+    """
+    try:
+        strategy = str(settings["strategy"])
+        params = dict(settings.get("strategy_params") or {})
+        wrappers = [
+            (str(name), dict(p or {})) for name, p in settings.get("wrappers") or []
+        ]
+        total_sites = settings.get("total_sites")
+    except (KeyError, TypeError, ValueError) as error:
+        raise ConfigError(f"malformed strategy settings: {error!r}") from None
+    if strategy in SITE_SIDE_MISSING:
+        raise ConfigError(
+            f"strategy {strategy!r} cannot run in a study yet: "
+            f"{SITE_SIDE_MISSING[strategy]}"
+        )
+    if total_sites is not None:
+        params = _with_total_sites(STRATEGIES.get(strategy), params, total_sites)
+        wrappers = [
+            (name, _with_total_sites(WRAPPERS.get(name), p, total_sites))
+            for name, p in wrappers
+        ]
+    return build_strategy(
+        strategy, params, wrappers, secure_aggregation=secure_aggregation
+    )
+
+
+def _with_total_sites(
+    cls: type | None, params: dict[str, Any], total_sites: object
+) -> dict[str, Any]:
+    if cls is None or "total_sites" in params:
+        return params
+    if "total_sites" not in inspect.signature(cls).parameters:
+        return params
+    return {**params, "total_sites": total_sites}

@@ -6,6 +6,7 @@ rejected request changes nothing: checks run before any write, and each write
 is a single transaction.
 """
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -19,8 +20,9 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
+from medfed.aggregation.compatibility import build_study_strategy
 from medfed.aggregation.store import ModelVersion, RoundRecord, Store, StoredUpload
-from medfed.aggregation.strategies import SiteUpdate, get_strategy
+from medfed.aggregation.strategies import SiteUpdate, Strategy
 from medfed.contract.ids import IDENTIFIER_PATTERN
 from medfed.contract.wire import EnvelopeLimits, decode_envelope
 from medfed.errors import AggregationError, ConfigError, EnvelopeError
@@ -48,6 +50,8 @@ class StudySettings:
     sites: list[str]
     strategy: str
     strategy_params: dict[str, Any]
+    #: ``[name, params]`` pairs in the order the wrappers receive the updates.
+    wrappers: list[list[Any]] = dataclasses.field(default_factory=list)
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> "StudySettings":
@@ -55,6 +59,7 @@ class StudySettings:
             sites = [str(site) for site in raw["sites"]]
             strategy = str(raw["strategy"])
             params = dict(raw.get("strategy_params", {}))
+            wrappers = [[str(name), dict(p)] for name, p in raw.get("wrappers", [])]
         except (KeyError, TypeError, ValueError) as error:
             raise Rejected(
                 422, f"invalid study settings: missing or malformed {error}"
@@ -66,14 +71,32 @@ class StudySettings:
                 )
         if not sites or len(set(sites)) != len(sites):
             raise Rejected(422, "study settings must list at least one site, each once")
-        return cls(sites=sites, strategy=strategy, strategy_params=params)
+        return cls(
+            sites=sites, strategy=strategy, strategy_params=params, wrappers=wrappers
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
             "sites": self.sites,
             "strategy": self.strategy,
             "strategy_params": self.strategy_params,
+            "wrappers": self.wrappers,
         }
+
+    def build_strategy(self) -> Strategy:
+        """Build the study's strategy inside its wrappers.
+
+        Raises:
+            ConfigError: an unknown name, an invalid parameter or a conflict.
+        """
+        return build_study_strategy(
+            {
+                "strategy": self.strategy,
+                "strategy_params": self.strategy_params,
+                "wrappers": self.wrappers,
+                "total_sites": len(self.sites),
+            }
+        )
 
 
 class RoundService:
@@ -103,7 +126,7 @@ class RoundService:
         except json.JSONDecodeError:
             raise Rejected(422, "study settings metadata is not valid JSON") from None
         try:
-            get_strategy(settings.strategy, settings.strategy_params)
+            settings.build_strategy()
         except (ConfigError, ValueError) as error:
             raise Rejected(422, str(error)) from None
 
@@ -382,11 +405,12 @@ class RoundService:
         base = self.store.get_model(study, record.base_version)
         assert base is not None
         global_weights, _ = _load_weights(base.weights)
-        strategy = get_strategy(settings.strategy, settings.strategy_params)
+        strategy = settings.build_strategy()
         stored = self.store.get_study(study)
         if stored is not None and stored.strategy_state:
-            state, _ = _load_weights(stored.strategy_state)
-            strategy.load_state_dict(state)
+            # Strategy state is the service's own float64 record (moments,
+            # accountant history), not a model, so it skips the model checks.
+            strategy.load_state_dict(load_safetensors(stored.strategy_state))
         updates = []
         for upload in uploads:
             decoded = decode_envelope(upload.envelope, self.limits)
