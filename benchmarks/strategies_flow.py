@@ -1,9 +1,9 @@
 """Run the heart-disease study through the real flow with each strategy.
 
-For every strategy config of ``benchmarks/strategies.py`` that a study can
-run (SCAFFOLD's site side is not wired yet), this runs
-``configs/heart_disease_nodp.yaml`` and ``configs/heart_disease.yaml``
-(site DP-SGD at epsilon 1) with that strategy through ``run_study``: Prefect's
+Each strategy config of ``benchmarks/strategies.py`` that a study can run
+(all but SCAFFOLD, whose site side is not wired yet) replaces the strategy of
+``configs/heart_disease_nodp.yaml`` and of ``configs/heart_disease.yaml``
+(site DP-SGD at epsilon 1). Each study runs through ``run_study``: Prefect's
 ephemeral API, the aggregation service on 127.0.0.1, sites as local tasks and
 MLflow on SQLite in a temporary folder. One run per config, with the
 configs' own seed and preprocessing. Writes
