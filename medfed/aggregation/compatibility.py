@@ -27,6 +27,7 @@ from medfed.errors import ConfigError
 __all__ = [
     "NO_SECURE_AGGREGATION",
     "SITE_SIDE_MISSING",
+    "SITE_SIDE_MISSING_UNDER_MASKING",
     "build_strategy",
     "build_study_strategy",
     "check_strategy_compatibility",
@@ -138,6 +139,20 @@ def build_strategy(
     return built
 
 
+#: Wrappers whose site-side part a study under masking secure aggregation
+#: needs and the site runner does not perform yet.
+SITE_SIDE_MISSING_UNDER_MASKING = {
+    "norm_bound": (
+        "the site runner does not yet clip its delta to the published clip_norm "
+        "before masking, so the bound would not hold"
+    ),
+    "central_dp": (
+        "the site runner does not yet clip its delta and send it unweighted "
+        "before masking, so the noise would not match the sensitivity"
+    ),
+}
+
+
 def build_study_strategy(
     settings: Mapping[str, Any],
     *,
@@ -171,6 +186,17 @@ def build_study_strategy(
             f"strategy {strategy!r} cannot run in a study yet: "
             f"{SITE_SIDE_MISSING[strategy]}"
         )
+    if secure_aggregation != NO_SECURE_AGGREGATION:
+        check_strategy_compatibility(
+            strategy, [name for name, _ in wrappers], secure_aggregation
+        )
+        for name, _ in wrappers:
+            if name in SITE_SIDE_MISSING_UNDER_MASKING:
+                raise ConfigError(
+                    f"wrapper {name!r} cannot run with {secure_aggregation} secure "
+                    f"aggregation yet: {SITE_SIDE_MISSING_UNDER_MASKING[name]}; "
+                    "set secure_aggregation: none to use it"
+                )
     if total_sites is not None:
         params = _with_total_sites(STRATEGIES.get(strategy), params, total_sites)
         wrappers = [

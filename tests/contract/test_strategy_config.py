@@ -92,3 +92,33 @@ def test_invalid_strategy_rejected(strategy: dict[str, Any], message: str) -> No
     with pytest.raises(ConfigError) as error:
         parse_study_config(config_with(strategy))
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("wrappers", "message"),
+    [
+        (
+            [{"name": "median"}],
+            "median needs each site's update, but masking secure aggregation "
+            "reveals only the sum",
+        ),
+        (
+            [{"name": "norm_bound", "params": {"max_norm": 1.0}}],
+            "wrapper 'norm_bound' cannot run with masking secure aggregation yet",
+        ),
+    ],
+)
+def test_masking_rejects_unsupported_wrappers(
+    wrappers: list[dict[str, Any]], message: str
+) -> None:
+    raw = config_with({"name": "fedavg", "wrappers": wrappers})
+    raw["secure_aggregation"] = "masking"
+    with pytest.raises(ConfigError) as error:
+        parse_study_config(raw)
+    assert message in str(error.value)
+
+
+def test_masking_accepts_server_optimizer() -> None:
+    raw = config_with({"name": "fedadam", "params": {"tau": 0.01}})
+    raw["secure_aggregation"] = "masking"
+    assert parse_study_config(raw).strategy.name == "fedadam"
