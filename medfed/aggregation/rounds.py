@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
+from medfed.aggregation.compatibility import build_study_strategy
 from medfed.aggregation.secagg_routes import MaskingRounds
 from medfed.aggregation.secure_rounds import (
     accept_masked_upload,
@@ -28,7 +29,7 @@ from medfed.aggregation.secure_rounds import (
     parse_secure_aggregation,
 )
 from medfed.aggregation.store import ModelVersion, RoundRecord, Store, StoredUpload
-from medfed.aggregation.strategies import SiteUpdate, get_strategy
+from medfed.aggregation.strategies import SiteUpdate, Strategy
 from medfed.contract.ids import IDENTIFIER_PATTERN
 from medfed.contract.secagg.config import SecureAggregationConfig
 from medfed.contract.wire import EnvelopeHeader, EnvelopeLimits, decode_envelope
@@ -63,6 +64,8 @@ class StudySettings:
     sites: list[str]
     strategy: str
     strategy_params: dict[str, Any]
+    #: ``[name, params]`` pairs in the order the wrappers receive the updates.
+    wrappers: list[list[Any]] = dataclasses.field(default_factory=list)
     secure_aggregation: SecureAggregationConfig = dataclasses.field(
         default_factory=SecureAggregationConfig
     )
@@ -73,6 +76,7 @@ class StudySettings:
             sites = [str(site) for site in raw["sites"]]
             strategy = str(raw["strategy"])
             params = dict(raw.get("strategy_params", {}))
+            wrappers = [[str(name), dict(p)] for name, p in raw.get("wrappers", [])]
         except (KeyError, TypeError, ValueError) as error:
             raise Rejected(
                 422, f"invalid study settings: missing or malformed {error}"
@@ -92,6 +96,7 @@ class StudySettings:
             sites=sites,
             strategy=strategy,
             strategy_params=params,
+            wrappers=wrappers,
             secure_aggregation=secure,
         )
 
@@ -100,8 +105,25 @@ class StudySettings:
             "sites": self.sites,
             "strategy": self.strategy,
             "strategy_params": self.strategy_params,
+            "wrappers": self.wrappers,
             "secure_aggregation": self.secure_aggregation.model_dump(mode="json"),
         }
+
+    def build_strategy(self) -> Strategy:
+        """Build the study's strategy inside its wrappers.
+
+        Raises:
+            ConfigError: an unknown name, an invalid parameter or a conflict.
+        """
+        return build_study_strategy(
+            {
+                "strategy": self.strategy,
+                "strategy_params": self.strategy_params,
+                "wrappers": self.wrappers,
+                "total_sites": len(self.sites),
+            },
+            secure_aggregation=self.secure_aggregation.mode,
+        )
 
 
 class RoundService:
@@ -142,7 +164,7 @@ class RoundService:
         except json.JSONDecodeError:
             raise Rejected(422, "study settings metadata is not valid JSON") from None
         try:
-            get_strategy(settings.strategy, settings.strategy_params)
+            settings.build_strategy()
         except (ConfigError, ValueError) as error:
             raise Rejected(422, str(error)) from None
 
@@ -455,11 +477,12 @@ class RoundService:
         base = self.store.get_model(study, record.base_version)
         assert base is not None
         global_weights, _ = _load_weights(base.weights)
-        strategy = get_strategy(settings.strategy, settings.strategy_params)
+        strategy = settings.build_strategy()
         stored = self.store.get_study(study)
         if stored is not None and stored.strategy_state:
-            state, _ = _load_weights(stored.strategy_state)
-            strategy.load_state_dict(state)
+            # Strategy state is the service's own float64 record (moments,
+            # accountant history), not a model, so it skips the model checks.
+            strategy.load_state_dict(load_safetensors(stored.strategy_state))
         contributors = [upload.site for upload in uploads]
         try:
             if settings.secure_aggregation.mode == "masking":

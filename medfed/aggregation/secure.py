@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from medfed.aggregation.strategies.base import Strategy, Weights
+from medfed.aggregation.strategies.base import Strategy, UpdateSum, Weights
 from medfed.contract.secagg.layout import VectorLayout
 from medfed.errors import AggregationError, ConfigError
 
@@ -50,8 +50,14 @@ def apply_weighted_sum(
     global_weights: Mapping[str, np.ndarray],
     weighted_sum: np.ndarray,
     sample_count: int,
+    *,
+    site_count: int,
 ) -> Weights:
     """Return the next global weights from a securely aggregated weighted sum.
+
+    The sum goes to ``Strategy.aggregate_sum``, so strategies and wrappers that
+    act on sums (server optimizers, central DP noise) see it as they would
+    see the sum of individual updates.
 
     Raises:
         ConfigError: the strategy needs individual updates, which secure
@@ -64,6 +70,15 @@ def apply_weighted_sum(
             "aggregation does not release; choose a strategy that uses only the "
             "weighted mean, or secure_aggregation 'none'"
         )
+    if sample_count <= 0:
+        raise AggregationError(
+            f"total sample_count of the securely aggregated sites is {sample_count}; "
+            "it must be positive"
+        )
     layout = VectorLayout.of(global_weights)
-    mean_delta = mean_delta_from_sum(weighted_sum, sample_count, layout)
-    return strategy.apply(global_weights, mean_delta)
+    summed = UpdateSum(
+        delta=layout.split(np.asarray(weighted_sum, np.float64)),
+        weight_total=float(sample_count),
+        site_count=site_count,
+    )
+    return strategy.aggregate_sum(global_weights, summed)

@@ -153,7 +153,11 @@ def finalize_masking(
         ) from None
     result = rounds.unmask(study, round_number)
     weights = apply_weighted_sum(
-        strategy, global_weights, result.weighted_sum, result.sample_count
+        strategy,
+        global_weights,
+        result.weighted_sum,
+        result.sample_count,
+        site_count=len(result.survivors),
     )
     logger.info(
         "unmasked round %s of study %s from %s sites",

@@ -35,6 +35,7 @@ __all__ = [
     "StudyConfig",
     "TrackingConfig",
     "TrainingConfig",
+    "WrapperConfig",
     "load_study_config",
     "parse_study_config",
 ]
@@ -78,9 +79,18 @@ class TrainingConfig(_Strict):
     seed: int = 0
 
 
+class WrapperConfig(_Strict):
+    """One wrapper around the strategy: norm_bound, central_dp or a robust rule."""
+
+    name: str = Field(min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
 class StrategyConfig(_Strict):
     name: str = "fedavg"
     params: dict[str, Any] = Field(default_factory=dict)
+    #: Wrappers in the order they receive the updates; the first is outermost.
+    wrappers: list[WrapperConfig] = Field(default_factory=list, max_length=8)
 
 
 class PrivacyConfig(_Strict):
@@ -185,6 +195,34 @@ class StudyConfig(_Strict):
         except ConfigError as error:
             raise ValueError(str(error)) from None
         return self
+
+    @model_validator(mode="after")
+    def _check_strategy(self) -> "StudyConfig":
+        # Imported here because the aggregation package pulls in Opacus for
+        # central DP, which configs that never aggregate should not load.
+        from medfed.aggregation.compatibility import build_study_strategy
+
+        try:
+            build_study_strategy(
+                self.strategy_settings(),
+                secure_aggregation=self.secure_aggregation.mode,
+            )
+        except ConfigError as error:
+            raise ValueError(f"strategy: {error}") from None
+        return self
+
+    def strategy_settings(self) -> dict[str, Any]:
+        """Return the strategy as the aggregation service stores it.
+
+        ``total_sites`` defaults to the number of sites in the study for the
+        strategy and wrappers that take it (scaffold, central_dp).
+        """
+        return {
+            "strategy": self.strategy.name,
+            "strategy_params": self.strategy.params,
+            "wrappers": [[w.name, w.params] for w in self.strategy.wrappers],
+            "total_sites": len(self.sites),
+        }
 
     @property
     def quorum(self) -> int:

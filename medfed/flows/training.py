@@ -277,10 +277,14 @@ class _Coordinator:
         return prepared
 
     def _initial_model(self) -> bytes:
+        strategy = self.config.strategy
         settings = {
             "sites": self.sites,
-            "strategy": self.config.strategy.name,
-            "strategy_params": self.config.strategy.params,
+            "strategy": strategy.name,
+            "strategy_params": strategy.params,
+            "wrappers": [
+                [wrapper.name, wrapper.params] for wrapper in strategy.wrappers
+            ],
             "secure_aggregation": self.config.secure_aggregation.model_dump(
                 mode="json"
             ),

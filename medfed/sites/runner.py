@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from safetensors.numpy import save as save_safetensors
 
+from medfed.aggregation.compatibility import build_study_strategy
 from medfed.contract.config import StudyConfig
 from medfed.contract.kits import KitFiles
 from medfed.contract.metrics import EvaluationAggregates
@@ -361,7 +362,13 @@ class SiteRunner:
             weight_decay=training.weight_decay,
             max_grad_norm=ledger.max_grad_norm if ledger else None,
             noise_multiplier=ledger.noise_multiplier if ledger else None,
+            proximal_mu=self._site_settings().get("proximal_mu"),
         )
+
+    def _site_settings(self) -> dict[str, float]:
+        # The site builds the study's strategy only to read what it asks of
+        # sites (FedProx's mu); aggregation stays at the service.
+        return build_study_strategy(self.config.strategy_settings()).site_settings()
 
     def _seed(self, round_number: int) -> int:
         key = f"{self.config.training.seed}:{self.config.study}:{self.site_id}:{round_number}"

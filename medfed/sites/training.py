@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from medfed.errors import ConfigError
+from medfed.sites.regularizers import apply_proximal_step
 
 __all__ = [
     "LocalTrainingSettings",
@@ -43,6 +44,9 @@ class LocalTrainingSettings:
     #: Per-record clipping norm; None trains without DP.
     max_grad_norm: float | None = None
     noise_multiplier: float | None = None
+    #: FedProx strength; each step is followed by the proximal step toward the
+    #: round's starting weights (see ``medfed.sites.regularizers``).
+    proximal_mu: float | None = None
 
     @property
     def private(self) -> bool:
@@ -85,6 +89,10 @@ def train_locally(
     """
     dataset = TensorDataset(inputs, labels)
     sampling = torch.Generator().manual_seed(seed)
+    start = {
+        name: parameter.detach().numpy().copy()
+        for name, parameter in model.named_parameters()
+    }
     loss_function = nn.BCEWithLogitsLoss()
     trained: nn.Module = model
 
@@ -125,6 +133,13 @@ def train_locally(
                 loss = loss_function(trained(batch_inputs), batch_labels)
             loss.backward()
             optimizer.step()
+            if settings.proximal_mu:
+                apply_proximal_step(
+                    model,
+                    start,
+                    mu=settings.proximal_mu,
+                    learning_rate=settings.learning_rate,
+                )
             steps += 1
             loss_total += float(loss.detach())
     if isinstance(trained, GradSampleModule):

@@ -45,6 +45,7 @@ def test_fedavg_matches_plain_round():
         global_weights,
         outcome.result.weighted_sum,
         outcome.result.sample_count,
+        site_count=len(outcome.result.survivors),
     )
 
     plain = strategy.aggregate(
@@ -69,7 +70,11 @@ class _NeedsEachUpdate(FedAvg):
 def test_individual_update_strategy_rejected():
     with pytest.raises(ConfigError) as error:
         apply_weighted_sum(
-            _NeedsEachUpdate(), {"bias": np.zeros(1, np.float32)}, np.zeros(1), 1
+            _NeedsEachUpdate(),
+            {"bias": np.zeros(1, np.float32)},
+            np.zeros(1),
+            1,
+            site_count=1,
         )
 
     assert str(error.value) == (
@@ -81,7 +86,9 @@ def test_individual_update_strategy_rejected():
 
 def test_zero_sample_count_rejected():
     with pytest.raises(AggregationError) as error:
-        apply_weighted_sum(FedAvg(), {"bias": np.zeros(1, np.float32)}, np.zeros(1), 0)
+        apply_weighted_sum(
+            FedAvg(), {"bias": np.zeros(1, np.float32)}, np.zeros(1), 0, site_count=1
+        )
 
     assert str(error.value) == (
         "total sample_count of the securely aggregated sites is 0; it must be positive"
