@@ -9,10 +9,12 @@ __all__ = [
     "BudgetExceededError",
     "ConfigError",
     "DataError",
+    "DeployError",
     "EnvelopeError",
     "MedfedError",
     "QuorumError",
     "ServiceError",
+    "SiteRunError",
 ]
 
 
@@ -66,3 +68,15 @@ class QuorumError(AggregationError):
     """Fewer sites answered than the round's quorum requires."""
 
     exit_code = 8
+
+
+class DeployError(MedfedError):
+    """Building images or starting containers for a deployment failed."""
+
+    exit_code = 9
+
+
+class SiteRunError(MedfedError):
+    """A site's flow run in deployment mode failed or missed its deadline."""
+
+    exit_code = 10
