@@ -62,7 +62,7 @@ IMAGE_ROLES = ("site", "aggregation", "coordinator")
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 BUILD_INPUTS = Path("images") / "build-inputs"
 
-#: Where the site image expects its mounts (set as env in site.Dockerfile).
+#: Mount points in the site image (site.Dockerfile sets the same paths as env).
 SITE_DATA_DIR = "/data"
 SITE_KEYS_DIR = "/run/secrets/medfed"
 STATE_DIR = "/state"
@@ -82,7 +82,7 @@ class ServicePorts:
 
 @dataclass(frozen=True)
 class DeploymentSettings:
-    """How and where the containers run.
+    """Names, ports, images and network of one deployment.
 
     Attributes:
         name: value of the deployment label; ``deploy_down`` removes by it.
@@ -130,7 +130,7 @@ class DeploymentSettings:
 
 @dataclass(frozen=True)
 class SiteContainerSpec:
-    """What one site container mounts.
+    """The mounts of one site container.
 
     Attributes:
         site_id: the study's site identifier; the worker polls ``site-<id>``.
@@ -161,7 +161,7 @@ def connect(base_url: str | None = None) -> Any:
     """Return a ``docker.DockerClient`` for ``base_url``, else for ``DOCKER_HOST``.
 
     Raises:
-        DeployError: no engine answers at that address.
+        DeployError: no engine responds at that address.
     """
     import docker
     from docker.errors import DockerException
@@ -173,7 +173,7 @@ def connect(base_url: str | None = None) -> Any:
         client.ping()
     except DockerException as error:
         raise DeployError(
-            f"no container engine answers at {base_url or 'DOCKER_HOST'}: {error}; "
+            f"no container engine responds at {base_url or 'DOCKER_HOST'}: {error}; "
             "start Docker, or run scripts/containers/setup.sh and "
             "'source .podman/env' to use podman"
         ) from None
@@ -270,7 +270,7 @@ def build_images(
 def start_coordinator(client: Any, settings: DeploymentSettings) -> dict[str, str]:
     """Start the Prefect server, MLflow server and aggregation service.
 
-    Waits until each answers its health check.
+    Waits until each passes its health check.
 
     Returns:
         Container name by role ("prefect", "mlflow", "aggregation").
@@ -364,7 +364,7 @@ def site_container_specs(
     data_root: Path | None = None,
     keys_root: Path | None = None,
 ) -> list[SiteContainerSpec]:
-    """Work out each site's mounts from the study config.
+    """Derive each site's mounts from the study config.
 
     Each site gets only its own source file. ``keys_root/<site_id>`` is
     mounted as the site's keys when it exists.
@@ -575,13 +575,13 @@ def _wait_until_healthy(
             )
         try:
             if httpx.get(url, timeout=2.0).status_code == 200:
-                logger.info("container %s answers at %s", container_name, url)
+                logger.info("container %s is healthy at %s", container_name, url)
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
     raise DeployError(
-        f"container {container_name} did not answer {url} within {timeout:.0f} s:\n"
+        f"container {container_name} was not healthy at {url} within {timeout:.0f} s:\n"
         + _log_tail(client.containers.get(container_name))
     )
 

@@ -2,7 +2,7 @@
 
 A site is reached only through its Prefect work pool ``site-<site_id>``. The
 coordinator creates the pool and, in it, one deployment of each site flow
-(``site_prepare``, ``site_round``, ``site_evaluation``); the site's worker
+(``site_prepare``, ``site_round``, ``site_evaluation``). The site's worker
 polls the pool and runs those flows inside the site's container. Deployments
 name their flow by module path, so the worker imports it from the medfed
 package installed in its image and no code is pulled at run time.

@@ -1,9 +1,9 @@
 """Flows that run at a site, started through the site's Prefect work pool.
 
 In deployment mode the coordinator starts these flows with
-``run_deployment``; the site's worker runs them inside the site's container,
-where the data is mounted read-only at ``MEDFED_DATA_DIR`` and the site's
-private state (preprocessed data, privacy ledger) lives under
+``run_deployment``, and the site's worker runs them inside the site's
+container. There the data is mounted read-only at ``MEDFED_DATA_DIR`` and the
+site's private state (preprocessed data, privacy ledger) lives under
 ``MEDFED_SITE_STATE_DIR``.
 
 Each flow returns its report and also publishes it as a one-row table
@@ -71,7 +71,7 @@ def site_round(
 
     Returns the site's round report (``SiteRoundReport`` as a dict). A round
     that would exceed the site's privacy budget is rejected before training,
-    and the report says so.
+    with status ``rejected_budget`` in the report.
     """
     runner = _runner(config, site_id)
     with AggregationClient(aggregation_url) as client:
