@@ -1,0 +1,500 @@
+"""The ``federated_training`` Prefect flow: rounds of site training and aggregation.
+
+Per round the flow opens the round on the aggregation service, runs every
+site's round as one Prefect task named after the site, requests that the
+service finalize (naming the sites that rejected the round or failed), runs each
+site's evaluation of the new global model, pools the aggregates and logs the
+round to MLflow. In local mode the site tasks run in this process, each with
+its own state folder; only the task launcher differs from a deployment.
+"""
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import flow, task
+from prefect.cache_policies import NONE
+from prefect.futures import PrefectFuture
+from prefect.task_runners import ThreadPoolTaskRunner
+from safetensors.numpy import load as load_safetensors
+
+from medfed.contract.config import StudyConfig
+from medfed.contract.metrics import EvaluationAggregates, pool
+from medfed.errors import AggregationError, ConfigError, MedfedError, QuorumError
+from medfed.flows.tracking import StudyTracker
+from medfed.sites.client import AggregationClient
+from medfed.sites.runner import (
+    SiteRunner,
+    initial_model_weights,
+    weights_to_safetensors,
+)
+
+__all__ = ["RoundListener", "federated_training", "run_study"]
+
+logger = logging.getLogger(__name__)
+
+RoundListener = Callable[[int, dict[str, Any]], None]
+"""Called after each round with the round number and its summary."""
+
+_listeners: list[RoundListener] = []
+
+
+@task(
+    name="site_round",
+    task_run_name="{site_id}: train round {round_number}",
+    cache_policy=NONE,
+    persist_result=False,
+)
+def site_round(
+    config: StudyConfig,
+    site_id: str,
+    round_number: int,
+    aggregation_url: str,
+    state_dir: str,
+) -> dict[str, Any]:
+    """Run one site's local training for a round and upload its update."""
+    runner = SiteRunner(config, site_id, Path(state_dir))
+    with AggregationClient(aggregation_url) as client:
+        return runner.train_round(client, round_number).to_dict()
+
+
+@task(
+    name="site_evaluation",
+    task_run_name="{site_id}: evaluate model {version}",
+    cache_policy=NONE,
+    persist_result=False,
+)
+def site_evaluation(
+    config: StudyConfig,
+    site_id: str,
+    version: int,
+    aggregation_url: str,
+    state_dir: str,
+) -> dict[str, Any]:
+    """Evaluate a global model version on one site's test split."""
+    runner = SiteRunner(config, site_id, Path(state_dir))
+    with AggregationClient(aggregation_url) as client:
+        return vars(runner.evaluate(client, version))
+
+
+@task(
+    name="site_prepare",
+    task_run_name="{site_id}: prepare data",
+    cache_policy=NONE,
+    persist_result=False,
+)
+def site_prepare(config: StudyConfig, site_id: str, state_dir: str) -> dict[str, Any]:
+    """Preprocess a site's data and calibrate its DP noise.
+
+    Returns the site's training record count, dataset fingerprint and DP
+    parameters: nothing about any single record.
+    """
+    runner = SiteRunner(config, site_id, Path(state_dir))
+    manifest = runner.prepare()
+    records = manifest["splits"]["train"]["rows"]
+    ledger = runner.ledger(records)
+    privacy = {}
+    if ledger is not None:
+        privacy = {
+            "target_epsilon": ledger.epsilon_budget,
+            "delta": ledger.delta,
+            "noise_multiplier": ledger.noise_multiplier,
+            "max_grad_norm": ledger.max_grad_norm,
+            "sample_rate": ledger.sample_rate,
+        }
+    return {
+        "train_records": records,
+        "fingerprint": runner.dataset_fingerprint(),
+        "privacy": privacy,
+    }
+
+
+_SITE_TASK_RUNNER: Any = ThreadPoolTaskRunner(max_workers=8)
+
+
+@flow(name="federated_training", task_runner=_SITE_TASK_RUNNER, log_prints=False)
+def federated_training(
+    config: StudyConfig,
+    config_text: str,
+    work_dir: str,
+    aggregation_url: str,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Train the study's model across its sites; return the study summary.
+
+    With ``resume`` the flow continues the study recorded in ``work_dir``
+    and on the aggregation service from its last finished round; an open
+    round is completed without retraining the sites that already uploaded.
+    """
+    return _Coordinator(config, Path(work_dir), aggregation_url).run(
+        config_text, resume=resume
+    )
+
+
+@dataclass(frozen=True)
+class _RoundResult:
+    """A round's new model version (None when aborted) and its site reports."""
+
+    version: int | None
+    reports: dict[str, dict[str, Any]]
+    stop: bool = False
+
+
+class _Coordinator:
+    """The flow's state while it runs one study."""
+
+    def __init__(
+        self, config: StudyConfig, work_dir: Path, aggregation_url: str
+    ) -> None:
+        self.config = config
+        self.work_dir = work_dir
+        self.aggregation_url = aggregation_url
+        self.sites = [site.id for site in config.sites]
+        self.site_dirs = {site: str(work_dir / "sites" / site) for site in self.sites}
+        self.state_path = work_dir / "coordinator.json"
+        self.last_reports: dict[str, dict[str, Any]] = {}
+        self.evaluations: dict[str, EvaluationAggregates] = {}
+        self.refusals: list[dict[str, Any]] = []
+        self.round_seconds: list[float] = []
+        self.last_round = -1
+
+    def run(self, config_text: str, *, resume: bool) -> dict[str, Any]:
+        started = time.monotonic()
+        run_id = self._previous_run_id(resume)
+        tracker = StudyTracker(self.config, config_text, run_id=run_id)
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        self.state_path.write_text(
+            json.dumps({"mlflow_run_id": tracker.run_id}), encoding="utf-8"
+        )
+        try:
+            with AggregationClient(self.aggregation_url) as client:
+                summary = self._train(client, tracker)
+        except BaseException:
+            tracker.finish(status="FAILED")
+            raise
+        summary["wall_seconds"] = time.monotonic() - started
+        summary["mlflow_run_id"] = tracker.run_id
+        tracker.finish()
+        return summary
+
+    def _previous_run_id(self, resume: bool) -> str | None:
+        if not self.state_path.exists():
+            return None
+        if not resume:
+            raise ConfigError(
+                f"{self.work_dir} already holds study {self.config.study!r}; pass "
+                "--resume to continue it, or choose a new --work-dir"
+            )
+        run_id: str = json.loads(self.state_path.read_text(encoding="utf-8"))[
+            "mlflow_run_id"
+        ]
+        return run_id
+
+    def _train(
+        self, client: AggregationClient, tracker: StudyTracker
+    ) -> dict[str, Any]:
+        prepared = self._prepare_sites()
+        tracker.log_params({site: info["privacy"] for site, info in prepared.items()})
+        client.create_study(self.config.study, self._initial_model())
+        status = client.study_status(self.config.study)
+        version: int = status["latest_version"]
+        first_round, uploaded = _resume_point(status["latest_round"])
+        if status["latest_round"] and status["latest_round"]["state"] == "finalized":
+            self.last_round = int(status["latest_round"]["round"])
+        if first_round > 0:
+            logger.info("resuming study %s at round %d", self.config.study, first_round)
+
+        for round_number in range(first_round, self.config.training.rounds):
+            round_started = time.monotonic()
+            result = self._run_round(client, tracker, round_number, skip=uploaded)
+            uploaded = []
+            if result.stop:
+                break
+            if result.version is None:
+                continue
+            version, reports = result.version, result.reports
+            self.last_round = round_number
+            evaluated = _gather({
+                site: site_evaluation.submit(self.config, site, version, self.aggregation_url, self.site_dirs[site])
+                for site in self.sites
+            })  # fmt: skip
+            self.evaluations = {
+                site: EvaluationAggregates(**value)
+                for site, value in evaluated.items()
+                if not isinstance(value, BaseException)
+            }
+            pooled = pool(list(self.evaluations.values()))
+            tracker.log_round(version, self.evaluations, pooled, reports)
+            self.round_seconds.append(time.monotonic() - round_started)
+            for listener in list(_listeners):
+                listener(round_number, {
+                    "round": round_number,
+                    "version": version,
+                    "pooled_test_accuracy": pooled.accuracy,
+                    "pooled_test_auc": pooled.auc,
+                    "uploaded": sorted(reports),
+                })  # fmt: skip
+
+        if version == 0:
+            recent = "; ".join(r["message"] for r in self.refusals[-len(self.sites) :])
+            raise QuorumError(
+                f"study {self.config.study!r} finished no round; "
+                + (recent or "see the aggregation service log")
+            )
+        return self._finish(client, tracker, prepared, version)
+
+    def _prepare_sites(self) -> dict[str, Any]:
+        prepared = _gather(
+            {
+                site: site_prepare.submit(self.config, site, self.site_dirs[site])
+                for site in self.sites
+            }
+        )
+        failures = {
+            site: error
+            for site, error in prepared.items()
+            if isinstance(error, BaseException)
+        }
+        if failures:
+            message = "; ".join(
+                f"site {site}: {error}" for site, error in failures.items()
+            )
+            first = next(iter(failures.values()))
+            # Keep the sites' own error type (a data or config error) so the
+            # CLI reports it with its exit code.
+            if isinstance(first, MedfedError):
+                raise type(first)(message)
+            raise AggregationError(f"sites could not prepare their data: {message}")
+        return prepared
+
+    def _initial_model(self) -> bytes:
+        settings = {
+            "sites": self.sites,
+            "strategy": self.config.strategy.name,
+            "strategy_params": self.config.strategy.params,
+        }
+        return weights_to_safetensors(
+            initial_model_weights(self.config),
+            metadata={"medfed_study_settings": json.dumps(settings)},
+        )
+
+    def _run_round(
+        self,
+        client: AggregationClient,
+        tracker: StudyTracker,
+        round_number: int,
+        *,
+        skip: list[str],
+    ) -> "_RoundResult":
+        """Run one round: open it, train the sites, finalize or abort it."""
+        deadline = self.config.round.deadline_seconds
+        client.open_round(
+            self.config.study,
+            round_number,
+            sites=self.sites,
+            quorum=self.config.quorum,
+            deadline_seconds=deadline,
+        )
+        training = [site for site in self.sites if site not in skip]
+        outcomes = _gather(
+            {
+                site: site_round.submit(
+                    self.config,
+                    site,
+                    round_number,
+                    self.aggregation_url,
+                    self.site_dirs[site],
+                )
+                for site in training
+            },
+            timeout=deadline,
+        )
+        reports: dict[str, dict[str, Any]] = {}
+        absent: list[str] = []
+        for site, outcome in outcomes.items():
+            if isinstance(outcome, BaseException):
+                logger.warning(
+                    "site %s failed in round %d: %s", site, round_number, outcome
+                )
+                tracker.log_event(f"failure.{site}.round{round_number}", str(outcome))
+                absent.append(site)
+            elif outcome["status"] != "uploaded":
+                self.refusals.append(
+                    {"round": round_number, "site": site, "message": outcome["message"]}
+                )
+                tracker.log_event(
+                    f"refusal.{site}.round{round_number}", outcome["message"]
+                )
+                absent.append(site)
+                self.last_reports[site] = outcome
+            else:
+                reports[site] = outcome
+                self.last_reports[site] = outcome
+
+        status = client.finalize(self.config.study, round_number, absent=absent)
+        if status["state"] == "finalized":
+            return _RoundResult(int(status["result_version"]), reports)
+        tracker.log_event(f"abort.round{round_number}", status["reason"] or "aborted")
+        if not reports and not skip:
+            logger.warning(
+                "stopping study %s: no site uploaded in round %d",
+                self.config.study,
+                round_number,
+            )
+            return _RoundResult(None, reports, stop=True)
+        return _RoundResult(None, reports)
+
+    def _finish(
+        self,
+        client: AggregationClient,
+        tracker: StudyTracker,
+        prepared: dict[str, Any],
+        version: int,
+    ) -> dict[str, Any]:
+        final = client.download_model(self.config.study, version)
+        if not self.evaluations:
+            evaluated = _gather({
+                site: site_evaluation.submit(self.config, site, version, self.aggregation_url, self.site_dirs[site])
+                for site in self.sites
+            })  # fmt: skip
+            self.evaluations = {
+                site: EvaluationAggregates(**value)
+                for site, value in evaluated.items()
+                if not isinstance(value, BaseException)
+            }
+        lineage = _lineage(self.config, prepared, self.last_reports)
+        registered = tracker.register_model(
+            load_safetensors(weights_to_safetensors(final.weights)),
+            version=version,
+            round_number=self.last_round,
+            sites=self.sites,
+            lineage={**lineage, "medfed.model_sha256": final.sha256},
+        )
+        pooled = pool(list(self.evaluations.values()))
+        evaluations = self.evaluations
+        return {
+            "study": self.config.study,
+            "rounds": version,
+            "model_version": version,
+            "model_sha256": final.sha256,
+            "registered_model_version": registered,
+            "pooled_test_accuracy": pooled.accuracy,
+            "pooled_test_auc": pooled.auc,
+            "refusals": self.refusals,
+            "round_seconds": self.round_seconds,
+            "sites": {
+                site: {
+                    "test_accuracy": evaluations[site].accuracy
+                    if site in evaluations
+                    else None,
+                    "test_auc": evaluations[site].auc if site in evaluations else None,
+                    "test_records": evaluations[site].records
+                    if site in evaluations
+                    else None,
+                    "epsilon_spent": self.last_reports.get(site, {}).get(
+                        "epsilon_spent"
+                    ),
+                    "train_records": prepared[site]["train_records"],
+                }
+                for site in self.sites
+            },
+        }
+
+
+def _resume_point(latest_round: dict[str, Any] | None) -> tuple[int, list[str]]:
+    """Return the round to run next and the sites that already uploaded to it."""
+    if latest_round is None:
+        return 0, []
+    if latest_round["state"] == "open":
+        return int(latest_round["round"]), list(latest_round["uploaded"])
+    return int(latest_round["round"]) + 1, []
+
+
+def _lineage(
+    config: StudyConfig, prepared: dict[str, Any], reports: dict[str, dict[str, Any]]
+) -> dict[str, str]:
+    tags = {
+        "medfed.dp_enabled": str(config.privacy.enabled),
+        "medfed.dp_accountant": config.privacy.accountant,
+        "medfed.dp_max_grad_norm": str(config.privacy.max_grad_norm),
+    }
+    for site, info in prepared.items():
+        tags[f"medfed.dataset_fingerprint.{site}"] = info["fingerprint"]
+        report = reports.get(site, {})
+        if config.privacy.enabled:
+            epsilon, delta = config.site_budget(site)
+            tags[f"medfed.dp.{site}.target_epsilon"] = str(epsilon)
+            tags[f"medfed.dp.{site}.delta"] = str(delta)
+            tags[f"medfed.dp.{site}.noise_multiplier"] = str(
+                report.get("noise_multiplier")
+            )
+            tags[f"medfed.dp.{site}.epsilon_spent"] = str(report.get("epsilon_spent"))
+    return tags
+
+
+def _gather(
+    futures: dict[str, PrefectFuture[Any]], timeout: float | None = None
+) -> dict[str, Any]:
+    """Wait for every future until ``timeout`` seconds from now.
+
+    Maps each site to its result, or to the exception it raised, or to a
+    ``TimeoutError`` when it did not finish in time: one failed or silent
+    site must not stop the others.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    results: dict[str, Any] = {}
+    for site, future in futures.items():
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            results[site] = future.result(timeout=remaining)
+        except TimeoutError:
+            results[site] = TimeoutError(
+                f"site {site} did not finish before the round deadline of {timeout} s"
+            )
+        except Exception as error:
+            results[site] = error
+    return results
+
+
+def run_study(
+    config: StudyConfig,
+    config_text: str,
+    *,
+    work_dir: Path,
+    listener: RoundListener | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Run a study in local mode: start the service, run the flow, stop the service.
+
+    The service keeps its state in ``work_dir/aggregation``, so a resumed
+    study finds its rounds and uploads there.
+    """
+    from medfed.flows.local import LocalAggregationService
+
+    # Local mode trains every site at once in this process, so each site gets
+    # an equal share of the cores instead of every torch op spawning threads
+    # that contend for all of them.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // len(config.sites)))
+    if listener is not None:
+        _listeners.append(listener)
+    try:
+        if config.aggregation.url:
+            return federated_training(
+                config, config_text, str(work_dir), config.aggregation.url, resume
+            )
+        with LocalAggregationService(
+            work_dir / "aggregation",
+            max_upload_bytes=config.aggregation.max_upload_bytes,
+        ) as service:
+            return federated_training(
+                config, config_text, str(work_dir), service.url, resume
+            )
+    finally:
+        if listener is not None:
+            _listeners.remove(listener)
