@@ -173,10 +173,8 @@ def _read_report(flow_run_id: Any, site_id: str, flow_name: str) -> dict[str, An
         )
     for artifact in artifacts:
         if artifact.description == REPORT_ARTIFACT_DESCRIPTION and artifact.data:
-            data = artifact.data
-            rows: list[dict[str, str]] = (
-                json.loads(data) if isinstance(data, str) else data
-            )
+            data: Any = artifact.data
+            rows = json.loads(data) if isinstance(data, str) else data
             report: dict[str, Any] = json.loads(rows[0]["report"])
             return report
     raise SiteRunError(

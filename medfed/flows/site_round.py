@@ -29,6 +29,7 @@ from medfed.sites.runner import SiteRunner
 __all__ = [
     "REPORT_ARTIFACT_DESCRIPTION",
     "STATE_DIR_ENV",
+    "prepare_site",
     "site_evaluation",
     "site_prepare",
     "site_round",
@@ -49,14 +50,8 @@ REPORT_ARTIFACT_DESCRIPTION = "medfed site report"
     persist_result=False,
 )
 def site_prepare(config: StudyConfig, site_id: str) -> dict[str, Any]:
-    """Preprocess the site's data once; report record counts and fingerprint."""
-    runner = _runner(config, site_id)
-    manifest = runner.prepare()
-    report = {
-        "train_records": manifest["splits"]["train"]["rows"],
-        "fingerprint": runner.dataset_fingerprint(),
-    }
-    return _publish(report)
+    """Preprocess the site's data and calibrate its DP noise; see ``prepare_site``."""
+    return _publish(prepare_site(_runner(config, site_id)))
 
 
 @flow(
@@ -92,6 +87,31 @@ def site_evaluation(
     with AggregationClient(aggregation_url) as client:
         report = vars(runner.evaluate(client, version))
     return _publish(report)
+
+
+def prepare_site(runner: SiteRunner) -> dict[str, Any]:
+    """Preprocess a site's data and calibrate its DP noise.
+
+    Returns the site's training record count, dataset fingerprint and DP
+    parameters: nothing about any single record.
+    """
+    manifest = runner.prepare()
+    records = manifest["splits"]["train"]["rows"]
+    ledger = runner.ledger(records)
+    privacy = {}
+    if ledger is not None:
+        privacy = {
+            "target_epsilon": ledger.epsilon_budget,
+            "delta": ledger.delta,
+            "noise_multiplier": ledger.noise_multiplier,
+            "max_grad_norm": ledger.max_grad_norm,
+            "sample_rate": ledger.sample_rate,
+        }
+    return {
+        "train_records": records,
+        "fingerprint": runner.dataset_fingerprint(),
+        "privacy": privacy,
+    }
 
 
 def _runner(config: StudyConfig, site_id: str) -> SiteRunner:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Prepare a fresh Debian machine (run as root) to build and run medfed's
-# containers with podman: install the engine, write the project's engine
-# settings, make the base image from Debian packages when it is missing, and
-# serve the Docker Engine API on a socket under .podman/.
+# containers with podman. The steps install the engine, write the project's
+# engine settings, make the base image from Debian packages when it is
+# missing, and serve the Docker Engine API on a socket under .podman/.
 #
 # Idempotent: each step checks whether its result already exists. Callers load
 # the environment it prepares with `source .podman/env` (CONTAINERS_CONF,
@@ -90,7 +90,7 @@ start_api_service() {
     local waited=0
     until [[ -S "$SOCKET" ]] && curl -fsS --unix-socket "$SOCKET" http://d/_ping >/dev/null 2>&1; do
         if ((waited >= 30)); then
-            echo "setup: podman API service did not answer on $SOCKET within 30 s:" >&2
+            echo "setup: podman API service did not respond on $SOCKET within 30 s:" >&2
             tail -20 "$STATE/service.log" >&2
             return 1
         fi

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from medfed.sites.data.root import resolve_data_root
 
 from medfed.deploy import (
     REPOSITORY_ROOT,
@@ -34,6 +33,7 @@ from medfed.deploy import (
     deploy_up,
     prepare_build_context,
 )
+from medfed.sites.data.root import resolve_data_root
 
 from .support import HEART_SITES, TIMINGS, write_study_config
 
@@ -42,13 +42,6 @@ ENGINE_STATE = REPOSITORY_ROOT / ".podman"
 BASE_IMAGE = "localhost/medfed-base:bookworm"
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 TIMINGS_FILE = ENGINE_STATE / "tier-timings.json"
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(str(item.fspath)).parents:
-            item.add_marker(pytest.mark.containers)
 
 
 @pytest.fixture(scope="session")

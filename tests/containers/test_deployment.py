@@ -22,7 +22,7 @@ from medfed.flows.deployments import site_pool_name
 
 from .support import HEART_SITES, TIMINGS, write_study_config
 
-pytestmark = [pytest.mark.containers, pytest.mark.slow]
+pytestmark = pytest.mark.containers
 
 STUDY_TIMEOUT = 900.0
 
