@@ -22,7 +22,9 @@ from medfed.flows.deployments import site_pool_name
 
 from .support import HEART_SITES, TIMINGS, write_study_config
 
-pytestmark = pytest.mark.containers
+# The first test also pays for the image builds and the deployment, which take
+# up to about 15 minutes on a fresh, loaded two-core machine.
+pytestmark = [pytest.mark.containers, pytest.mark.timeout(2400)]
 
 STUDY_TIMEOUT = 900.0
 
