@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,8 @@ pytestmark = [pytest.mark.containers, pytest.mark.timeout(2400)]
 
 STUDY_TIMEOUT = 900.0
 
-#: Runs a study with its sites deployed; arguments: config, work dir, summary path.
+#: Runs a study with its sites deployed; arguments: config, work dir, summary
+#: path, then "resume" to continue the study recorded in the work dir.
 _STUDY_SCRIPT = """
 import json, sys
 from pathlib import Path
@@ -38,14 +38,22 @@ from medfed.flows.training import run_study
 config_path, work_dir, summary_path = map(Path, sys.argv[1:4])
 config = load_study_config(config_path)
 summary = run_study(
-    config, config_path.read_text(), work_dir=work_dir, deployed_sites=True
+    config,
+    config_path.read_text(),
+    work_dir=work_dir,
+    deployed_sites=True,
+    resume=sys.argv[4:] == ["resume"],
 )
 summary_path.write_text(json.dumps(summary))
 """
 
 
 def run_deployed_study(
-    config_path: Path, running: RunningDeployment, work_dir: Path
+    config_path: Path,
+    running: RunningDeployment,
+    work_dir: Path,
+    *,
+    resume: bool = False,
 ) -> subprocess.Popen[str]:
     """Start the study's flow in a subprocess pointed at the deployment."""
     environment = {
@@ -55,14 +63,16 @@ def run_deployed_study(
         "PREFECT_LOGGING_LEVEL": "WARNING",
     }
     work_dir.mkdir(parents=True, exist_ok=True)
+    arguments = [str(config_path), str(work_dir), str(work_dir / "summary.json")]
+    if resume:
+        arguments.append("resume")
     return subprocess.Popen(
-        [sys.executable, "-c", _STUDY_SCRIPT, str(config_path), str(work_dir),
-         str(work_dir / "summary.json")],
+        [sys.executable, "-c", _STUDY_SCRIPT, *arguments],
         env=environment,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-    )  # fmt: skip
+    )
 
 
 def finish(
@@ -217,10 +227,20 @@ def _flow_runs(api_url: str) -> list[dict[str, Any]]:
 
 
 def _wait_for_finalized_round(
-    url: str, study: str, round_number: int, timeout: float
+    url: str,
+    study: str,
+    round_number: int,
+    timeout: float,
+    process: subprocess.Popen[str],
 ) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process.poll() is not None:
+            output, _ = process.communicate()
+            raise AssertionError(
+                f"study {study} exited before round {round_number} was "
+                f"finalized:\n{output[-4000:]}"
+            )
         response = httpx.get(
             f"{url}/v1/studies/{study}/rounds/{round_number}", timeout=10
         )
@@ -231,6 +251,8 @@ def _wait_for_finalized_round(
         f"round {round_number} of {study} not finalized within {timeout} s"
     )
 
+
+STOPPED_STUDY = "heart-site-stops"
 
 #: Round deadline of the studies that lose a site. A site's flow run takes
 #: about a minute on a loaded two-core machine (process start and imports),
@@ -246,13 +268,18 @@ def study_with_stopped_site(
     three_round_study: dict[str, Any],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, Any]:
-    """Run two rounds with quorum 3; stop site switzerland after round 0."""
+    """Lose the coordinator and site switzerland after round 0, then resume.
+
+    The study has two rounds and quorum 3. When round 0 is finalized the
+    coordinator process is killed and switzerland's container stopped. The
+    study then runs again with resume, so round 1 runs without switzerland.
+    """
     folder = tmp_path_factory.mktemp("stopped")
-    study = "heart-site-stops"
+    work_dir = folder / "work"
     config_path = with_aggregation_url(
         write_study_config(
             folder,
-            study,
+            STOPPED_STUDY,
             rounds=2,
             deadline_seconds=SHORT_DEADLINE_SECONDS,
             quorum=3,
@@ -260,27 +287,25 @@ def study_with_stopped_site(
         deployment.aggregation_url,
     )
     container = engine.containers.get(settings.container_name("site", "switzerland"))
-    process = run_deployed_study(config_path, deployment, folder / "work")
-    stopper_error: list[BaseException] = []
-
-    def stop_after_first_round() -> None:
-        try:
-            _wait_for_finalized_round(
-                deployment.aggregation_url, study, 0, STUDY_TIMEOUT
-            )
-            container.stop(timeout=5)
-        except BaseException as error:
-            stopper_error.append(error)
-
-    stopper = threading.Thread(target=stop_after_first_round)
     started = time.monotonic()
-    stopper.start()
+    first = run_deployed_study(config_path, deployment, work_dir)
     try:
-        status, output, summary = finish(process, folder / "work")
-        stopper.join()
+        _wait_for_finalized_round(
+            deployment.aggregation_url, STOPPED_STUDY, 0, STUDY_TIMEOUT, first
+        )
+    finally:
+        first.kill()
+        first.communicate()
+    container.stop(timeout=5)
+    try:
+        status, output, summary = finish(
+            run_deployed_study(config_path, deployment, work_dir, resume=True),
+            work_dir,
+        )
         rounds = {
             number: httpx.get(
-                f"{deployment.aggregation_url}/v1/studies/{study}/rounds/{number}",
+                f"{deployment.aggregation_url}/v1/studies/{STOPPED_STUDY}"
+                f"/rounds/{number}",
                 timeout=10,
             ).json()
             for number in range(2)
@@ -288,7 +313,6 @@ def study_with_stopped_site(
     finally:
         TIMINGS["stopped_site_study_seconds"] = time.monotonic() - started
         container.start()
-    assert not stopper_error, stopper_error
     assert status == 0, output[-4000:]
     return {"summary": summary, "rounds": rounds, "output": output}
 
@@ -316,10 +340,22 @@ def test_stopped_site_run_is_cancelled(
 ) -> None:
     runs = _flow_runs(deployment.prefect_api_url)
     stopped = [
-        run for run in runs if run["name"] == "switzerland: heart-site-stops round 1"
+        run for run in runs if run["name"] == f"switzerland: {STOPPED_STUDY} round 1"
     ]
     assert len(stopped) == 1, [run["name"] for run in runs]
     assert stopped[0]["state_type"] == "CANCELLED"
+
+
+def test_resumed_study_skips_finished_round(
+    deployment: RunningDeployment, study_with_stopped_site: dict[str, Any]
+) -> None:
+    runs = _flow_runs(deployment.prefect_api_url)
+    for site in HEART_SITES:
+        first_round = [
+            run for run in runs if run["name"] == f"{site}: {STOPPED_STUDY} round 0"
+        ]
+        assert len(first_round) == 1, (site, [run["name"] for run in runs])
+    assert study_with_stopped_site["summary"]["model_version"] == 2
 
 
 def test_study_without_quorum_fails_clearly(
