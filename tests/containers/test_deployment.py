@@ -265,7 +265,6 @@ def study_with_stopped_site(
     engine: Any,
     deployment: RunningDeployment,
     settings: DeploymentSettings,
-    three_round_study: dict[str, Any],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, Any]:
     """Lose the coordinator and site switzerland after round 0, then resume.
