@@ -111,7 +111,12 @@ def register_site_deployments(
 
 
 def run_site_flow(
-    flow_name: str, site_id: str, parameters: dict[str, Any], *, timeout: float
+    flow_name: str,
+    site_id: str,
+    parameters: dict[str, Any],
+    *,
+    timeout: float,
+    flow_run_name: str,
 ) -> dict[str, Any]:
     """Run a site flow in the site's work pool; return the site's report.
 
@@ -121,6 +126,8 @@ def run_site_flow(
         parameters: the flow's parameters, JSON-compatible.
         timeout: seconds to wait for the run to finish, counted from its
             creation, so a site whose worker is down uses the whole deadline.
+        flow_run_name: name given to the run when it is created, so a run
+            that never starts (its site is down) is still recognizable.
 
     Raises:
         SiteRunError: the run did not finish within ``timeout`` (it is then
@@ -135,7 +142,11 @@ def run_site_flow(
     flow_run = cast(
         FlowRun,
         run_deployment(
-            name, parameters=parameters, timeout=timeout, poll_interval=POLL_SECONDS
+            name,
+            parameters=parameters,
+            timeout=timeout,
+            poll_interval=POLL_SECONDS,
+            flow_run_name=flow_run_name,
         ),
     )
     state = flow_run.state
@@ -204,6 +215,7 @@ def deployed_site_prepare(
         site_id,
         {"config": _config_parameter(config), "site_id": site_id},
         timeout=config.round.deadline_seconds,
+        flow_run_name=f"{site_id}: prepare {config.study}",
     )
 
 
@@ -228,7 +240,11 @@ def deployed_site_round(
         "aggregation_url": aggregation_url,
     }
     return run_site_flow(
-        "site_round", site_id, parameters, timeout=config.round.deadline_seconds
+        "site_round",
+        site_id,
+        parameters,
+        timeout=config.round.deadline_seconds,
+        flow_run_name=f"{site_id}: {config.study} round {round_number}",
     )
 
 
@@ -253,7 +269,11 @@ def deployed_site_evaluation(
         "aggregation_url": aggregation_url,
     }
     return run_site_flow(
-        "site_evaluation", site_id, parameters, timeout=config.round.deadline_seconds
+        "site_evaluation",
+        site_id,
+        parameters,
+        timeout=config.round.deadline_seconds,
+        flow_run_name=f"{site_id}: {config.study} evaluate model {version}",
     )
 
 
