@@ -40,6 +40,7 @@ check: lint test-fast
 
 bench: install
 	$(BIN)/python benchmarks/heart_round_time.py
+	$(BIN)/python benchmarks/codec_throughput.py
 
 format: install
 	$(BIN)/ruff format medfed tests benchmarks

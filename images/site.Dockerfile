@@ -38,7 +38,6 @@ ENV PATH=/opt/medfed/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     MEDFED_DATA_DIR=/data \
     MEDFED_SITE_STATE_DIR=/state \
-    MEDFED_KEYS_DIR=/run/secrets/medfed \
     PREFECT_HOME=/state/prefect
 # /state holds the privacy ledger and the worker's files; a named volume keeps
 # them across container restarts.

@@ -2,8 +2,8 @@
 
 Errors that medfed raises on purpose (``MedfedError``) print one line and exit
 with the error's code: 2 config, 3 data, 4 envelope, 5 privacy budget,
-6 aggregation service, 7 aggregation, 8 quorum, 9 deployment, 10 site run in
-deployment mode.
+6 aggregation service, 7 aggregation, 8 quorum, 9 audit log, 10 secure
+aggregation, 11 deployment, 12 site run in deployment mode.
 """
 
 import json
@@ -28,6 +28,7 @@ from rich.progress import (
 from rich.table import Table
 
 from medfed.errors import ConfigError, MedfedError
+from medfed.security_cli import audit_app, provision_command
 
 __all__ = ["app", "main"]
 
@@ -171,19 +172,57 @@ def serve_aggregator(
     max_upload_bytes: Annotated[
         int, typer.Option(help="largest request body accepted, in bytes")
     ] = 64 * 1024 * 1024,
+    kit_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--kit-dir",
+            help="the service's startup kit from medfed provision; enables mutual "
+            "TLS, signature checks and a signed audit head",
+        ),
+    ] = None,
+    rate_per_second: Annotated[
+        float, typer.Option(help="sustained requests per second allowed per site")
+    ] = 20.0,
+    rate_burst: Annotated[
+        int, typer.Option(help="requests a site may send at once after being idle")
+    ] = 50,
+    max_concurrency: Annotated[
+        int, typer.Option(help="concurrent connections and tasks before a 503")
+    ] = 256,
 ) -> None:
     """Run the aggregation service."""
     import uvicorn
 
+    from medfed.aggregation.limits import ServiceLimits
     from medfed.aggregation.service import ServiceSettings, create_app
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    application = create_app(
-        ServiceSettings(state_dir=state_dir, max_upload_bytes=max_upload_bytes)
+    limits = ServiceLimits(
+        rate_per_second=rate_per_second,
+        rate_burst=rate_burst,
+        max_concurrency=max_concurrency,
     )
-    uvicorn.run(application, host=host, port=port, log_level="warning")
+    application = create_app(
+        ServiceSettings(
+            state_dir=state_dir,
+            max_upload_bytes=max_upload_bytes,
+            kit_dir=kit_dir,
+            service_limits=limits,
+        )
+    )
+    uvicorn.run(
+        application,
+        host=host,
+        port=port,
+        log_level="warning",
+        **application.state.security.uvicorn_options(),
+    )
+
+
+app.command("provision")(provision_command)
+app.add_typer(audit_app, name="audit")
 
 
 @app.command()

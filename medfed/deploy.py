@@ -136,8 +136,9 @@ class SiteContainerSpec:
         site_id: the study's site identifier; the worker polls ``site-<id>``.
         data_files: host path of each data file, mapped to its path relative
             to the container's data directory. Nothing else is mounted there.
-        keys_dir: host folder with the site's keys, mounted read-only, or
-            None when the study needs no keys.
+        keys_dir: host folder with the site's startup kit (from
+            ``medfed provision``), mounted read-only, or None to send
+            unsigned updates without client certificates.
     """
 
     site_id: str
@@ -339,8 +340,15 @@ def start_site(
     }
     for host_path, relative in spec.data_files.items():
         volumes[str(host_path)] = {"bind": f"{SITE_DATA_DIR}/{relative}", "mode": "ro"}
+    environment = {
+        "MEDFED_SITE_ID": spec.site_id,
+        "PREFECT_API_URL": settings.prefect_api_url,
+        "PREFECT_WORKER_QUERY_SECONDS": str(settings.worker_poll_seconds),
+    }
     if spec.keys_dir is not None:
         volumes[str(spec.keys_dir)] = {"bind": SITE_KEYS_DIR, "mode": "ro"}
+        # The site signs its uploads and authenticates with this startup kit.
+        environment["MEDFED_KIT_DIR"] = SITE_KEYS_DIR
     return _run_container(
         client,
         settings,
@@ -348,11 +356,7 @@ def start_site(
         site=spec.site_id,
         image=settings.image("site"),
         command=None,
-        environment={
-            "MEDFED_SITE_ID": spec.site_id,
-            "PREFECT_API_URL": settings.prefect_api_url,
-            "PREFECT_WORKER_QUERY_SECONDS": str(settings.worker_poll_seconds),
-        },
+        environment=environment,
         volumes=volumes,
         hardened=True,
     )

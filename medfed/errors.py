@@ -6,6 +6,7 @@ so every message must say what is wrong, on which value, and what to do.
 
 __all__ = [
     "AggregationError",
+    "AuditLogError",
     "BudgetExceededError",
     "ConfigError",
     "DataError",
@@ -13,7 +14,9 @@ __all__ = [
     "EnvelopeError",
     "MedfedError",
     "QuorumError",
+    "SecureAggregationError",
     "ServiceError",
+    "SignatureError",
     "SiteRunError",
 ]
 
@@ -40,6 +43,10 @@ class EnvelopeError(MedfedError, ValueError):
     """An update envelope is malformed, oversized or inconsistent."""
 
     exit_code = 4
+
+
+class SignatureError(EnvelopeError):
+    """An envelope's signature is missing, unknown or does not verify."""
 
 
 class BudgetExceededError(MedfedError):
@@ -70,13 +77,30 @@ class QuorumError(AggregationError):
     exit_code = 8
 
 
+class SecureAggregationError(AggregationError):
+    """A secure-aggregation round cannot go on without risking a site's update.
+
+    Raised, before anything is released, when too few sites remain to unmask,
+    when a protocol message is inconsistent with the round, or when a
+    reconstructed secret does not match what its site committed to.
+    """
+
+    exit_code = 10
+
+
+class AuditLogError(MedfedError):
+    """The audit log cannot be read or appended, or its hash chain is broken."""
+
+    exit_code = 9
+
+
 class DeployError(MedfedError):
     """Building images or starting containers for a deployment failed."""
 
-    exit_code = 9
+    exit_code = 11
 
 
 class SiteRunError(MedfedError):
     """A site's flow run in deployment mode failed or missed its deadline."""
 
-    exit_code = 10
+    exit_code = 12

@@ -136,14 +136,14 @@ def test_deploy_without_config_exits_2(tmp_path: Path) -> None:
     assert "needs a study config; pass CONFIG or --down" in result.stderr
 
 
-def test_deploy_down_without_engine_exits_9(tmp_path: Path) -> None:
+def test_deploy_down_without_engine_exits_11(tmp_path: Path) -> None:
     socket = tmp_path / "absent.sock"
 
     result = run_medfed(
         "deploy", "--down", cwd=tmp_path, env={"DOCKER_HOST": f"unix://{socket}"}
     )
 
-    assert result.returncode == 9
+    assert result.returncode == 11
     assert "no container engine responds" in result.stderr
 
 

@@ -6,11 +6,12 @@ rejected request changes nothing: checks run before any write, and each write
 is a single transaction.
 """
 
+import dataclasses
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,11 +20,25 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
+from medfed.aggregation.secagg_routes import MaskingRounds
+from medfed.aggregation.secure_rounds import (
+    accept_masked_upload,
+    finalize_masking,
+    open_masking_round,
+    parse_secure_aggregation,
+)
 from medfed.aggregation.store import ModelVersion, RoundRecord, Store, StoredUpload
 from medfed.aggregation.strategies import SiteUpdate, get_strategy
 from medfed.contract.ids import IDENTIFIER_PATTERN
-from medfed.contract.wire import EnvelopeLimits, decode_envelope
-from medfed.errors import AggregationError, ConfigError, EnvelopeError
+from medfed.contract.secagg.config import SecureAggregationConfig
+from medfed.contract.wire import EnvelopeHeader, EnvelopeLimits, decode_envelope
+from medfed.errors import (
+    AggregationError,
+    ConfigError,
+    EnvelopeError,
+    SecureAggregationError,
+    SignatureError,
+)
 
 __all__ = ["Rejected", "RoundService", "StudySettings"]
 
@@ -48,6 +63,9 @@ class StudySettings:
     sites: list[str]
     strategy: str
     strategy_params: dict[str, Any]
+    secure_aggregation: SecureAggregationConfig = dataclasses.field(
+        default_factory=SecureAggregationConfig
+    )
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> "StudySettings":
@@ -66,22 +84,43 @@ class StudySettings:
                 )
         if not sites or len(set(sites)) != len(sites):
             raise Rejected(422, "study settings must list at least one site, each once")
-        return cls(sites=sites, strategy=strategy, strategy_params=params)
+        try:
+            secure = parse_secure_aggregation(raw.get("secure_aggregation"))
+        except SecureAggregationError as error:
+            raise Rejected(422, str(error)) from None
+        return cls(
+            sites=sites,
+            strategy=strategy,
+            strategy_params=params,
+            secure_aggregation=secure,
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
             "sites": self.sites,
             "strategy": self.strategy,
             "strategy_params": self.strategy_params,
+            "secure_aggregation": self.secure_aggregation.model_dump(mode="json"),
         }
 
 
 class RoundService:
     """Studies, rounds, uploads and aggregation on top of a ``Store``."""
 
-    def __init__(self, store: Store, limits: EnvelopeLimits | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        limits: EnvelopeLimits | None = None,
+        *,
+        verify_signature: Callable[[EnvelopeHeader], None] | None = None,
+    ) -> None:
         self.store = store
         self.limits = limits or EnvelopeLimits()
+        #: Masking rounds of studies with ``secure_aggregation: masking``.
+        self.masking = MaskingRounds(self.limits)
+        # Called on each new upload's header before its payload is decoded;
+        # None (local mode) accepts unsigned envelopes.
+        self.verify_signature = verify_signature
 
     # Studies
 
@@ -197,9 +236,27 @@ class RoundService:
             raise Rejected(
                 409, f"the first round of study {study!r} is 0, not {round_number}"
             )
+        masking = settings.secure_aggregation.mode == "masking"
+        if masking:
+            try:
+                settings.secure_aggregation.check(len(sites))
+            except ConfigError as error:
+                raise Rejected(422, str(error)) from None
         record = self.store.open_round(
             study, round_number, list(sites), quorum, time.time() + deadline_seconds
         )
+        if masking:
+            base = self.store.get_model(study, record.base_version)
+            assert base is not None
+            open_masking_round(
+                self.masking,
+                settings.secure_aggregation,
+                study,
+                round_number,
+                sites=sites,
+                base_weights=_load_weights(base.weights)[0],
+                deadline_at=record.deadline_at,
+            )
         logger.info(
             "opened round %d of study %s for %d sites", round_number, study, len(sites)
         )
@@ -237,8 +294,10 @@ class RoundService:
 
         The same envelope sent again returns the first receipt and counts
         once. A different envelope for a (site, round) that has one is a 409.
+        In a masking study the envelope must carry the ``masked`` codec and
+        also joins the round's masking round.
         """
-        self.settings(study)
+        settings = self.settings(study)
         record = self.round(study, round_number)
         if site not in record.sites:
             raise Rejected(
@@ -273,6 +332,14 @@ class RoundService:
                     f"envelope {field} is {actual!r} but the request is for {expected!r}",
                 )
         self._check_tensors(study, record.base_version, decoded.tensors)
+        if settings.secure_aggregation.mode == "masking":
+            accept_masked_upload(self.masking, study, round_number, decoded)
+        elif header.codec.name == "masked":
+            raise Rejected(
+                422,
+                f"envelope codec 'masked' needs secure_aggregation 'masking', but "
+                f"study {study!r} uses {settings.secure_aggregation.mode!r}",
+            )
 
         upload = StoredUpload(
             site=site,
@@ -294,7 +361,11 @@ class RoundService:
 
     def _decode(self, body: bytes) -> Any:
         try:
-            return decode_envelope(body, self.limits)
+            return decode_envelope(
+                body, self.limits, verify_signature=self.verify_signature
+            )
+        except SignatureError as error:
+            raise Rejected(403, f"invalid update envelope: {error}") from None
         except (EnvelopeError, ConfigError) as error:
             raise Rejected(400, f"invalid update envelope: {error}") from None
 
@@ -356,12 +427,14 @@ class RoundService:
             )
             return self.round(study, round_number)
 
-        weights, strategy_state = self._aggregate(study, settings, record, uploads)
+        weights, strategy_state, contributors = self._aggregate(
+            study, settings, record, uploads
+        )
         self.store.close_round(
             study,
             round_number,
             state="finalized",
-            model=(weights, [u.site for u in uploads]),
+            model=(weights, contributors),
             strategy_state=strategy_state,
         )
         logger.info(
@@ -378,7 +451,7 @@ class RoundService:
         settings: StudySettings,
         record: RoundRecord,
         uploads: list[StoredUpload],
-    ) -> tuple[bytes, bytes | None]:
+    ) -> tuple[bytes, bytes | None, list[str]]:
         base = self.store.get_model(study, record.base_version)
         assert base is not None
         global_weights, _ = _load_weights(base.weights)
@@ -387,14 +460,24 @@ class RoundService:
         if stored is not None and stored.strategy_state:
             state, _ = _load_weights(stored.strategy_state)
             strategy.load_state_dict(state)
-        updates = []
-        for upload in uploads:
-            decoded = decode_envelope(upload.envelope, self.limits)
-            updates.append(
-                SiteUpdate(upload.site, decoded.tensors, upload.sample_count)
-            )
+        contributors = [upload.site for upload in uploads]
         try:
-            new_weights = strategy.aggregate(global_weights, updates)
+            if settings.secure_aggregation.mode == "masking":
+                new_weights, contributors = finalize_masking(
+                    self.masking,
+                    study,
+                    record.round,
+                    strategy=strategy,
+                    global_weights=global_weights,
+                )
+            else:
+                updates = []
+                for upload in uploads:
+                    decoded = decode_envelope(upload.envelope, self.limits)
+                    updates.append(
+                        SiteUpdate(upload.site, decoded.tensors, upload.sample_count)
+                    )
+                new_weights = strategy.aggregate(global_weights, updates)
         except AggregationError as error:
             raise Rejected(
                 409, f"aggregation of round {record.round} failed: {error}"
@@ -404,7 +487,8 @@ class RoundService:
             for name in global_weights
         }
         state = strategy.state_dict()
-        return save_safetensors(ordered), save_safetensors(state) if state else None
+        state_bytes = save_safetensors(state) if state else None
+        return save_safetensors(ordered), state_bytes, contributors
 
 
 def _load_weights(body: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -9,13 +9,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from medfed.contract.codecs.config import CompressionConfig
 from medfed.contract.ids import IDENTIFIER_PATTERN
+from medfed.contract.secagg.config import SecureAggregationConfig
 from medfed.errors import ConfigError
 
 __all__ = [
     "AggregationConfig",
+    "CompressionConfig",
     "DataConfig",
     "ModelConfig",
     "PrivacyConfig",
@@ -105,6 +115,15 @@ class AggregationConfig(_Strict):
     #: starts one on 127.0.0.1.
     url: str | None = None
     max_upload_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    #: DNS names and IP addresses, besides 127.0.0.1 and localhost, that the
+    #: service's TLS certificate from ``medfed provision`` is valid for.
+    hostnames: list[str] = Field(default_factory=list, max_length=64)
+    #: Sustained requests per second allowed per site in deployment mode.
+    rate_per_second: float = Field(default=20.0, gt=0, allow_inf_nan=False)
+    #: Requests a site may send at once after being idle, in deployment mode.
+    rate_burst: int = Field(default=50, ge=1)
+    #: Concurrent connections and tasks before the service responds with 503.
+    max_concurrency: int = Field(default=256, ge=1)
 
 
 class EvaluationConfig(_Strict):
@@ -131,8 +150,16 @@ class StudyConfig(_Strict):
     privacy: PrivacyConfig = PrivacyConfig(enabled=False)
     round: RoundConfig = RoundConfig()
     aggregation: AggregationConfig = AggregationConfig()
+    compression: CompressionConfig = CompressionConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     tracking: TrackingConfig = TrackingConfig()
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
+
+    @field_validator("secure_aggregation", mode="before")
+    @classmethod
+    def _mode_shorthand(cls, value: object) -> object:
+        # ``secure_aggregation: masking`` is short for ``{mode: masking}``.
+        return {"mode": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check_sites(self) -> "StudyConfig":
@@ -147,6 +174,16 @@ class StudyConfig(_Strict):
                 f"round.quorum is {self.round.quorum} but the study has only "
                 f"{len(self.sites)} sites"
             )
+        if self.secure_aggregation.mode == "ckks":
+            raise ValueError(
+                "secure_aggregation mode 'ckks' is not available in studies yet: "
+                "the aggregation service has no CKKS routes; use 'masking' or 'none'"
+            )
+        try:
+            self.secure_aggregation.check(len(self.sites))
+            self.compression.check(self.secure_aggregation.mode)
+        except ConfigError as error:
+            raise ValueError(str(error)) from None
         return self
 
     @property

@@ -34,6 +34,7 @@ from medfed.flows.tracking import StudyTracker
 from medfed.sites.client import AggregationClient
 from medfed.sites.runner import (
     SiteRunner,
+    connect_site,
     initial_model_weights,
     weights_to_safetensors,
 )
@@ -62,8 +63,9 @@ def site_round(
     state_dir: str,
 ) -> dict[str, Any]:
     """Run one site's local training for a round and upload its update."""
-    runner = SiteRunner(config, site_id, Path(state_dir))
-    with AggregationClient(aggregation_url) as client:
+    client, signer = connect_site(aggregation_url)
+    runner = SiteRunner(config, site_id, Path(state_dir), signer=signer)
+    with client:
         return runner.train_round(client, round_number).to_dict()
 
 
@@ -82,7 +84,8 @@ def site_evaluation(
 ) -> dict[str, Any]:
     """Evaluate a global model version on one site's test split."""
     runner = SiteRunner(config, site_id, Path(state_dir))
-    with AggregationClient(aggregation_url) as client:
+    client, _ = connect_site(aggregation_url)
+    with client:
         return vars(runner.evaluate(client, version))
 
 
@@ -283,6 +286,9 @@ class _Coordinator:
             "sites": self.sites,
             "strategy": self.config.strategy.name,
             "strategy_params": self.config.strategy.params,
+            "secure_aggregation": self.config.secure_aggregation.model_dump(
+                mode="json"
+            ),
         }
         return weights_to_safetensors(
             initial_model_weights(self.config),
@@ -502,6 +508,7 @@ def run_study(
         with LocalAggregationService(
             work_dir / "aggregation",
             max_upload_bytes=config.aggregation.max_upload_bytes,
+            max_concurrency=config.aggregation.max_concurrency,
         ) as service:
             return federated_training(
                 config, config_text, str(work_dir), service.url, resume

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -61,6 +62,7 @@ def test_dp_study_end_to_end(tmp_path: Path) -> None:
     assert run.data.params["switzerland.target_epsilon"] == "1.0"
     assert run.data.params["hungary.delta"] == "0.001"
     assert run.data.params["long-beach.max_grad_norm"] == "1.0"
+    assert run.data.params["compression_codec"] == "fp32"
     history = client.get_metric_history(run.info.run_id, "pooled.test_accuracy")
     assert [point.step for point in history] == [1, 2]
     for metric in (
@@ -68,6 +70,7 @@ def test_dp_study_end_to_end(tmp_path: Path) -> None:
         "hungary.bytes_uploaded",
         "switzerland.test_accuracy",
         "pooled.test_auc",
+        "long-beach.compression_ratio",
     ):
         assert client.get_metric_history(run.info.run_id, metric), metric
     artifacts = [item.path for item in client.list_artifacts(run.info.run_id)]
@@ -156,6 +159,37 @@ def test_full_study_reaches_accuracy(tmp_path: Path, name: str, minimum: float) 
         for site, values in summary["sites"].items():
             assert values["epsilon_spent"] <= 1.0, site
     assert not math.isnan(summary["pooled_test_auc"])
+
+
+@pytest.mark.slow
+def test_masking_study_matches_plain(tmp_path: Path) -> None:
+    # Both studies share one name because the sites' training seeds derive
+    # from it; each registers its own version of the model.
+    plain_config, plain_text = short_config("heart_disease_nodp.yaml", "e2e-secagg")
+    raw: dict[str, Any] = yaml.safe_load(plain_text)
+    raw["secure_aggregation"] = {
+        "mode": "masking",
+        "clip": 10.0,
+        "max_weight": 1000,
+        "fractional_bits": 14,
+    }
+    masked_config = parse_study_config(raw)
+
+    plain = run_study(plain_config, plain_text, work_dir=tmp_path / "plain")
+    masked = run_study(masked_config, yaml.safe_dump(raw), work_dir=tmp_path / "masked")
+
+    # Training without DP is seeded, so the two studies differ only by the
+    # fixed-point error of the mean, at most 4 * 2^-15 per coordinate.
+    inputs = np.random.default_rng(0).normal(size=(50, 15)).tolist()
+    plain_scores = mlflow.pyfunc.load_model(
+        f"models:/e2e-secagg/{plain['registered_model_version']}"
+    ).predict(inputs)
+    masked_scores = mlflow.pyfunc.load_model(
+        f"models:/e2e-secagg/{masked['registered_model_version']}"
+    ).predict(inputs)
+    assert masked["rounds"] == plain["rounds"] == 2
+    assert masked["registered_model_version"] != plain["registered_model_version"]
+    assert np.max(np.abs(masked_scores - plain_scores)) < 1e-4
 
 
 class Interrupt(Exception):
