@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -253,6 +254,7 @@ def _wait_for_finalized_round(
 
 
 STOPPED_STUDY = "heart-site-stops"
+RESUMED_STUDY = "heart-resumed"
 
 #: Round deadline of the studies that lose a site. A site's flow run takes
 #: about a minute on a loaded two-core machine (process start and imports),
@@ -267,14 +269,8 @@ def study_with_stopped_site(
     settings: DeploymentSettings,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, Any]:
-    """Lose the coordinator and site switzerland after round 0, then resume.
-
-    The study has two rounds and quorum 3. When round 0 is finalized the
-    coordinator process is killed and switzerland's container stopped. The
-    study then runs again with resume, so round 1 runs without switzerland.
-    """
+    """Run two rounds with quorum 3; stop site switzerland after round 0."""
     folder = tmp_path_factory.mktemp("stopped")
-    work_dir = folder / "work"
     config_path = with_aggregation_url(
         write_study_config(
             folder,
@@ -286,21 +282,24 @@ def study_with_stopped_site(
         deployment.aggregation_url,
     )
     container = engine.containers.get(settings.container_name("site", "switzerland"))
+    process = run_deployed_study(config_path, deployment, folder / "work")
+    stopper_error: list[BaseException] = []
+
+    def stop_after_first_round() -> None:
+        try:
+            _wait_for_finalized_round(
+                deployment.aggregation_url, STOPPED_STUDY, 0, STUDY_TIMEOUT, process
+            )
+            container.stop(timeout=5)
+        except BaseException as error:
+            stopper_error.append(error)
+
+    stopper = threading.Thread(target=stop_after_first_round)
     started = time.monotonic()
-    first = run_deployed_study(config_path, deployment, work_dir)
+    stopper.start()
     try:
-        _wait_for_finalized_round(
-            deployment.aggregation_url, STOPPED_STUDY, 0, STUDY_TIMEOUT, first
-        )
-    finally:
-        first.kill()
-        first.communicate()
-    container.stop(timeout=5)
-    try:
-        status, output, summary = finish(
-            run_deployed_study(config_path, deployment, work_dir, resume=True),
-            work_dir,
-        )
+        status, output, summary = finish(process, folder / "work")
+        stopper.join()
         rounds = {
             number: httpx.get(
                 f"{deployment.aggregation_url}/v1/studies/{STOPPED_STUDY}"
@@ -312,8 +311,37 @@ def study_with_stopped_site(
     finally:
         TIMINGS["stopped_site_study_seconds"] = time.monotonic() - started
         container.start()
+    assert not stopper_error, stopper_error
     assert status == 0, output[-4000:]
     return {"summary": summary, "rounds": rounds, "output": output}
+
+
+@pytest.fixture(scope="module")
+def resumed_study(
+    deployment: RunningDeployment, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """Kill the coordinator once round 0 is finalized, then run with resume."""
+    folder = tmp_path_factory.mktemp("resumed")
+    work_dir = folder / "work"
+    config_path = with_aggregation_url(
+        write_study_config(folder, RESUMED_STUDY, rounds=2),
+        deployment.aggregation_url,
+    )
+    started = time.monotonic()
+    first = run_deployed_study(config_path, deployment, work_dir)
+    try:
+        _wait_for_finalized_round(
+            deployment.aggregation_url, RESUMED_STUDY, 0, STUDY_TIMEOUT, first
+        )
+    finally:
+        first.kill()
+        first.communicate()
+    status, output, summary = finish(
+        run_deployed_study(config_path, deployment, work_dir, resume=True), work_dir
+    )
+    TIMINGS["resumed_study_seconds"] = time.monotonic() - started
+    assert status == 0, output[-4000:]
+    return summary
 
 
 def test_round_closes_without_stopped_site(
@@ -346,15 +374,19 @@ def test_stopped_site_run_is_cancelled(
 
 
 def test_resumed_study_skips_finished_round(
-    deployment: RunningDeployment, study_with_stopped_site: dict[str, Any]
+    deployment: RunningDeployment, resumed_study: dict[str, Any]
 ) -> None:
     runs = _flow_runs(deployment.prefect_api_url)
     for site in HEART_SITES:
         first_round = [
-            run for run in runs if run["name"] == f"{site}: {STOPPED_STUDY} round 0"
+            run for run in runs if run["name"] == f"{site}: {RESUMED_STUDY} round 0"
         ]
         assert len(first_round) == 1, (site, [run["name"] for run in runs])
-    assert study_with_stopped_site["summary"]["model_version"] == 2
+        second_round = [
+            run for run in runs if run["name"] == f"{site}: {RESUMED_STUDY} round 1"
+        ]
+        assert len(second_round) == 1, (site, [run["name"] for run in runs])
+    assert resumed_study["model_version"] == 2
 
 
 def test_study_without_quorum_fails_clearly(
