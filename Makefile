@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-fast test-slow check lint format bench clean
+.PHONY: install run test test-fast test-slow test-containers check lint format bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,13 +18,18 @@ install: $(STAMP)
 run: install
 	$(BIN)/medfed run configs/heart_disease.yaml
 
-test: install test-fast test-slow
+test: install test-fast test-slow test-containers
 
 test-fast: install
 	$(BIN)/pytest -m "not slow and not containers"
 
 test-slow: install
-	$(BIN)/pytest -m "slow"
+	$(BIN)/pytest -m "slow and not containers"
+
+# Builds the images and runs sites in podman containers; needs root on Debian
+# (scripts/containers/setup.sh installs podman on first use).
+test-containers: install
+	$(BIN)/pytest -m "containers"
 
 lint: install
 	$(BIN)/ruff format --check medfed tests benchmarks

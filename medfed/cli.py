@@ -2,7 +2,8 @@
 
 Errors that medfed raises on purpose (``MedfedError``) print one line and exit
 with the error's code: 2 config, 3 data, 4 envelope, 5 privacy budget,
-6 aggregation service, 7 aggregation, 8 quorum, 9 audit log.
+6 aggregation service, 7 aggregation, 8 quorum, 9 audit log, 10 secure
+aggregation, 11 deployment, 12 site run in deployment mode.
 """
 
 import json
@@ -83,12 +84,29 @@ def run(
             "from its last finished round",
         ),
     ] = False,
+    deployed_sites: Annotated[
+        bool,
+        typer.Option(
+            "--deployed-sites",
+            help="run each site's work in its Prefect work pool site-<id> (started "
+            "by 'medfed deploy') instead of in this process; needs PREFECT_API_URL "
+            "and aggregation.url",
+        ),
+    ] = False,
 ) -> None:
-    """Run a study in local mode and print per-site and pooled results."""
+    """Run a study and print per-site and pooled results.
+
+    Sites run in this process unless ``--deployed-sites`` is given.
+    """
     from medfed.contract.config import load_study_config
 
     config = load_study_config(config_path)
     config_text = config_path.read_text(encoding="utf-8")
+    if deployed_sites and not config.aggregation.url:
+        raise ConfigError(
+            "--deployed-sites needs aggregation.url in the study config: the URL "
+            "at which the sites reach the aggregation service"
+        )
     runs = Path(".medfed") / "runs"
     if work_dir is None and resume:
         previous = sorted(runs.glob(f"{config.study}-*"))
@@ -127,7 +145,12 @@ def run(
             )
 
         summary = run_study(
-            config, config_text, work_dir=work_dir, listener=on_round, resume=resume
+            config,
+            config_text,
+            work_dir=work_dir,
+            listener=on_round,
+            resume=resume,
+            deployed_sites=deployed_sites,
         )
     summary["wall_seconds"] = time.monotonic() - started
     summary["work_dir"] = str(work_dir)
@@ -200,6 +223,100 @@ def serve_aggregator(
 
 app.command("provision")(provision_command)
 app.add_typer(audit_app, name="audit")
+
+
+@app.command()
+def deploy(
+    config_path: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="CONFIG", help="study config (YAML); its sites get containers"
+        ),
+    ] = None,
+    down: Annotated[
+        bool,
+        typer.Option("--down", help="stop and remove the deployment's containers"),
+    ] = False,
+    name: Annotated[
+        str, typer.Option(help="deployment name, put on every container as a label")
+    ] = "medfed",
+    host: Annotated[
+        str, typer.Option(help="address the coordinator-side services bind to")
+    ] = "127.0.0.1",
+    prefect_port: Annotated[int, typer.Option(help="Prefect server port")] = 4200,
+    mlflow_port: Annotated[int, typer.Option(help="MLflow server port")] = 5000,
+    aggregation_port: Annotated[
+        int, typer.Option(help="aggregation service port")
+    ] = 8600,
+    base_image: Annotated[
+        str | None,
+        typer.Option(help="BASE_IMAGE of the Dockerfiles; default python:3.11-slim"),
+    ] = None,
+    build: Annotated[
+        bool, typer.Option(help="build the images first; --no-build reuses them")
+    ] = True,
+    ca_bundle: Annotated[
+        Path | None, typer.Option(help="extra CA bundle that pip trusts in builds")
+    ] = None,
+    torch_wheel: Annotated[
+        Path | None, typer.Option(help="local torch wheel to install in the images")
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="data root on this machine; default as the sites resolve it "
+            "(data.root, MEDFED_DATA_DIR, ../shared/data)"
+        ),
+    ] = None,
+    keys_dir: Annotated[
+        Path | None,
+        typer.Option(help="folder with one keys folder per site id, mounted read-only"),
+    ] = None,
+    remove_volumes: Annotated[
+        bool,
+        typer.Option(
+            "--remove-volumes",
+            help="with --down, also delete the state volumes (privacy ledgers, "
+            "Prefect and MLflow databases)",
+        ),
+    ] = False,
+) -> None:
+    """Start the coordinator side and one container per site, or remove them.
+
+    Uses the container engine that DOCKER_HOST names (Docker or podman's API
+    service). Every container gets the label io.medfed.deployment=NAME, and
+    --down removes exactly those.
+    """
+    from medfed.deploy import DeploymentSettings, ServicePorts, deploy_down, deploy_up
+
+    if down:
+        removed = deploy_down(name=name, remove_volumes=remove_volumes)
+        console.print(f"removed {len(removed)} containers and volumes of {name}")
+        return
+    if config_path is None:
+        raise ConfigError("medfed deploy needs a study config; pass CONFIG or --down")
+    settings = DeploymentSettings(
+        name=name,
+        host=host,
+        ports=ServicePorts(
+            prefect=prefect_port, mlflow=mlflow_port, aggregation=aggregation_port
+        ),
+        base_image=base_image,
+    )
+    running = deploy_up(
+        config_path,
+        settings=settings,
+        data_root=data_dir,
+        keys_root=keys_dir,
+        build=build,
+        ca_bundle=ca_bundle,
+        torch_wheel=torch_wheel,
+    )
+    console.print(f"Prefect API        {running.prefect_api_url}")
+    console.print(f"MLflow             {running.mlflow_url}")
+    console.print(f"aggregation        {running.aggregation_url}")
+    for site, pool in running.deployments.items():
+        console.print(f"site {site:<13} work pool {pool}")
 
 
 def _print_summary(summary: dict[str, Any]) -> None:

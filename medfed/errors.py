@@ -10,12 +10,14 @@ __all__ = [
     "BudgetExceededError",
     "ConfigError",
     "DataError",
+    "DeployError",
     "EnvelopeError",
     "MedfedError",
     "QuorumError",
     "SecureAggregationError",
     "ServiceError",
     "SignatureError",
+    "SiteRunError",
 ]
 
 
@@ -90,3 +92,15 @@ class AuditLogError(MedfedError):
     """The audit log cannot be read or appended, or its hash chain is broken."""
 
     exit_code = 9
+
+
+class DeployError(MedfedError):
+    """Building images or starting containers for a deployment failed."""
+
+    exit_code = 11
+
+
+class SiteRunError(MedfedError):
+    """A site's flow run in deployment mode failed or missed its deadline."""
+
+    exit_code = 12

@@ -5,7 +5,9 @@ site's round as one Prefect task named after the site, requests that the
 service finalize (naming the sites that rejected the round or failed), runs each
 site's evaluation of the new global model, pools the aggregates and logs the
 round to MLflow. In local mode the site tasks run in this process, each with
-its own state folder; only the task launcher differs from a deployment.
+its own state folder. In deployment mode (``deployed_sites``) the same tasks
+start the site flows in each site's Prefect work pool instead
+(``medfed.flows.deployments``); nothing else differs.
 """
 
 import json
@@ -27,6 +29,7 @@ from safetensors.numpy import load as load_safetensors
 from medfed.contract.config import StudyConfig
 from medfed.contract.metrics import EvaluationAggregates, pool
 from medfed.errors import AggregationError, ConfigError, MedfedError, QuorumError
+from medfed.flows.site_round import prepare_site
 from medfed.flows.tracking import StudyTracker
 from medfed.sites.client import AggregationClient
 from medfed.sites.runner import (
@@ -98,24 +101,7 @@ def site_prepare(config: StudyConfig, site_id: str, state_dir: str) -> dict[str,
     Returns the site's training record count, dataset fingerprint and DP
     parameters: nothing about any single record.
     """
-    runner = SiteRunner(config, site_id, Path(state_dir))
-    manifest = runner.prepare()
-    records = manifest["splits"]["train"]["rows"]
-    ledger = runner.ledger(records)
-    privacy = {}
-    if ledger is not None:
-        privacy = {
-            "target_epsilon": ledger.epsilon_budget,
-            "delta": ledger.delta,
-            "noise_multiplier": ledger.noise_multiplier,
-            "max_grad_norm": ledger.max_grad_norm,
-            "sample_rate": ledger.sample_rate,
-        }
-    return {
-        "train_records": records,
-        "fingerprint": runner.dataset_fingerprint(),
-        "privacy": privacy,
-    }
+    return prepare_site(SiteRunner(config, site_id, Path(state_dir)))
 
 
 _SITE_TASK_RUNNER: Any = ThreadPoolTaskRunner(max_workers=8)
@@ -128,16 +114,21 @@ def federated_training(
     work_dir: str,
     aggregation_url: str,
     resume: bool = False,
+    deployed_sites: bool = False,
 ) -> dict[str, Any]:
     """Train the study's model across its sites; return the study summary.
 
     With ``resume`` the flow continues the study recorded in ``work_dir``
     and on the aggregation service from its last finished round; an open
     round is completed without retraining the sites that already uploaded.
+    With ``deployed_sites`` each site's work runs in its own work pool
+    ``site-<id>`` (see ``medfed.flows.deployments``), and every remote run
+    waits at most the round deadline.
     """
-    return _Coordinator(config, Path(work_dir), aggregation_url).run(
-        config_text, resume=resume
+    coordinator = _Coordinator(
+        config, Path(work_dir), aggregation_url, deployed_sites=deployed_sites
     )
+    return coordinator.run(config_text, resume=resume)
 
 
 @dataclass(frozen=True)
@@ -153,9 +144,23 @@ class _Coordinator:
     """The flow's state while it runs one study."""
 
     def __init__(
-        self, config: StudyConfig, work_dir: Path, aggregation_url: str
+        self,
+        config: StudyConfig,
+        work_dir: Path,
+        aggregation_url: str,
+        *,
+        deployed_sites: bool = False,
     ) -> None:
         self.config = config
+        self.prepare_task: Any = site_prepare
+        self.round_task: Any = site_round
+        self.evaluation_task: Any = site_evaluation
+        if deployed_sites:
+            from medfed.flows import deployments
+
+            self.prepare_task = deployments.deployed_site_prepare
+            self.round_task = deployments.deployed_site_round
+            self.evaluation_task = deployments.deployed_site_evaluation
         self.work_dir = work_dir
         self.aggregation_url = aggregation_url
         self.sites = [site.id for site in config.sites]
@@ -224,7 +229,7 @@ class _Coordinator:
             version, reports = result.version, result.reports
             self.last_round = round_number
             evaluated = _gather({
-                site: site_evaluation.submit(self.config, site, version, self.aggregation_url, self.site_dirs[site])
+                site: self.evaluation_task.submit(self.config, site, version, self.aggregation_url, self.site_dirs[site])
                 for site in self.sites
             })  # fmt: skip
             self.evaluations = {
@@ -255,7 +260,7 @@ class _Coordinator:
     def _prepare_sites(self) -> dict[str, Any]:
         prepared = _gather(
             {
-                site: site_prepare.submit(self.config, site, self.site_dirs[site])
+                site: self.prepare_task.submit(self.config, site, self.site_dirs[site])
                 for site in self.sites
             }
         )
@@ -314,7 +319,7 @@ class _Coordinator:
         training = [site for site in self.sites if site not in skip]
         outcomes = _gather(
             {
-                site: site_round.submit(
+                site: self.round_task.submit(
                     self.config,
                     site,
                     round_number,
@@ -370,7 +375,7 @@ class _Coordinator:
         final = client.download_model(self.config.study, version)
         if not self.evaluations:
             evaluated = _gather({
-                site: site_evaluation.submit(self.config, site, version, self.aggregation_url, self.site_dirs[site])
+                site: self.evaluation_task.submit(self.config, site, version, self.aggregation_url, self.site_dirs[site])
                 for site in self.sites
             })  # fmt: skip
             self.evaluations = {
@@ -479,6 +484,7 @@ def run_study(
     work_dir: Path,
     listener: RoundListener | None = None,
     resume: bool = False,
+    deployed_sites: bool = False,
 ) -> dict[str, Any]:
     """Run a study in local mode: start the service, run the flow, stop the service.
 
@@ -496,7 +502,12 @@ def run_study(
     try:
         if config.aggregation.url:
             return federated_training(
-                config, config_text, str(work_dir), config.aggregation.url, resume
+                config,
+                config_text,
+                str(work_dir),
+                config.aggregation.url,
+                resume,
+                deployed_sites,
             )
         with LocalAggregationService(
             work_dir / "aggregation",

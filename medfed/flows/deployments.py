@@ -1,0 +1,283 @@
+"""Deployment mode: each site's work pool, deployments and remote flow runs.
+
+A site is reached only through its Prefect work pool ``site-<site_id>``. The
+coordinator creates the pool and, in it, one deployment of each site flow
+(``site_prepare``, ``site_round``, ``site_evaluation``). The site's worker
+polls the pool and runs those flows inside the site's container. Deployments
+name their flow by module path, so the worker imports it from the medfed
+package installed in its image and no code is pulled at run time.
+
+``run_site_flow`` starts one of those flows with ``run_deployment`` and waits
+at most a deadline. A run still unfinished at the deadline (its site is down
+or slow) is cancelled, so a site that comes back never trains for a round
+that has closed.
+"""
+
+import json
+import logging
+from collections.abc import Iterable
+from typing import Any, cast
+
+from prefect import task
+from prefect.cache_policies import NONE
+
+from medfed.contract.config import StudyConfig
+from medfed.contract.ids import validate_identifier
+from medfed.errors import SiteRunError
+
+__all__ = [
+    "SITE_FLOW_NAMES",
+    "deployed_site_evaluation",
+    "deployed_site_prepare",
+    "deployed_site_round",
+    "register_site_deployments",
+    "run_site_flow",
+    "site_deployment_name",
+    "site_pool_name",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The flows each site pool gets a deployment of.
+SITE_FLOW_NAMES = ("site_prepare", "site_round", "site_evaluation")
+
+#: Seconds between checks of a remote flow run's state.
+POLL_SECONDS = 1.0
+
+
+def site_pool_name(site_id: str) -> str:
+    """Return the name of the work pool that ``site_id``'s worker polls."""
+    return f"site-{validate_identifier(site_id, kind='site')}"
+
+
+def site_deployment_name(flow_name: str, site_id: str) -> str:
+    """Return the ``<flow>/<deployment>`` name that ``run_deployment`` takes."""
+    if flow_name not in SITE_FLOW_NAMES:
+        raise ValueError(
+            f"unknown site flow {flow_name!r}; expected one of "
+            + ", ".join(SITE_FLOW_NAMES)
+        )
+    return f"{flow_name}/{site_pool_name(site_id)}"
+
+
+def register_site_deployments(
+    site_ids: Iterable[str], *, api_url: str
+) -> dict[str, str]:
+    """Create each site's process work pool and its site flow deployments.
+
+    Idempotent: existing pools are kept and existing deployments updated.
+
+    Args:
+        site_ids: the study's site identifiers.
+        api_url: the Prefect API, e.g. ``http://127.0.0.1:4200/api``.
+
+    Returns:
+        The work pool name of each site.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.deployments.runner import EntrypointType, RunnerDeployment
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from medfed.flows.site_round import site_evaluation, site_prepare, site_round
+
+    pools = {}
+    with (
+        temporary_settings(updates={PREFECT_API_URL: api_url}),
+        get_client(sync_client=True) as client,
+    ):
+        for site_id in site_ids:
+            pool = site_pool_name(site_id)
+            try:
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+                logger.info("created work pool %s", pool)
+            except ObjectAlreadyExists:
+                pass
+            for site_flow in (site_prepare, site_round, site_evaluation):
+                deployment = cast(
+                    RunnerDeployment,
+                    site_flow.to_deployment(
+                        name=pool,
+                        work_pool_name=pool,
+                        entrypoint_type=EntrypointType.MODULE_PATH,
+                        tags=["medfed", f"site:{site_id}"],
+                    ),
+                )
+                deployment.apply()
+            pools[site_id] = pool
+            logger.info("registered the site flows of %s in pool %s", site_id, pool)
+    return pools
+
+
+def run_site_flow(
+    flow_name: str,
+    site_id: str,
+    parameters: dict[str, Any],
+    *,
+    timeout: float,
+    flow_run_name: str,
+) -> dict[str, Any]:
+    """Run a site flow in the site's work pool; return the site's report.
+
+    Args:
+        flow_name: one of ``SITE_FLOW_NAMES``.
+        site_id: the site whose pool runs the flow.
+        parameters: the flow's parameters, JSON-compatible.
+        timeout: seconds to wait for the run to finish, counted from its
+            creation, so a site whose worker is down uses the whole deadline.
+        flow_run_name: name given to the run when it is created, so a run
+            that never starts (its site is down) is still recognizable.
+
+    Raises:
+        SiteRunError: the run did not finish within ``timeout`` (it is then
+            cancelled), or it finished in a state other than Completed.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.deployments import run_deployment
+    from prefect.states import Cancelled
+
+    name = site_deployment_name(flow_name, site_id)
+    flow_run = cast(
+        FlowRun,
+        run_deployment(
+            name,
+            parameters=parameters,
+            timeout=timeout,
+            poll_interval=POLL_SECONDS,
+            flow_run_name=flow_run_name,
+        ),
+    )
+    state = flow_run.state
+    if state is None or not state.is_final():
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(
+                flow_run.id,
+                Cancelled(message=f"deadline of {timeout:.0f} s passed"),
+                force=True,
+            )
+        raise SiteRunError(
+            f"site {site_id} did not finish {flow_name} within {timeout:.0f} s "
+            f"(flow run {flow_run.name} was {state.name if state else 'unknown'}, "
+            "now cancelled); check that the site's container and worker are running"
+        )
+    if not state.is_completed():
+        raise SiteRunError(
+            f"site {site_id} {flow_name} ended {state.name}: "
+            f"{state.message or 'no message'} (flow run {flow_run.name})"
+        )
+    return _read_report(flow_run.id, site_id, flow_name)
+
+
+def _read_report(flow_run_id: Any, site_id: str, flow_name: str) -> dict[str, Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from medfed.flows.site_round import REPORT_ARTIFACT_DESCRIPTION
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])
+            )
+        )
+    for artifact in artifacts:
+        if artifact.description == REPORT_ARTIFACT_DESCRIPTION and artifact.data:
+            data: Any = artifact.data
+            rows = json.loads(data) if isinstance(data, str) else data
+            report: dict[str, Any] = json.loads(rows[0]["report"])
+            return report
+    raise SiteRunError(
+        f"site {site_id} {flow_name} completed without a report artifact "
+        f"(flow run {flow_run_id}); the site's image may run an older medfed"
+    )
+
+
+# The tasks below take the same arguments as the local-mode site tasks in
+# medfed.flows.training, so federated_training switches between local and
+# deployment mode by choosing which tasks it submits. ``state_dir`` is
+# ignored: a deployed site keeps its state in its own container.
+
+
+@task(
+    name="site_prepare",
+    task_run_name="{site_id}: prepare data (deployed)",
+    cache_policy=NONE,
+    persist_result=False,
+)
+def deployed_site_prepare(
+    config: StudyConfig, site_id: str, state_dir: str
+) -> dict[str, Any]:
+    """Run ``site_prepare`` in the site's pool; wait up to the round deadline."""
+    return run_site_flow(
+        "site_prepare",
+        site_id,
+        {"config": _config_parameter(config), "site_id": site_id},
+        timeout=config.round.deadline_seconds,
+        flow_run_name=f"{site_id}: prepare {config.study}",
+    )
+
+
+@task(
+    name="site_round",
+    task_run_name="{site_id}: train round {round_number} (deployed)",
+    cache_policy=NONE,
+    persist_result=False,
+)
+def deployed_site_round(
+    config: StudyConfig,
+    site_id: str,
+    round_number: int,
+    aggregation_url: str,
+    state_dir: str,
+) -> dict[str, Any]:
+    """Run ``site_round`` in the site's pool; wait up to the round deadline."""
+    parameters = {
+        "config": _config_parameter(config),
+        "site_id": site_id,
+        "round_number": round_number,
+        "aggregation_url": aggregation_url,
+    }
+    return run_site_flow(
+        "site_round",
+        site_id,
+        parameters,
+        timeout=config.round.deadline_seconds,
+        flow_run_name=f"{site_id}: {config.study} round {round_number}",
+    )
+
+
+@task(
+    name="site_evaluation",
+    task_run_name="{site_id}: evaluate model {version} (deployed)",
+    cache_policy=NONE,
+    persist_result=False,
+)
+def deployed_site_evaluation(
+    config: StudyConfig,
+    site_id: str,
+    version: int,
+    aggregation_url: str,
+    state_dir: str,
+) -> dict[str, Any]:
+    """Run ``site_evaluation`` in the site's pool; wait up to the round deadline."""
+    parameters = {
+        "config": _config_parameter(config),
+        "site_id": site_id,
+        "version": version,
+        "aggregation_url": aggregation_url,
+    }
+    return run_site_flow(
+        "site_evaluation",
+        site_id,
+        parameters,
+        timeout=config.round.deadline_seconds,
+        flow_run_name=f"{site_id}: {config.study} evaluate model {version}",
+    )
+
+
+def _config_parameter(config: StudyConfig) -> dict[str, Any]:
+    # Flow run parameters travel as JSON; the site flow validates them back
+    # into a StudyConfig.
+    return config.model_dump(mode="json")

@@ -1,0 +1,140 @@
+"""Flows that run at a site, started through the site's Prefect work pool.
+
+In deployment mode the coordinator starts these flows with
+``run_deployment``, and the site's worker runs them inside the site's
+container. There the data is mounted read-only at ``MEDFED_DATA_DIR`` and the
+site's private state (preprocessed data, privacy ledger) lives under
+``MEDFED_SITE_STATE_DIR``.
+
+Each flow returns its report and also publishes it as a one-row table
+artifact on its flow run, because the coordinator cannot read results that
+the worker stores on the site's disk. A report contains only what may leave
+a site: record counts, a dataset fingerprint (a hash), privacy spent,
+upload receipts and aggregate evaluation metrics.
+"""
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_table_artifact
+
+from medfed.contract.config import StudyConfig
+from medfed.sites.client import AggregationClient
+from medfed.sites.runner import SiteRunner
+
+__all__ = [
+    "REPORT_ARTIFACT_DESCRIPTION",
+    "STATE_DIR_ENV",
+    "prepare_site",
+    "site_evaluation",
+    "site_prepare",
+    "site_round",
+]
+
+logger = logging.getLogger(__name__)
+
+STATE_DIR_ENV = "MEDFED_SITE_STATE_DIR"
+DATA_DIR_ENV = "MEDFED_DATA_DIR"
+
+#: Description of the table artifact that carries a site flow's report.
+REPORT_ARTIFACT_DESCRIPTION = "medfed site report"
+
+
+@flow(
+    name="site_prepare",
+    flow_run_name="{site_id}: prepare {config.study}",
+    persist_result=False,
+)
+def site_prepare(config: StudyConfig, site_id: str) -> dict[str, Any]:
+    """Preprocess the site's data and calibrate its DP noise; see ``prepare_site``."""
+    return _publish(prepare_site(_runner(config, site_id)))
+
+
+@flow(
+    name="site_round",
+    flow_run_name="{site_id}: {config.study} round {round_number}",
+    persist_result=False,
+)
+def site_round(
+    config: StudyConfig, site_id: str, round_number: int, aggregation_url: str
+) -> dict[str, Any]:
+    """Train one round on the site's data and upload the update.
+
+    Returns the site's round report (``SiteRoundReport`` as a dict). A round
+    that would exceed the site's privacy budget is rejected before training,
+    with status ``rejected_budget`` in the report.
+    """
+    runner = _runner(config, site_id)
+    with AggregationClient(aggregation_url) as client:
+        report = runner.train_round(client, round_number).to_dict()
+    return _publish(report)
+
+
+@flow(
+    name="site_evaluation",
+    flow_run_name="{site_id}: {config.study} evaluate model {version}",
+    persist_result=False,
+)
+def site_evaluation(
+    config: StudyConfig, site_id: str, version: int, aggregation_url: str
+) -> dict[str, Any]:
+    """Evaluate a global model version on the site's test split; report aggregates."""
+    runner = _runner(config, site_id)
+    with AggregationClient(aggregation_url) as client:
+        report = vars(runner.evaluate(client, version))
+    return _publish(report)
+
+
+def prepare_site(runner: SiteRunner) -> dict[str, Any]:
+    """Preprocess a site's data and calibrate its DP noise.
+
+    Returns the site's training record count, dataset fingerprint and DP
+    parameters: nothing about any single record.
+    """
+    manifest = runner.prepare()
+    records = manifest["splits"]["train"]["rows"]
+    ledger = runner.ledger(records)
+    privacy = {}
+    if ledger is not None:
+        privacy = {
+            "target_epsilon": ledger.epsilon_budget,
+            "delta": ledger.delta,
+            "noise_multiplier": ledger.noise_multiplier,
+            "max_grad_norm": ledger.max_grad_norm,
+            "sample_rate": ledger.sample_rate,
+        }
+    return {
+        "train_records": records,
+        "fingerprint": runner.dataset_fingerprint(),
+        "privacy": privacy,
+    }
+
+
+def _runner(config: StudyConfig, site_id: str) -> SiteRunner:
+    state_dir = Path(os.environ.get(STATE_DIR_ENV, ".medfed/site"))
+    # The container's mount point wins over data.root, which names a folder
+    # on the coordinator's machine.
+    data_dir = os.environ.get(DATA_DIR_ENV)
+    return SiteRunner(
+        config, site_id, state_dir, data_root=Path(data_dir) if data_dir else None
+    )
+
+
+def _publish(report: dict[str, Any]) -> dict[str, Any]:
+    # JSON keeps numpy scalars and nested lists exact and readable in the UI.
+    encoded = json.loads(json.dumps(report, default=_to_builtin))
+    create_table_artifact(
+        table=[{"report": json.dumps(encoded, sort_keys=True)}],
+        description=REPORT_ARTIFACT_DESCRIPTION,
+    )
+    return encoded
+
+
+def _to_builtin(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"cannot encode {type(value).__name__} in a site report")

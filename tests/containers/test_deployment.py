@@ -1,0 +1,416 @@
+"""End-to-end deployment: images, site isolation, a study through work pools.
+
+The coordinator side (Prefect server, MLflow server, aggregation service) and
+four site containers run under podman. The study's flow runs in a subprocess
+on this machine and reaches them over loopback, as a coordinator would.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from medfed.deploy import IMAGE_ROLES, DeploymentSettings, RunningDeployment
+from medfed.flows.deployments import site_pool_name
+
+from .support import HEART_SITES, TIMINGS, write_study_config
+
+# The first test also pays for the image builds and the deployment, which take
+# up to about 15 minutes on a fresh, loaded two-core machine.
+pytestmark = [pytest.mark.containers, pytest.mark.timeout(2400)]
+
+STUDY_TIMEOUT = 900.0
+
+#: Runs a study with its sites deployed; arguments: config, work dir, summary
+#: path, then "resume" to continue the study recorded in the work dir.
+_STUDY_SCRIPT = """
+import json, sys
+from pathlib import Path
+from medfed.contract.config import load_study_config
+from medfed.flows.training import run_study
+
+config_path, work_dir, summary_path = map(Path, sys.argv[1:4])
+config = load_study_config(config_path)
+summary = run_study(
+    config,
+    config_path.read_text(),
+    work_dir=work_dir,
+    deployed_sites=True,
+    resume=sys.argv[4:] == ["resume"],
+)
+summary_path.write_text(json.dumps(summary))
+"""
+
+
+def run_deployed_study(
+    config_path: Path,
+    running: RunningDeployment,
+    work_dir: Path,
+    *,
+    resume: bool = False,
+) -> subprocess.Popen[str]:
+    """Start the study's flow in a subprocess pointed at the deployment."""
+    environment = {
+        **os.environ,
+        "PREFECT_API_URL": running.prefect_api_url,
+        "MLFLOW_TRACKING_URI": running.mlflow_url,
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+    work_dir.mkdir(parents=True, exist_ok=True)
+    arguments = [str(config_path), str(work_dir), str(work_dir / "summary.json")]
+    if resume:
+        arguments.append("resume")
+    return subprocess.Popen(
+        [sys.executable, "-c", _STUDY_SCRIPT, *arguments],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finish(
+    process: subprocess.Popen[str], work_dir: Path
+) -> tuple[int, str, dict[str, Any]]:
+    """Wait for a study subprocess; return its status, output and summary."""
+    output, _ = process.communicate(timeout=STUDY_TIMEOUT)
+    summary_path = work_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    return process.returncode, output, summary
+
+
+def with_aggregation_url(config_path: Path, url: str) -> Path:
+    import yaml
+
+    config = yaml.safe_load(config_path.read_text())
+    config["aggregation"] = {"url": url}
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return config_path
+
+
+# Images
+
+
+def test_images_run_as_non_root(
+    engine: Any, images: dict[str, float], settings: DeploymentSettings
+) -> None:
+    for role in IMAGE_ROLES:
+        image_config = engine.images.get(settings.image(role)).attrs["Config"]
+        assert image_config["User"] == "medfed", role
+
+
+def test_site_image_exposes_no_port(
+    engine: Any, images: dict[str, float], settings: DeploymentSettings
+) -> None:
+    image_config = engine.images.get(settings.image("site")).attrs["Config"]
+    assert not image_config.get("ExposedPorts")
+
+
+# Site isolation
+
+
+@pytest.mark.parametrize("site", sorted(HEART_SITES))
+def test_site_sees_only_its_own_file(
+    engine: Any, deployment: RunningDeployment, settings: DeploymentSettings, site: str
+) -> None:
+    container = engine.containers.get(settings.container_name("site", site))
+    own = f"/data/heart-disease/{HEART_SITES[site]}"
+
+    listing = container.exec_run(["find", "/data", "-type", "f"])
+    assert listing.exit_code == 0, listing.output
+    assert listing.output.decode().split() == [own]
+
+    read = container.exec_run(["python3", "-c", f"print(len(open({own!r}).read()))"])
+    assert read.exit_code == 0, read.output
+    assert int(read.output.decode()) > 0
+
+    for other_site, other_file in HEART_SITES.items():
+        if other_site == site:
+            continue
+        probe = container.exec_run(["test", "-e", f"/data/heart-disease/{other_file}"])
+        assert probe.exit_code != 0, f"{site} can see {other_file}"
+
+
+@pytest.mark.parametrize("site", sorted(HEART_SITES))
+def test_site_data_mount_is_read_only(
+    engine: Any, deployment: RunningDeployment, settings: DeploymentSettings, site: str
+) -> None:
+    container = engine.containers.get(settings.container_name("site", site))
+    write = container.exec_run(["sh", "-c", "echo x >> /data/heart-disease/*"])
+    assert write.exit_code != 0
+    assert b"Read-only file system" in write.output
+
+
+def test_site_runs_as_non_root(
+    engine: Any, deployment: RunningDeployment, settings: DeploymentSettings
+) -> None:
+    container = engine.containers.get(settings.container_name("site", "cleveland"))
+    identity = container.exec_run(["id", "-u"])
+    assert identity.output.decode().strip() == "10001"
+
+
+# A study through the work pools
+
+
+@pytest.fixture(scope="module")
+def three_round_study(
+    deployment: RunningDeployment, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    folder = tmp_path_factory.mktemp("study")
+    config_path = with_aggregation_url(
+        write_study_config(folder, "heart-three-rounds", rounds=3),
+        deployment.aggregation_url,
+    )
+    started = time.monotonic()
+    status, output, summary = finish(
+        run_deployed_study(config_path, deployment, folder / "work"), folder / "work"
+    )
+    TIMINGS["three_round_study_seconds"] = time.monotonic() - started
+    assert status == 0, output[-4000:]
+    return summary
+
+
+def test_study_finishes_three_rounds(three_round_study: dict[str, Any]) -> None:
+    assert three_round_study["rounds"] == 3
+    assert three_round_study["model_version"] == 3
+    assert 0.0 <= three_round_study["pooled_test_accuracy"] <= 1.0
+
+
+def test_study_is_recorded_in_mlflow(
+    deployment: RunningDeployment, three_round_study: dict[str, Any]
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=deployment.mlflow_url)
+    run = client.get_run(three_round_study["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert any(key.startswith("pooled") for key in run.data.metrics), run.data.metrics
+
+    registered = str(three_round_study["registered_model_version"])
+    versions = client.search_model_versions(f"name='{'heart-three-rounds'}'")
+    assert registered in {version.version for version in versions}
+
+
+def test_site_flows_ran_in_own_pools(
+    deployment: RunningDeployment, three_round_study: dict[str, Any]
+) -> None:
+    runs = _flow_runs(deployment.prefect_api_url)
+    for site in HEART_SITES:
+        pool = site_pool_name(site)
+        site_runs = [run for run in runs if run["parameters"].get("site_id") == site]
+        train_runs = [
+            run
+            for run in site_runs
+            if run["name"].startswith(f"{site}: heart-three-rounds round")
+        ]
+        assert len(train_runs) == 3, [run["name"] for run in site_runs]
+        assert {run["work_pool_name"] for run in site_runs} == {pool}
+        assert {run["state_type"] for run in train_runs} == {"COMPLETED"}
+
+
+def _flow_runs(api_url: str) -> list[dict[str, Any]]:
+    response = httpx.post(
+        f"{api_url}/flow_runs/filter", json={"limit": 200}, timeout=30
+    )
+    response.raise_for_status()
+    runs: list[dict[str, Any]] = response.json()
+    return runs
+
+
+# A site that stops mid-study
+
+
+def _wait_for_finalized_round(
+    url: str,
+    study: str,
+    round_number: int,
+    timeout: float,
+    process: subprocess.Popen[str],
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            output, _ = process.communicate()
+            raise AssertionError(
+                f"study {study} exited before round {round_number} was "
+                f"finalized:\n{output[-4000:]}"
+            )
+        response = httpx.get(
+            f"{url}/v1/studies/{study}/rounds/{round_number}", timeout=10
+        )
+        if response.status_code == 200 and response.json()["state"] == "finalized":
+            return
+        time.sleep(1.0)
+    raise AssertionError(
+        f"round {round_number} of {study} not finalized within {timeout} s"
+    )
+
+
+STOPPED_STUDY = "heart-site-stops"
+RESUMED_STUDY = "heart-resumed"
+
+#: Round deadline of the studies that lose a site. A site's flow run takes
+#: about a minute on a loaded two-core machine (process start and imports),
+#: so a shorter deadline would also close rounds on the healthy sites.
+SHORT_DEADLINE_SECONDS = 150.0
+
+
+@pytest.fixture(scope="module")
+def study_with_stopped_site(
+    engine: Any,
+    deployment: RunningDeployment,
+    settings: DeploymentSettings,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Any]:
+    """Run two rounds with quorum 3; stop site switzerland after round 0."""
+    folder = tmp_path_factory.mktemp("stopped")
+    config_path = with_aggregation_url(
+        write_study_config(
+            folder,
+            STOPPED_STUDY,
+            rounds=2,
+            deadline_seconds=SHORT_DEADLINE_SECONDS,
+            quorum=3,
+        ),
+        deployment.aggregation_url,
+    )
+    container = engine.containers.get(settings.container_name("site", "switzerland"))
+    process = run_deployed_study(config_path, deployment, folder / "work")
+    stopper_error: list[BaseException] = []
+
+    def stop_after_first_round() -> None:
+        try:
+            _wait_for_finalized_round(
+                deployment.aggregation_url, STOPPED_STUDY, 0, STUDY_TIMEOUT, process
+            )
+            container.stop(timeout=5)
+        except BaseException as error:
+            stopper_error.append(error)
+
+    stopper = threading.Thread(target=stop_after_first_round)
+    started = time.monotonic()
+    stopper.start()
+    try:
+        status, output, summary = finish(process, folder / "work")
+        stopper.join()
+        rounds = {
+            number: httpx.get(
+                f"{deployment.aggregation_url}/v1/studies/{STOPPED_STUDY}"
+                f"/rounds/{number}",
+                timeout=10,
+            ).json()
+            for number in range(2)
+        }
+    finally:
+        TIMINGS["stopped_site_study_seconds"] = time.monotonic() - started
+        container.start()
+    assert not stopper_error, stopper_error
+    assert status == 0, output[-4000:]
+    return {"summary": summary, "rounds": rounds, "output": output}
+
+
+@pytest.fixture(scope="module")
+def resumed_study(
+    deployment: RunningDeployment, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """Kill the coordinator once round 0 is finalized, then run with resume."""
+    folder = tmp_path_factory.mktemp("resumed")
+    work_dir = folder / "work"
+    config_path = with_aggregation_url(
+        write_study_config(folder, RESUMED_STUDY, rounds=2),
+        deployment.aggregation_url,
+    )
+    started = time.monotonic()
+    first = run_deployed_study(config_path, deployment, work_dir)
+    try:
+        _wait_for_finalized_round(
+            deployment.aggregation_url, RESUMED_STUDY, 0, STUDY_TIMEOUT, first
+        )
+    finally:
+        first.kill()
+        first.communicate()
+    status, output, summary = finish(
+        run_deployed_study(config_path, deployment, work_dir, resume=True), work_dir
+    )
+    TIMINGS["resumed_study_seconds"] = time.monotonic() - started
+    assert status == 0, output[-4000:]
+    return summary
+
+
+def test_round_closes_without_stopped_site(
+    study_with_stopped_site: dict[str, Any],
+) -> None:
+    assert study_with_stopped_site["summary"]["rounds"] == 2
+    second = study_with_stopped_site["rounds"][1]
+    assert second["state"] == "finalized", second
+    assert "switzerland" not in second["uploaded"]
+    assert len(second["uploaded"]) == 3, second
+
+
+def test_round_before_stop_keeps_all_uploads(
+    study_with_stopped_site: dict[str, Any],
+) -> None:
+    first = study_with_stopped_site["rounds"][0]
+    assert first["state"] == "finalized"
+    assert sorted(first["uploaded"]) == sorted(HEART_SITES)
+
+
+def test_stopped_site_run_is_cancelled(
+    deployment: RunningDeployment, study_with_stopped_site: dict[str, Any]
+) -> None:
+    runs = _flow_runs(deployment.prefect_api_url)
+    stopped = [
+        run for run in runs if run["name"] == f"switzerland: {STOPPED_STUDY} round 1"
+    ]
+    assert len(stopped) == 1, [run["name"] for run in runs]
+    assert stopped[0]["state_type"] == "CANCELLED"
+
+
+def test_resumed_study_skips_finished_round(
+    deployment: RunningDeployment, resumed_study: dict[str, Any]
+) -> None:
+    runs = _flow_runs(deployment.prefect_api_url)
+    for site in HEART_SITES:
+        first_round = [
+            run for run in runs if run["name"] == f"{site}: {RESUMED_STUDY} round 0"
+        ]
+        assert len(first_round) == 1, (site, [run["name"] for run in runs])
+        second_round = [
+            run for run in runs if run["name"] == f"{site}: {RESUMED_STUDY} round 1"
+        ]
+        assert len(second_round) == 1, (site, [run["name"] for run in runs])
+    assert resumed_study["model_version"] == 2
+
+
+def test_study_without_quorum_fails_clearly(
+    engine: Any,
+    deployment: RunningDeployment,
+    settings: DeploymentSettings,
+    study_with_stopped_site: dict[str, Any],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    folder = tmp_path_factory.mktemp("no-quorum")
+    config_path = with_aggregation_url(
+        write_study_config(
+            folder, "heart-no-quorum", rounds=1, deadline_seconds=60.0, quorum=4
+        ),
+        deployment.aggregation_url,
+    )
+    container = engine.containers.get(settings.container_name("site", "switzerland"))
+    container.stop(timeout=5)
+    try:
+        status, output, _ = finish(
+            run_deployed_study(config_path, deployment, folder / "work"),
+            folder / "work",
+        )
+    finally:
+        container.start()
+    assert status != 0
+    assert "site switzerland did not finish site_prepare within 60 s" in output
