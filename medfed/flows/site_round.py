@@ -23,8 +23,7 @@ from prefect import flow
 from prefect.artifacts import create_table_artifact
 
 from medfed.contract.config import StudyConfig
-from medfed.sites.client import AggregationClient
-from medfed.sites.runner import SiteRunner
+from medfed.sites.runner import SiteRunner, connect_site
 
 __all__ = [
     "REPORT_ARTIFACT_DESCRIPTION",
@@ -68,9 +67,10 @@ def site_round(
     that would exceed the site's privacy budget is rejected before training,
     with status ``rejected_budget`` in the report.
     """
+    client, signer = connect_site(aggregation_url)
     runner = _runner(config, site_id)
-    with AggregationClient(aggregation_url) as client:
-        report = runner.train_round(client, round_number).to_dict()
+    runner.signer = signer
+    report = runner.train_round(client, round_number).to_dict()
     return _publish(report)
 
 
@@ -83,9 +83,8 @@ def site_evaluation(
     config: StudyConfig, site_id: str, version: int, aggregation_url: str
 ) -> dict[str, Any]:
     """Evaluate a global model version on the site's test split; report aggregates."""
-    runner = _runner(config, site_id)
-    with AggregationClient(aggregation_url) as client:
-        report = vars(runner.evaluate(client, version))
+    client, _ = connect_site(aggregation_url)
+    report = vars(_runner(config, site_id).evaluate(client, version))
     return _publish(report)
 
 

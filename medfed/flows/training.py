@@ -65,8 +65,7 @@ def site_round(
     """Run one site's local training for a round and upload its update."""
     client, signer = connect_site(aggregation_url)
     runner = SiteRunner(config, site_id, Path(state_dir), signer=signer)
-    with client:
-        return runner.train_round(client, round_number).to_dict()
+    return runner.train_round(client, round_number).to_dict()
 
 
 @task(
@@ -85,8 +84,7 @@ def site_evaluation(
     """Evaluate a global model version on one site's test split."""
     runner = SiteRunner(config, site_id, Path(state_dir))
     client, _ = connect_site(aggregation_url)
-    with client:
-        return vars(runner.evaluate(client, version))
+    return vars(runner.evaluate(client, version))
 
 
 @task(
