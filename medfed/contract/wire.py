@@ -88,7 +88,7 @@ class EnvelopeHeader(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format_version: Literal[1] = FORMAT_VERSION
+    format_version: Literal[1] = 1
     study: str = Field(pattern=IDENTIFIER_PATTERN.pattern)
     round: int = Field(ge=0, le=1_000_000)
     site: str = Field(pattern=IDENTIFIER_PATTERN.pattern)
@@ -196,7 +196,7 @@ def encode_envelope(
 
 
 def read_header(
-    data: bytes, limits: EnvelopeLimits = EnvelopeLimits()
+    data: bytes, limits: EnvelopeLimits | None = None
 ) -> tuple[EnvelopeHeader, memoryview]:
     """Parse and check an envelope's header; return it and the raw payload.
 
@@ -204,6 +204,7 @@ def read_header(
     against the bytes present, the payload hash and every size limit. Does
     not decompress or decode the payload.
     """
+    limits = limits or EnvelopeLimits()
     if len(data) < _PREFIX.size:
         raise EnvelopeError(
             f"envelope is truncated: {len(data)} bytes, shorter than the "
@@ -249,7 +250,7 @@ def read_header(
 
 def decode_envelope(
     data: bytes,
-    limits: EnvelopeLimits = EnvelopeLimits(),
+    limits: EnvelopeLimits | None = None,
     *,
     verify_signature: Any = None,
 ) -> DecodedUpdate:
@@ -264,6 +265,7 @@ def decode_envelope(
         EnvelopeError: the envelope is malformed, oversized, inconsistent or
             carries a non-finite value.
     """
+    limits = limits or EnvelopeLimits()
     header, payload = read_header(data, limits)
     if verify_signature is not None:
         verify_signature(header)

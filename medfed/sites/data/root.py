@@ -90,7 +90,7 @@ def _download(spec: DatasetFile, path: Path) -> None:
     logger.info("downloading %s from %s", spec.name, spec.url)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with urllib.request.urlopen(spec.url, timeout=60) as response:  # noqa: S310
+        with urllib.request.urlopen(spec.url, timeout=60) as response:
             data = response.read()
     except OSError as error:
         raise DataError(

@@ -1,0 +1,419 @@
+"""Round logic of the aggregation service, independent of HTTP.
+
+``RoundService`` validates every request against the stored state and raises
+``Rejected`` with an HTTP status and a message when it must refuse one. A
+rejected request changes nothing: checks run before any write, and each write
+is a single transaction.
+"""
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
+
+from medfed.aggregation.store import ModelVersion, RoundRecord, Store, StoredUpload
+from medfed.aggregation.strategies import SiteUpdate, get_strategy
+from medfed.contract.ids import IDENTIFIER_PATTERN
+from medfed.contract.wire import EnvelopeLimits, decode_envelope
+from medfed.errors import AggregationError, ConfigError, EnvelopeError
+
+__all__ = ["Rejected", "RoundService", "StudySettings"]
+
+logger = logging.getLogger(__name__)
+
+SETTINGS_METADATA_KEY = "medfed_study_settings"
+
+
+class Rejected(Exception):
+    """A request the service refuses, with the HTTP status to send."""
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """What the service needs to know about a study."""
+
+    sites: list[str]
+    strategy: str
+    strategy_params: dict[str, Any]
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> "StudySettings":
+        try:
+            sites = [str(site) for site in raw["sites"]]
+            strategy = str(raw["strategy"])
+            params = dict(raw.get("strategy_params", {}))
+        except (KeyError, TypeError, ValueError) as error:
+            raise Rejected(
+                422, f"invalid study settings: missing or malformed {error}"
+            ) from None
+        for site in sites:
+            if not IDENTIFIER_PATTERN.fullmatch(site):
+                raise Rejected(
+                    422, f"invalid site identifier {site!r} in study settings"
+                )
+        if not sites or len(set(sites)) != len(sites):
+            raise Rejected(422, "study settings must list at least one site, each once")
+        return cls(sites=sites, strategy=strategy, strategy_params=params)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sites": self.sites,
+            "strategy": self.strategy,
+            "strategy_params": self.strategy_params,
+        }
+
+
+class RoundService:
+    """Studies, rounds, uploads and aggregation on top of a ``Store``."""
+
+    def __init__(self, store: Store, limits: EnvelopeLimits | None = None) -> None:
+        self.store = store
+        self.limits = limits or EnvelopeLimits()
+
+    # Studies
+
+    def create_study(self, study: str, body: bytes) -> ModelVersion:
+        """Create ``study`` from a safetensors body of its initial weights.
+
+        The body's metadata carries the study settings as JSON. Creating a
+        study that exists with the same initial weights returns version 0
+        again, so a coordinator can retry; different weights are a conflict.
+        """
+        weights, metadata = _load_weights(body)
+        raw_settings = metadata.get(SETTINGS_METADATA_KEY)
+        if raw_settings is None:
+            raise Rejected(
+                422, f"initial model lacks the {SETTINGS_METADATA_KEY!r} metadata"
+            )
+        try:
+            settings = StudySettings.from_json(json.loads(raw_settings))
+        except json.JSONDecodeError:
+            raise Rejected(422, "study settings metadata is not valid JSON") from None
+        try:
+            get_strategy(settings.strategy, settings.strategy_params)
+        except (ConfigError, ValueError) as error:
+            raise Rejected(422, str(error)) from None
+
+        existing = self.store.get_study(study)
+        if existing is not None:
+            initial = self.store.get_model(study, 0)
+            assert initial is not None
+            if initial.sha256 != hashlib.sha256(body).hexdigest():
+                raise Rejected(
+                    409, f"study {study!r} exists with a different initial model"
+                )
+            return initial
+        del weights
+        logger.info("created study %s with sites %s", study, ", ".join(settings.sites))
+        return self.store.create_study(study, settings.to_json(), body)
+
+    def settings(self, study: str) -> StudySettings:
+        record = self.store.get_study(study)
+        if record is None:
+            raise Rejected(404, f"study {study!r} not found; create it first")
+        return StudySettings.from_json(record.settings)
+
+    def model(self, study: str, version: int | None) -> ModelVersion:
+        self.settings(study)
+        model = self.store.get_model(study, version)
+        if model is None:
+            raise Rejected(404, f"model version {version} of study {study!r} not found")
+        return model
+
+    # Rounds
+
+    def open_round(
+        self,
+        study: str,
+        round_number: int,
+        *,
+        sites: Sequence[str],
+        quorum: int,
+        deadline_seconds: float,
+    ) -> RoundRecord:
+        """Open a round for ``sites``; reopening an identical open round is a no-op."""
+        settings = self.settings(study)
+        unknown = sorted(set(sites) - set(settings.sites))
+        if unknown:
+            raise Rejected(
+                422, f"sites {', '.join(unknown)} are not part of study {study!r}"
+            )
+        if not sites or len(set(sites)) != len(sites):
+            raise Rejected(422, "a round needs at least one site, each listed once")
+        if not 1 <= quorum <= len(sites):
+            raise Rejected(422, f"quorum {quorum} must be between 1 and {len(sites)}")
+        if not deadline_seconds > 0:
+            raise Rejected(422, f"deadline_seconds must be > 0, got {deadline_seconds}")
+
+        existing = self.store.get_round(study, round_number)
+        if existing is not None:
+            if existing.state == "open" and existing.sites == list(sites):
+                return existing
+            raise Rejected(
+                409,
+                f"round {round_number} of study {study!r} is already {existing.state}",
+            )
+        latest = self.store.latest_round(study)
+        if latest is not None:
+            if latest.state == "open":
+                raise Rejected(
+                    409, f"round {latest.round} of study {study!r} is still open"
+                )
+            if round_number != latest.round + 1:
+                raise Rejected(
+                    409,
+                    f"the next round of study {study!r} is {latest.round + 1}, not {round_number}",
+                )
+        elif round_number != 0:
+            raise Rejected(
+                409, f"the first round of study {study!r} is 0, not {round_number}"
+            )
+        record = self.store.open_round(
+            study, round_number, list(sites), quorum, time.time() + deadline_seconds
+        )
+        logger.info(
+            "opened round %d of study %s for %d sites", round_number, study, len(sites)
+        )
+        return record
+
+    def round(self, study: str, round_number: int) -> RoundRecord:
+        self.settings(study)
+        record = self.store.get_round(study, round_number)
+        if record is None:
+            raise Rejected(404, f"round {round_number} of study {study!r} not found")
+        return record
+
+    def round_status(self, study: str, round_number: int) -> dict[str, Any]:
+        """Describe a round without revealing any upload's content."""
+        record = self.round(study, round_number)
+        return {
+            "study": study,
+            "round": round_number,
+            "state": record.state,
+            "sites": record.sites,
+            "uploaded": self.store.uploaded_sites(study, round_number),
+            "quorum": record.quorum,
+            "deadline_in_seconds": max(0.0, record.deadline_at - time.time()),
+            "base_version": record.base_version,
+            "result_version": record.result_version,
+            "reason": record.reason,
+        }
+
+    # Uploads
+
+    def accept_upload(
+        self, study: str, round_number: int, site: str, body: bytes
+    ) -> StoredUpload:
+        """Validate an envelope and store it; return the stored upload.
+
+        The same envelope sent again returns the first receipt and counts
+        once. A different envelope for a (site, round) that has one is a 409.
+        """
+        self.settings(study)
+        record = self.round(study, round_number)
+        if site not in record.sites:
+            raise Rejected(
+                403,
+                f"site {site!r} does not take part in round {round_number} of study {study!r}",
+            )
+        sha256 = hashlib.sha256(body).hexdigest()
+        previous = self.store.get_upload(study, round_number, site)
+        if previous is not None:
+            if previous.sha256 == sha256:
+                return previous
+            raise Rejected(
+                409,
+                f"site {site!r} already uploaded a different update for round {round_number}",
+            )
+        if record.state != "open":
+            raise Rejected(
+                409,
+                f"round {round_number} of study {study!r} is {record.state}; uploads are closed",
+            )
+
+        decoded = self._decode(body)
+        header = decoded.header
+        for field, expected, actual in (
+            ("study", study, header.study),
+            ("round", round_number, header.round),
+            ("site", site, header.site),
+        ):
+            if expected != actual:
+                raise Rejected(
+                    422,
+                    f"envelope {field} is {actual!r} but the request is for {expected!r}",
+                )
+        self._check_tensors(study, record.base_version, decoded.tensors)
+
+        upload = StoredUpload(
+            site=site,
+            sha256=sha256,
+            nonce=header.nonce,
+            sample_count=header.sample_count,
+            size=len(body),
+            envelope=body,
+            received_at=time.time(),
+        )
+        self.store.add_upload(study, round_number, upload)
+        logger.info(
+            "accepted upload of site %s for round %d of study %s",
+            site,
+            round_number,
+            study,
+        )
+        return upload
+
+    def _decode(self, body: bytes) -> Any:
+        try:
+            return decode_envelope(body, self.limits)
+        except (EnvelopeError, ConfigError) as error:
+            raise Rejected(400, f"invalid update envelope: {error}") from None
+
+    def _check_tensors(
+        self, study: str, version: int, tensors: Mapping[str, np.ndarray]
+    ) -> None:
+        model = self.store.get_model(study, version)
+        assert model is not None
+        expected, _ = _load_weights(model.weights)
+        missing = sorted(set(expected) - set(tensors))
+        extra = sorted(set(tensors) - set(expected))
+        if missing or extra:
+            raise Rejected(
+                422,
+                f"update tensors do not match the model: missing {missing or 'none'}, "
+                f"unexpected {extra or 'none'}",
+            )
+        for name, value in tensors.items():
+            if value.shape != expected[name].shape:
+                raise Rejected(
+                    422,
+                    f"update tensor {name!r} has shape {list(value.shape)}, "
+                    f"expected {list(expected[name].shape)}",
+                )
+
+    # Finalization
+
+    def finalize(
+        self, study: str, round_number: int, *, absent: Sequence[str] = ()
+    ) -> RoundRecord:
+        """Aggregate a round into a new global model version, or abort it.
+
+        The round closes when every site has uploaded, or every site that has
+        not is named in ``absent`` (the coordinator knows it will not upload),
+        or the deadline has passed. It then needs ``quorum`` uploads, else it
+        is aborted and the previous global model stays current.
+        """
+        settings = self.settings(study)
+        record = self.round(study, round_number)
+        if record.state != "open":
+            return record
+        uploads = self.store.list_uploads(study, round_number)
+        waiting = sorted(set(record.sites) - {u.site for u in uploads} - set(absent))
+        if waiting and time.time() < record.deadline_at:
+            raise Rejected(
+                409,
+                f"round {round_number} still waits for sites {', '.join(waiting)} until its "
+                f"deadline in {record.deadline_at - time.time():.0f} s",
+            )
+        if len(uploads) < record.quorum:
+            reason = (
+                f"round {round_number} of study {study!r} has {len(uploads)} updates, fewer "
+                f"than its quorum of {record.quorum}; the global model stays at version "
+                f"{record.base_version}"
+            )
+            self.store.close_round(study, round_number, state="aborted", reason=reason)
+            logger.warning(
+                "aborted round %d of study %s: %s", round_number, study, reason
+            )
+            return self.round(study, round_number)
+
+        weights, strategy_state = self._aggregate(study, settings, record, uploads)
+        self.store.close_round(
+            study,
+            round_number,
+            state="finalized",
+            model=(weights, [u.site for u in uploads]),
+            strategy_state=strategy_state,
+        )
+        logger.info(
+            "finalized round %d of study %s with %d updates",
+            round_number,
+            study,
+            len(uploads),
+        )
+        return self.round(study, round_number)
+
+    def _aggregate(
+        self,
+        study: str,
+        settings: StudySettings,
+        record: RoundRecord,
+        uploads: list[StoredUpload],
+    ) -> tuple[bytes, bytes | None]:
+        base = self.store.get_model(study, record.base_version)
+        assert base is not None
+        global_weights, _ = _load_weights(base.weights)
+        strategy = get_strategy(settings.strategy, settings.strategy_params)
+        stored = self.store.get_study(study)
+        if stored is not None and stored.strategy_state:
+            state, _ = _load_weights(stored.strategy_state)
+            strategy.load_state_dict(state)
+        updates = []
+        for upload in uploads:
+            decoded = decode_envelope(upload.envelope, self.limits)
+            updates.append(
+                SiteUpdate(upload.site, decoded.tensors, upload.sample_count)
+            )
+        try:
+            new_weights = strategy.aggregate(global_weights, updates)
+        except AggregationError as error:
+            raise Rejected(
+                409, f"aggregation of round {record.round} failed: {error}"
+            ) from None
+        ordered = {
+            name: np.ascontiguousarray(new_weights[name], np.float32)
+            for name in global_weights
+        }
+        state = strategy.state_dict()
+        return save_safetensors(ordered), save_safetensors(state) if state else None
+
+
+def _load_weights(body: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Parse a safetensors body into arrays and its metadata."""
+    try:
+        weights = load_safetensors(body)
+        metadata = _safetensors_metadata(body)
+    except (SafetensorError, ValueError) as error:
+        raise Rejected(
+            400, f"model body is not a valid safetensors file: {error}"
+        ) from None
+    for name, value in weights.items():
+        if value.dtype != np.float32:
+            raise Rejected(
+                422, f"model tensor {name!r} has dtype {value.dtype}, expected float32"
+            )
+        if not np.isfinite(value).all():
+            raise Rejected(
+                422, f"model tensor {name!r} contains NaN or infinite values"
+            )
+    return weights, metadata
+
+
+def _safetensors_metadata(body: bytes) -> dict[str, str]:
+    header_length = int.from_bytes(body[:8], "little")
+    header = json.loads(body[8 : 8 + header_length])
+    metadata = header.get("__metadata__", {})
+    return {str(key): str(value) for key, value in metadata.items()}

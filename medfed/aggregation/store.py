@@ -1,0 +1,337 @@
+"""Durable state of the aggregation service, in one SQLite database.
+
+Every change is one transaction, so after a crash the service restarts with
+each upload either fully accepted or absent, never half-written or counted
+twice. Tables: studies (config and strategy state), models (every global model
+version with its SHA-256), rounds (state, participants, quorum, deadline) and
+uploads (the accepted envelopes).
+"""
+
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ModelVersion", "RoundRecord", "Store", "StoredUpload", "StudyRecord"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS studies (
+    study TEXT PRIMARY KEY,
+    settings TEXT NOT NULL,
+    strategy_state BLOB,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS models (
+    study TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    weights BLOB NOT NULL,
+    round INTEGER,
+    participants TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (study, version)
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    study TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('open', 'finalized', 'aborted')),
+    sites TEXT NOT NULL,
+    quorum INTEGER NOT NULL,
+    deadline_at REAL NOT NULL,
+    base_version INTEGER NOT NULL,
+    result_version INTEGER,
+    reason TEXT,
+    opened_at REAL NOT NULL,
+    closed_at REAL,
+    PRIMARY KEY (study, round)
+);
+CREATE TABLE IF NOT EXISTS uploads (
+    study TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    site TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    nonce TEXT NOT NULL,
+    sample_count INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    envelope BLOB NOT NULL,
+    received_at REAL NOT NULL,
+    PRIMARY KEY (study, round, site)
+);
+"""
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    study: str
+    settings: dict[str, Any]
+    strategy_state: bytes | None
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    study: str
+    version: int
+    sha256: str
+    weights: bytes
+    round: int | None
+    participants: list[str]
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    study: str
+    round: int
+    state: str
+    sites: list[str]
+    quorum: int
+    deadline_at: float
+    base_version: int
+    result_version: int | None
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class StoredUpload:
+    site: str
+    sha256: str
+    nonce: str
+    sample_count: int
+    size: int
+    envelope: bytes
+    received_at: float
+
+    @property
+    def receipt(self) -> str:
+        """An identifier of the accepted upload, stable across retries."""
+        return self.sha256[:32]
+
+
+class Store:
+    """Transactional access to the service's SQLite database.
+
+    One connection is shared by the service's threads behind a lock; SQLite's
+    WAL journal with ``synchronous=FULL`` makes each commit durable.
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._connection = sqlite3.connect(
+            path, check_same_thread=False, isolation_level=None
+        )
+        self._connection.execute("PRAGMA journal_mode=WAL")
+        self._connection.execute("PRAGMA synchronous=FULL")
+        self._connection.executescript(_SCHEMA)
+        self._lock = threading.RLock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._connection.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """Run the block in one IMMEDIATE transaction; roll back on error."""
+        with self._lock:
+            self._connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._connection
+            except BaseException:
+                self._connection.execute("ROLLBACK")
+                raise
+            self._connection.execute("COMMIT")
+
+    # Studies and models
+
+    def get_study(self, study: str) -> StudyRecord | None:
+        with self._lock:
+            row = self._connection.execute(
+                "SELECT study, settings, strategy_state FROM studies WHERE study = ?",
+                (study,),
+            ).fetchone()
+        if row is None:
+            return None
+        return StudyRecord(
+            study=row[0], settings=json.loads(row[1]), strategy_state=row[2]
+        )
+
+    def create_study(
+        self, study: str, settings: dict[str, Any], weights: bytes
+    ) -> ModelVersion:
+        """Create a study with its initial model as version 0."""
+        sha256 = hashlib.sha256(weights).hexdigest()
+        with self.transaction() as connection:
+            connection.execute(
+                "INSERT INTO studies (study, settings, created_at) VALUES (?, ?, ?)",
+                (study, json.dumps(settings, sort_keys=True), time.time()),
+            )
+            connection.execute(
+                "INSERT INTO models (study, version, sha256, weights, round, participants,"
+                " created_at) VALUES (?, 0, ?, ?, NULL, '[]', ?)",
+                (study, sha256, weights, time.time()),
+            )
+        return ModelVersion(study, 0, sha256, weights, None, [])
+
+    def get_model(self, study: str, version: int | None = None) -> ModelVersion | None:
+        """Return model ``version`` of ``study``, or its latest when None."""
+        query = "SELECT version, sha256, weights, round, participants FROM models WHERE study = ?"
+        parameters: tuple[Any, ...] = (study,)
+        if version is None:
+            query += " ORDER BY version DESC LIMIT 1"
+        else:
+            query += " AND version = ?"
+            parameters += (version,)
+        with self._lock:
+            row = self._connection.execute(query, parameters).fetchone()
+        if row is None:
+            return None
+        return ModelVersion(study, row[0], row[1], row[2], row[3], json.loads(row[4]))
+
+    # Rounds
+
+    def get_round(self, study: str, round_number: int) -> RoundRecord | None:
+        with self._lock:
+            row = self._connection.execute(
+                "SELECT state, sites, quorum, deadline_at, base_version, result_version, reason"
+                " FROM rounds WHERE study = ? AND round = ?",
+                (study, round_number),
+            ).fetchone()
+        if row is None:
+            return None
+        return RoundRecord(
+            study,
+            round_number,
+            row[0],
+            json.loads(row[1]),
+            row[2],
+            row[3],
+            row[4],
+            row[5],
+            row[6],
+        )
+
+    def latest_round(self, study: str) -> RoundRecord | None:
+        with self._lock:
+            row = self._connection.execute(
+                "SELECT MAX(round) FROM rounds WHERE study = ?", (study,)
+            ).fetchone()
+        return None if row[0] is None else self.get_round(study, row[0])
+
+    def open_round(
+        self,
+        study: str,
+        round_number: int,
+        sites: list[str],
+        quorum: int,
+        deadline_at: float,
+    ) -> RoundRecord:
+        with self.transaction() as connection:
+            base = connection.execute(
+                "SELECT MAX(version) FROM models WHERE study = ?", (study,)
+            ).fetchone()[0]
+            connection.execute(
+                "INSERT INTO rounds (study, round, state, sites, quorum, deadline_at,"
+                " base_version, opened_at) VALUES (?, ?, 'open', ?, ?, ?, ?, ?)",
+                (
+                    study,
+                    round_number,
+                    json.dumps(sites),
+                    quorum,
+                    deadline_at,
+                    base,
+                    time.time(),
+                ),
+            )
+        record = self.get_round(study, round_number)
+        assert record is not None
+        return record
+
+    def close_round(
+        self,
+        study: str,
+        round_number: int,
+        *,
+        state: str,
+        reason: str | None = None,
+        model: tuple[bytes, list[str]] | None = None,
+        strategy_state: bytes | None = None,
+    ) -> ModelVersion | None:
+        """Mark a round finalized (publishing ``model``) or aborted, atomically.
+
+        Returns the new model version when one was published.
+        """
+        published = None
+        with self.transaction() as connection:
+            if model is not None:
+                weights, participants = model
+                version = (
+                    connection.execute(
+                        "SELECT MAX(version) FROM models WHERE study = ?", (study,)
+                    ).fetchone()[0]
+                    + 1
+                )
+                sha256 = hashlib.sha256(weights).hexdigest()
+                connection.execute(
+                    "INSERT INTO models (study, version, sha256, weights, round, participants,"
+                    " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (study, version, sha256, weights, round_number, json.dumps(participants),
+                     time.time()),
+                )  # fmt: skip
+                published = ModelVersion(
+                    study, version, sha256, weights, round_number, participants
+                )
+            if strategy_state is not None:
+                connection.execute(
+                    "UPDATE studies SET strategy_state = ? WHERE study = ?",
+                    (strategy_state, study),
+                )
+            connection.execute(
+                "UPDATE rounds SET state = ?, reason = ?, result_version = ?, closed_at = ?"
+                " WHERE study = ? AND round = ? AND state = 'open'",
+                (state, reason, published.version if published else None, time.time(), study,
+                 round_number),
+            )  # fmt: skip
+        return published
+
+    # Uploads
+
+    def get_upload(
+        self, study: str, round_number: int, site: str
+    ) -> StoredUpload | None:
+        with self._lock:
+            row = self._connection.execute(
+                "SELECT site, sha256, nonce, sample_count, size, envelope, received_at FROM uploads"
+                " WHERE study = ? AND round = ? AND site = ?",
+                (study, round_number, site),
+            ).fetchone()
+        return None if row is None else StoredUpload(*row)
+
+    def list_uploads(self, study: str, round_number: int) -> list[StoredUpload]:
+        with self._lock:
+            rows = self._connection.execute(
+                "SELECT site, sha256, nonce, sample_count, size, envelope, received_at FROM uploads"
+                " WHERE study = ? AND round = ? ORDER BY site",
+                (study, round_number),
+            ).fetchall()
+        return [StoredUpload(*row) for row in rows]
+
+    def uploaded_sites(self, study: str, round_number: int) -> list[str]:
+        with self._lock:
+            rows = self._connection.execute(
+                "SELECT site FROM uploads WHERE study = ? AND round = ? ORDER BY site",
+                (study, round_number),
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def add_upload(self, study: str, round_number: int, upload: StoredUpload) -> None:
+        with self.transaction() as connection:
+            connection.execute(
+                "INSERT INTO uploads (study, round, site, sha256, nonce, sample_count, size,"
+                " envelope, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (study, round_number, upload.site, upload.sha256, upload.nonce,
+                 upload.sample_count, upload.size, upload.envelope, upload.received_at),
+            )  # fmt: skip

@@ -1,0 +1,228 @@
+"""The study config schema: one schema for every study.
+
+A study config is YAML validated by ``load_study_config``. Unknown keys and
+invalid values are errors that name the key, the value and what is allowed.
+"""
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from medfed.contract.ids import IDENTIFIER_PATTERN
+from medfed.errors import ConfigError
+
+__all__ = [
+    "AggregationConfig",
+    "DataConfig",
+    "ModelConfig",
+    "PrivacyConfig",
+    "RoundConfig",
+    "SiteConfig",
+    "StrategyConfig",
+    "StudyConfig",
+    "TrackingConfig",
+    "TrainingConfig",
+    "load_study_config",
+    "parse_study_config",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SiteConfig(_Strict):
+    """One hospital taking part in the study."""
+
+    id: str = Field(pattern=IDENTIFIER_PATTERN.pattern)
+    #: File name of the site's source data below the dataset's folder.
+    source: str | None = None
+    #: Per-site privacy budget; overrides ``privacy.epsilon`` / ``privacy.delta``.
+    epsilon: float | None = Field(default=None, gt=0)
+    delta: float | None = Field(default=None, gt=0, lt=1)
+
+
+class DataConfig(_Strict):
+    dataset: Literal["heart_disease", "pneumoniamnist"]
+    #: Data root; when unset, ``MEDFED_DATA_DIR``, then ``../shared/data``.
+    root: str | None = None
+    test_fraction: float = Field(default=0.34, gt=0, lt=1)
+    seed: int = 42
+
+
+class ModelConfig(_Strict):
+    name: str = Field(min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainingConfig(_Strict):
+    rounds: int = Field(ge=1, le=100_000)
+    local_epochs: int = Field(default=1, ge=1, le=1000)
+    batch_size: int = Field(default=16, ge=1, le=1_000_000)
+    learning_rate: float = Field(gt=0, le=100)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    seed: int = 0
+
+
+class StrategyConfig(_Strict):
+    name: str = "fedavg"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class PrivacyConfig(_Strict):
+    """Record-level DP-SGD settings, the same for every site unless overridden."""
+
+    enabled: bool = True
+    #: Target epsilon for the whole study at each site.
+    epsilon: float | None = Field(default=None, gt=0, le=100)
+    delta: float | None = Field(default=None, gt=0, lt=1)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    accountant: Literal["prv", "rdp"] = "prv"
+
+    @model_validator(mode="after")
+    def _budget_when_enabled(self) -> "PrivacyConfig":
+        if self.enabled and (self.epsilon is None or self.delta is None):
+            raise ValueError(
+                "privacy.epsilon and privacy.delta are required when privacy.enabled "
+                "is true; set both, or set privacy.enabled: false"
+            )
+        return self
+
+
+class RoundConfig(_Strict):
+    #: Seconds a round waits for uploads before it closes with the quorum.
+    deadline_seconds: float = Field(default=600.0, gt=0)
+    #: Minimum number of uploads to finalize a round; default: a majority.
+    quorum: int | None = Field(default=None, ge=1)
+
+
+class AggregationConfig(_Strict):
+    #: URL of a running aggregation service; when unset, ``medfed run``
+    #: starts one on 127.0.0.1.
+    url: str | None = None
+    max_upload_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+
+
+class EvaluationConfig(_Strict):
+    #: Number of equal-width bins over [0, 1] for score histograms.
+    histogram_bins: int = Field(default=200, ge=2, le=10_000)
+
+
+class TrackingConfig(_Strict):
+    experiment: str = Field(default="medfed", min_length=1)
+    #: Registered model name; defaults to the study id.
+    registered_model: str | None = None
+
+
+class StudyConfig(_Strict):
+    """A whole study: who takes part, what is trained, and how."""
+
+    study: str = Field(pattern=IDENTIFIER_PATTERN.pattern)
+    description: str = ""
+    data: DataConfig
+    sites: list[SiteConfig] = Field(min_length=1, max_length=1000)
+    model: ModelConfig
+    training: TrainingConfig
+    strategy: StrategyConfig = StrategyConfig()
+    privacy: PrivacyConfig = PrivacyConfig(enabled=False)
+    round: RoundConfig = RoundConfig()
+    aggregation: AggregationConfig = AggregationConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _check_sites(self) -> "StudyConfig":
+        ids = [site.id for site in self.sites]
+        duplicates = sorted({site for site in ids if ids.count(site) > 1})
+        if duplicates:
+            raise ValueError(
+                f"site ids must be unique; repeated: {', '.join(duplicates)}"
+            )
+        if self.round.quorum is not None and self.round.quorum > len(self.sites):
+            raise ValueError(
+                f"round.quorum is {self.round.quorum} but the study has only "
+                f"{len(self.sites)} sites"
+            )
+        return self
+
+    @property
+    def quorum(self) -> int:
+        if self.round.quorum is not None:
+            return self.round.quorum
+        return math.floor(len(self.sites) / 2) + 1
+
+    def site_budget(self, site_id: str) -> tuple[float, float]:
+        """Return the (epsilon, delta) budget of ``site_id`` for the study."""
+        site = next(s for s in self.sites if s.id == site_id)
+        epsilon = site.epsilon if site.epsilon is not None else self.privacy.epsilon
+        delta = site.delta if site.delta is not None else self.privacy.delta
+        assert epsilon is not None and delta is not None
+        return epsilon, delta
+
+
+def parse_study_config(raw: object, *, source: str = "study config") -> StudyConfig:
+    """Validate a decoded config mapping.
+
+    Raises:
+        ConfigError: naming the first invalid keys, their values and the rule.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{source} must be a mapping of keys to values, got {type(raw).__name__}"
+        )
+    try:
+        return StudyConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(
+            f"{source} is invalid: {describe_validation_error(error)}"
+        ) from None
+
+
+def load_study_config(path: str | Path) -> StudyConfig:
+    """Read and validate the study config at ``path``.
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, or fails validation.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"study config {str(path)!r} not found; pass the path of a YAML file"
+        ) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read study config {str(path)!r}: {error}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(
+            f"study config {str(path)!r} is not valid YAML: {error}"
+        ) from None
+    return parse_study_config(raw, source=f"study config {str(path)!r}")
+
+
+def describe_validation_error(error: ValidationError, limit: int = 3) -> str:
+    """Format pydantic errors as ``key: problem (got value)`` phrases."""
+    parts = []
+    for item in error.errors()[:limit]:
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            parts.append(f"unknown key {key!r}; remove it or check its spelling")
+            continue
+        message = item["msg"].removeprefix("Value error, ")
+        value = item.get("input")
+        shown = (
+            ""
+            if isinstance(value, dict | list) or value is None
+            else f" (got {value!r})"
+        )
+        parts.append(f"{key}: {message}{shown}")
+    more = len(error.errors()) - limit
+    if more > 0:
+        parts.append(f"and {more} more")
+    return "; ".join(parts)

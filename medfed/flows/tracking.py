@@ -1,0 +1,162 @@
+"""MLflow records of a study: one run, per-round metrics, the model version.
+
+The tracking store is ``MLFLOW_TRACKING_URI`` when set, else an SQLite file
+``mlflow.db`` in the working directory.
+"""
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+from safetensors.numpy import save_file
+
+from medfed.contract.config import StudyConfig
+from medfed.contract.metrics import EvaluationAggregates
+
+__all__ = ["StudyTracker", "tracking_uri"]
+
+logger = logging.getLogger(__name__)
+
+_MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+
+
+def tracking_uri() -> str:
+    return (
+        os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    )
+
+
+class StudyTracker:
+    """Logs one study to MLflow as one run."""
+
+    def __init__(
+        self, config: StudyConfig, config_text: str, run_id: str | None = None
+    ) -> None:
+        self.config = config
+        mlflow.set_tracking_uri(tracking_uri())
+        experiment = mlflow.set_experiment(config.tracking.experiment)
+        if run_id is None:
+            run = mlflow.start_run(
+                experiment_id=experiment.experiment_id, run_name=config.study
+            )
+        else:
+            run = mlflow.start_run(run_id=run_id)
+        self.run_id = run.info.run_id
+        if run_id is None:
+            mlflow.set_tags(
+                {"medfed.study": config.study, "medfed.dataset": config.data.dataset}
+            )
+            mlflow.log_text(config_text, "study_config.yaml")
+
+    def log_params(self, site_privacy: Mapping[str, Mapping[str, Any]]) -> None:
+        """Log the study's parameters, with each site's DP parameters."""
+        training = self.config.training
+        params: dict[str, Any] = {
+            "study": self.config.study,
+            "strategy": self.config.strategy.name,
+            "strategy_params": json.dumps(self.config.strategy.params, sort_keys=True),
+            "model": self.config.model.name,
+            "rounds": training.rounds,
+            "local_epochs": training.local_epochs,
+            "batch_size": training.batch_size,
+            "learning_rate": training.learning_rate,
+            "sites": ",".join(site.id for site in self.config.sites),
+            "dp_enabled": self.config.privacy.enabled,
+            "dp_accountant": self.config.privacy.accountant,
+        }
+        for site, values in site_privacy.items():
+            for key, value in values.items():
+                params[f"{site}.{key}"] = value
+        existing = MlflowClient().get_run(self.run_id).data.params
+        mlflow.log_params({k: v for k, v in params.items() if k not in existing})
+
+    def log_round(
+        self,
+        step: int,
+        evaluations: Mapping[str, EvaluationAggregates],
+        pooled: EvaluationAggregates,
+        reports: Mapping[str, Mapping[str, Any]],
+    ) -> None:
+        """Log one round's metrics at ``step`` (the new model version)."""
+        metrics: dict[str, float] = {
+            "pooled.test_accuracy": pooled.accuracy,
+            "pooled.test_auc": pooled.auc,
+            "pooled.test_loss": pooled.loss,
+        }
+        for site, result in evaluations.items():
+            metrics[f"{site}.test_accuracy"] = result.accuracy
+            metrics[f"{site}.test_auc"] = result.auc
+            metrics[f"{site}.test_loss"] = result.loss
+        for site, report in reports.items():
+            metrics[f"{site}.bytes_uploaded"] = float(report["bytes_uploaded"])
+            metrics[f"{site}.bytes_downloaded"] = float(report["bytes_downloaded"])
+            if report.get("epsilon_spent") is not None:
+                metrics[f"{site}.epsilon_spent"] = float(report["epsilon_spent"])
+        finite = {key: value for key, value in metrics.items() if value == value}
+        # Asynchronous logging keeps the tracking store's writes off the
+        # round's critical path; ``finish`` waits for them.
+        mlflow.log_metrics(finite, step=step, synchronous=False)
+
+    def log_event(self, name: str, text: str) -> None:
+        mlflow.set_tag(f"medfed.event.{name}", text[:5000])
+
+    def register_model(
+        self,
+        weights: Mapping[str, Any],
+        *,
+        version: int,
+        round_number: int,
+        sites: list[str],
+        lineage: Mapping[str, str],
+    ) -> str:
+        """Log the global model (safetensors + model-from-code) and register it.
+
+        Returns the registered model version.
+        """
+        name = self.config.tracking.registered_model or self.config.study
+        with tempfile.TemporaryDirectory() as folder:
+            weights_path = Path(folder) / "weights.safetensors"
+            spec_path = Path(folder) / "model_spec.json"
+            save_file(dict(weights), str(weights_path))
+            spec_path.write_text(
+                json.dumps(
+                    {"name": self.config.model.name, "params": self.config.model.params}
+                ),
+                encoding="utf-8",
+            )
+            info = mlflow.pyfunc.log_model(
+                name="global_model",
+                python_model=str(_MODEL_CODE),
+                artifacts={"weights": str(weights_path), "spec": str(spec_path)},
+                registered_model_name=name,
+                pip_requirements=["medfed", "torch==2.13.0", "safetensors"],
+            )
+        registered = str(info.registered_model_version)
+        client = MlflowClient()
+        tags = {
+            "medfed.study": self.config.study,
+            "medfed.round": str(round_number),
+            "medfed.model_version": str(version),
+            "medfed.sites": ",".join(sites),
+            "medfed.strategy": self.config.strategy.name,
+            **lineage,
+        }
+        for key, value in tags.items():
+            client.set_model_version_tag(name, registered, key, value)
+        logger.info(
+            "registered model %s version %s for study %s",
+            name,
+            registered,
+            self.config.study,
+        )
+        return registered
+
+    def finish(self, status: str = "FINISHED") -> None:
+        mlflow.flush_async_logging()
+        mlflow.end_run(status=status)

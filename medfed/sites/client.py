@@ -1,0 +1,141 @@
+"""HTTP client of the aggregation service, used by sites and the coordinator."""
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+from safetensors.numpy import load as load_safetensors
+
+from medfed.errors import ServiceError
+
+__all__ = ["AggregationClient", "DownloadedModel"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DownloadedModel:
+    version: int
+    sha256: str
+    weights: dict[str, np.ndarray]
+    size: int
+
+
+class AggregationClient:
+    """Calls the aggregation service's ``/v1`` API.
+
+    Args:
+        base_url: the service's URL, e.g. ``http://127.0.0.1:8765``.
+        timeout: seconds to wait for each request.
+        http_client: an ``httpx.Client`` to use (for TLS settings); one is
+            created when omitted.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 60.0,
+        http_client: httpx.Client | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = http_client or httpx.Client(
+            base_url=self.base_url, timeout=timeout
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "AggregationClient":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def create_study(self, study: str, initial_model: bytes) -> dict[str, Any]:
+        return self._json("POST", f"/v1/studies/{study}", content=initial_model)
+
+    def download_model(self, study: str, version: int | None = None) -> DownloadedModel:
+        """Download a global model; safetensors is parsed without unpickling."""
+        return self._download(
+            f"/v1/studies/{study}/models/{'latest' if version is None else version}"
+        )
+
+    def download_round_model(self, study: str, round_number: int) -> DownloadedModel:
+        """Download the global model that round ``round_number`` trains from."""
+        return self._download(f"/v1/studies/{study}/rounds/{round_number}/model")
+
+    def _download(self, path: str) -> DownloadedModel:
+        response = self._request("GET", path)
+        weights = load_safetensors(response.content)
+        return DownloadedModel(
+            version=int(response.headers["X-Medfed-Model-Version"]),
+            sha256=response.headers["X-Medfed-Model-Sha256"],
+            weights=weights,
+            size=len(response.content),
+        )
+
+    def open_round(
+        self,
+        study: str,
+        round_number: int,
+        *,
+        sites: Sequence[str],
+        quorum: int,
+        deadline_seconds: float,
+    ) -> dict[str, Any]:
+        return self._json(
+            "POST",
+            f"/v1/studies/{study}/rounds/{round_number}",
+            json={
+                "sites": list(sites),
+                "quorum": quorum,
+                "deadline_seconds": deadline_seconds,
+            },
+        )
+
+    def round_status(self, study: str, round_number: int) -> dict[str, Any]:
+        return self._json("GET", f"/v1/studies/{study}/rounds/{round_number}")
+
+    def upload(
+        self, study: str, round_number: int, site: str, envelope: bytes
+    ) -> dict[str, Any]:
+        return self._json(
+            "PUT",
+            f"/v1/studies/{study}/rounds/{round_number}/updates/{site}",
+            content=envelope,
+        )
+
+    def finalize(
+        self, study: str, round_number: int, *, absent: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        return self._json(
+            "POST",
+            f"/v1/studies/{study}/rounds/{round_number}/finalize",
+            json={"absent": list(absent)},
+        )
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        result: dict[str, Any] = self._request(method, path, **kwargs).json()
+        return result
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as error:
+            raise ServiceError(
+                f"aggregation service at {self.base_url} is unreachable ({method} {path}): {error}"
+            ) from None
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            raise ServiceError(
+                f"aggregation service rejected {method} {path} with {response.status_code}: {detail}",
+                status_code=response.status_code,
+            )
+        return response

@@ -1,0 +1,286 @@
+"""What a site does in a round: prepare data, train under DP, upload, evaluate.
+
+``SiteRunner`` holds one site's state directory, which contains everything the
+site keeps between rounds (preprocessed data, the privacy ledger). Only model
+updates, sample counts, aggregate metrics and privacy spent leave the site.
+"""
+
+import hashlib
+import json
+import logging
+import secrets
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import save as save_safetensors
+
+from medfed.contract.config import StudyConfig
+from medfed.contract.metrics import EvaluationAggregates
+from medfed.contract.models import build_model
+from medfed.contract.wire import encode_envelope
+from medfed.errors import BudgetExceededError
+from medfed.sites.client import AggregationClient
+from medfed.sites.data import load_split, prepare_site_data
+from medfed.sites.data.root import resolve_data_root
+from medfed.sites.privacy import PrivacyLedger
+from medfed.sites.training import (
+    LocalTrainingSettings,
+    dp_sample_rate,
+    dp_steps_per_epoch,
+    train_locally,
+)
+
+__all__ = ["SiteRoundReport", "SiteRunner", "initial_model_weights"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SiteRoundReport:
+    """What a site reports to the coordinator after a round."""
+
+    site: str
+    round: int
+    status: str  # "uploaded" or "rejected_budget"
+    message: str
+    train_records: int
+    epsilon_spent: float | None
+    noise_multiplier: float | None
+    bytes_uploaded: int
+    bytes_downloaded: int
+    receipt: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def initial_model_weights(config: StudyConfig) -> dict[str, np.ndarray]:
+    """Build the study's model with the study seed and return its weights."""
+    torch.manual_seed(config.training.seed)
+    model = build_model(config.model.name, **config.model.params)
+    return {
+        key: value.detach().numpy().copy() for key, value in model.state_dict().items()
+    }
+
+
+class SiteRunner:
+    """One site's side of a study.
+
+    Args:
+        config: the study config.
+        site_id: this site's identifier (validated by the config schema).
+        state_dir: the site's private folder; nothing in it leaves the site.
+        data_root: the site's data folder; resolved as documented in
+            ``medfed.sites.data.root`` when None.
+    """
+
+    def __init__(
+        self,
+        config: StudyConfig,
+        site_id: str,
+        state_dir: Path,
+        data_root: Path | None = None,
+    ) -> None:
+        if site_id not in {site.id for site in config.sites}:
+            raise ValueError(f"site {site_id!r} is not part of study {config.study!r}")
+        self.config = config
+        self.site_id = site_id
+        self.study_dir = state_dir / "studies" / config.study
+        self.data_dir = self.study_dir / "data"
+        self.ledger_path = self.study_dir / "privacy-ledger.json"
+        self.data_root = data_root or resolve_data_root(config.data.root)
+
+    # Data
+
+    def prepare(self) -> dict[str, Any]:
+        """Preprocess the site's data once; return its manifest."""
+        manifest_path = self.data_dir / "manifest.json"
+        if manifest_path.exists():
+            manifest: dict[str, Any] = json.loads(
+                manifest_path.read_text(encoding="utf-8")
+            )
+            return manifest
+        return prepare_site_data(
+            self.config, self.site_id, self.data_root, self.data_dir
+        )
+
+    def dataset_fingerprint(self) -> str:
+        """Return a SHA-256 over the manifest: identifies the data, reveals none of it."""
+        manifest = self.prepare()
+        return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+    # Privacy
+
+    def ledger(self, train_records: int) -> PrivacyLedger | None:
+        """Load the site's ledger for this study, creating it on first use."""
+        privacy = self.config.privacy
+        if not privacy.enabled:
+            return None
+        if self.ledger_path.exists():
+            return PrivacyLedger.load(self.ledger_path)
+        epsilon, delta = self.config.site_budget(self.site_id)
+        training = self.config.training
+        ledger = PrivacyLedger.calibrate(
+            study=self.config.study,
+            site=self.site_id,
+            epsilon=epsilon,
+            delta=delta,
+            sample_rate=dp_sample_rate(train_records, training.batch_size),
+            steps_per_round=training.local_epochs
+            * dp_steps_per_epoch(train_records, training.batch_size),
+            planned_rounds=training.rounds,
+            max_grad_norm=privacy.max_grad_norm,
+            accountant=privacy.accountant,
+        )
+        ledger.save(self.ledger_path)
+        logger.info(
+            "site %s calibrated noise multiplier %.4f for epsilon %s over %d rounds",
+            self.site_id, ledger.noise_multiplier, epsilon, training.rounds,
+        )  # fmt: skip
+        return ledger
+
+    # Rounds
+
+    def train_round(
+        self, client: AggregationClient, round_number: int
+    ) -> SiteRoundReport:
+        """Train on the round's base model and upload the update.
+
+        A round that would exceed the site's privacy budget is rejected before
+        any training; the report says so and nothing is uploaded.
+        """
+        self.prepare()
+        inputs, labels = load_split(self.config, self.data_dir, "train")
+        records = int(labels.shape[0])
+        ledger = self.ledger(records)
+        if ledger is not None:
+            try:
+                ledger.check_next_round(round_number)
+            except BudgetExceededError as error:
+                ledger.save(self.ledger_path)
+                logger.warning("%s", error)
+                return SiteRoundReport(
+                    site=self.site_id,
+                    round=round_number,
+                    status="rejected_budget",
+                    message=str(error),
+                    train_records=records,
+                    epsilon_spent=ledger.epsilon_spent(),
+                    noise_multiplier=ledger.noise_multiplier,
+                    bytes_uploaded=0,
+                    bytes_downloaded=0,
+                )
+
+        base = client.download_round_model(self.config.study, round_number)
+        model = self._model_with(base.weights)
+        result = train_locally(
+            model,
+            inputs,
+            labels,
+            self._training_settings(ledger),
+            seed=self._seed(round_number),
+        )
+        epsilon = None
+        if ledger is not None:
+            epsilon = ledger.record_round(round_number, result.steps)
+            ledger.save(self.ledger_path)
+
+        local = {
+            key: value.detach().numpy() for key, value in model.state_dict().items()
+        }
+        delta = {
+            key: (local[key] - base.weights[key]).astype(np.float32)
+            for key in base.weights
+        }
+        envelope = encode_envelope(
+            delta,
+            study=self.config.study,
+            round_number=round_number,
+            site=self.site_id,
+            sample_count=records,
+            nonce=secrets.token_hex(16),
+        )
+        receipt = client.upload(self.config.study, round_number, self.site_id, envelope)
+        return SiteRoundReport(
+            site=self.site_id,
+            round=round_number,
+            status="uploaded",
+            message=f"uploaded {len(envelope)} bytes after {result.steps} steps",
+            train_records=records,
+            epsilon_spent=epsilon,
+            noise_multiplier=ledger.noise_multiplier if ledger else None,
+            bytes_uploaded=len(envelope),
+            bytes_downloaded=base.size,
+            receipt=receipt["receipt"],
+        )
+
+    def evaluate(
+        self, client: AggregationClient, version: int | None = None
+    ) -> EvaluationAggregates:
+        """Evaluate a global model on the site's test split; return aggregates only."""
+        self.prepare()
+        inputs, labels = load_split(self.config, self.data_dir, "test")
+        downloaded = client.download_model(self.config.study, version)
+        return evaluate_weights(self.config, downloaded.weights, inputs, labels)
+
+    def _model_with(self, weights: dict[str, np.ndarray]) -> torch.nn.Module:
+        model = build_model(self.config.model.name, **self.config.model.params)
+        model.load_state_dict(
+            {key: torch.from_numpy(value.copy()) for key, value in weights.items()}
+        )
+        return model
+
+    def _training_settings(self, ledger: PrivacyLedger | None) -> LocalTrainingSettings:
+        training = self.config.training
+        return LocalTrainingSettings(
+            epochs=training.local_epochs,
+            batch_size=training.batch_size,
+            learning_rate=training.learning_rate,
+            momentum=training.momentum,
+            weight_decay=training.weight_decay,
+            max_grad_norm=ledger.max_grad_norm if ledger else None,
+            noise_multiplier=ledger.noise_multiplier if ledger else None,
+        )
+
+    def _seed(self, round_number: int) -> int:
+        key = f"{self.config.training.seed}:{self.config.study}:{self.site_id}:{round_number}"
+        return zlib.crc32(key.encode())
+
+
+def evaluate_weights(
+    config: StudyConfig,
+    weights: dict[str, np.ndarray],
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+) -> EvaluationAggregates:
+    """Evaluate ``weights`` on (inputs, labels) and summarize as aggregates."""
+    model = build_model(config.model.name, **config.model.params)
+    model.load_state_dict(
+        {key: torch.from_numpy(value.copy()) for key, value in weights.items()}
+    )
+    model.eval()
+    with torch.no_grad():
+        logits = model(inputs)
+        losses = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, labels, reduction="none"
+        )
+        scores = torch.sigmoid(logits)
+    return EvaluationAggregates.from_scores(
+        scores.numpy(),
+        labels.numpy(),
+        losses.numpy(),
+        bins=config.evaluation.histogram_bins,
+    )
+
+
+def weights_to_safetensors(
+    weights: dict[str, np.ndarray], metadata: dict[str, str] | None = None
+) -> bytes:
+    return save_safetensors(
+        {k: np.ascontiguousarray(v, np.float32) for k, v in weights.items()},
+        metadata=metadata,
+    )

@@ -1,0 +1,157 @@
+"""Short studies through the real flow: Prefect, uvicorn and MLflow."""
+
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from medfed.contract.config import StudyConfig, parse_study_config
+from medfed.errors import QuorumError
+from medfed.flows.training import run_study
+from tests.conftest import CONFIGS
+
+pytestmark = pytest.mark.usefixtures("prefect_api", "mlflow_uri")
+
+
+def short_config(name: str, study: str, rounds: int = 2) -> tuple[StudyConfig, str]:
+    raw: dict[str, Any] = yaml.safe_load((CONFIGS / name).read_text())
+    raw["study"] = study
+    raw["training"]["rounds"] = rounds
+    text = yaml.safe_dump(raw)
+    return parse_study_config(raw), text
+
+
+def test_dp_study_end_to_end(tmp_path: Path) -> None:
+    config, text = short_config("heart_disease.yaml", "e2e-dp")
+    rounds: list[int] = []
+
+    summary = run_study(
+        config,
+        text,
+        work_dir=tmp_path,
+        listener=lambda number, _: rounds.append(number),
+    )
+
+    assert rounds == [0, 1]
+    assert summary["rounds"] == 2
+    assert summary["model_version"] == 2
+    assert 0.5 <= summary["pooled_test_accuracy"] <= 1.0
+    assert set(summary["sites"]) == {
+        "cleveland",
+        "hungary",
+        "switzerland",
+        "long-beach",
+    }
+    assert summary["sites"]["cleveland"]["train_records"] == 200
+    for site, values in summary["sites"].items():
+        assert 0 < values["epsilon_spent"] <= 1.0, site
+    assert summary["refusals"] == []
+
+    client = MlflowClient()
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.params["strategy"] == "fedavg"
+    assert run.data.params["rounds"] == "2"
+    assert float(run.data.params["cleveland.noise_multiplier"]) > 0
+    assert run.data.params["switzerland.target_epsilon"] == "1.0"
+    assert run.data.params["hungary.delta"] == "0.001"
+    assert run.data.params["long-beach.max_grad_norm"] == "1.0"
+    history = client.get_metric_history(run.info.run_id, "pooled.test_accuracy")
+    assert [point.step for point in history] == [1, 2]
+    for metric in (
+        "cleveland.epsilon_spent",
+        "hungary.bytes_uploaded",
+        "switzerland.test_accuracy",
+        "pooled.test_auc",
+    ):
+        assert client.get_metric_history(run.info.run_id, metric), metric
+    artifacts = [item.path for item in client.list_artifacts(run.info.run_id)]
+    assert "study_config.yaml" in artifacts
+
+    version = client.get_model_version("e2e-dp", summary["registered_model_version"])
+    tags = version.tags
+    assert tags["medfed.study"] == "e2e-dp"
+    assert tags["medfed.round"] == "1"
+    assert tags["medfed.sites"] == "cleveland,hungary,switzerland,long-beach"
+    assert tags["medfed.strategy"] == "fedavg"
+    assert tags["medfed.model_sha256"] == summary["model_sha256"]
+    assert float(tags["medfed.dp.cleveland.epsilon_spent"]) <= 1.0
+    assert tags["medfed.dp.cleveland.target_epsilon"] == "1.0"
+    assert len(tags["medfed.dataset_fingerprint.hungary"]) == 64
+
+
+def test_registered_model_loads_without_pickle(tmp_path: Path) -> None:
+    config, text = short_config("heart_disease_nodp.yaml", "e2e-load", rounds=1)
+    summary = run_study(config, text, work_dir=tmp_path)
+
+    model = mlflow.pyfunc.load_model(
+        f"models:/e2e-load/{summary['registered_model_version']}"
+    )
+    scores = model.predict([[0.0] * 15, [1.0] * 15])
+
+    assert scores.shape == (2,)
+    assert all(0.0 <= score <= 1.0 for score in scores)
+
+
+def test_site_over_budget_is_recorded_and_skipped(tmp_path: Path) -> None:
+    # A first run spends the whole budget of every site. The same study run
+    # again against the same hospitals must not spend it twice: Cleveland
+    # keeps its ledger and rejects, the other sites start from fresh state.
+    config, text = short_config("heart_disease.yaml", "e2e-budget")
+    run_study(config, text, work_dir=tmp_path / "first")
+    (tmp_path / "second" / "sites").mkdir(parents=True)
+    shutil.copytree(
+        tmp_path / "first" / "sites" / "cleveland",
+        tmp_path / "second" / "sites" / "cleveland",
+    )
+
+    summary = run_study(config, text, work_dir=tmp_path / "second")
+
+    assert summary["rounds"] == 2
+    assert [refusal["site"] for refusal in summary["refusals"]] == [
+        "cleveland",
+        "cleveland",
+    ]
+    assert (
+        "site 'cleveland' rejects round 0 of study 'e2e-budget'"
+        in summary["refusals"][0]["message"]
+    )
+    assert summary["sites"]["cleveland"]["epsilon_spent"] <= 1.0
+    tags = MlflowClient().get_run(summary["mlflow_run_id"]).data.tags
+    assert "over its budget of 1.0" in tags["medfed.event.refusal.cleveland.round0"]
+
+
+def test_every_site_over_budget_stops_study(tmp_path: Path) -> None:
+    config, text = short_config("heart_disease.yaml", "e2e-exhausted", rounds=1)
+    run_study(config, text, work_dir=tmp_path / "first")
+    shutil.copytree(tmp_path / "first" / "sites", tmp_path / "second" / "sites")
+
+    with pytest.raises(QuorumError) as raised:
+        run_study(config, text, work_dir=tmp_path / "second")
+
+    assert "study 'e2e-exhausted' finished no round" in str(raised.value)
+    assert "rejects round 0" in str(raised.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "minimum"),
+    [("heart_disease_nodp.yaml", 0.78), ("heart_disease.yaml", 0.72)],
+)
+def test_full_study_reaches_accuracy(tmp_path: Path, name: str, minimum: float) -> None:
+    config_path = CONFIGS / name
+    from medfed.contract.config import load_study_config
+
+    config = load_study_config(config_path)
+    summary = run_study(config, config_path.read_text(), work_dir=tmp_path)
+
+    assert summary["rounds"] == config.training.rounds
+    assert summary["pooled_test_accuracy"] >= minimum
+    if config.privacy.enabled:
+        for site, values in summary["sites"].items():
+            assert values["epsilon_spent"] <= 1.0, site
+    assert not math.isnan(summary["pooled_test_auc"])

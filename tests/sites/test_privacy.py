@@ -1,0 +1,197 @@
+from pathlib import Path
+
+import pytest
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants import PRVAccountant, RDPAccountant
+from torch.utils.data import DataLoader, TensorDataset
+
+from medfed.contract.models import build_model
+from medfed.errors import BudgetExceededError, ConfigError
+from medfed.sites.privacy import PrivacyLedger
+from medfed.sites.training import (
+    LocalTrainingSettings,
+    dp_steps_per_epoch,
+    train_locally,
+)
+
+
+def make_ledger(**overrides: object) -> PrivacyLedger:
+    parameters: dict[str, object] = {
+        "study": "study",
+        "site": "site-a",
+        "epsilon": 1.0,
+        "delta": 1e-3,
+        "sample_rate": 16 / 200,
+        "steps_per_round": 12,
+        "planned_rounds": 5,
+        "max_grad_norm": 1.0,
+        "accountant": "prv",
+    }
+    parameters.update(overrides)
+    return PrivacyLedger.calibrate(**parameters)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mechanism", ["prv", "rdp"])
+def test_ledger_matches_opacus_accountant(mechanism: str) -> None:
+    ledger = make_ledger(accountant=mechanism)
+    reference = PRVAccountant() if mechanism == "prv" else RDPAccountant()
+
+    for round_number in range(3):
+        ledger.record_round(round_number, ledger.steps_per_round)
+        for _ in range(ledger.steps_per_round):
+            reference.step(
+                noise_multiplier=ledger.noise_multiplier, sample_rate=ledger.sample_rate
+            )
+
+    assert ledger.epsilon_spent() == pytest.approx(
+        reference.get_epsilon(delta=1e-3), rel=1e-9
+    )
+
+
+def test_ledger_matches_privacy_engine_after_training() -> None:
+    # 192 records in batches of 16: Opacus' make_private derives the sample
+    # rate 1/12 from the 12 batches, and medfed derives 16/192 from the batch.
+    torch.manual_seed(0)
+    inputs = torch.randn(192, 15)
+    labels = (inputs[:, 0] > 0).float()
+    ledger = make_ledger(sample_rate=16 / 192)
+
+    model = build_model("logistic_regression", in_features=15)
+    result = train_locally(
+        model,
+        inputs,
+        labels,
+        LocalTrainingSettings(
+            epochs=1,
+            batch_size=16,
+            learning_rate=0.1,
+            max_grad_norm=1.0,
+            noise_multiplier=ledger.noise_multiplier,
+        ),
+        seed=3,
+    )
+    ledger.record_round(0, result.steps)
+
+    engine = PrivacyEngine(accountant="prv")
+    reference_model = build_model("logistic_regression", in_features=15)
+    _, optimizer, loader = engine.make_private(
+        module=reference_model,
+        optimizer=torch.optim.SGD(reference_model.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(inputs, labels), batch_size=16),
+        noise_multiplier=ledger.noise_multiplier,
+        max_grad_norm=1.0,
+    )
+    for batch_inputs, batch_labels in loader:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            reference_model(batch_inputs), batch_labels
+        )
+        loss.backward()
+        optimizer.step()
+
+    assert result.steps == dp_steps_per_epoch(192, 16) == len(loader)
+    assert loader.sample_rate == pytest.approx(ledger.sample_rate)
+    assert ledger.epsilon_spent() == pytest.approx(
+        engine.get_epsilon(delta=1e-3), rel=1e-9
+    )
+
+
+def test_calibration_spends_budget_within_plan() -> None:
+    ledger = make_ledger(planned_rounds=4)
+
+    for round_number in range(4):
+        ledger.check_next_round(round_number)
+        ledger.record_round(round_number, ledger.steps_per_round)
+
+    assert ledger.epsilon_spent() <= 1.0
+    assert ledger.epsilon_spent() >= 0.99
+
+
+def test_round_past_plan_is_rejected(tmp_path: Path) -> None:
+    ledger = make_ledger(planned_rounds=2)
+    for round_number in range(2):
+        ledger.record_round(round_number, ledger.steps_per_round)
+    ledger.save(tmp_path / "ledger.json")
+
+    reloaded = PrivacyLedger.load(tmp_path / "ledger.json")
+    with pytest.raises(BudgetExceededError) as raised:
+        reloaded.check_next_round(2)
+
+    message = str(raised.value)
+    assert "site 'site-a' rejects round 2 of study 'study'" in message
+    assert "over its budget of 1.0 at delta 0.001" in message
+    assert reloaded.refusals == [2]
+    assert reloaded.steps_spent == 2 * ledger.steps_per_round
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("epsilon", 0.0, "privacy parameter epsilon must be > 0, got 0.0"),
+        ("delta", 1.5, "privacy parameter delta must be in (0, 1), got 1.5"),
+        (
+            "sample_rate",
+            0.0,
+            "privacy parameter sample_rate must be in (0, 1], got 0.0",
+        ),
+        (
+            "max_grad_norm",
+            -1.0,
+            "privacy parameter max_grad_norm must be > 0, got -1.0",
+        ),
+    ],
+)
+def test_invalid_privacy_parameters(name: str, value: float, expected: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        make_ledger(**{name: value})
+    assert str(raised.value) == expected
+
+
+def test_dp_noise_has_calibrated_scale() -> None:
+    # With all-zero inputs, labels 0.5 and a zero model, every per-record
+    # gradient is exactly zero, so the whole parameter change is DP noise:
+    # -learning_rate * N(0, (sigma * C)^2) / expected_batch_size per weight.
+    features, records, sigma, clip, rate = 20_000, 64, 2.0, 0.5, 1.0
+    model = build_model("logistic_regression", in_features=features)
+    torch.nn.init.zeros_(model.linear.weight)
+    torch.nn.init.zeros_(model.linear.bias)
+    settings = LocalTrainingSettings(
+        epochs=1,
+        batch_size=records,
+        learning_rate=rate,
+        max_grad_norm=clip,
+        noise_multiplier=sigma,
+    )
+
+    train_locally(
+        model,
+        torch.zeros(records, features),
+        torch.full((records,), 0.5),
+        settings,
+        seed=11,
+    )
+
+    change = model.linear.weight.detach().flatten()
+    expected_std = rate * sigma * clip / records
+    assert change.mean().abs() < 0.05 * expected_std
+    assert change.std().item() == pytest.approx(expected_std, rel=0.03)
+
+
+def test_dp_noise_depends_on_seed_only() -> None:
+    def run(seed: int) -> torch.Tensor:
+        model = build_model("logistic_regression", in_features=8)
+        torch.nn.init.zeros_(model.linear.weight)
+        torch.nn.init.zeros_(model.linear.bias)
+        settings = LocalTrainingSettings(
+            epochs=1,
+            batch_size=8,
+            learning_rate=1.0,
+            max_grad_norm=1.0,
+            noise_multiplier=1.0,
+        )
+        train_locally(model, torch.ones(32, 8), torch.ones(32), settings, seed=seed)
+        return model.linear.weight.detach().clone()
+
+    assert torch.equal(run(5), run(5))
+    assert not torch.equal(run(5), run(6))
