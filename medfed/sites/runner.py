@@ -25,6 +25,7 @@ from medfed.contract.wire import encode_envelope
 from medfed.errors import BudgetExceededError
 from medfed.sites.client import AggregationClient
 from medfed.sites.data import load_split, prepare_site_data
+from medfed.sites.data.augment import RandomAffine
 from medfed.sites.data.root import resolve_data_root
 from medfed.sites.privacy import PrivacyLedger
 from medfed.sites.training import (
@@ -244,6 +245,7 @@ class SiteRunner:
             weight_decay=training.weight_decay,
             max_grad_norm=ledger.max_grad_norm if ledger else None,
             noise_multiplier=ledger.noise_multiplier if ledger else None,
+            augmentation=RandomAffine() if self.config.data.augment else None,
         )
 
     def _seed(self, round_number: int) -> int:

@@ -159,7 +159,7 @@ def test_fastdp_norms_match_per_sample_backward():
     inputs = torch.randn(6, 2, 11, 13)
     targets = (torch.rand(6) > 0.5).float()
     expected = ground_truth_norms(model, bce, inputs, targets)
-    norms = private_gradient(
+    step = private_gradient(
         model,
         bce,
         inputs,
@@ -168,7 +168,8 @@ def test_fastdp_norms_match_per_sample_backward():
         noise_multiplier=0.0,
         expected_batch_size=1,
     )
-    torch.testing.assert_close(norms, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(step.norms, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(step.losses, bce(model(inputs), targets))
 
 
 def test_fastdp_clipped_sum_matches_per_sample_backward():
@@ -194,7 +195,7 @@ def test_fastdp_every_sample_norm_is_clipped():
     torch.manual_seed(5)
     model = build_model("resnet_gn", widths=[8, 16])
     images, labels = batch(size=1)
-    norms = private_gradient(
+    step = private_gradient(
         model,
         bce,
         images,
@@ -204,7 +205,7 @@ def test_fastdp_every_sample_norm_is_clipped():
         expected_batch_size=1,
     )
     total = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters()))
-    assert norms[0] > 1e-3
+    assert step.norms[0] > 1e-3
     assert float(total) == pytest.approx(1e-3, rel=1e-3)
 
 
