@@ -13,11 +13,12 @@ so load from other processes on the machine affects all of them alike.
 Writes ``benchmarks/results/dp_step_time.json`` with the medians and each
 variant's ratio to the non-private step.
 
-Run: ``python benchmarks/dp_step_time.py [--repeats 40] [--batch 64]``
+Run: ``python benchmarks/dp_step_time.py [--repeats 40] [--batch 64] [--threads N]``
 """
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -134,8 +135,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="samples per step")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps each")
     parser.add_argument("--repeats", type=int, default=40, help="timed steps each")
+    parser.add_argument("--threads", type=int, help="torch threads; default: torch's")
     parser.add_argument("--output", type=Path, default=RESULTS, help="JSON path")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     images = torch.rand(args.batch, 1, 28, 28)
@@ -151,6 +155,7 @@ def main() -> None:
         "repeats": args.repeats,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "load_average_1min": os.getloadavg()[0],
         "machine": platform.machine(),
         "median_seconds": medians,
         "ratio_to_nonprivate": {

@@ -9,7 +9,7 @@ collected in ``benchmarks/results/pneumonia_studies.json``. The test metrics
 are pooled over the sites' shares of the official test split, which together
 are the whole split (624 images).
 
-Run: ``python benchmarks/pneumonia_studies.py [--only central nodp dp]``
+Run: ``python benchmarks/pneumonia_studies.py [--only central nodp dp] [--rounds N]``
 """
 
 import argparse
@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -34,8 +36,18 @@ TARGETS = {
 MAX_WALL_SECONDS = 20 * 60
 
 
-def run_study(name: str, work_root: Path) -> dict[str, object]:
+def run_study(
+    name: str, work_root: Path, rounds: int | None = None
+) -> dict[str, object]:
     summary_path = RESULTS / f"pneumonia_{name}.json"
+    config_path = ROOT / STUDIES[name]
+    if rounds is not None:
+        raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        raw["training"]["rounds"] = rounds
+        work_root.mkdir(parents=True, exist_ok=True)
+        config_path = work_root / f"{name}-{rounds}-rounds.yaml"
+        config_path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+
     started = time.monotonic()
     subprocess.run(
         [
@@ -43,7 +55,7 @@ def run_study(name: str, work_root: Path) -> dict[str, object]:
             "-c",
             "from medfed.cli import main; main()",
             "run",
-            STUDIES[name],
+            str(config_path),
             "--summary-json",
             str(summary_path),
             "--work-dir",
@@ -53,6 +65,7 @@ def run_study(name: str, work_root: Path) -> dict[str, object]:
         check=True,
     )
     wall = time.monotonic() - started
+
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     sites = summary["sites"]
     epsilons = [v.get("epsilon_spent") for v in sites.values()]
@@ -61,6 +74,7 @@ def run_study(name: str, work_root: Path) -> dict[str, object]:
     targets = TARGETS[name]
     return {
         "config": STUDIES[name],
+        "rounds_override": rounds,
         "rounds": summary["rounds"],
         "test_auc": auc,
         "test_accuracy": accuracy,
@@ -77,7 +91,12 @@ def run_study(name: str, work_root: Path) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", choices=sorted(STUDIES), help="studies")
+    parser.add_argument(
+        "--only", nargs="+", choices=sorted(STUDIES), help="studies to run; default all"
+    )
+    parser.add_argument(
+        "--rounds", type=int, help="override every study's training.rounds"
+    )
     parser.add_argument(
         "--work-root",
         type=Path,
@@ -89,7 +108,7 @@ def main() -> None:
     output = RESULTS / "pneumonia_studies.json"
     results = json.loads(output.read_text()) if output.exists() else {}
     for name in args.only or list(STUDIES):
-        results[name] = run_study(name, args.work_root)
+        results[name] = run_study(name, args.work_root, args.rounds)
         output.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
         print(json.dumps({name: results[name]}, indent=2))
 
