@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-fast test-slow test-containers check lint format bench clean
+.PHONY: install run test test-fast test-slow check lint format bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ install: $(STAMP)
 run: install
 	$(BIN)/medfed run configs/heart_disease.yaml
 
-test: install test-fast test-slow test-containers
+test: install test-fast test-slow
 
 test-fast: install
 	$(BIN)/pytest -m "not slow and not containers"
@@ -26,15 +26,16 @@ test-fast: install
 test-slow: install
 	$(BIN)/pytest -m "slow"
 
-test-containers: install
-	$(BIN)/pytest -m "containers"
-
 lint: install
 	$(BIN)/ruff format --check medfed tests benchmarks
 	$(BIN)/ruff check medfed tests benchmarks
 	$(BIN)/mypy
 
 check: lint test-fast
+
+bench: install
+	$(BIN)/python benchmarks/heart_round_time.py
+	$(BIN)/python benchmarks/codec_throughput.py
 
 format: install
 	$(BIN)/ruff format medfed tests benchmarks

@@ -2,7 +2,7 @@
 
 Errors that medfed raises on purpose (``MedfedError``) print one line and exit
 with the error's code: 2 config, 3 data, 4 envelope, 5 privacy budget,
-6 aggregation service, 7 aggregation, 8 quorum.
+6 aggregation service, 7 aggregation, 8 quorum, 9 audit log.
 """
 
 import json
@@ -26,17 +26,35 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from medfed.errors import MedfedError
+from medfed.errors import ConfigError, MedfedError
+from medfed.security_cli import audit_app, provision_command
 
 __all__ = ["app", "main"]
 
 app = typer.Typer(
+    pretty_exceptions_show_locals=False,
     add_completion=False,
     no_args_is_help=True,
     help="Federated learning across hospitals under DP.",
 )
 console = Console()
-errors = Console(stderr=True)
+
+
+@app.callback()
+def configure(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="log progress at INFO level")
+    ] = False,
+) -> None:
+    """Federated learning across hospitals under differential privacy."""
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("mlflow").setLevel(level)
+    logging.getLogger("alembic").setLevel(level)
+    if verbose:
+        os.environ["PREFECT_LOGGING_LEVEL"] = "INFO"
 
 
 @app.command()
@@ -57,15 +75,31 @@ def run(
             help="folder for site and service state; default .medfed/runs/STUDY-TIMESTAMP",
         ),
     ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="continue the study in --work-dir (default: its latest run folder) "
+            "from its last finished round",
+        ),
+    ] = False,
 ) -> None:
     """Run a study in local mode and print per-site and pooled results."""
     from medfed.contract.config import load_study_config
 
     config = load_study_config(config_path)
     config_text = config_path.read_text(encoding="utf-8")
-    if work_dir is None:
+    runs = Path(".medfed") / "runs"
+    if work_dir is None and resume:
+        previous = sorted(runs.glob(f"{config.study}-*"))
+        if not previous:
+            raise ConfigError(
+                f"no earlier run of study {config.study!r} under {runs}; pass --work-dir"
+            )
+        work_dir = previous[-1]
+    elif work_dir is None:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        work_dir = Path(".medfed") / "runs" / f"{config.study}-{stamp}"
+        work_dir = runs / f"{config.study}-{stamp}"
     work_dir.mkdir(parents=True, exist_ok=True)
 
     from medfed.flows.training import run_study
@@ -92,7 +126,9 @@ def run(
                 f"auc {summary['pooled_test_auc']:.3f}",
             )
 
-        summary = run_study(config, config_text, work_dir=work_dir, listener=on_round)
+        summary = run_study(
+            config, config_text, work_dir=work_dir, listener=on_round, resume=resume
+        )
     summary["wall_seconds"] = time.monotonic() - started
     summary["work_dir"] = str(work_dir)
     _print_summary(summary)
@@ -113,19 +149,57 @@ def serve_aggregator(
     max_upload_bytes: Annotated[
         int, typer.Option(help="largest request body accepted, in bytes")
     ] = 64 * 1024 * 1024,
+    kit_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--kit-dir",
+            help="the service's startup kit from medfed provision; enables mutual "
+            "TLS, signature checks and a signed audit head",
+        ),
+    ] = None,
+    rate_per_second: Annotated[
+        float, typer.Option(help="sustained requests per second allowed per site")
+    ] = 20.0,
+    rate_burst: Annotated[
+        int, typer.Option(help="requests a site may send at once after being idle")
+    ] = 50,
+    max_concurrency: Annotated[
+        int, typer.Option(help="concurrent connections and tasks before a 503")
+    ] = 256,
 ) -> None:
     """Run the aggregation service."""
     import uvicorn
 
+    from medfed.aggregation.limits import ServiceLimits
     from medfed.aggregation.service import ServiceSettings, create_app
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    application = create_app(
-        ServiceSettings(state_dir=state_dir, max_upload_bytes=max_upload_bytes)
+    limits = ServiceLimits(
+        rate_per_second=rate_per_second,
+        rate_burst=rate_burst,
+        max_concurrency=max_concurrency,
     )
-    uvicorn.run(application, host=host, port=port, log_level="warning")
+    application = create_app(
+        ServiceSettings(
+            state_dir=state_dir,
+            max_upload_bytes=max_upload_bytes,
+            kit_dir=kit_dir,
+            service_limits=limits,
+        )
+    )
+    uvicorn.run(
+        application,
+        host=host,
+        port=port,
+        log_level="warning",
+        **application.state.security.uvicorn_options(),
+    )
+
+
+app.command("provision")(provision_command)
+app.add_typer(audit_app, name="audit")
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -169,9 +243,12 @@ def _number(value: float | None) -> str:
     return f"{value:.3f}"
 
 
-def configure_prefect_environment() -> None:
-    """Set quiet, offline-friendly Prefect defaults unless the user set them."""
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+def configure_environment() -> None:
+    """Set quiet, offline-friendly Prefect and MLflow defaults unless set."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # Prefect logs every failed task with its traceback; the CLI reports
+    # errors as one line instead. ``medfed --verbose`` restores the logs.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
     # Hospitals and CI machines may have no route to Prefect's telemetry host.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The ephemeral API starts a server subprocess; on a loaded 2-core
@@ -181,20 +258,10 @@ def configure_prefect_environment() -> None:
 
 def main() -> None:
     """Entry point of the ``medfed`` console command."""
-    configure_prefect_environment()
+    configure_environment()
     try:
-        app(standalone_mode=False)
+        app()
     except MedfedError as error:
-        errors.print(f"medfed: error: {error}", markup=False, highlight=False)
+        # A plain print: a rich console would wrap the line at terminal width.
+        print(f"medfed: error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
-    except (typer.Exit, typer.Abort) as stop:
-        sys.exit(getattr(stop, "exit_code", 1))
-    except (
-        Exception
-    ) as error:  # click usage errors arrive here in standalone_mode=False
-        import click
-
-        if isinstance(error, click.ClickException):
-            error.show()
-            sys.exit(error.exit_code)
-        raise

@@ -6,13 +6,16 @@ so every message must say what is wrong, on which value, and what to do.
 
 __all__ = [
     "AggregationError",
+    "AuditLogError",
     "BudgetExceededError",
     "ConfigError",
     "DataError",
     "EnvelopeError",
     "MedfedError",
     "QuorumError",
+    "SecureAggregationError",
     "ServiceError",
+    "SignatureError",
 ]
 
 
@@ -38,6 +41,10 @@ class EnvelopeError(MedfedError, ValueError):
     """An update envelope is malformed, oversized or inconsistent."""
 
     exit_code = 4
+
+
+class SignatureError(EnvelopeError):
+    """An envelope's signature is missing, unknown or does not verify."""
 
 
 class BudgetExceededError(MedfedError):
@@ -66,3 +73,20 @@ class QuorumError(AggregationError):
     """Fewer sites answered than the round's quorum requires."""
 
     exit_code = 8
+
+
+class SecureAggregationError(AggregationError):
+    """A secure-aggregation round cannot go on without risking a site's update.
+
+    Raised, before anything is released, when too few sites remain to unmask,
+    when a protocol message is inconsistent with the round, or when a
+    reconstructed secret does not match what its site committed to.
+    """
+
+    exit_code = 10
+
+
+class AuditLogError(MedfedError):
+    """The audit log cannot be read or appended, or its hash chain is broken."""
+
+    exit_code = 9

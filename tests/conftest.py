@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medfed.cli import configure_prefect_environment
+from medfed.cli import configure_environment
 from medfed.sites.data.pneumonia import PNEUMONIA_FILE
 from medfed.sites.data.root import resolve_data_root
 
-configure_prefect_environment()
+configure_environment()
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"

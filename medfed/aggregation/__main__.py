@@ -6,6 +6,7 @@ from pathlib import Path
 
 import uvicorn
 
+from medfed.aggregation.limits import ServiceLimits
 from medfed.aggregation.service import ServiceSettings, create_app
 
 
@@ -22,16 +23,55 @@ def main() -> None:
         default=64 * 1024 * 1024,
         help="largest request body accepted, in bytes",
     )
+    parser.add_argument(
+        "--kit-dir",
+        type=Path,
+        default=None,
+        help="the service's startup kit from medfed provision; enables mutual TLS, "
+        "signature checks and a signed audit head (default: local mode, plain HTTP)",
+    )
+    parser.add_argument(
+        "--rate-per-second",
+        type=float,
+        default=ServiceLimits().rate_per_second,
+        help="sustained requests per second allowed per site",
+    )
+    parser.add_argument(
+        "--rate-burst",
+        type=int,
+        default=ServiceLimits().rate_burst,
+        help="requests a site may send at once after being idle",
+    )
+    parser.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=ServiceLimits().max_concurrency,
+        help="concurrent connections and tasks before the service answers 503",
+    )
     arguments = parser.parse_args()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    limits = ServiceLimits(
+        rate_per_second=arguments.rate_per_second,
+        rate_burst=arguments.rate_burst,
+        max_concurrency=arguments.max_concurrency,
+    )
     app = create_app(
         ServiceSettings(
-            state_dir=arguments.state_dir, max_upload_bytes=arguments.max_upload_bytes
+            state_dir=arguments.state_dir,
+            max_upload_bytes=arguments.max_upload_bytes,
+            kit_dir=arguments.kit_dir,
+            service_limits=limits,
         )
     )
-    uvicorn.run(app, host=arguments.host, port=arguments.port, log_level="warning")
+    uvicorn.run(
+        app,
+        host=arguments.host,
+        port=arguments.port,
+        log_level="warning",
+        **app.state.security.uvicorn_options(),
+    )
 
 
 if __name__ == "__main__":

@@ -6,11 +6,12 @@ rejected request changes nothing: checks run before any write, and each write
 is a single transaction.
 """
 
+import dataclasses
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,11 +20,26 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
+from medfed.aggregation.compatibility import build_study_strategy
+from medfed.aggregation.secagg_routes import MaskingRounds
+from medfed.aggregation.secure_rounds import (
+    accept_masked_upload,
+    finalize_masking,
+    open_masking_round,
+    parse_secure_aggregation,
+)
 from medfed.aggregation.store import ModelVersion, RoundRecord, Store, StoredUpload
-from medfed.aggregation.strategies import SiteUpdate, get_strategy
+from medfed.aggregation.strategies import SiteUpdate, Strategy
 from medfed.contract.ids import IDENTIFIER_PATTERN
-from medfed.contract.wire import EnvelopeLimits, decode_envelope
-from medfed.errors import AggregationError, ConfigError, EnvelopeError
+from medfed.contract.secagg.config import SecureAggregationConfig
+from medfed.contract.wire import EnvelopeHeader, EnvelopeLimits, decode_envelope
+from medfed.errors import (
+    AggregationError,
+    ConfigError,
+    EnvelopeError,
+    SecureAggregationError,
+    SignatureError,
+)
 
 __all__ = ["Rejected", "RoundService", "StudySettings"]
 
@@ -43,11 +59,16 @@ class Rejected(Exception):
 
 @dataclass(frozen=True)
 class StudySettings:
-    """What the service needs to know about a study."""
+    """A study as the service stores it: its sites and strategy."""
 
     sites: list[str]
     strategy: str
     strategy_params: dict[str, Any]
+    #: ``[name, params]`` pairs in the order the wrappers receive the updates.
+    wrappers: list[list[Any]] = dataclasses.field(default_factory=list)
+    secure_aggregation: SecureAggregationConfig = dataclasses.field(
+        default_factory=SecureAggregationConfig
+    )
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> "StudySettings":
@@ -55,6 +76,7 @@ class StudySettings:
             sites = [str(site) for site in raw["sites"]]
             strategy = str(raw["strategy"])
             params = dict(raw.get("strategy_params", {}))
+            wrappers = [[str(name), dict(p)] for name, p in raw.get("wrappers", [])]
         except (KeyError, TypeError, ValueError) as error:
             raise Rejected(
                 422, f"invalid study settings: missing or malformed {error}"
@@ -66,22 +88,61 @@ class StudySettings:
                 )
         if not sites or len(set(sites)) != len(sites):
             raise Rejected(422, "study settings must list at least one site, each once")
-        return cls(sites=sites, strategy=strategy, strategy_params=params)
+        try:
+            secure = parse_secure_aggregation(raw.get("secure_aggregation"))
+        except SecureAggregationError as error:
+            raise Rejected(422, str(error)) from None
+        return cls(
+            sites=sites,
+            strategy=strategy,
+            strategy_params=params,
+            wrappers=wrappers,
+            secure_aggregation=secure,
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
             "sites": self.sites,
             "strategy": self.strategy,
             "strategy_params": self.strategy_params,
+            "wrappers": self.wrappers,
+            "secure_aggregation": self.secure_aggregation.model_dump(mode="json"),
         }
+
+    def build_strategy(self) -> Strategy:
+        """Build the study's strategy inside its wrappers.
+
+        Raises:
+            ConfigError: an unknown name, an invalid parameter or a conflict.
+        """
+        return build_study_strategy(
+            {
+                "strategy": self.strategy,
+                "strategy_params": self.strategy_params,
+                "wrappers": self.wrappers,
+                "total_sites": len(self.sites),
+            },
+            secure_aggregation=self.secure_aggregation.mode,
+        )
 
 
 class RoundService:
     """Studies, rounds, uploads and aggregation on top of a ``Store``."""
 
-    def __init__(self, store: Store, limits: EnvelopeLimits | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        limits: EnvelopeLimits | None = None,
+        *,
+        verify_signature: Callable[[EnvelopeHeader], None] | None = None,
+    ) -> None:
         self.store = store
         self.limits = limits or EnvelopeLimits()
+        #: Masking rounds of studies with ``secure_aggregation: masking``.
+        self.masking = MaskingRounds(self.limits)
+        # Called on each new upload's header before its payload is decoded;
+        # None (local mode) accepts unsigned envelopes.
+        self.verify_signature = verify_signature
 
     # Studies
 
@@ -103,7 +164,7 @@ class RoundService:
         except json.JSONDecodeError:
             raise Rejected(422, "study settings metadata is not valid JSON") from None
         try:
-            get_strategy(settings.strategy, settings.strategy_params)
+            settings.build_strategy()
         except (ConfigError, ValueError) as error:
             raise Rejected(422, str(error)) from None
 
@@ -125,6 +186,22 @@ class RoundService:
         if record is None:
             raise Rejected(404, f"study {study!r} not found; create it first")
         return StudySettings.from_json(record.settings)
+
+    def study_status(self, study: str) -> dict[str, Any]:
+        """Describe a study: its sites, latest model version and latest round."""
+        settings = self.settings(study)
+        latest_model = self.store.get_model(study, None)
+        latest_round = self.store.latest_round(study)
+        assert latest_model is not None
+        return {
+            "study": study,
+            "sites": settings.sites,
+            "strategy": settings.strategy,
+            "latest_version": latest_model.version,
+            "latest_round": None
+            if latest_round is None
+            else self.round_status(study, latest_round.round),
+        }
 
     def model(self, study: str, version: int | None) -> ModelVersion:
         self.settings(study)
@@ -181,9 +258,27 @@ class RoundService:
             raise Rejected(
                 409, f"the first round of study {study!r} is 0, not {round_number}"
             )
+        masking = settings.secure_aggregation.mode == "masking"
+        if masking:
+            try:
+                settings.secure_aggregation.check(len(sites))
+            except ConfigError as error:
+                raise Rejected(422, str(error)) from None
         record = self.store.open_round(
             study, round_number, list(sites), quorum, time.time() + deadline_seconds
         )
+        if masking:
+            base = self.store.get_model(study, record.base_version)
+            assert base is not None
+            open_masking_round(
+                self.masking,
+                settings.secure_aggregation,
+                study,
+                round_number,
+                sites=sites,
+                base_weights=_load_weights(base.weights)[0],
+                deadline_at=record.deadline_at,
+            )
         logger.info(
             "opened round %d of study %s for %d sites", round_number, study, len(sites)
         )
@@ -221,8 +316,10 @@ class RoundService:
 
         The same envelope sent again returns the first receipt and counts
         once. A different envelope for a (site, round) that has one is a 409.
+        In a masking study the envelope must carry the ``masked`` codec and
+        also joins the round's masking round.
         """
-        self.settings(study)
+        settings = self.settings(study)
         record = self.round(study, round_number)
         if site not in record.sites:
             raise Rejected(
@@ -257,6 +354,14 @@ class RoundService:
                     f"envelope {field} is {actual!r} but the request is for {expected!r}",
                 )
         self._check_tensors(study, record.base_version, decoded.tensors)
+        if settings.secure_aggregation.mode == "masking":
+            accept_masked_upload(self.masking, study, round_number, decoded)
+        elif header.codec.name == "masked":
+            raise Rejected(
+                422,
+                f"envelope codec 'masked' needs secure_aggregation 'masking', but "
+                f"study {study!r} uses {settings.secure_aggregation.mode!r}",
+            )
 
         upload = StoredUpload(
             site=site,
@@ -278,7 +383,11 @@ class RoundService:
 
     def _decode(self, body: bytes) -> Any:
         try:
-            return decode_envelope(body, self.limits)
+            return decode_envelope(
+                body, self.limits, verify_signature=self.verify_signature
+            )
+        except SignatureError as error:
+            raise Rejected(403, f"invalid update envelope: {error}") from None
         except (EnvelopeError, ConfigError) as error:
             raise Rejected(400, f"invalid update envelope: {error}") from None
 
@@ -312,7 +421,7 @@ class RoundService:
         """Aggregate a round into a new global model version, or abort it.
 
         The round closes when every site has uploaded, or every site that has
-        not is named in ``absent`` (the coordinator knows it will not upload),
+        not is named in ``absent`` (the coordinator has learned that it will not upload),
         or the deadline has passed. It then needs ``quorum`` uploads, else it
         is aborted and the previous global model stays current.
         """
@@ -340,12 +449,14 @@ class RoundService:
             )
             return self.round(study, round_number)
 
-        weights, strategy_state = self._aggregate(study, settings, record, uploads)
+        weights, strategy_state, contributors = self._aggregate(
+            study, settings, record, uploads
+        )
         self.store.close_round(
             study,
             round_number,
             state="finalized",
-            model=(weights, [u.site for u in uploads]),
+            model=(weights, contributors),
             strategy_state=strategy_state,
         )
         logger.info(
@@ -362,23 +473,34 @@ class RoundService:
         settings: StudySettings,
         record: RoundRecord,
         uploads: list[StoredUpload],
-    ) -> tuple[bytes, bytes | None]:
+    ) -> tuple[bytes, bytes | None, list[str]]:
         base = self.store.get_model(study, record.base_version)
         assert base is not None
         global_weights, _ = _load_weights(base.weights)
-        strategy = get_strategy(settings.strategy, settings.strategy_params)
+        strategy = settings.build_strategy()
         stored = self.store.get_study(study)
         if stored is not None and stored.strategy_state:
-            state, _ = _load_weights(stored.strategy_state)
-            strategy.load_state_dict(state)
-        updates = []
-        for upload in uploads:
-            decoded = decode_envelope(upload.envelope, self.limits)
-            updates.append(
-                SiteUpdate(upload.site, decoded.tensors, upload.sample_count)
-            )
+            # Strategy state is the service's own float64 record (moments,
+            # accountant history), not a model, so it skips the model checks.
+            strategy.load_state_dict(load_safetensors(stored.strategy_state))
+        contributors = [upload.site for upload in uploads]
         try:
-            new_weights = strategy.aggregate(global_weights, updates)
+            if settings.secure_aggregation.mode == "masking":
+                new_weights, contributors = finalize_masking(
+                    self.masking,
+                    study,
+                    record.round,
+                    strategy=strategy,
+                    global_weights=global_weights,
+                )
+            else:
+                updates = []
+                for upload in uploads:
+                    decoded = decode_envelope(upload.envelope, self.limits)
+                    updates.append(
+                        SiteUpdate(upload.site, decoded.tensors, upload.sample_count)
+                    )
+                new_weights = strategy.aggregate(global_weights, updates)
         except AggregationError as error:
             raise Rejected(
                 409, f"aggregation of round {record.round} failed: {error}"
@@ -388,7 +510,8 @@ class RoundService:
             for name in global_weights
         }
         state = strategy.state_dict()
-        return save_safetensors(ordered), save_safetensors(state) if state else None
+        state_bytes = save_safetensors(state) if state else None
+        return save_safetensors(ordered), state_bytes, contributors
 
 
 def _load_weights(body: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -3,31 +3,61 @@
 Routes, all under ``/v1/studies/{study}``:
 
 - ``POST ""``: create a study from a safetensors body of its initial model.
+- ``GET ""``: the study's sites, latest model version and latest round.
 - ``GET /models/{version}`` and ``GET /models/latest``: a global model as
   safetensors, with its version and SHA-256 in response headers.
 - ``POST /rounds/{round}``: open a round (sites, quorum, deadline).
 - ``GET /rounds/{round}``: a round's state, never an upload's content.
 - ``GET /rounds/{round}/model``: the global model the round trains from.
 - ``PUT /rounds/{round}/updates/{site}``: upload a site's envelope.
+- ``POST /rounds/{round}/privacy/{site}``: a site's privacy spent or its
+  refusal of the round, recorded in the audit log only.
 - ``POST /rounds/{round}/finalize``: aggregate the round or abort it.
+- ``/rounds/{round}/secagg/...``: the masking messages of studies with
+  ``secure_aggregation: masking`` (see ``secagg_routes``).
 
 A rejected request gets a 4xx JSON body ``{"detail": message}`` and changes
 nothing. No route returns an individual upload.
+
+With an aggregation kit (deployment mode) every route but ``/health`` needs
+a client certificate from the study CA. The upload route accepts only the
+named site's certificate. The routes that create studies, open and finalize
+rounds accept only the coordinator's, and the others any participant's. Each
+upload's signature is checked against the site registry before its payload is
+decoded. Every
+decision that matters to an audit (uploads accepted or rejected, rounds
+opened, finalized or aborted, model versions registered and downloaded) is
+appended to the hash-chained audit log in the state directory.
 """
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from medfed.aggregation.limits import ServiceLimits
 from medfed.aggregation.rounds import Rejected, RoundService
+from medfed.aggregation.secagg_routes import (
+    create_masking_router,
+    install_error_handlers,
+)
+from medfed.aggregation.security import (
+    SecuritySettings,
+    ServiceSecurity,
+    install_security,
+)
 from medfed.aggregation.store import Store
+from medfed.aggregation.tls import (
+    authenticated_coordinator,
+    authenticated_participant,
+    authenticated_site,
+)
 from medfed.contract.ids import IDENTIFIER_PATTERN
 from medfed.contract.wire import EnvelopeLimits
 
@@ -42,11 +72,23 @@ RoundNumber = Annotated[int, PathParam(ge=0, le=1_000_000)]
 
 @dataclass(frozen=True)
 class ServiceSettings:
-    """Where the service keeps its state and what it accepts."""
+    """State folder and request limits of the service."""
 
     state_dir: Path
     max_upload_bytes: int = 64 * 1024 * 1024
     limits: EnvelopeLimits = field(default_factory=EnvelopeLimits)
+    #: The aggregation service's startup kit; None serves plain HTTP in local mode.
+    kit_dir: Path | None = None
+    #: Rate and concurrency limits; the body limit is ``max_upload_bytes``.
+    service_limits: ServiceLimits = field(default_factory=ServiceLimits)
+
+    def security_settings(self) -> SecuritySettings:
+        return SecuritySettings(
+            audit_log=self.state_dir / "audit.jsonl",
+            kit_dir=self.kit_dir,
+            limits=replace(self.service_limits, max_body_bytes=self.max_upload_bytes),
+            envelope_limits=self.limits,
+        )
 
 
 class OpenRoundRequest(BaseModel):
@@ -62,18 +104,45 @@ class OpenRoundRequest(BaseModel):
 class FinalizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    #: Sites the coordinator knows will not upload (they failed or refused).
+    #: Sites that will not upload because they failed or rejected the round.
     absent: list[Annotated[str, Field(pattern=IDENTIFIER_PATTERN.pattern)]] = Field(
         default_factory=list
     )
 
 
+class PrivacyReport(BaseModel):
+    """A site's privacy accounting for one round, recorded in the audit log."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: "spent": the site trained and reports its cumulative epsilon.
+    #: "refused": the site rejected the round to stay within its budget.
+    status: Literal["spent", "refused"]
+    epsilon_spent: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    delta: float | None = Field(default=None, gt=0, lt=1)
+    message: str = Field(default="", max_length=500)
+
+
 def create_app(settings: ServiceSettings) -> FastAPI:
     """Build the FastAPI application over the state in ``settings.state_dir``."""
     store = Store(settings.state_dir / "aggregation.sqlite3")
-    service = RoundService(store, settings.limits)
-    app = FastAPI(title="medfed aggregation service", version="1")
+    # In deployment mode only /health responds without a client certificate,
+    # so the OpenAPI schema and docs pages are not served.
+    openapi_url = "/openapi.json" if settings.kit_dir is None else None
+    app = FastAPI(
+        title="medfed aggregation service", version="1", openapi_url=openapi_url
+    )
+    security = install_security(app, settings.security_settings())
+    service = RoundService(store, settings.limits, verify_signature=security.verifier)
     app.state.service = service
+    # Key, share and reveal messages of studies with secure_aggregation masking.
+    # Each route also checks that a site acts only as itself and that only
+    # the coordinator closes a phase.
+    app.include_router(
+        create_masking_router(service.masking),
+        dependencies=[Depends(authenticated_participant)],
+    )
+    install_error_handlers(app)
 
     @app.exception_handler(Rejected)
     async def _rejected(request: Request, error: Rejected) -> JSONResponse:
@@ -88,21 +157,40 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.post("/v1/studies/{study}", status_code=201)
+    @app.post(
+        "/v1/studies/{study}",
+        status_code=201,
+        dependencies=[Depends(authenticated_coordinator)],
+    )
     async def create_study(study: StudyId, request: Request) -> dict[str, Any]:
         body = await _read_body(request, settings.max_upload_bytes)
         model = await run_in_threadpool(service.create_study, study, body)
+        await run_in_threadpool(
+            security.record,
+            "model.registered",
+            "coordinator",
+            {"study": study, "version": model.version, "sha256": model.sha256},
+        )
         return {"study": study, "version": model.version, "sha256": model.sha256}
 
+    @app.get("/v1/studies/{study}", dependencies=[Depends(authenticated_participant)])
+    def study_status(study: StudyId) -> dict[str, Any]:
+        return service.study_status(study)
+
     @app.get("/v1/studies/{study}/models/latest")
-    def latest_model(study: StudyId) -> Response:
-        return _model_response(service, study, None)
+    def latest_model(study: StudyId, actor: Participant) -> Response:
+        return _model_response(service, security, actor, study, None)
 
     @app.get("/v1/studies/{study}/models/{version}")
-    def model(study: StudyId, version: Annotated[int, PathParam(ge=0)]) -> Response:
-        return _model_response(service, study, version)
+    def model(
+        study: StudyId, version: Annotated[int, PathParam(ge=0)], actor: Participant
+    ) -> Response:
+        return _model_response(service, security, actor, study, version)
 
-    @app.post("/v1/studies/{study}/rounds/{round_number}")
+    @app.post(
+        "/v1/studies/{study}/rounds/{round_number}",
+        dependencies=[Depends(authenticated_coordinator)],
+    )
     def open_round(
         study: StudyId, round_number: RoundNumber, body: OpenRoundRequest
     ) -> dict[str, Any]:
@@ -113,25 +201,60 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             quorum=body.quorum,
             deadline_seconds=body.deadline_seconds,
         )
+        security.record(
+            "round.opened",
+            "coordinator",
+            {
+                "study": study,
+                "round": round_number,
+                "sites": body.sites,
+                "quorum": body.quorum,
+                "deadline_seconds": body.deadline_seconds,
+            },
+        )
         return service.round_status(study, round_number)
 
     @app.get("/v1/studies/{study}/rounds/{round_number}/model")
-    def round_model(study: StudyId, round_number: RoundNumber) -> Response:
-        return _model_response(
-            service, study, service.round(study, round_number).base_version
-        )
+    def round_model(
+        study: StudyId, round_number: RoundNumber, actor: Participant
+    ) -> Response:
+        version = service.round(study, round_number).base_version
+        return _model_response(service, security, actor, study, version)
 
-    @app.get("/v1/studies/{study}/rounds/{round_number}")
+    @app.get(
+        "/v1/studies/{study}/rounds/{round_number}",
+        dependencies=[Depends(authenticated_participant)],
+    )
     def round_status(study: StudyId, round_number: RoundNumber) -> dict[str, Any]:
         return service.round_status(study, round_number)
 
-    @app.put("/v1/studies/{study}/rounds/{round_number}/updates/{site}")
+    @app.put(
+        "/v1/studies/{study}/rounds/{round_number}/updates/{site}",
+        dependencies=[Depends(authenticated_site)],
+    )
     async def upload(
         study: StudyId, round_number: RoundNumber, site: SiteId, request: Request
     ) -> dict[str, Any]:
-        body = await _read_body(request, settings.max_upload_bytes)
-        stored = await run_in_threadpool(
-            service.accept_upload, study, round_number, site, body
+        where = {"study": study, "round": round_number}
+        try:
+            body = await _read_body(request, settings.max_upload_bytes)
+            stored = await run_in_threadpool(
+                service.accept_upload, study, round_number, site, body
+            )
+        except Rejected as error:
+            details = {**where, "status": error.status_code, "reason": error.message}
+            await run_in_threadpool(security.record, "update.rejected", site, details)
+            raise
+        await run_in_threadpool(
+            security.record,
+            "update.accepted",
+            site,
+            {
+                **where,
+                "receipt": stored.receipt,
+                "sha256": stored.sha256,
+                "sample_count": stored.sample_count,
+            },
         )
         return {
             "receipt": stored.receipt,
@@ -142,20 +265,94 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             "received_at": stored.received_at,
         }
 
-    @app.post("/v1/studies/{study}/rounds/{round_number}/finalize")
+    @app.post(
+        "/v1/studies/{study}/rounds/{round_number}/privacy/{site}",
+        dependencies=[Depends(authenticated_site)],
+    )
+    def report_privacy(
+        study: StudyId, round_number: RoundNumber, site: SiteId, body: PrivacyReport
+    ) -> dict[str, Any]:
+        record = service.round(study, round_number)
+        if site not in record.sites:
+            raise Rejected(
+                403,
+                f"site {site!r} does not take part in round {round_number} of "
+                f"study {study!r}",
+            )
+        details = {
+            "study": study,
+            "round": round_number,
+            "epsilon_spent": body.epsilon_spent,
+            "delta": body.delta,
+            "message": body.message,
+        }
+        security.record(f"privacy.{body.status}", site, details)
+        return {"study": study, "round": round_number, "site": site, "recorded": True}
+
+    @app.post(
+        "/v1/studies/{study}/rounds/{round_number}/finalize",
+        dependencies=[Depends(authenticated_coordinator)],
+    )
     async def finalize(
         study: StudyId, round_number: RoundNumber, body: FinalizeRequest
     ) -> dict[str, Any]:
+        before = service.round(study, round_number).state
         await run_in_threadpool(
             service.finalize, study, round_number, absent=body.absent
         )
-        return service.round_status(study, round_number)
+        status = service.round_status(study, round_number)
+        if before == "open" and status["state"] != "open":
+            await run_in_threadpool(_record_closed_round, service, security, status)
+        return status
 
     return app
 
 
-def _model_response(service: RoundService, study: str, version: int | None) -> Response:
+Participant = Annotated[str, Depends(authenticated_participant)]
+
+
+def _record_closed_round(
+    service: RoundService, security: ServiceSecurity, status: dict[str, Any]
+) -> None:
+    study, round_number = status["study"], status["round"]
+    if status["state"] == "aborted":
+        security.record(
+            "round.aborted",
+            "coordinator",
+            {"study": study, "round": round_number, "reason": status["reason"]},
+        )
+        return
+    model = service.model(study, status["result_version"])
+    security.record(
+        "round.finalized",
+        "coordinator",
+        {"study": study, "round": round_number, "sites": status["uploaded"]},
+    )
+    security.record(
+        "model.registered",
+        "aggregation",
+        {
+            "study": study,
+            "round": round_number,
+            "version": model.version,
+            "sha256": model.sha256,
+        },
+    )
+
+
+def _model_response(
+    service: RoundService,
+    security: ServiceSecurity,
+    actor: str,
+    study: str,
+    version: int | None,
+) -> Response:
     model = service.model(study, version)
+    security.record(
+        "model.downloaded",
+        actor,
+        {"study": study, "version": model.version, "sha256": model.sha256},
+    )
     return Response(
         content=model.weights,
         media_type="application/octet-stream",

@@ -9,13 +9,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from medfed.contract.codecs.config import CompressionConfig
 from medfed.contract.ids import IDENTIFIER_PATTERN
+from medfed.contract.secagg.config import SecureAggregationConfig
 from medfed.errors import ConfigError
 
 __all__ = [
     "AggregationConfig",
+    "CompressionConfig",
     "DataConfig",
     "ModelConfig",
     "PartitionConfig",
@@ -26,6 +36,7 @@ __all__ = [
     "StudyConfig",
     "TrackingConfig",
     "TrainingConfig",
+    "WrapperConfig",
     "load_study_config",
     "parse_study_config",
 ]
@@ -92,9 +103,18 @@ class TrainingConfig(_Strict):
     seed: int = 0
 
 
+class WrapperConfig(_Strict):
+    """One wrapper around the strategy: norm_bound, central_dp or a robust rule."""
+
+    name: str = Field(min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
 class StrategyConfig(_Strict):
     name: str = "fedavg"
     params: dict[str, Any] = Field(default_factory=dict)
+    #: Wrappers in the order they receive the updates; the first is outermost.
+    wrappers: list[WrapperConfig] = Field(default_factory=list, max_length=8)
 
 
 class PrivacyConfig(_Strict):
@@ -129,6 +149,15 @@ class AggregationConfig(_Strict):
     #: starts one on 127.0.0.1.
     url: str | None = None
     max_upload_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    #: DNS names and IP addresses, besides 127.0.0.1 and localhost, that the
+    #: service's TLS certificate from ``medfed provision`` is valid for.
+    hostnames: list[str] = Field(default_factory=list, max_length=64)
+    #: Sustained requests per second allowed per site in deployment mode.
+    rate_per_second: float = Field(default=20.0, gt=0, allow_inf_nan=False)
+    #: Requests a site may send at once after being idle, in deployment mode.
+    rate_burst: int = Field(default=50, ge=1)
+    #: Concurrent connections and tasks before the service responds with 503.
+    max_concurrency: int = Field(default=256, ge=1)
 
 
 class EvaluationConfig(_Strict):
@@ -155,8 +184,16 @@ class StudyConfig(_Strict):
     privacy: PrivacyConfig = PrivacyConfig(enabled=False)
     round: RoundConfig = RoundConfig()
     aggregation: AggregationConfig = AggregationConfig()
+    compression: CompressionConfig = CompressionConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     tracking: TrackingConfig = TrackingConfig()
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
+
+    @field_validator("secure_aggregation", mode="before")
+    @classmethod
+    def _mode_shorthand(cls, value: object) -> object:
+        # ``secure_aggregation: masking`` is short for ``{mode: masking}``.
+        return {"mode": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check_sites(self) -> "StudyConfig":
@@ -171,7 +208,45 @@ class StudyConfig(_Strict):
                 f"round.quorum is {self.round.quorum} but the study has only "
                 f"{len(self.sites)} sites"
             )
+        if self.secure_aggregation.mode == "ckks":
+            raise ValueError(
+                "secure_aggregation mode 'ckks' is not available in studies yet: "
+                "the aggregation service has no CKKS routes; use 'masking' or 'none'"
+            )
+        try:
+            self.secure_aggregation.check(len(self.sites))
+            self.compression.check(self.secure_aggregation.mode)
+        except ConfigError as error:
+            raise ValueError(str(error)) from None
         return self
+
+    @model_validator(mode="after")
+    def _check_strategy(self) -> "StudyConfig":
+        # Imported here because the aggregation package pulls in Opacus for
+        # central DP, which configs that never aggregate should not load.
+        from medfed.aggregation.compatibility import build_study_strategy
+
+        try:
+            build_study_strategy(
+                self.strategy_settings(),
+                secure_aggregation=self.secure_aggregation.mode,
+            )
+        except ConfigError as error:
+            raise ValueError(f"strategy: {error}") from None
+        return self
+
+    def strategy_settings(self) -> dict[str, Any]:
+        """Return the strategy as the aggregation service stores it.
+
+        ``total_sites`` defaults to the number of sites in the study for the
+        strategy and wrappers that take it (scaffold, central_dp).
+        """
+        return {
+            "strategy": self.strategy.name,
+            "strategy_params": self.strategy.params,
+            "wrappers": [[w.name, w.params] for w in self.strategy.wrappers],
+            "total_sites": len(self.sites),
+        }
 
     @property
     def quorum(self) -> int:

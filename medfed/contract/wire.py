@@ -20,7 +20,7 @@ import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 import zstandard
@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-from medfed.contract.codecs import TensorSpec, get_codec
+from medfed.contract.codecs import Encoder, TensorSpec, get_codec
 from medfed.contract.ids import IDENTIFIER_PATTERN
 from medfed.errors import ConfigError, EnvelopeError
 
@@ -45,10 +45,8 @@ __all__ = [
 ]
 
 MAGIC = b"MFED"
-FORMAT_VERSION = 1
+FORMAT_VERSION: Final = 1
 _PREFIX = struct.Struct(">4sBI")
-_ALLOWED_DTYPES = {"float32", "float16", "int8", "int16", "int32", "int64", "uint32"}
-_ALLOWED_DTYPE_ITEMSIZE = {name: np.dtype(name).itemsize for name in _ALLOWED_DTYPES}
 
 
 class TensorInfo(BaseModel):
@@ -151,17 +149,23 @@ def encode_envelope(
     codec_params: Mapping[str, Any] | None = None,
     compression: Literal["none", "zstd"] = "none",
     signer: Any = None,
+    codec: Encoder | None = None,
 ) -> bytes:
     """Encode ``update`` (tensor name to float32 array) as an envelope.
 
     Args:
         signer: an object with ``key_id`` and ``sign(bytes) -> str`` (base64),
             or None for an unsigned envelope.
+        codec: a codec already built, or a wrapper around one such as the
+            site's error feedback; when given, ``codec_name`` and
+            ``codec_params`` are ignored.
     """
-    codec = get_codec(codec_name, codec_params)
+    if codec is None:
+        codec = get_codec(codec_name, codec_params)
     arrays = codec.encode(update)
+    # np.asarray keeps 0-d arrays 0-d, where np.ascontiguousarray makes them 1-d.
     raw = save_safetensors(
-        {key: np.ascontiguousarray(value) for key, value in arrays.items()}
+        {key: np.asarray(value, order="C") for key, value in arrays.items()}
     )
     payload = (
         zstandard.ZstdCompressor(level=3).compress(raw)
@@ -173,6 +177,7 @@ def encode_envelope(
         round=round_number,
         site=site,
         nonce=nonce,
+        # Read after encode: randk records the seed it drew while encoding.
         codec=CodecInfo(name=codec.name, params=codec.params),
         compression=compression,
         tensors=[
@@ -269,15 +274,19 @@ def decode_envelope(
     header, payload = read_header(data, limits)
     if verify_signature is not None:
         verify_signature(header)
+    try:
+        codec = get_codec(header.codec.name, header.codec.params)
+    except ConfigError as error:
+        raise EnvelopeError(f"invalid envelope codec: {error}") from None
     raw = _decompress(header, payload, limits)
     try:
         arrays = load_safetensors(raw)
-    except (SafetensorError, ValueError, TypeError) as error:
+    # safetensors raises KeyError for dtypes NumPy lacks (BF16, F8_*).
+    except (SafetensorError, ValueError, TypeError, KeyError) as error:
         raise EnvelopeError(
             f"envelope payload is not a valid safetensors file: {error}"
         ) from None
 
-    codec = get_codec(header.codec.name, header.codec.params)
     tensors = codec.decode(arrays, header.tensor_specs())
     for name, value in tensors.items():
         if not np.isfinite(value).all():
@@ -294,6 +303,14 @@ def _check_header_limits(header: EnvelopeHeader, limits: EnvelopeLimits) -> None
     names = [tensor.name for tensor in header.tensors]
     if len(set(names)) != len(names):
         raise EnvelopeError("envelope tensors list names a tensor twice")
+    for tensor in header.tensors:
+        # A zero-size dimension makes the product 0, so each dimension is
+        # bounded on its own before anything builds an array of that shape.
+        if any(size > limits.max_elements for size in tensor.shape):
+            raise EnvelopeError(
+                f"envelope tensor {tensor.name!r} has shape {tensor.shape} with a "
+                f"dimension above the limit of {limits.max_elements} elements"
+            )
     elements = sum(math.prod(tensor.shape) for tensor in header.tensors)
     if elements > limits.max_elements:
         raise EnvelopeError(
@@ -326,10 +343,21 @@ def _decompress(
     if header.compression == "none":
         return bytes(payload)
     try:
-        # max_output_size caps the allocation at the declared size, so a
-        # zstd bomb cannot make the decoder allocate more than it announced.
+        # decompress() allocates the content size written in the frame
+        # header and uses max_output_size only when the frame omits it, so
+        # a frame declaring more than uncompressed_length (a zstd bomb) is
+        # rejected before decompressing. Trailing bytes after the frame are
+        # rejected as well.
+        frame_size = zstandard.frame_content_size(payload)
+        if frame_size not in (-1, header.uncompressed_length):
+            raise EnvelopeError(
+                f"envelope uncompressed_length is {header.uncompressed_length} "
+                f"but the zstd frame declares {frame_size} bytes"
+            )
         raw = zstandard.ZstdDecompressor().decompress(
-            bytes(payload), max_output_size=header.uncompressed_length
+            payload,
+            max_output_size=header.uncompressed_length,
+            allow_extra_data=False,
         )
     except zstandard.ZstdError as error:
         raise EnvelopeError(

@@ -24,10 +24,16 @@ class LocalAggregationService:
     """
 
     def __init__(
-        self, state_dir: Path, *, max_upload_bytes: int, startup_timeout: float = 60.0
+        self,
+        state_dir: Path,
+        *,
+        max_upload_bytes: int,
+        max_concurrency: int = 256,
+        startup_timeout: float = 60.0,
     ) -> None:
         self.state_dir = state_dir
         self.max_upload_bytes = max_upload_bytes
+        self.max_concurrency = max_concurrency
         self.startup_timeout = startup_timeout
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -42,6 +48,7 @@ class LocalAggregationService:
                 "--host", "127.0.0.1", "--port", str(self.port),
                 "--state-dir", str(self.state_dir),
                 "--max-upload-bytes", str(self.max_upload_bytes),
+                "--max-concurrency", str(self.max_concurrency),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -69,6 +69,12 @@ class StudyTracker:
             "sites": ",".join(site.id for site in self.config.sites),
             "dp_enabled": self.config.privacy.enabled,
             "dp_accountant": self.config.privacy.accountant,
+            "compression_codec": self.config.compression.codec,
+            "compression_params": json.dumps(
+                self.config.compression.params, sort_keys=True
+            ),
+            "compression_zstd": self.config.compression.zstd,
+            "compression_error_feedback": self.config.compression.error_feedback,
         }
         for site, values in site_privacy.items():
             for key, value in values.items():
@@ -96,6 +102,10 @@ class StudyTracker:
         for site, report in reports.items():
             metrics[f"{site}.bytes_uploaded"] = float(report["bytes_uploaded"])
             metrics[f"{site}.bytes_downloaded"] = float(report["bytes_downloaded"])
+            if report.get("dense_float32_bytes"):
+                metrics[f"{site}.compression_ratio"] = (
+                    report["dense_float32_bytes"] / report["bytes_uploaded"]
+                )
             if report.get("epsilon_spent") is not None:
                 metrics[f"{site}.epsilon_spent"] = float(report["epsilon_spent"])
         finite = {key: value for key, value in metrics.items() if value == value}

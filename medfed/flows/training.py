@@ -1,8 +1,8 @@
 """The ``federated_training`` Prefect flow: rounds of site training and aggregation.
 
 Per round the flow opens the round on the aggregation service, runs every
-site's round as one Prefect task named after the site, asks the service to
-finalize (naming the sites that rejected the round or failed), runs each
+site's round as one Prefect task named after the site, requests that the
+service finalize (naming the sites that rejected the round or failed), runs each
 site's evaluation of the new global model, pools the aggregates and logs the
 round to MLflow. In local mode the site tasks run in this process, each with
 its own state folder; only the task launcher differs from a deployment.
@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,12 @@ from safetensors.numpy import load as load_safetensors
 
 from medfed.contract.config import StudyConfig
 from medfed.contract.metrics import EvaluationAggregates, pool
-from medfed.errors import AggregationError, QuorumError
+from medfed.errors import AggregationError, ConfigError, MedfedError, QuorumError
 from medfed.flows.tracking import StudyTracker
 from medfed.sites.client import AggregationClient
 from medfed.sites.runner import (
     SiteRunner,
+    connect_site,
     initial_model_weights,
     weights_to_safetensors,
 )
@@ -58,8 +60,9 @@ def site_round(
     state_dir: str,
 ) -> dict[str, Any]:
     """Run one site's local training for a round and upload its update."""
-    runner = SiteRunner(config, site_id, Path(state_dir))
-    with AggregationClient(aggregation_url) as client:
+    client, signer = connect_site(aggregation_url)
+    runner = SiteRunner(config, site_id, Path(state_dir), signer=signer)
+    with client:
         return runner.train_round(client, round_number).to_dict()
 
 
@@ -78,7 +81,8 @@ def site_evaluation(
 ) -> dict[str, Any]:
     """Evaluate a global model version on one site's test split."""
     runner = SiteRunner(config, site_id, Path(state_dir))
-    with AggregationClient(aggregation_url) as client:
+    client, _ = connect_site(aggregation_url)
+    with client:
         return vars(runner.evaluate(client, version))
 
 
@@ -119,185 +123,307 @@ _SITE_TASK_RUNNER: Any = ThreadPoolTaskRunner(max_workers=8)
 
 @flow(name="federated_training", task_runner=_SITE_TASK_RUNNER, log_prints=False)
 def federated_training(
-    config: StudyConfig, config_text: str, work_dir: str, aggregation_url: str
-) -> dict[str, Any]:
-    """Train the study's model across its sites; return the study summary."""
-    started = time.monotonic()
-    sites = [site.id for site in config.sites]
-    site_dirs = {site: str(Path(work_dir) / "sites" / site) for site in sites}
-    client = AggregationClient(aggregation_url)
-    tracker = StudyTracker(config, config_text)
-    try:
-        summary = _train(config, client, tracker, sites, site_dirs, aggregation_url)
-    except BaseException:
-        tracker.finish(status="FAILED")
-        raise
-    finally:
-        client.close()
-    summary["wall_seconds"] = time.monotonic() - started
-    summary["mlflow_run_id"] = tracker.run_id
-    tracker.finish()
-    return summary
-
-
-def _train(
     config: StudyConfig,
-    client: AggregationClient,
-    tracker: StudyTracker,
-    sites: list[str],
-    site_dirs: dict[str, str],
+    config_text: str,
+    work_dir: str,
     aggregation_url: str,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    prepared = _gather(
-        {site: site_prepare.submit(config, site, site_dirs[site]) for site in sites}
+    """Train the study's model across its sites; return the study summary.
+
+    With ``resume`` the flow continues the study recorded in ``work_dir``
+    and on the aggregation service from its last finished round; an open
+    round is completed without retraining the sites that already uploaded.
+    """
+    return _Coordinator(config, Path(work_dir), aggregation_url).run(
+        config_text, resume=resume
     )
-    failed_prepare = {
-        site: str(error)
-        for site, error in prepared.items()
-        if isinstance(error, BaseException)
-    }
-    if failed_prepare:
-        raise AggregationError(
-            "sites could not prepare their data: "
-            + "; ".join(
-                f"{site}: {message}" for site, message in failed_prepare.items()
-            )
-        )
 
-    tracker.log_params({site: info["privacy"] for site, info in prepared.items()})
-    initial = weights_to_safetensors(
-        initial_model_weights(config),
-        metadata={"medfed_study_settings": json.dumps({
-            "sites": sites, "strategy": config.strategy.name, "strategy_params": config.strategy.params,
-        })},
-    )  # fmt: skip
-    client.create_study(config.study, initial)
 
-    last_reports: dict[str, dict[str, Any]] = {}
-    evaluations: dict[str, EvaluationAggregates] = {}
-    refusals: list[dict[str, Any]] = []
-    completed_rounds = 0
-    version = 0
-    round_seconds: list[float] = []
-    for round_number in range(config.training.rounds):
-        round_started = time.monotonic()
-        client.open_round(
-            config.study,
-            round_number,
-            sites=sites,
-            quorum=config.quorum,
-            deadline_seconds=config.round.deadline_seconds,
+@dataclass(frozen=True)
+class _RoundResult:
+    """A round's new model version (None when aborted) and its site reports."""
+
+    version: int | None
+    reports: dict[str, dict[str, Any]]
+    stop: bool = False
+
+
+class _Coordinator:
+    """The flow's state while it runs one study."""
+
+    def __init__(
+        self, config: StudyConfig, work_dir: Path, aggregation_url: str
+    ) -> None:
+        self.config = config
+        self.work_dir = work_dir
+        self.aggregation_url = aggregation_url
+        self.sites = [site.id for site in config.sites]
+        self.site_dirs = {site: str(work_dir / "sites" / site) for site in self.sites}
+        self.state_path = work_dir / "coordinator.json"
+        self.last_reports: dict[str, dict[str, Any]] = {}
+        self.evaluations: dict[str, EvaluationAggregates] = {}
+        self.refusals: list[dict[str, Any]] = []
+        self.round_seconds: list[float] = []
+        self.last_round = -1
+
+    def run(self, config_text: str, *, resume: bool) -> dict[str, Any]:
+        started = time.monotonic()
+        run_id = self._previous_run_id(resume)
+        tracker = StudyTracker(self.config, config_text, run_id=run_id)
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        self.state_path.write_text(
+            json.dumps({"mlflow_run_id": tracker.run_id}), encoding="utf-8"
         )
-        futures = {
-            site: site_round.submit(
-                config, site, round_number, aggregation_url, site_dirs[site]
+        try:
+            with AggregationClient(self.aggregation_url) as client:
+                summary = self._train(client, tracker)
+        except BaseException:
+            tracker.finish(status="FAILED")
+            raise
+        summary["wall_seconds"] = time.monotonic() - started
+        summary["mlflow_run_id"] = tracker.run_id
+        tracker.finish()
+        return summary
+
+    def _previous_run_id(self, resume: bool) -> str | None:
+        if not self.state_path.exists():
+            return None
+        if not resume:
+            raise ConfigError(
+                f"{self.work_dir} already holds study {self.config.study!r}; pass "
+                "--resume to continue it, or choose a new --work-dir"
             )
-            for site in sites
+        run_id: str = json.loads(self.state_path.read_text(encoding="utf-8"))[
+            "mlflow_run_id"
+        ]
+        return run_id
+
+    def _train(
+        self, client: AggregationClient, tracker: StudyTracker
+    ) -> dict[str, Any]:
+        prepared = self._prepare_sites()
+        tracker.log_params({site: info["privacy"] for site, info in prepared.items()})
+        client.create_study(self.config.study, self._initial_model())
+        status = client.study_status(self.config.study)
+        version: int = status["latest_version"]
+        first_round, uploaded = _resume_point(status["latest_round"])
+        if status["latest_round"] and status["latest_round"]["state"] == "finalized":
+            self.last_round = int(status["latest_round"]["round"])
+        if first_round > 0:
+            logger.info("resuming study %s at round %d", self.config.study, first_round)
+
+        for round_number in range(first_round, self.config.training.rounds):
+            round_started = time.monotonic()
+            result = self._run_round(client, tracker, round_number, skip=uploaded)
+            uploaded = []
+            if result.stop:
+                break
+            if result.version is None:
+                continue
+            version, reports = result.version, result.reports
+            self.last_round = round_number
+            evaluated = _gather({
+                site: site_evaluation.submit(self.config, site, version, self.aggregation_url, self.site_dirs[site])
+                for site in self.sites
+            })  # fmt: skip
+            self.evaluations = {
+                site: EvaluationAggregates(**value)
+                for site, value in evaluated.items()
+                if not isinstance(value, BaseException)
+            }
+            pooled = pool(list(self.evaluations.values()))
+            tracker.log_round(version, self.evaluations, pooled, reports)
+            self.round_seconds.append(time.monotonic() - round_started)
+            for listener in list(_listeners):
+                listener(round_number, {
+                    "round": round_number,
+                    "version": version,
+                    "pooled_test_accuracy": pooled.accuracy,
+                    "pooled_test_auc": pooled.auc,
+                    "uploaded": sorted(reports),
+                })  # fmt: skip
+
+        if version == 0:
+            recent = "; ".join(r["message"] for r in self.refusals[-len(self.sites) :])
+            raise QuorumError(
+                f"study {self.config.study!r} finished no round; "
+                + (recent or "see the aggregation service log")
+            )
+        return self._finish(client, tracker, prepared, version)
+
+    def _prepare_sites(self) -> dict[str, Any]:
+        prepared = _gather(
+            {
+                site: site_prepare.submit(self.config, site, self.site_dirs[site])
+                for site in self.sites
+            }
+        )
+        failures = {
+            site: error
+            for site, error in prepared.items()
+            if isinstance(error, BaseException)
         }
-        outcomes = _gather(futures)
-        reports, absent = {}, []
+        if failures:
+            message = "; ".join(
+                f"site {site}: {error}" for site, error in failures.items()
+            )
+            first = next(iter(failures.values()))
+            # Keep the sites' own error type (a data or config error) so the
+            # CLI reports it with its exit code.
+            if isinstance(first, MedfedError):
+                raise type(first)(message)
+            raise AggregationError(f"sites could not prepare their data: {message}")
+        return prepared
+
+    def _initial_model(self) -> bytes:
+        strategy = self.config.strategy
+        settings = {
+            "sites": self.sites,
+            "strategy": strategy.name,
+            "strategy_params": strategy.params,
+            "wrappers": [
+                [wrapper.name, wrapper.params] for wrapper in strategy.wrappers
+            ],
+            "secure_aggregation": self.config.secure_aggregation.model_dump(
+                mode="json"
+            ),
+        }
+        return weights_to_safetensors(
+            initial_model_weights(self.config),
+            metadata={"medfed_study_settings": json.dumps(settings)},
+        )
+
+    def _run_round(
+        self,
+        client: AggregationClient,
+        tracker: StudyTracker,
+        round_number: int,
+        *,
+        skip: list[str],
+    ) -> "_RoundResult":
+        """Run one round: open it, train the sites, finalize or abort it."""
+        deadline = self.config.round.deadline_seconds
+        client.open_round(
+            self.config.study,
+            round_number,
+            sites=self.sites,
+            quorum=self.config.quorum,
+            deadline_seconds=deadline,
+        )
+        training = [site for site in self.sites if site not in skip]
+        outcomes = _gather(
+            {
+                site: site_round.submit(
+                    self.config,
+                    site,
+                    round_number,
+                    self.aggregation_url,
+                    self.site_dirs[site],
+                )
+                for site in training
+            },
+            timeout=deadline,
+        )
+        reports: dict[str, dict[str, Any]] = {}
+        absent: list[str] = []
         for site, outcome in outcomes.items():
             if isinstance(outcome, BaseException):
                 logger.warning(
                     "site %s failed in round %d: %s", site, round_number, outcome
                 )
+                tracker.log_event(f"failure.{site}.round{round_number}", str(outcome))
                 absent.append(site)
             elif outcome["status"] != "uploaded":
-                refusals.append(
+                self.refusals.append(
                     {"round": round_number, "site": site, "message": outcome["message"]}
                 )
                 tracker.log_event(
                     f"refusal.{site}.round{round_number}", outcome["message"]
                 )
                 absent.append(site)
-                last_reports[site] = outcome
+                self.last_reports[site] = outcome
             else:
                 reports[site] = outcome
-                last_reports[site] = outcome
+                self.last_reports[site] = outcome
 
-        status = client.finalize(config.study, round_number, absent=absent)
-        if status["state"] != "finalized":
-            tracker.log_event(
-                f"abort.round{round_number}", status["reason"] or "aborted"
+        status = client.finalize(self.config.study, round_number, absent=absent)
+        if status["state"] == "finalized":
+            return _RoundResult(int(status["result_version"]), reports)
+        tracker.log_event(f"abort.round{round_number}", status["reason"] or "aborted")
+        if not reports and not skip:
+            logger.warning(
+                "stopping study %s: no site uploaded in round %d",
+                self.config.study,
+                round_number,
             )
-            if not reports:
-                logger.warning(
-                    "stopping study %s: no site uploaded in round %d",
-                    config.study,
-                    round_number,
-                )
-                break
-            continue
-        version = status["result_version"]
-        completed_rounds += 1
+            return _RoundResult(None, reports, stop=True)
+        return _RoundResult(None, reports)
 
-        evaluated = _gather({
-            site: site_evaluation.submit(config, site, version, aggregation_url, site_dirs[site])
-            for site in sites
-        })  # fmt: skip
-        evaluations = {
-            site: EvaluationAggregates(**result)
-            for site, result in evaluated.items()
-            if not isinstance(result, BaseException)
-        }
-        pooled = pool(list(evaluations.values()))
-        tracker.log_round(version, evaluations, pooled, reports)
-        round_seconds.append(time.monotonic() - round_started)
-        round_summary = {
-            "round": round_number,
-            "version": version,
+    def _finish(
+        self,
+        client: AggregationClient,
+        tracker: StudyTracker,
+        prepared: dict[str, Any],
+        version: int,
+    ) -> dict[str, Any]:
+        final = client.download_model(self.config.study, version)
+        if not self.evaluations:
+            evaluated = _gather({
+                site: site_evaluation.submit(self.config, site, version, self.aggregation_url, self.site_dirs[site])
+                for site in self.sites
+            })  # fmt: skip
+            self.evaluations = {
+                site: EvaluationAggregates(**value)
+                for site, value in evaluated.items()
+                if not isinstance(value, BaseException)
+            }
+        lineage = _lineage(self.config, prepared, self.last_reports)
+        registered = tracker.register_model(
+            load_safetensors(weights_to_safetensors(final.weights)),
+            version=version,
+            round_number=self.last_round,
+            sites=self.sites,
+            lineage={**lineage, "medfed.model_sha256": final.sha256},
+        )
+        pooled = pool(list(self.evaluations.values()))
+        evaluations = self.evaluations
+        return {
+            "study": self.config.study,
+            "rounds": version,
+            "model_version": version,
+            "model_sha256": final.sha256,
+            "registered_model_version": registered,
             "pooled_test_accuracy": pooled.accuracy,
             "pooled_test_auc": pooled.auc,
-            "uploaded": sorted(reports),
-            "absent": sorted(absent),
+            "refusals": self.refusals,
+            "round_seconds": self.round_seconds,
+            "sites": {
+                site: {
+                    "test_accuracy": evaluations[site].accuracy
+                    if site in evaluations
+                    else None,
+                    "test_auc": evaluations[site].auc if site in evaluations else None,
+                    "test_records": evaluations[site].records
+                    if site in evaluations
+                    else None,
+                    "epsilon_spent": self.last_reports.get(site, {}).get(
+                        "epsilon_spent"
+                    ),
+                    "train_records": prepared[site]["train_records"],
+                }
+                for site in self.sites
+            },
         }
-        for listener in list(_listeners):
-            listener(round_number, round_summary)
 
-    if completed_rounds == 0:
-        raise QuorumError(
-            f"study {config.study!r} finished no round; "
-            + (
-                "; ".join(r["message"] for r in refusals[-len(sites) :])
-                or "see the aggregation service log"
-            )
-        )
 
-    final = client.download_model(config.study, version)
-    lineage = _lineage(config, prepared, last_reports)
-    registered = tracker.register_model(
-        load_safetensors(weights_to_safetensors(final.weights)),
-        version=version,
-        round_number=completed_rounds - 1,
-        sites=sites,
-        lineage={**lineage, "medfed.model_sha256": final.sha256},
-    )
-    pooled = pool(list(evaluations.values()))
-    return {
-        "study": config.study,
-        "rounds": completed_rounds,
-        "model_version": version,
-        "model_sha256": final.sha256,
-        "registered_model_version": registered,
-        "pooled_test_accuracy": pooled.accuracy,
-        "pooled_test_auc": pooled.auc,
-        "refusals": refusals,
-        "round_seconds": round_seconds,
-        "sites": {
-            site: {
-                "test_accuracy": evaluations[site].accuracy
-                if site in evaluations
-                else None,
-                "test_auc": evaluations[site].auc if site in evaluations else None,
-                "test_records": evaluations[site].records
-                if site in evaluations
-                else None,
-                "epsilon_spent": last_reports.get(site, {}).get("epsilon_spent"),
-                "train_records": prepared[site]["train_records"],
-            }
-            for site in sites
-        },
-    }
+def _resume_point(latest_round: dict[str, Any] | None) -> tuple[int, list[str]]:
+    """Return the round to run next and the sites that already uploaded to it."""
+    if latest_round is None:
+        return 0, []
+    if latest_round["state"] == "open":
+        return int(latest_round["round"]), list(latest_round["uploaded"])
+    return int(latest_round["round"]) + 1, []
 
 
 def _lineage(
@@ -322,13 +448,26 @@ def _lineage(
     return tags
 
 
-def _gather(futures: dict[str, PrefectFuture[Any]]) -> dict[str, Any]:
-    """Wait for every future; map each site to its result or its exception."""
+def _gather(
+    futures: dict[str, PrefectFuture[Any]], timeout: float | None = None
+) -> dict[str, Any]:
+    """Wait for every future until ``timeout`` seconds from now.
+
+    Maps each site to its result, or to the exception it raised, or to a
+    ``TimeoutError`` when it did not finish in time: one failed or silent
+    site must not stop the others.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
     results: dict[str, Any] = {}
     for site, future in futures.items():
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            results[site] = future.result()
-        except Exception as error:  # a failed site must not stop the others
+            results[site] = future.result(timeout=remaining)
+        except TimeoutError:
+            results[site] = TimeoutError(
+                f"site {site} did not finish before the round deadline of {timeout} s"
+            )
+        except Exception as error:
             results[site] = error
     return results
 
@@ -339,8 +478,13 @@ def run_study(
     *,
     work_dir: Path,
     listener: RoundListener | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run a study in local mode: start the service, run the flow, stop the service."""
+    """Run a study in local mode: start the service, run the flow, stop the service.
+
+    The service keeps its state in ``work_dir/aggregation``, so a resumed
+    study finds its rounds and uploads there.
+    """
     from medfed.flows.local import LocalAggregationService
 
     # Local mode trains every site at once in this process, so each site gets
@@ -352,13 +496,16 @@ def run_study(
     try:
         if config.aggregation.url:
             return federated_training(
-                config, config_text, str(work_dir), config.aggregation.url
+                config, config_text, str(work_dir), config.aggregation.url, resume
             )
         with LocalAggregationService(
             work_dir / "aggregation",
             max_upload_bytes=config.aggregation.max_upload_bytes,
+            max_concurrency=config.aggregation.max_concurrency,
         ) as service:
-            return federated_training(config, config_text, str(work_dir), service.url)
+            return federated_training(
+                config, config_text, str(work_dir), service.url, resume
+            )
     finally:
         if listener is not None:
             _listeners.remove(listener)

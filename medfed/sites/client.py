@@ -3,12 +3,14 @@
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 from safetensors.numpy import load as load_safetensors
 
+from medfed.contract.kits import client_ssl_context
 from medfed.errors import ServiceError
 
 __all__ = ["AggregationClient", "DownloadedModel"]
@@ -46,6 +48,27 @@ class AggregationClient:
             base_url=self.base_url, timeout=timeout
         )
 
+    @classmethod
+    def with_kit(
+        cls, base_url: str, kit_dir: Path, *, timeout: float = 60.0
+    ) -> "AggregationClient":
+        """Build a client that authenticates with a startup kit's certificate.
+
+        The client trusts only the study CA, so it reaches only the study's
+        aggregation service.
+        """
+        http_client = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            timeout=timeout,
+            verify=client_ssl_context(kit_dir),
+        )
+        return cls(base_url, timeout=timeout, http_client=http_client)
+
+    @property
+    def http_client(self) -> httpx.Client:
+        """The underlying client, shared by the masking protocol's requests."""
+        return self._http
+
     def close(self) -> None:
         self._http.close()
 
@@ -57,6 +80,9 @@ class AggregationClient:
 
     def create_study(self, study: str, initial_model: bytes) -> dict[str, Any]:
         return self._json("POST", f"/v1/studies/{study}", content=initial_model)
+
+    def study_status(self, study: str) -> dict[str, Any]:
+        return self._json("GET", f"/v1/studies/{study}")
 
     def download_model(self, study: str, version: int | None = None) -> DownloadedModel:
         """Download a global model; safetensors is parsed without unpickling."""
@@ -107,6 +133,29 @@ class AggregationClient:
             "PUT",
             f"/v1/studies/{study}/rounds/{round_number}/updates/{site}",
             content=envelope,
+        )
+
+    def report_privacy(
+        self,
+        study: str,
+        round_number: int,
+        site: str,
+        *,
+        status: str,
+        epsilon_spent: float | None,
+        delta: float | None,
+        message: str = "",
+    ) -> dict[str, Any]:
+        """Send the site's privacy spent ("spent") or its refusal ("refused")."""
+        return self._json(
+            "POST",
+            f"/v1/studies/{study}/rounds/{round_number}/privacy/{site}",
+            json={
+                "status": status,
+                "epsilon_spent": epsilon_spent,
+                "delta": delta,
+                "message": message[:500],
+            },
         )
 
     def finalize(

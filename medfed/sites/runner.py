@@ -8,6 +8,7 @@ updates, sample counts, aggregate metrics and privacy spent leave the site.
 import hashlib
 import json
 import logging
+import os
 import secrets
 import zlib
 from dataclasses import asdict, dataclass
@@ -18,16 +19,23 @@ import numpy as np
 import torch
 from safetensors.numpy import save as save_safetensors
 
+from medfed.aggregation.compatibility import build_study_strategy
 from medfed.contract.config import StudyConfig
+from medfed.contract.kits import KitFiles
 from medfed.contract.metrics import EvaluationAggregates
 from medfed.contract.models import build_model
+from medfed.contract.secagg import MaskingSite
+from medfed.contract.signing import Ed25519Signer
 from medfed.contract.wire import encode_envelope
 from medfed.errors import BudgetExceededError
 from medfed.sites.client import AggregationClient
+from medfed.sites.compression import build_update_encoder
 from medfed.sites.data import load_split, prepare_site_data
 from medfed.sites.data.augment import RandomAffine
 from medfed.sites.data.root import resolve_data_root
+from medfed.sites.error_feedback import ErrorFeedback
 from medfed.sites.privacy import PrivacyLedger
+from medfed.sites.secagg_client import MaskingClient
 from medfed.sites.training import (
     LocalTrainingSettings,
     dp_sample_rate,
@@ -35,7 +43,7 @@ from medfed.sites.training import (
     train_locally,
 )
 
-__all__ = ["SiteRoundReport", "SiteRunner", "initial_model_weights"]
+__all__ = ["SiteRoundReport", "SiteRunner", "connect_site", "initial_model_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +62,32 @@ class SiteRoundReport:
     bytes_uploaded: int
     bytes_downloaded: int
     receipt: str | None = None
+    #: Size of the update as dense float32 values, the baseline of the
+    #: compression ratio.
+    dense_float32_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+KIT_ENV_VAR = "MEDFED_KIT_DIR"
+
+
+def connect_site(
+    aggregation_url: str,
+) -> tuple[AggregationClient, Ed25519Signer | None]:
+    """Open this site's connection to the aggregation service.
+
+    When ``MEDFED_KIT_DIR`` names the site's startup kit (deployment mode),
+    the client authenticates with the kit's certificate and uploads are
+    signed with its key; otherwise (local mode) both are plain.
+    """
+    kit = os.environ.get(KIT_ENV_VAR)
+    if not kit:
+        return AggregationClient(aggregation_url), None
+    kit_dir = Path(kit)
+    signer = Ed25519Signer.from_file(kit_dir / KitFiles.SIGNING_KEY)
+    return AggregationClient.with_kit(aggregation_url, kit_dir), signer
 
 
 def initial_model_weights(config: StudyConfig) -> dict[str, np.ndarray]:
@@ -77,6 +108,8 @@ class SiteRunner:
         state_dir: the site's private folder; nothing in it leaves the site.
         data_root: the site's data folder; resolved as documented in
             ``medfed.sites.data.root`` when None.
+        signer: signs every upload with the site's Ed25519 key from its
+            startup kit; None sends unsigned envelopes (local mode).
     """
 
     def __init__(
@@ -85,11 +118,13 @@ class SiteRunner:
         site_id: str,
         state_dir: Path,
         data_root: Path | None = None,
+        signer: Ed25519Signer | None = None,
     ) -> None:
         if site_id not in {site.id for site in config.sites}:
             raise ValueError(f"site {site_id!r} is not part of study {config.study!r}")
         self.config = config
         self.site_id = site_id
+        self.signer = signer
         self.study_dir = state_dir / "studies" / config.study
         self.data_dir = self.study_dir / "data"
         self.ledger_path = self.study_dir / "privacy-ledger.json"
@@ -152,7 +187,9 @@ class SiteRunner:
         """Train on the round's base model and upload the update.
 
         A round that would exceed the site's privacy budget is rejected before
-        any training; the report says so and nothing is uploaded.
+        any training; the report says so and nothing is uploaded. In a study
+        with ``secure_aggregation: masking`` the upload runs the masking
+        protocol with the other sites (``_upload_masked``).
         """
         self.prepare()
         inputs, labels = load_split(self.config, self.data_dir, "train")
@@ -164,6 +201,15 @@ class SiteRunner:
             except BudgetExceededError as error:
                 ledger.save(self.ledger_path)
                 logger.warning("%s", error)
+                client.report_privacy(
+                    self.config.study,
+                    round_number,
+                    self.site_id,
+                    status="refused",
+                    epsilon_spent=ledger.epsilon_spent(),
+                    delta=ledger.delta,
+                    message=str(error),
+                )
                 return SiteRoundReport(
                     site=self.site_id,
                     round=round_number,
@@ -197,15 +243,40 @@ class SiteRunner:
             key: (local[key] - base.weights[key]).astype(np.float32)
             for key in base.weights
         }
-        envelope = encode_envelope(
-            delta,
-            study=self.config.study,
-            round_number=round_number,
-            site=self.site_id,
-            sample_count=records,
-            nonce=secrets.token_hex(16),
-        )
-        receipt = client.upload(self.config.study, round_number, self.site_id, envelope)
+        if self.config.secure_aggregation.mode == "masking":
+            envelope, receipt = self._upload_masked(
+                client, round_number, delta, records
+            )
+        else:
+            compression = self.config.compression
+            encoder = build_update_encoder(compression, state_dir=self.study_dir)
+            envelope = encode_envelope(
+                delta,
+                study=self.config.study,
+                round_number=round_number,
+                site=self.site_id,
+                sample_count=records,
+                nonce=secrets.token_hex(16),
+                signer=self.signer,
+                codec=encoder,
+                compression=compression.envelope_compression,
+            )
+            receipt = client.upload(
+                self.config.study, round_number, self.site_id, envelope
+            )
+            if isinstance(encoder, ErrorFeedback):
+                # Only an accepted upload advances the residual, so a retried
+                # round starts again from the residual of the last accepted one.
+                encoder.commit()
+        if ledger is not None:
+            client.report_privacy(
+                self.config.study,
+                round_number,
+                self.site_id,
+                status="spent",
+                epsilon_spent=epsilon,
+                delta=ledger.delta,
+            )
         return SiteRoundReport(
             site=self.site_id,
             round=round_number,
@@ -217,6 +288,7 @@ class SiteRunner:
             bytes_uploaded=len(envelope),
             bytes_downloaded=base.size,
             receipt=receipt["receipt"],
+            dense_float32_bytes=sum(4 * value.size for value in delta.values()),
         )
 
     def evaluate(
@@ -227,6 +299,52 @@ class SiteRunner:
         inputs, labels = load_split(self.config, self.data_dir, "test")
         downloaded = client.download_model(self.config.study, version)
         return evaluate_weights(self.config, downloaded.weights, inputs, labels)
+
+    def _upload_masked(
+        self,
+        client: AggregationClient,
+        round_number: int,
+        delta: dict[str, np.ndarray],
+        records: int,
+    ) -> tuple[bytes, dict[str, Any]]:
+        """Take part in the round's masking protocol; return the envelope sent."""
+        secure = self.config.secure_aggregation
+        clipped = sum(
+            int((np.abs(value) > secure.clip).sum()) for value in delta.values()
+        )
+        if clipped:
+            logger.warning(
+                "site %s clips %d update values to +-%s for secure aggregation; "
+                "raise secure_aggregation.clip to keep them",
+                self.site_id, clipped, secure.clip,
+            )  # fmt: skip
+        site = MaskingSite(
+            site=self.site_id,
+            study=self.config.study,
+            round_number=round_number,
+            encoding=secure.encoding(len(self.config.sites)),
+        )
+        sent: dict[str, Any] = {}
+
+        def upload(envelope: bytes) -> None:
+            sent["envelope"] = envelope
+            sent["receipt"] = client.upload(
+                self.config.study, round_number, self.site_id, envelope
+            )
+
+        masking_client = MaskingClient(client.base_url, http_client=client.http_client)
+        try:
+            masking_client.run_round(
+                site,
+                delta,
+                sample_count=records,
+                wait_seconds=self.config.round.deadline_seconds,
+                upload=upload,
+                signer=self.signer,
+            )
+        finally:
+            masking_client.close()
+        return sent["envelope"], sent["receipt"]
 
     def _model_with(self, weights: dict[str, np.ndarray]) -> torch.nn.Module:
         model = build_model(self.config.model.name, **self.config.model.params)
@@ -246,7 +364,13 @@ class SiteRunner:
             max_grad_norm=ledger.max_grad_norm if ledger else None,
             noise_multiplier=ledger.noise_multiplier if ledger else None,
             augmentation=RandomAffine() if self.config.data.augment else None,
+            proximal_mu=self._site_settings().get("proximal_mu"),
         )
+
+    def _site_settings(self) -> dict[str, float]:
+        # The site builds the study's strategy only to read what it asks of
+        # sites (FedProx's mu); aggregation stays at the service.
+        return build_study_strategy(self.config.strategy_settings()).site_settings()
 
     def _seed(self, round_number: int) -> int:
         key = f"{self.config.training.seed}:{self.config.study}:{self.site_id}:{round_number}"

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from medfed.errors import ConfigError
 from medfed.sites.data.augment import RandomAffine
 from medfed.sites.fastdp import poisson_batches, private_gradient, supports_fast_dp
+from medfed.sites.regularizers import apply_proximal_step
 
 __all__ = [
     "LocalTrainingSettings",
@@ -53,6 +54,9 @@ class LocalTrainingSettings:
     #: Random affine moves of image batches (B, C, H, W); None trains on the
     #: stored images as they are.
     augmentation: RandomAffine | None = None
+    #: FedProx strength; each step is followed by the proximal step toward the
+    #: round's starting weights (see ``medfed.sites.regularizers``).
+    proximal_mu: float | None = None
 
     @property
     def private(self) -> bool:
@@ -98,6 +102,10 @@ def train_locally(
     dataset = TensorDataset(inputs, labels)
     sampling = torch.Generator().manual_seed(seed)
     augmenting = torch.Generator().manual_seed(seed + 2)
+    start = {
+        name: parameter.detach().numpy().copy()
+        for name, parameter in model.named_parameters()
+    }
     loss_function = nn.BCEWithLogitsLoss()
     trained: nn.Module = model
 
@@ -140,6 +148,13 @@ def train_locally(
                 loss = loss_function(trained(batch_inputs), batch_labels)
             loss.backward()
             optimizer.step()
+            if settings.proximal_mu:
+                apply_proximal_step(
+                    model,
+                    start,
+                    mu=settings.proximal_mu,
+                    learning_rate=settings.learning_rate,
+                )
             steps += 1
             loss_total += float(loss.detach())
     if isinstance(trained, GradSampleModule):
@@ -164,6 +179,10 @@ def _train_fast_dp(
     sampling = torch.Generator().manual_seed(seed)
     noise = torch.Generator().manual_seed(seed + 1)
     augmenting = torch.Generator().manual_seed(seed + 2)
+    start = {
+        name: parameter.detach().numpy().copy()
+        for name, parameter in model.named_parameters()
+    }
     optimizer = _sgd(model, settings)
     model.train()
     steps = 0
@@ -189,6 +208,13 @@ def _train_fast_dp(
                 generator=noise,
             )
             optimizer.step()
+            if settings.proximal_mu:
+                apply_proximal_step(
+                    model,
+                    start,
+                    mu=settings.proximal_mu,
+                    learning_rate=settings.learning_rate,
+                )
             steps += 1
             if len(step.losses):
                 loss_total += float(step.losses.mean())

@@ -1,11 +1,13 @@
 """Short studies through the real flow: Prefect, uvicorn and MLflow."""
 
+import json
 import math
 import shutil
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -60,6 +62,7 @@ def test_dp_study_end_to_end(tmp_path: Path) -> None:
     assert run.data.params["switzerland.target_epsilon"] == "1.0"
     assert run.data.params["hungary.delta"] == "0.001"
     assert run.data.params["long-beach.max_grad_norm"] == "1.0"
+    assert run.data.params["compression_codec"] == "fp32"
     history = client.get_metric_history(run.info.run_id, "pooled.test_accuracy")
     assert [point.step for point in history] == [1, 2]
     for metric in (
@@ -67,6 +70,7 @@ def test_dp_study_end_to_end(tmp_path: Path) -> None:
         "hungary.bytes_uploaded",
         "switzerland.test_accuracy",
         "pooled.test_auc",
+        "long-beach.compression_ratio",
     ):
         assert client.get_metric_history(run.info.run_id, metric), metric
     artifacts = [item.path for item in client.list_artifacts(run.info.run_id)]
@@ -155,3 +159,101 @@ def test_full_study_reaches_accuracy(tmp_path: Path, name: str, minimum: float) 
         for site, values in summary["sites"].items():
             assert values["epsilon_spent"] <= 1.0, site
     assert not math.isnan(summary["pooled_test_auc"])
+
+
+@pytest.mark.slow
+def test_masking_study_matches_plain(tmp_path: Path) -> None:
+    # Both studies share one name because the sites' training seeds derive
+    # from it; each registers its own version of the model.
+    plain_config, plain_text = short_config("heart_disease_nodp.yaml", "e2e-secagg")
+    raw: dict[str, Any] = yaml.safe_load(plain_text)
+    raw["secure_aggregation"] = {
+        "mode": "masking",
+        "clip": 10.0,
+        "max_weight": 1000,
+        "fractional_bits": 14,
+    }
+    masked_config = parse_study_config(raw)
+
+    plain = run_study(plain_config, plain_text, work_dir=tmp_path / "plain")
+    masked = run_study(masked_config, yaml.safe_dump(raw), work_dir=tmp_path / "masked")
+
+    # Training without DP is seeded, so the two studies differ only by the
+    # fixed-point error of the mean, at most 4 * 2^-15 per coordinate.
+    inputs = np.random.default_rng(0).normal(size=(50, 15)).tolist()
+    plain_scores = mlflow.pyfunc.load_model(
+        f"models:/e2e-secagg/{plain['registered_model_version']}"
+    ).predict(inputs)
+    masked_scores = mlflow.pyfunc.load_model(
+        f"models:/e2e-secagg/{masked['registered_model_version']}"
+    ).predict(inputs)
+    assert masked["rounds"] == plain["rounds"] == 2
+    assert masked["registered_model_version"] != plain["registered_model_version"]
+    assert np.max(np.abs(masked_scores - plain_scores)) < 1e-4
+
+
+class Interrupt(Exception):
+    """Stands in for a coordinator crash between two rounds."""
+
+
+def interrupt_after(last_round: int):  # type: ignore[no-untyped-def]
+    def listener(round_number: int, _: dict[str, Any]) -> None:
+        if round_number == last_round:
+            raise Interrupt(f"stopped after round {round_number}")
+
+    return listener
+
+
+def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
+    config, text = short_config("heart_disease.yaml", "e2e-resume", rounds=3)
+    reference = run_study(config, text, work_dir=tmp_path / "reference")
+
+    with pytest.raises(Interrupt):
+        run_study(
+            config, text, work_dir=tmp_path / "resumed", listener=interrupt_after(0)
+        )
+    # Round 1 is open and one site has uploaded when the coordinator returns.
+    from medfed.flows.local import LocalAggregationService
+    from medfed.sites.client import AggregationClient
+    from medfed.sites.runner import SiteRunner
+
+    with (
+        LocalAggregationService(
+            tmp_path / "resumed" / "aggregation", max_upload_bytes=10**7
+        ) as service,
+        AggregationClient(service.url) as client,
+    ):
+        client.open_round(
+            "e2e-resume",
+            1,
+            sites=[s.id for s in config.sites],
+            quorum=3,
+            deadline_seconds=300,
+        )
+        SiteRunner(
+            config, "cleveland", tmp_path / "resumed" / "sites" / "cleveland"
+        ).train_round(client, 1)
+
+    with pytest.raises(Exception, match="pass --resume to continue it"):
+        run_study(config, text, work_dir=tmp_path / "resumed")
+    resumed = run_study(config, text, work_dir=tmp_path / "resumed", resume=True)
+
+    assert resumed["rounds"] == 3
+    assert resumed["model_sha256"] == reference["model_sha256"]
+    assert resumed["mlflow_run_id"] != reference["mlflow_run_id"]
+    ledger = json.loads(
+        (
+            tmp_path
+            / "resumed"
+            / "sites"
+            / "cleveland"
+            / "studies"
+            / "e2e-resume"
+            / "privacy-ledger.json"
+        ).read_text()
+    )
+    assert ledger["rounds_spent"] == [0, 1, 2]
+    history = MlflowClient().get_metric_history(
+        resumed["mlflow_run_id"], "pooled.test_accuracy"
+    )
+    assert sorted(point.step for point in history) == [1, 2, 3]

@@ -1,12 +1,22 @@
 """Aggregation strategies, registered by name (see ``base.Strategy``)."""
 
-from medfed.aggregation.strategies import fedavg
+from medfed.aggregation.strategies import (
+    fedadagrad,
+    fedadam,
+    fedavg,
+    fedavgm,
+    fedprox,
+    fedyogi,
+    scaffold,
+)
 from medfed.aggregation.strategies.base import (
     STRATEGIES,
     SiteUpdate,
     Strategy,
+    UpdateSum,
     Weights,
     get_strategy,
+    sum_updates,
     weighted_mean,
 )
 
@@ -14,8 +24,16 @@ __all__ = [
     "STRATEGIES",
     "SiteUpdate",
     "Strategy",
+    "UpdateSum",
     "Weights",
+    "fedadagrad",
+    "fedadam",
     "fedavg",
+    "fedavgm",
+    "fedprox",
+    "fedyogi",
     "get_strategy",
+    "scaffold",
+    "sum_updates",
     "weighted_mean",
 ]

@@ -4,6 +4,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from medfed.aggregation.params import require_float, require_matching_tensors
 from medfed.aggregation.strategies.base import Strategy, Weights, register_strategy
 
 __all__ = ["FedAvg"]
@@ -20,17 +21,19 @@ class FedAvg(Strategy):
     name = "fedavg"
 
     def __init__(self, *, server_learning_rate: float = 1.0) -> None:
-        if not server_learning_rate > 0:
-            raise ValueError(
-                f"server_learning_rate must be > 0, got {server_learning_rate}"
-            )
-        self.server_learning_rate = server_learning_rate
+        self.server_learning_rate = require_float(
+            "server_learning_rate",
+            server_learning_rate,
+            minimum=0.0,
+            exclusive_minimum=True,
+        )
 
     def apply(
         self,
         global_weights: Mapping[str, np.ndarray],
         mean_delta: Mapping[str, np.ndarray],
     ) -> Weights:
+        require_matching_tensors(global_weights, mean_delta)
         return {
             key: (
                 np.asarray(value, np.float64)

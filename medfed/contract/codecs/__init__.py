@@ -1,6 +1,40 @@
-"""Update codecs, registered by name (see ``base.Codec``)."""
+"""Update codecs, registered by name (see ``base.Codec``).
 
-from medfed.contract.codecs import fp32
-from medfed.contract.codecs.base import CODECS, Codec, TensorSpec, get_codec
+Built in: ``fp32`` (lossless), ``fp16``, ``int8`` (stochastic rounding),
+``topk`` and ``randk`` (sparsification), and ``masked``, which carries the
+ring elements of secure aggregation's masking protocol and is chosen by the
+``secure_aggregation`` setting, not by ``compression``.
+``check_codec_compatibility`` rejects the codecs that do not compose with a
+secure aggregation mode.
+"""
 
-__all__ = ["CODECS", "Codec", "TensorSpec", "fp32", "get_codec"]
+from medfed.contract.codecs import fp16, fp32, int8, masked, randk, topk
+from medfed.contract.codecs.base import (
+    CODECS,
+    Codec,
+    Encoder,
+    TensorSpec,
+    get_codec,
+)
+from medfed.contract.codecs.compatibility import (
+    SECURE_AGGREGATION_MODES,
+    check_codec_compatibility,
+)
+from medfed.contract.codecs.config import CompressionConfig
+
+__all__ = [
+    "CODECS",
+    "SECURE_AGGREGATION_MODES",
+    "Codec",
+    "CompressionConfig",
+    "Encoder",
+    "TensorSpec",
+    "check_codec_compatibility",
+    "fp16",
+    "fp32",
+    "get_codec",
+    "int8",
+    "masked",
+    "randk",
+    "topk",
+]

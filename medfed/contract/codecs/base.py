@@ -5,15 +5,25 @@ the arrays that travel in an envelope's payload, and back. Each codec lives in
 its own module and registers itself by name, so a study config can choose it.
 """
 
+import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
 from medfed.errors import ConfigError, EnvelopeError
 
-__all__ = ["CODECS", "Codec", "TensorSpec", "get_codec", "register_codec"]
+__all__ = [
+    "CODECS",
+    "Codec",
+    "Encoder",
+    "TensorSpec",
+    "get_codec",
+    "register_codec",
+    "require_array",
+    "require_keys",
+]
 
 TensorSpec = tuple[str, tuple[int, ...], str]
 """A decoded tensor's name, shape and dtype string (numpy spelling)."""
@@ -31,10 +41,12 @@ class Codec(ABC):
 
     name: ClassVar[str]
     #: Whether ``decode`` is linear in the payload, which masking secure
-    #: aggregation needs because it sums payloads in a ring.
-    linear: ClassVar[bool] = True
+    #: aggregation needs because it sums payloads in a ring. A class sets the
+    #: default; an instance may override it when its parameters decide (int8
+    #: is linear only with a scale shared by every site).
+    linear: bool = True
     #: Whether every coordinate is sent, which masking also needs.
-    dense: ClassVar[bool] = True
+    dense: bool = True
 
     @property
     def params(self) -> dict[str, Any]:
@@ -56,6 +68,22 @@ class Codec(ABC):
         """
 
 
+class Encoder(Protocol):
+    """The part of a codec that ``encode_envelope`` uses, also met by wrappers.
+
+    ``params`` is read after ``encode``, so a codec may record there a value
+    it chose while encoding (randk's seed).
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def params(self) -> dict[str, Any]: ...
+
+    def encode(self, update: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
 def register_codec(cls: type[Codec]) -> type[Codec]:
     """Class decorator that adds a codec to the registry under ``cls.name``."""
     CODECS[cls.name] = cls
@@ -75,10 +103,35 @@ def get_codec(name: str, params: Mapping[str, Any] | None = None) -> Codec:
         raise ConfigError(
             f"unknown codec {name!r}: choose one of {', '.join(sorted(CODECS))}"
         )
-    try:
-        return CODECS[name](**dict(params or {}))
-    except TypeError as error:
-        raise ConfigError(f"invalid parameters for codec {name!r}: {error}") from None
+    cls = CODECS[name]
+    keyword_only = [
+        parameter
+        for parameter in inspect.signature(cls).parameters.values()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    accepted = [parameter.name for parameter in keyword_only]
+    given = dict(params or {})
+    for key in given:
+        if key not in accepted:
+            raise ConfigError(
+                f"codec {name!r} has no parameter {key!r}: its parameters are "
+                f"{', '.join(accepted) or 'none'}"
+            )
+    for parameter in keyword_only:
+        if parameter.default is inspect.Parameter.empty and parameter.name not in given:
+            raise ConfigError(f"codec {name!r} requires parameter {parameter.name}")
+    return cls(**given)
+
+
+def require_keys(payload: Mapping[str, np.ndarray], expected: Iterable[str]) -> None:
+    """Raise EnvelopeError unless ``payload`` has exactly the ``expected`` arrays."""
+    expected_keys = set(expected)
+    missing = sorted(expected_keys - payload.keys())
+    if missing:
+        raise EnvelopeError(f"payload is missing array {missing[0]!r}")
+    unexpected = sorted(payload.keys() - expected_keys)
+    if unexpected:
+        raise EnvelopeError(f"payload has unexpected array {unexpected[0]!r}")
 
 
 def require_array(

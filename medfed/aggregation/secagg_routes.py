@@ -1,0 +1,396 @@
+"""HTTP routes of a masking round, to mount on the aggregation service.
+
+All routes are under ``/v1/studies/{study}/rounds/{round}/secagg``:
+
+- ``POST /keys``: a site's ``KeyAdvertisement``. Advertising closes by itself
+  once every site of the round has advertised, or by ``POST /keys/close``.
+- ``GET /roster``: the ``KeyRoster``, 409 until advertising closed.
+- ``POST /shares``: a site's ``ShareUpload``. Sharing closes by itself once
+  every roster site has uploaded, or by ``POST /shares/close``.
+- ``GET /shares/{site}``: the encrypted shares relayed to ``site``.
+- ``PUT /masked/{site}``: a site's envelope with the ``masked`` codec, for a
+  service that does not take masked envelopes on its own upload route.
+  Uploads close by themselves once every site that shared keys uploaded.
+- ``POST /uploads/close``: end uploads; returns the ``RevealRequest``.
+- ``GET /reveal-request``: the ``RevealRequest``, 409 until uploads closed.
+- ``POST /reveals``: a survivor's ``RevealedShares``.
+
+A message the round rejects gets a 409 JSON body ``{"detail": message}`` and
+changes nothing. A request that comes before its phase (the roster before
+advertising closed) gets 425 Too Early, so sites poll. A poll after the
+round's deadline closes the pending phase. An unknown round gets 404. The routes never return a masked
+vector or a revealed share. The service unmasks with ``MaskingRounds.unmask``
+when it finalizes the round.
+"""
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi import Path as PathParam
+from fastapi.responses import JSONResponse
+
+from medfed.aggregation.tls import peer_identity
+from medfed.contract.ids import IDENTIFIER_PATTERN, validate_identifier
+from medfed.contract.secagg import (
+    EncryptedShare,
+    FixedPointEncoding,
+    KeyAdvertisement,
+    KeyRoster,
+    MaskingServer,
+    RevealedShares,
+    RevealRequest,
+    RoundNotReadyError,
+    ShareUpload,
+    UnmaskedSum,
+    VectorLayout,
+)
+from medfed.contract.wire import EnvelopeLimits, decode_envelope
+from medfed.errors import ConfigError, EnvelopeError, SecureAggregationError
+
+__all__ = [
+    "MaskingRounds",
+    "UnknownRoundError",
+    "create_masking_router",
+    "install_error_handlers",
+]
+
+logger = logging.getLogger(__name__)
+
+StudyId = Annotated[str, PathParam(pattern=IDENTIFIER_PATTERN.pattern)]
+SiteId = Annotated[str, PathParam(pattern=IDENTIFIER_PATTERN.pattern)]
+RoundNumber = Annotated[int, PathParam(ge=0, le=1_000_000)]
+_PREFIX = "/v1/studies/{study}/rounds/{round_number}/secagg"
+# Magic, format version and header length in front of an envelope's header.
+_ENVELOPE_PREFIX_BYTES = 9
+
+
+class UnknownRoundError(SecureAggregationError):
+    """No masking round is open for this study and round."""
+
+
+@dataclass
+class _OpenRound:
+    server: MaskingServer
+    sites: tuple[str, ...]
+    layout: VectorLayout
+    lock: threading.Lock
+    #: Unix time after which a site's poll closes the current phase with the
+    #: sites that have sent their message, or None to close phases only
+    #: explicitly.
+    deadline_at: float | None = None
+
+    def close_overdue_phase(self) -> None:
+        """Close the current phase if the deadline passed, so polls can go on.
+
+        NOTE: one deadline covers every phase, so a site that never
+        advertises keys delays the others until the round's deadline.
+        """
+        if self.deadline_at is None or time.time() < self.deadline_at:
+            return
+        phase = self.server.phase_name
+        if phase == "advertising":
+            self.server.close_advertising()
+        elif phase == "sharing":
+            self.server.close_sharing()
+        elif phase == "uploading":
+            self.server.close_uploads()
+
+
+class MaskingRounds:
+    """The masking rounds a service process runs, in memory.
+
+    NOTE: state lives in this process only. A service that must survive a
+    restart mid-round saves ``MaskingServer.export_state()`` in its store
+    after every change and restores it with ``MaskingServer.restore``.
+    """
+
+    def __init__(self, limits: EnvelopeLimits | None = None) -> None:
+        self.limits = limits or EnvelopeLimits()
+        self._rounds: dict[tuple[str, int], _OpenRound] = {}
+        self._lock = threading.Lock()
+
+    def open(
+        self,
+        study: str,
+        round_number: int,
+        *,
+        sites: Sequence[str],
+        threshold: int,
+        encoding: FixedPointEncoding,
+        layout: VectorLayout,
+        deadline_at: float | None = None,
+    ) -> None:
+        """Start a masking round for ``sites`` over updates of ``layout``.
+
+        After ``deadline_at`` (Unix time), a site polling for the next phase
+        closes the current one with the sites that have sent their message.
+
+        Raises:
+            SecureAggregationError: the round is already open.
+        """
+        server = MaskingServer(
+            study=study,
+            round_number=round_number,
+            threshold=threshold,
+            encoding=encoding,
+            vector_length=layout.length,
+        )
+        for site in sites:
+            validate_identifier(site, kind="site")
+        with self._lock:
+            if (study, round_number) in self._rounds:
+                raise SecureAggregationError(
+                    f"masking round {round_number} of study {study!r} is already open"
+                )
+            self._rounds[(study, round_number)] = _OpenRound(
+                server, tuple(sorted(sites)), layout, threading.Lock(), deadline_at
+            )
+        logger.info(
+            "opened masking round %s of study %s for %s sites",
+            round_number,
+            study,
+            len(sites),
+        )
+
+    @contextmanager
+    def edit(self, study: str, round_number: int) -> Iterator[_OpenRound]:
+        """Hold a round's lock while a request reads or changes it."""
+        with self._lock:
+            entry = self._rounds.get((study, round_number))
+        if entry is None:
+            raise UnknownRoundError(
+                f"no masking round {round_number} is open for study {study!r}"
+            )
+        with entry.lock:
+            yield entry
+
+    def unmask(self, study: str, round_number: int) -> UnmaskedSum:
+        """Unmask the round's sum and forget the round.
+
+        Raises:
+            SecureAggregationError: the round cannot be unmasked; it stays
+                open so that late reveals can still arrive.
+        """
+        with self.edit(study, round_number) as entry:
+            result = entry.server.unmask()
+        with self._lock:
+            del self._rounds[(study, round_number)]
+        return result
+
+
+def _require_site(request: Request, claimed: str) -> None:
+    """Reject a request whose client certificate names another site.
+
+    A site may advertise keys, upload shares and masked updates, fetch its
+    relayed shares and reveal shares only as itself. Without a client
+    certificate (local mode) the router's own dependency has already decided
+    whether anonymous callers are allowed.
+    """
+    identity = peer_identity(request.scope)
+    if identity is None:
+        return
+    if identity.role != "site" or identity.name != claimed:
+        logger.warning(
+            "rejected %s %s: %s %s acted as site %s",
+            request.method, request.url.path, identity.role, identity.name, claimed,
+        )  # fmt: skip
+        raise HTTPException(
+            403, f"{identity.role} {identity.name!r} may not act as site {claimed!r}"
+        )
+
+
+def _require_coordinator(request: Request) -> None:
+    """Reject a phase-closing request from anyone but the coordinator."""
+    identity = peer_identity(request.scope)
+    if identity is not None and identity.role != "coordinator":
+        logger.warning(
+            "rejected %s %s from %s %s: only the coordinator closes phases",
+            request.method, request.url.path, identity.role, identity.name,
+        )  # fmt: skip
+        raise HTTPException(403, "only the coordinator may close a masking phase")
+
+
+def create_masking_router(rounds: MaskingRounds) -> APIRouter:
+    """Return the routes of masking rounds kept in ``rounds``."""
+    router = APIRouter(prefix=_PREFIX)
+
+    @router.post("/keys")
+    def advertise(
+        study: StudyId,
+        round_number: RoundNumber,
+        advertisement: KeyAdvertisement,
+        request: Request,
+    ) -> dict[str, Any]:
+        _require_site(request, advertisement.site)
+        with rounds.edit(study, round_number) as entry:
+            if advertisement.site not in entry.sites:
+                raise SecureAggregationError(
+                    f"site {advertisement.site!r} does not take part in round "
+                    f"{round_number}"
+                )
+            entry.server.add_advertisement(advertisement)
+            if set(entry.server.advertised_sites) == set(entry.sites):
+                entry.server.close_advertising()
+        return {"site": advertisement.site}
+
+    @router.post("/keys/close")
+    def close_advertising(
+        study: StudyId, round_number: RoundNumber, request: Request
+    ) -> KeyRoster:
+        _require_coordinator(request)
+        with rounds.edit(study, round_number) as entry:
+            return entry.server.close_advertising()
+
+    @router.get("/roster")
+    def roster(study: StudyId, round_number: RoundNumber) -> KeyRoster:
+        with rounds.edit(study, round_number) as entry:
+            entry.close_overdue_phase()
+            return entry.server.roster
+
+    @router.post("/shares")
+    def upload_shares(
+        study: StudyId, round_number: RoundNumber, upload: ShareUpload, request: Request
+    ) -> dict[str, Any]:
+        _require_site(request, upload.sender)
+        with rounds.edit(study, round_number) as entry:
+            entry.server.add_share_upload(upload)
+            if entry.server.sharing_sites == entry.server.roster.sites:
+                entry.server.close_sharing()
+        return {"site": upload.sender}
+
+    @router.post("/shares/close")
+    def close_sharing(
+        study: StudyId, round_number: RoundNumber, request: Request
+    ) -> dict[str, Any]:
+        _require_coordinator(request)
+        with rounds.edit(study, round_number) as entry:
+            entry.server.close_sharing()
+            return {"sites": entry.server.sharing_sites}
+
+    @router.get("/shares/{site}")
+    def relayed_shares(
+        study: StudyId, round_number: RoundNumber, site: SiteId, request: Request
+    ) -> list[EncryptedShare]:
+        _require_site(request, site)
+        with rounds.edit(study, round_number) as entry:
+            entry.close_overdue_phase()
+            return entry.server.shares_for(site)
+
+    @router.put("/masked/{site}")
+    async def upload_masked(
+        study: StudyId, round_number: RoundNumber, site: SiteId, request: Request
+    ) -> dict[str, Any]:
+        _require_site(request, site)
+        limit = (
+            _ENVELOPE_PREFIX_BYTES
+            + rounds.limits.max_header_bytes
+            + rounds.limits.max_payload_bytes
+        )
+        body = await _read_limited_body(request, limit)
+        with rounds.edit(study, round_number) as entry:
+            vector, sample_count = _read_masked_envelope(
+                body, entry, study, round_number, site, rounds.limits
+            )
+            entry.server.add_masked_update(site, vector, sample_count=sample_count)
+            if entry.server.uploaded_sites == entry.server.sharing_sites:
+                entry.server.close_uploads()
+        return {"site": site}
+
+    @router.post("/uploads/close")
+    def close_uploads(
+        study: StudyId, round_number: RoundNumber, request: Request
+    ) -> RevealRequest:
+        _require_coordinator(request)
+        with rounds.edit(study, round_number) as entry:
+            return entry.server.close_uploads()
+
+    @router.get("/reveal-request")
+    def reveal_request(study: StudyId, round_number: RoundNumber) -> RevealRequest:
+        with rounds.edit(study, round_number) as entry:
+            entry.close_overdue_phase()
+            return entry.server.reveal_request
+
+    @router.post("/reveals")
+    def reveal(
+        study: StudyId,
+        round_number: RoundNumber,
+        revealed: RevealedShares,
+        request: Request,
+    ) -> dict[str, Any]:
+        _require_site(request, revealed.site)
+        with rounds.edit(study, round_number) as entry:
+            entry.server.add_reveal(revealed)
+        return {"site": revealed.site}
+
+    return router
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map secure-aggregation errors to 404, 409 and 425 JSON responses."""
+
+    @app.exception_handler(SecureAggregationError)
+    async def _rejected(
+        request: Request, error: SecureAggregationError
+    ) -> JSONResponse:
+        status = 409
+        if isinstance(error, UnknownRoundError):
+            status = 404
+        elif isinstance(error, RoundNotReadyError):
+            status = 425
+        logger.info("rejected %s %s: %s", request.method, request.url.path, error)
+        return JSONResponse(status_code=status, content={"detail": str(error)})
+
+
+async def _read_limited_body(request: Request, limit: int) -> bytes:
+    """Read the body, rejecting it as soon as it exceeds ``limit`` bytes."""
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise SecureAggregationError(
+                f"request body exceeds the limit of {limit} bytes for an envelope"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _read_masked_envelope(
+    body: bytes,
+    entry: _OpenRound,
+    study: str,
+    round_number: int,
+    site: str,
+    limits: EnvelopeLimits,
+) -> tuple[Any, int]:
+    try:
+        decoded = decode_envelope(body, limits)
+    except (EnvelopeError, ConfigError) as error:
+        raise SecureAggregationError(f"invalid update envelope: {error}") from None
+    header = decoded.header
+    for field, expected, actual in (
+        ("study", study, header.study),
+        ("round", round_number, header.round),
+        ("site", site, header.site),
+    ):
+        if expected != actual:
+            raise SecureAggregationError(
+                f"envelope {field} is {actual!r} but the request is for {expected!r}"
+            )
+    encoding = entry.server.encoding
+    expected_codec = {
+        "ring_bits": encoding.ring_bits,
+        "fractional_bits": encoding.fractional_bits,
+    }
+    if header.codec.name != "masked" or header.codec.params != expected_codec:
+        raise SecureAggregationError(
+            f"envelope codec is {header.codec.name!r} with {header.codec.params}; "
+            f"this round expects 'masked' with {expected_codec}"
+        )
+    return entry.layout.join(decoded.tensors), header.sample_count

@@ -1,0 +1,168 @@
+"""Secure aggregation inside the aggregation service's round lifecycle.
+
+``RoundService`` calls these hooks when a study's settings choose
+``secure_aggregation: masking``: opening a round opens a masking round over
+the base model's layout, an upload must carry the ``masked`` codec and joins
+the masking round, and finalizing unmasks the survivors' weighted sum and
+applies the study's strategy to it. The masking messages themselves travel
+through ``secagg_routes``. Every failure raises ``SecureAggregationError``,
+which the service turns into a 409 response that changes nothing.
+"""
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from medfed.aggregation.secagg_routes import MaskingRounds, UnknownRoundError
+from medfed.aggregation.secure import apply_weighted_sum
+from medfed.aggregation.strategies import Strategy, Weights
+from medfed.contract.secagg import VectorLayout
+from medfed.contract.secagg.config import SecureAggregationConfig
+from medfed.contract.wire import DecodedUpdate
+from medfed.errors import SecureAggregationError
+
+__all__ = [
+    "accept_masked_upload",
+    "finalize_masking",
+    "open_masking_round",
+    "parse_secure_aggregation",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def parse_secure_aggregation(raw: object) -> SecureAggregationConfig:
+    """Read the ``secure_aggregation`` study setting; absent means ``none``.
+
+    Raises:
+        SecureAggregationError: the setting is not a valid section.
+    """
+    if raw is None:
+        return SecureAggregationConfig()
+    if isinstance(raw, str):
+        raw = {"mode": raw}
+    try:
+        return SecureAggregationConfig.model_validate(raw)
+    except ValueError as error:
+        raise SecureAggregationError(
+            f"invalid secure_aggregation study setting: {error}"
+        ) from None
+
+
+def open_masking_round(
+    rounds: MaskingRounds,
+    settings: SecureAggregationConfig,
+    study: str,
+    round_number: int,
+    *,
+    sites: Sequence[str],
+    base_weights: Mapping[str, np.ndarray],
+    deadline_at: float | None = None,
+) -> None:
+    """Open the masking round that the service round ``round_number`` uses.
+
+    Raises:
+        SecureAggregationError: the round's sites do not fit the settings
+            (too few for the threshold, or an encoding that could wrap).
+    """
+    try:
+        settings.check(len(sites))
+        encoding = settings.encoding(len(sites))
+    except ValueError as error:
+        raise SecureAggregationError(
+            f"round {round_number} cannot use masking: {error}"
+        ) from None
+    rounds.open(
+        study,
+        round_number,
+        sites=sites,
+        threshold=settings.resolved_threshold(len(sites)),
+        encoding=encoding,
+        layout=VectorLayout.of(base_weights),
+        deadline_at=deadline_at,
+    )
+
+
+def accept_masked_upload(
+    rounds: MaskingRounds, study: str, round_number: int, decoded: DecodedUpdate
+) -> None:
+    """Add a decoded ``masked`` envelope to its masking round.
+
+    Uploads close by themselves once every site that shared keys has
+    uploaded, so the survivors can reveal their shares without waiting for
+    the coordinator.
+
+    Raises:
+        SecureAggregationError: the envelope is not masked with the round's
+            encoding, or the masking round rejects it.
+    """
+    header = decoded.header
+    with rounds.edit(study, round_number) as entry:
+        encoding = entry.server.encoding
+        expected = {
+            "ring_bits": encoding.ring_bits,
+            "fractional_bits": encoding.fractional_bits,
+        }
+        if header.codec.name != "masked" or header.codec.params != expected:
+            raise SecureAggregationError(
+                f"envelope codec is {header.codec.name!r} with "
+                f"{header.codec.params}; this round uses secure aggregation and "
+                f"expects 'masked' with {expected}"
+            )
+        vector = entry.layout.join(decoded.tensors)
+        entry.server.add_masked_update(
+            header.site, vector, sample_count=header.sample_count
+        )
+        if entry.server.uploaded_sites == entry.server.sharing_sites:
+            entry.server.close_uploads()
+
+
+def finalize_masking(
+    rounds: MaskingRounds,
+    study: str,
+    round_number: int,
+    *,
+    strategy: Strategy,
+    global_weights: Mapping[str, np.ndarray],
+) -> tuple[Weights, list[str]]:
+    """Unmask the round and apply ``strategy``; return new weights and survivors.
+
+    If uploads are still open (a site that shared keys has not uploaded),
+    they close here, and the survivors must reveal their shares before
+    another call can finish the round.
+
+    Raises:
+        SecureAggregationError: the round waits for reveals, or cannot be
+            unmasked.
+    """
+    try:
+        with rounds.edit(study, round_number) as entry:
+            server = entry.server
+            if server.phase_name == "uploading":
+                request = server.close_uploads()
+                raise SecureAggregationError(
+                    f"round {round_number} closed uploads with survivors "
+                    f"{request.survivors} and dropped sites {request.dropped}; "
+                    "finalize again once the survivors have revealed their shares"
+                )
+    except UnknownRoundError:
+        raise SecureAggregationError(
+            f"round {round_number} of study {study!r} has no masking round in "
+            "this service process; it cannot be unmasked"
+        ) from None
+    result = rounds.unmask(study, round_number)
+    weights = apply_weighted_sum(
+        strategy,
+        global_weights,
+        result.weighted_sum,
+        result.sample_count,
+        site_count=len(result.survivors),
+    )
+    logger.info(
+        "unmasked round %s of study %s from %s sites",
+        round_number,
+        study,
+        len(result.survivors),
+    )
+    return weights, list(result.survivors)

@@ -1,0 +1,71 @@
+"""The ``compression`` section of a study config.
+
+Example (YAML)::
+
+    compression:
+      codec: topk
+      params: {fraction: 0.01, value_dtype: float16}
+      zstd: true
+      error_feedback: true
+
+The codec and its parameters are validated when the section is loaded, and
+``check`` rejects a codec that does not compose with the study's secure
+aggregation mode, so a bad combination fails before any round starts.
+"""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from medfed.contract.codecs.base import Codec, get_codec
+from medfed.contract.codecs.compatibility import check_codec_compatibility
+from medfed.errors import ConfigError
+
+__all__ = ["CompressionConfig"]
+
+
+class CompressionConfig(BaseModel):
+    """Compression settings of a study, applied by every site to its update.
+
+    Attributes:
+        codec: a registered codec name (fp32, fp16, int8, topk, randk).
+        params: the codec's parameters; see each codec's docstring.
+        zstd: compress the envelope payload with zstd as well.
+        error_feedback: carry each lossy codec's error into the next round
+            at the site. Ignored for fp32, which loses nothing.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    codec: str = "fp32"
+    params: dict[str, int | float | str | bool] = Field(default_factory=dict)
+    zstd: bool = False
+    error_feedback: bool = True
+
+    @model_validator(mode="after")
+    def _check_codec(self) -> "CompressionConfig":
+        # ConfigError is a ValueError, so pydantic reports it under this
+        # section with the codec's own message.
+        self.build_codec()
+        return self
+
+    @property
+    def envelope_compression(self) -> Literal["none", "zstd"]:
+        """The ``compression`` argument of ``encode_envelope``."""
+        return "zstd" if self.zstd else "none"
+
+    def build_codec(self) -> Codec:
+        """Return a new codec instance for one site's encoding."""
+        return get_codec(self.codec, self.params)
+
+    def check(self, secure_aggregation: str) -> None:
+        """Check the codec against the study's secure aggregation mode.
+
+        Raises:
+            ConfigError: the message names the ``compression`` section, the
+                reason and the codec to choose instead.
+        """
+        try:
+            check_codec_compatibility(self.codec, secure_aggregation, self.params)
+        except ConfigError as error:
+            raise ConfigError(f"compression (codec {self.codec!r}): {error}") from None

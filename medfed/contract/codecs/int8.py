@@ -1,0 +1,197 @@
+"""8-bit codec with stochastic rounding.
+
+Each value x becomes an integer q in [-127, 127] with ``x ~ q * scale``.
+Rounding is stochastic: ``q = floor(x / scale + u)`` with u uniform on [0, 1),
+so ``E[q * scale] = x`` (unbiased) and ``|q * scale - x| < scale`` per element,
+up to the float32 rounding of the decoded product (relative 2**-24).
+
+Two ways to choose ``scale``:
+
+- data-dependent (``chunk_size``): each tensor, or each run of ``chunk_size``
+  elements of the flattened tensor, gets ``scale = max|x| / 127``, sent as a
+  float32 array beside the integers. No value is clipped, but every site
+  chooses its own scales, so integers from different sites cannot be summed.
+- shared (``scale``): one scale fixed in the study config for every site and
+  round. Values are clipped to ``[-127 * scale, 127 * scale]`` first, which
+  biases any value beyond that range. With DP clipping at norm C, a scale of
+  C / 127 never clips. Because every site uses the same scale, the sum of the
+  sites' integers times ``scale`` is the sum of their decoded updates, so the
+  integers could be added in a masking ring (``linear`` is True). The
+  compatibility rules still reject int8 under masking, because masked values
+  fill a 32-bit ring and no byte would be saved.
+"""
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from medfed.contract.codecs.base import (
+    Codec,
+    TensorSpec,
+    register_codec,
+    require_array,
+    require_keys,
+)
+from medfed.contract.codecs.params import (
+    MAX_SEED,
+    check_integer,
+    check_number,
+    check_update_tensor,
+)
+from medfed.errors import ConfigError, EnvelopeError
+
+__all__ = ["QUANT_MAX", "Int8Codec"]
+
+#: Largest integer magnitude sent. -128 is never produced, so the range is
+#: symmetric and a decoder rejects it.
+QUANT_MAX = 127
+_MAX_CHUNK_SIZE = 2**31 - 1
+_MAX_SCALE = float(np.finfo(np.float32).max) / QUANT_MAX
+
+
+@register_codec
+class Int8Codec(Codec):
+    """Quantizes each value to int8 with a per-tensor, per-chunk or shared scale."""
+
+    name = "int8"
+    linear = False
+
+    def __init__(
+        self,
+        *,
+        chunk_size: int = 0,
+        scale: float | None = None,
+        seed: int | None = None,
+    ) -> None:
+        """Validate the parameters.
+
+        Args:
+            chunk_size: elements that share one scale, counted along the
+                flattened tensor, or 0 for one scale per tensor. It must stay
+                0 with ``scale``.
+            scale: a positive scale shared by every site. When set, the codec
+                sends no scales and its decoding is linear across sites.
+            seed: seed of the stochastic rounding, for reproducible tests.
+                None draws fresh randomness from the operating system. It is
+                not part of ``params`` because the decoder does not need it.
+        """
+        self.chunk_size = check_integer(
+            self.name, "chunk_size", chunk_size, minimum=0, maximum=_MAX_CHUNK_SIZE
+        )
+        self.scale: float | None = None
+        if scale is not None:
+            self.scale = check_number(
+                self.name, "scale", scale, above=0.0, at_most=_MAX_SCALE
+            )
+            if np.float32(self.scale) == 0:
+                raise ConfigError(
+                    f"codec 'int8' parameter scale must be representable as a "
+                    f"positive float32 (at least 1.4e-45), got {scale!r}"
+                )
+            if self.chunk_size:
+                raise ConfigError(
+                    "codec 'int8' parameters chunk_size and scale exclude each "
+                    f"other: set chunk_size to 0 with a shared scale, got "
+                    f"chunk_size {chunk_size!r}"
+                )
+            self.linear = True
+        if seed is not None:
+            check_integer(self.name, "seed", seed, minimum=0, maximum=MAX_SEED)
+        self._rng = np.random.default_rng(seed)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        if self.scale is not None:
+            return {"scale": self.scale}
+        return {"chunk_size": self.chunk_size}
+
+    def encode(self, update: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Return ``<name>.q`` (int8, the tensor's shape) for each tensor.
+
+        Without a shared scale, also return ``<name>.scale`` (float32, one
+        element per chunk).
+        """
+        arrays: dict[str, np.ndarray] = {}
+        for key, value in update.items():
+            flat = check_update_tensor(self.name, key, value).reshape(-1)
+            if self.scale is not None:
+                scales = np.full(1, self.scale, dtype=np.float32)
+                steps = np.clip(flat / np.float64(scales[0]), -QUANT_MAX, QUANT_MAX)
+            else:
+                scales = self._chunk_scales(flat)
+                per_element = self._expand(scales, flat.size).astype(np.float64)
+                steps = np.divide(
+                    flat,
+                    per_element,
+                    out=np.zeros(flat.size),
+                    where=per_element > 0,
+                )
+                arrays[f"{key}.scale"] = scales
+            quantized = np.floor(steps + self._rng.random(flat.size))
+            # steps + u can round up to 128.0 in float64 when u is within
+            # 2**-46 of 1, so the clip matters with probability ~1e-14.
+            np.clip(quantized, -QUANT_MAX, QUANT_MAX, out=quantized)
+            arrays[f"{key}.q"] = quantized.astype(np.int8).reshape(np.shape(value))
+        return arrays
+
+    def decode(
+        self, payload: Mapping[str, np.ndarray], specs: list[TensorSpec]
+    ) -> dict[str, np.ndarray]:
+        suffixes = (".q",) if self.scale is not None else (".q", ".scale")
+        require_keys(
+            payload, (name + suffix for name, _, _ in specs for suffix in suffixes)
+        )
+        tensors = {}
+        for name, shape, _ in specs:
+            quantized = require_array(payload, f"{name}.q", shape, "int8")
+            if quantized.size and int(quantized.min()) < -QUANT_MAX:
+                raise EnvelopeError(
+                    f"payload array {name + '.q'!r} contains -128, but int8 "
+                    f"values must lie in [-{QUANT_MAX}, {QUANT_MAX}]"
+                )
+            size = math.prod(shape)
+            if self.scale is not None:
+                scales = np.full(1, self.scale, dtype=np.float32)
+            else:
+                scales = require_array(
+                    payload, f"{name}.scale", (self._chunk_count(size),), "float32"
+                )
+                if not (np.isfinite(scales).all() and (scales >= 0).all()):
+                    raise EnvelopeError(
+                        f"payload array {name + '.scale'!r} contains a negative, NaN "
+                        "or infinite scale"
+                    )
+            flat = quantized.reshape(-1).astype(np.float32)
+            if self.scale is not None or self.chunk_size == 0:
+                flat *= scales[0]
+            else:
+                flat *= self._expand(scales, size)
+            tensors[name] = flat.reshape(shape)
+        return tensors
+
+    def _chunk_count(self, size: int) -> int:
+        if self.chunk_size == 0:
+            return 1
+        return -(-size // self.chunk_size)
+
+    def _expand(self, scales: np.ndarray, size: int) -> np.ndarray:
+        """Return one scale per element from one scale per chunk."""
+        if self.chunk_size == 0:
+            return np.full(size, scales[0], dtype=np.float32)
+        return np.repeat(scales, self.chunk_size)[:size]
+
+    def _chunk_scales(self, flat: np.ndarray) -> np.ndarray:
+        """Return the float32 scale of each chunk: the least >= max|x| / 127."""
+        chunk = self.chunk_size or max(flat.size, 1)
+        count = self._chunk_count(flat.size)
+        padded = np.zeros(count * chunk, dtype=np.float32)
+        padded[: flat.size] = np.abs(flat)
+        peaks = padded.reshape(count, chunk).max(axis=1).astype(np.float64)
+        scales = (peaks / QUANT_MAX).astype(np.float32)
+        # Rounding to float32 may land one step below max|x| / 127, which
+        # would push x / scale past 127 and into the clip; one step up fixes it.
+        short = scales.astype(np.float64) * QUANT_MAX < peaks
+        scales[short] = np.nextafter(scales[short], np.float32(np.inf))
+        return scales

@@ -1,0 +1,99 @@
+"""The ``secure_aggregation`` section of a study config.
+
+A study picks ``mode: none``, ``masking`` or ``ckks``. The config loader
+calls ``check`` with the study's number of sites, so a threshold that is too
+low or an encoding that could wrap around is rejected before any round
+starts.
+"""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from medfed.contract.secagg.ckks import CkksParameters, check_ckks_capacity
+from medfed.contract.secagg.messages import check_threshold
+from medfed.contract.secagg.ring import FixedPointEncoding
+from medfed.errors import ConfigError
+
+__all__ = ["SecureAggregationConfig"]
+
+
+class SecureAggregationConfig(BaseModel):
+    """Secure-aggregation settings of a study.
+
+    Attributes:
+        mode: ``none`` sends plain updates; ``masking`` and ``ckks`` hide
+            each site's update from the aggregation service.
+        threshold: the Shamir threshold for masking; None means
+            ``site_count // 2 + 1``.
+        clip: every update coordinate is clipped to ``[-clip, clip]``.
+        max_weight: the largest sample count a site may weight its update by.
+        fractional_bits: the masking fixed-point scale ``2^fractional_bits``.
+        ring_bits: the masking ring Z_{2^ring_bits}, 32 or 64.
+        rounding: ``nearest`` or ``stochastic`` fixed-point rounding.
+        poly_modulus_degree: the CKKS ring degree.
+        coeff_mod_bit_sizes: the CKKS coefficient moduli, in bits.
+        scale_bits: the CKKS encoding scale ``2^scale_bits``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["none", "masking", "ckks"] = "none"
+    threshold: int | None = Field(default=None, ge=2)
+    clip: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    max_weight: int = Field(default=100_000, ge=1)
+    fractional_bits: int = Field(default=10, ge=0, le=52)
+    ring_bits: Literal[32, 64] = 32
+    rounding: Literal["nearest", "stochastic"] = "nearest"
+    poly_modulus_degree: int = 8192
+    coeff_mod_bit_sizes: tuple[int, ...] = (60, 60)
+    scale_bits: int = 30
+
+    def resolved_threshold(self, site_count: int) -> int:
+        """Return the configured threshold, or ``site_count // 2 + 1``."""
+        return self.threshold if self.threshold is not None else site_count // 2 + 1
+
+    def encoding(self, site_count: int) -> FixedPointEncoding:
+        """Return the masking encoding for a round of ``site_count`` sites.
+
+        Raises:
+            ConfigError: the sum of ``site_count`` updates could wrap around.
+        """
+        return FixedPointEncoding(
+            fractional_bits=self.fractional_bits,
+            clip=self.clip,
+            max_weight=self.max_weight,
+            site_count=site_count,
+            ring_bits=self.ring_bits,
+            rounding=self.rounding,
+        )
+
+    def ckks_parameters(self) -> CkksParameters:
+        return CkksParameters(
+            poly_modulus_degree=self.poly_modulus_degree,
+            coeff_mod_bit_sizes=self.coeff_mod_bit_sizes,
+            scale_bits=self.scale_bits,
+        )
+
+    def check(self, site_count: int) -> None:
+        """Check the section for a study of ``site_count`` sites.
+
+        Raises:
+            ConfigError: the message names the ``secure_aggregation`` key and
+                the limit it breaks.
+        """
+        try:
+            if self.mode == "masking":
+                check_threshold(self.resolved_threshold(site_count), site_count)
+                self.encoding(site_count)
+            elif self.mode == "ckks":
+                check_ckks_capacity(
+                    parameters=self.ckks_parameters(),
+                    clip=self.clip,
+                    max_weight=self.max_weight,
+                    site_count=site_count,
+                )
+        except ConfigError as error:
+            raise ConfigError(
+                f"secure_aggregation (mode {self.mode!r}): {error}"
+            ) from None

@@ -1,0 +1,188 @@
+"""A site's HTTP side of a masking round against the aggregation service.
+
+``MaskingClient.run_round`` drives a ``MaskingSite`` through the routes of
+``medfed.aggregation.secagg_routes``: advertise keys, upload encrypted
+shares, upload the masked envelope, reveal shares. While the service has not
+reached the next phase it returns 425 Too Early and the client polls.
+"""
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import httpx
+import numpy as np
+from pydantic import TypeAdapter
+
+from medfed.contract.secagg import (
+    EncryptedShare,
+    KeyRoster,
+    MaskingSite,
+    RevealRequest,
+    parse_message,
+)
+from medfed.contract.wire import encode_envelope
+from medfed.errors import ServiceError
+
+__all__ = ["MaskingClient"]
+
+logger = logging.getLogger(__name__)
+
+_TOO_EARLY = 425
+_SHARE_LIST = TypeAdapter(list[EncryptedShare])
+
+
+class MaskingClient:
+    """Calls the masking routes of the aggregation service.
+
+    Args:
+        base_url: the service's URL, e.g. ``http://127.0.0.1:8765``.
+        timeout: seconds to wait for each request.
+        poll_interval: seconds between polls while the round is not ready.
+        http_client: an ``httpx.Client`` to use (for TLS settings); one is
+            created when omitted.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 60.0,
+        poll_interval: float = 0.2,
+        http_client: httpx.Client | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.poll_interval = poll_interval
+        self._owns_http = http_client is None
+        self._http = http_client or httpx.Client(
+            base_url=self.base_url, timeout=timeout
+        )
+
+    def close(self) -> None:
+        """Close the HTTP client, unless the caller passed it in."""
+        if self._owns_http:
+            self._http.close()
+
+    def run_round(
+        self,
+        site: MaskingSite,
+        update: Mapping[str, np.ndarray],
+        *,
+        sample_count: int,
+        wait_seconds: float,
+        upload: Callable[[bytes], object] | None = None,
+        signer: Any = None,
+    ) -> None:
+        """Take part in ``site``'s round from advertising to revealing shares.
+
+        Args:
+            site: the site's protocol state, fresh for this round.
+            update: the site's update (tensor name to float array).
+            sample_count: the site's sample count, its weight in the mean.
+            wait_seconds: how long to wait, in total, for the other sites.
+            upload: sends the masked envelope, for a service that takes it on
+                its own upload route; when None it goes to ``PUT /masked``.
+            signer: signs the masked envelope (``key_id`` and
+                ``sign(bytes) -> str``, as ``encode_envelope`` takes), or None.
+
+        Raises:
+            ServiceError: a request failed or the round did not advance in
+                time.
+            SecureAggregationError: a message from the service failed the
+                site's checks; the site then reveals nothing.
+        """
+        deadline = time.monotonic() + wait_seconds
+        study, round_number = site.context.study, site.context.round_number
+        prefix = f"/v1/studies/{study}/rounds/{round_number}/secagg"
+        self._send("POST", f"{prefix}/keys", json=_json(site.advertise()))
+        roster = parse_message(
+            KeyRoster, self._poll(f"{prefix}/roster", deadline).content
+        )
+        share_upload = site.share_keys(roster)
+        self._send("POST", f"{prefix}/shares", json=_json(share_upload))
+        relayed = _SHARE_LIST.validate_json(
+            self._poll(f"{prefix}/shares/{site.site}", deadline).content
+        )
+        site.receive_shares(relayed)
+        masked = site.mask_update(update, sample_count=sample_count)
+        envelope = encode_envelope(
+            masked,
+            study=site.context.study,
+            round_number=site.context.round_number,
+            site=site.site,
+            sample_count=sample_count,
+            nonce=secrets.token_hex(16),
+            codec_name="masked",
+            codec_params={
+                "ring_bits": site.encoding.ring_bits,
+                "fractional_bits": site.encoding.fractional_bits,
+            },
+            signer=signer,
+        )
+        if upload is None:
+            self._send("PUT", f"{prefix}/masked/{site.site}", content=envelope)
+        else:
+            upload(envelope)
+        request = parse_message(
+            RevealRequest, self._poll(f"{prefix}/reveal-request", deadline).content
+        )
+        if site.site not in request.survivors:
+            logger.warning(
+                "site %s is not a survivor of round %s; it reveals nothing",
+                site.site,
+                site.context.round_number,
+            )
+            return
+        self._send("POST", f"{prefix}/reveals", json=_json(site.reveal(request)))
+        logger.info(
+            "site %s finished masking round %s", site.site, site.context.round_number
+        )
+
+    def _poll(self, path: str, deadline: float) -> httpx.Response:
+        while True:
+            response = self._request("GET", path)
+            if response.status_code != _TOO_EARLY:
+                return self._checked(response, "GET", path)
+            if time.monotonic() >= deadline:
+                raise ServiceError(
+                    f"masking round did not advance in time: GET {path} still "
+                    f"returns 425 ({_detail(response)})",
+                    status_code=_TOO_EARLY,
+                )
+            time.sleep(self.poll_interval)
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        return self._checked(self._request(method, path, **kwargs), method, path)
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as error:
+            raise ServiceError(
+                f"aggregation service at {self.base_url} is unreachable "
+                f"({method} {path}): {error}"
+            ) from None
+
+    def _checked(
+        self, response: httpx.Response, method: str, path: str
+    ) -> httpx.Response:
+        if response.status_code >= 400:
+            raise ServiceError(
+                f"aggregation service rejected {method} {path} with "
+                f"{response.status_code}: {_detail(response)}",
+                status_code=response.status_code,
+            )
+        return response
+
+
+def _json(message: Any) -> Any:
+    return message.model_dump(mode="json")
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("detail", response.text))
+    except ValueError:
+        return response.text

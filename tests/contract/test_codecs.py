@@ -1,0 +1,330 @@
+"""Round trips, parameter checks and decoder checks shared by every codec."""
+
+import hashlib
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from medfed.contract.codecs import CODECS, get_codec, randk
+from medfed.contract.codecs.fp16 import FLOAT16_MAX
+from medfed.contract.codecs.params import kept_count
+from medfed.contract.codecs.randk import random_positions
+from medfed.contract.wire import decode_envelope, encode_envelope
+from medfed.errors import ConfigError, EnvelopeError
+
+SHAPES = hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=6)
+
+
+def float32_tensors(max_magnitude: float = 1e4) -> st.SearchStrategy[np.ndarray]:
+    """Float32 tensors of any small shape, including 0-d, empty and 1-element."""
+    return hnp.arrays(
+        np.float32,
+        SHAPES,
+        elements=st.floats(-max_magnitude, max_magnitude, width=32),
+    )
+
+
+def updates(max_magnitude: float = 1e4) -> st.SearchStrategy[dict[str, np.ndarray]]:
+    return st.dictionaries(
+        st.sampled_from(["w", "b", "layer.0.weight", "bias"]),
+        float32_tensors(max_magnitude),
+        min_size=1,
+        max_size=3,
+    )
+
+
+def round_trip(name: str, params: dict, update: dict[str, np.ndarray]) -> dict:
+    """Encode with one codec instance and decode with one built from its params."""
+    encoder = get_codec(name, params)
+    payload = encoder.encode(update)
+    decoder = get_codec(name, encoder.params)
+    specs = [(key, np.shape(value), "float32") for key, value in update.items()]
+    return decoder.decode(payload, specs)
+
+
+def test_registry_has_all_codecs():
+    assert set(CODECS) >= {"fp32", "fp16", "int8", "topk", "randk"}
+
+
+@given(updates())
+def test_fp32_round_trip_is_exact(update):
+    decoded = round_trip("fp32", {}, update)
+    for key, value in update.items():
+        assert decoded[key].shape == value.shape
+        assert np.array_equal(decoded[key], value)
+
+
+@given(updates(max_magnitude=FLOAT16_MAX))
+def test_fp16_round_trip_within_bound(update):
+    decoded = round_trip("fp16", {}, update)
+    for key, value in update.items():
+        assert decoded[key].shape == value.shape
+        assert decoded[key].dtype == np.float32
+        exact = value.astype(np.float64)
+        error = np.abs(decoded[key].astype(np.float64) - exact)
+        bound = np.maximum(np.abs(exact) * 2.0**-11, 2.0**-25)
+        assert (error <= bound).all()
+
+
+def test_fp16_rejects_overflow():
+    codec = get_codec("fp16")
+    with pytest.raises(EnvelopeError, match=r"above the float16 maximum 65504"):
+        codec.encode({"w": np.array([1.0, 70000.0], np.float32)})
+
+
+@pytest.mark.parametrize("chunk_size", [0, 1, 3, 64])
+@given(update=updates(), seed=st.integers(0, 2**32))
+@settings(max_examples=60)
+def test_int8_round_trip_within_scale(chunk_size, update, seed):
+    codec = get_codec("int8", {"chunk_size": chunk_size, "seed": seed})
+    payload = codec.encode(update)
+    specs = [(key, np.shape(value), "float32") for key, value in update.items()]
+    decoded = get_codec("int8", codec.params).decode(payload, specs)
+    for key, value in update.items():
+        scales = payload[f"{key}.scale"]
+        chunk = chunk_size or max(value.size, 1)
+        per_element = np.repeat(scales.astype(np.float64), chunk)[: value.size]
+        exact = value.reshape(-1).astype(np.float64)
+        error = np.abs(decoded[key].reshape(-1).astype(np.float64) - exact)
+        # |error| < scale, plus the float32 rounding of q * scale.
+        assert (error <= per_element + np.abs(exact) * 2.0**-23).all()
+        assert decoded[key].shape == value.shape
+        assert payload[f"{key}.q"].dtype == np.int8
+        assert scales.size == (1 if chunk_size == 0 else math.ceil(value.size / chunk))
+
+
+@given(update=updates(max_magnitude=1.0), seed=st.integers(0, 2**32))
+@settings(max_examples=60)
+def test_int8_shared_scale_within_scale(update, seed):
+    scale = 1.0 / 127
+    decoded = round_trip("int8", {"scale": scale, "seed": seed}, update)
+    for key, value in update.items():
+        error = np.abs(decoded[key].astype(np.float64) - value.astype(np.float64))
+        assert (error <= np.float32(scale) * (1 + 2.0**-23)).all()
+
+
+def test_int8_shared_scale_clips():
+    decoded = round_trip("int8", {"scale": 0.01}, {"w": np.array([5.0, -5.0], "f4")})
+    assert np.allclose(decoded["w"], [1.27, -1.27])
+
+
+def test_int8_seed_reproduces_payload():
+    update = {"w": np.linspace(-1, 1, 50, dtype=np.float32)}
+    first = get_codec("int8", {"seed": 7}).encode(update)
+    second = get_codec("int8", {"seed": 7}).encode(update)
+    assert np.array_equal(first["w.q"], second["w.q"])
+
+
+@pytest.mark.parametrize("value_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("fraction", [0.01, 0.1, 0.5, 1.0])
+@given(update=updates(max_magnitude=1e3))
+@settings(max_examples=40)
+def test_topk_keeps_largest_values(value_dtype, fraction, update):
+    params = {"fraction": fraction, "value_dtype": value_dtype}
+    codec = get_codec("topk", params)
+    payload = codec.encode(update)
+    specs = [(key, np.shape(value), "float32") for key, value in update.items()]
+    decoded = get_codec("topk", params).decode(payload, specs)
+    for key, value in update.items():
+        flat = value.reshape(-1)
+        indices = payload[f"{key}.indices"]
+        kept = np.zeros(flat.size, dtype=bool)
+        kept[indices] = True
+        expected_count = (
+            0 if flat.size == 0 else max(1, math.floor(fraction * flat.size + 0.5))
+        )
+        assert indices.size == min(expected_count, flat.size)
+        assert indices.dtype == np.int32
+        assert (decoded[key].reshape(-1)[~kept] == 0).all()
+        if value_dtype == "float32":
+            assert np.array_equal(decoded[key].reshape(-1)[kept], flat[kept])
+        else:
+            error = np.abs(decoded[key].reshape(-1)[kept] - flat[kept])
+            assert (error <= np.maximum(np.abs(flat[kept]) * 2.0**-11, 2.0**-25)).all()
+        if kept.any() and (~kept).any():
+            assert np.abs(flat[~kept]).max() <= np.abs(flat[kept]).min()
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.1, 1.0])
+@given(update=updates(max_magnitude=1e3), seed=st.integers(0, 2**63 - 1))
+@settings(max_examples=40)
+def test_randk_unscaled_keeps_exact_values(fraction, update, seed):
+    params = {"fraction": fraction, "seed": seed, "rescale": False}
+    decoded = round_trip("randk", params, update)
+    for key, value in update.items():
+        flat = value.reshape(-1)
+        out = decoded[key].reshape(-1)
+        assert decoded[key].shape == value.shape
+        assert ((out == flat) | (out == 0)).all()
+
+
+@given(update=updates(max_magnitude=1e3), seed=st.integers(0, 2**63 - 1))
+@settings(max_examples=40)
+def test_randk_rescales_by_size_over_kept(update, seed):
+    params = {"fraction": 0.25, "seed": seed}
+    codec = get_codec("randk", params)
+    payload = codec.encode(update)
+    for key, value in update.items():
+        kept = payload[f"{key}.values"].size
+        if kept:
+            # The kept positions are where the decoded tensor is non-zero,
+            # unless the original value there was zero.
+            decoded = round_trip("randk", params, {key: value})[key].reshape(-1)
+            flat = value.reshape(-1).astype(np.float64)
+            ratio = value.size / kept
+            nonzero = decoded != 0
+            assert np.allclose(decoded[nonzero], flat[nonzero] * ratio, rtol=1e-6)
+
+
+def test_randk_draws_fresh_seed_per_encode():
+    codec = get_codec("randk", {"fraction": 0.1})
+    update = {"w": np.arange(1000, dtype=np.float32)}
+    codec.encode(update)
+    first = codec.params["seed"]
+    codec.encode(update)
+    assert codec.params["seed"] != first
+
+
+def test_randk_decoder_requires_seed():
+    codec = get_codec("randk", {"fraction": 0.5})
+    with pytest.raises(EnvelopeError, match="lack the seed"):
+        codec.decode({"w.values": np.zeros(1, np.float32)}, [("w", (2,), "float32")])
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("fp32", {}),
+        ("fp16", {}),
+        ("int8", {"chunk_size": 4}),
+        ("int8", {"scale": 0.5}),
+        ("topk", {"fraction": 0.3, "value_dtype": "float16"}),
+        ("randk", {"fraction": 0.3}),
+    ],
+)
+def test_envelope_round_trip_per_codec(name, params):
+    update = {
+        "w": np.linspace(-2, 2, 60, dtype=np.float32).reshape(6, 10),
+        "b": np.array(0.25, np.float32),
+        "empty": np.zeros((0, 3), np.float32),
+    }
+    envelope = encode_envelope(
+        update,
+        study="study",
+        round_number=1,
+        site="site-a",
+        sample_count=10,
+        nonce="ab" * 8,
+        codec_name=name,
+        codec_params=params,
+        compression="zstd",
+    )
+    decoded = decode_envelope(envelope)
+    assert decoded.header.codec.name == name
+    for key, value in update.items():
+        assert decoded.tensors[key].shape == value.shape
+        assert decoded.tensors[key].dtype == np.float32
+
+
+@pytest.mark.parametrize("name", ["fp16", "int8", "topk", "randk"])
+def test_encode_rejects_nan(name):
+    params = {"fraction": 0.5} if name in ("topk", "randk") else {}
+    codec = get_codec(name, params)
+    with pytest.raises(EnvelopeError, match=r"tensor 'w': it contains NaN or infinite"):
+        codec.encode({"w": np.array([1.0, np.nan], np.float32)})
+
+
+@pytest.mark.parametrize("name", ["fp32", "fp16", "int8"])
+def test_encode_rejects_integer_tensor(name):
+    with pytest.raises(EnvelopeError, match=r"dtype is int64, expected float32"):
+        get_codec(name).encode({"w": np.array([1, 2], np.int64)})
+
+
+INVALID_PARAMS = [
+    ("int8", {"chunk_size": -1}, "parameter chunk_size must be between 0 and"),
+    ("int8", {"chunk_size": 2.5}, "parameter chunk_size must be an integer, got 2.5"),
+    ("int8", {"chunk_size": True}, "parameter chunk_size must be an integer, got True"),
+    ("int8", {"scale": 0}, "parameter scale must be greater than 0.0"),
+    ("int8", {"scale": float("nan")}, "parameter scale must be greater than 0.0"),
+    ("int8", {"scale": "big"}, "parameter scale must be a number, got 'big'"),
+    ("int8", {"scale": 1e-50}, "scale must be representable as a positive float32"),
+    (
+        "int8",
+        {"scale": 0.1, "chunk_size": 8},
+        "chunk_size and scale exclude each other",
+    ),
+    ("int8", {"seed": -3}, "parameter seed must be between 0 and"),
+    ("int8", {"bits": 4}, "codec 'int8' has no parameter 'bits'"),
+    ("topk", {}, "codec 'topk' requires parameter fraction"),
+    (
+        "topk",
+        {"fraction": 0},
+        "parameter fraction must be greater than 0.0 and at most 1.0, got 0",
+    ),
+    (
+        "topk",
+        {"fraction": 1.5},
+        "parameter fraction must be greater than 0.0 and at most 1.0, got 1.5",
+    ),
+    (
+        "topk",
+        {"fraction": 0.1, "value_dtype": "int8"},
+        "value_dtype must be one of float32, float16, got 'int8'",
+    ),
+    ("randk", {"fraction": 0.1, "seed": 2**63}, "parameter seed must be between 0 and"),
+    (
+        "randk",
+        {"fraction": 0.1, "rescale": 1},
+        "parameter rescale must be true or false, got 1",
+    ),
+    (
+        "fp16",
+        {"scale": 1},
+        "codec 'fp16' has no parameter 'scale': its parameters are none",
+    ),
+    ("gzip", {}, "unknown codec 'gzip': choose one of"),
+]
+
+
+@pytest.mark.parametrize(("name", "params", "message"), INVALID_PARAMS)
+def test_invalid_params_rejected(name, params, message):
+    with pytest.raises(ConfigError) as caught:
+        get_codec(name, params)
+    assert message in str(caught.value)
+
+
+def reference_positions(seed, name, size, kept):
+    """The k smallest of all keys, drawn at once, for comparison."""
+    name_hash = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
+    generator = np.random.PCG64(np.random.SeedSequence([seed, name_hash]))
+    keys = generator.random_raw(size)
+    return np.sort(np.argpartition(keys, kept - 1)[:kept])
+
+
+@given(
+    seed=st.integers(0, 2**63 - 1),
+    size=st.integers(1, 5000),
+    fraction=st.floats(0.0001, 1.0),
+    block_size=st.integers(1, 3000),
+)
+def test_randk_positions_match_reference(seed, size, fraction, block_size):
+    kept = kept_count(fraction, size)
+    positions = random_positions(seed, "w", size, kept, block_size=block_size)
+    assert np.array_equal(positions, reference_positions(seed, "w", size, kept))
+
+
+def test_randk_positions_retry_low_threshold(monkeypatch):
+    monkeypatch.setattr(randk, "_initial_threshold", lambda size, kept: 2**40)
+    positions = randk.random_positions(5, "w", 3000, 300, block_size=128)
+    assert np.array_equal(positions, reference_positions(5, "w", 3000, 300))
+
+
+def test_randk_positions_pinned_for_seed():
+    """Site and service must draw the same positions from a seed, across
+    NumPy releases too. These were recorded with NumPy 2.4."""
+    positions = random_positions(12345, "layer.weight", 1000, 10)
+    assert positions.tolist() == [256, 280, 391, 405, 456, 499, 619, 719, 939, 958]

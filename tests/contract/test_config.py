@@ -1,0 +1,115 @@
+from pathlib import Path
+
+import pytest
+
+from medfed.contract.config import load_study_config, parse_study_config
+from medfed.errors import ConfigError
+from tests.conftest import CONFIGS
+
+
+def minimal() -> dict[str, object]:
+    return {
+        "study": "demo",
+        "data": {"dataset": "heart_disease"},
+        "sites": [{"id": "a", "source": "processed.va.data"}, {"id": "b"}],
+        "model": {"name": "logistic_regression", "params": {"in_features": 15}},
+        "training": {"rounds": 2, "learning_rate": 0.1},
+    }
+
+
+@pytest.mark.parametrize(
+    "name", sorted(path.name for path in CONFIGS.glob("heart_disease*.yaml"))
+)
+def test_shipped_configs_validate(name: str) -> None:
+    config = load_study_config(CONFIGS / name)
+
+    assert len(config.sites) == 4
+
+
+def test_defaults_and_quorum() -> None:
+    config = parse_study_config(minimal())
+
+    assert config.quorum == 2
+    assert config.privacy.enabled is False
+    assert config.strategy.name == "fedavg"
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            {"learning_rat": 0.1},
+            "unknown key 'training.learning_rat'; remove it or check its spelling",
+        ),
+        (
+            {"rounds": 0},
+            "training.rounds: Input should be greater than or equal to 1 (got 0)",
+        ),
+        (
+            {"batch_size": "many"},
+            "training.batch_size: Input should be a valid integer",
+        ),
+    ],
+)
+def test_invalid_training_values_name_the_key(
+    change: dict[str, object], expected: str
+) -> None:
+    raw = minimal()
+    raw["training"] = {**raw["training"], **change}  # type: ignore[dict-item]
+
+    with pytest.raises(ConfigError) as raised:
+        parse_study_config(raw)
+
+    assert expected in str(raised.value)
+
+
+def test_invalid_site_identifier() -> None:
+    raw = minimal()
+    raw["sites"] = [{"id": "../etc"}]
+
+    with pytest.raises(ConfigError) as raised:
+        parse_study_config(raw)
+
+    assert "sites.0.id: String should match pattern" in str(raised.value)
+    assert "(got '../etc')" in str(raised.value)
+
+
+def test_duplicate_sites_rejected() -> None:
+    raw = minimal()
+    raw["sites"] = [{"id": "a"}, {"id": "a"}]
+
+    with pytest.raises(ConfigError, match="site ids must be unique; repeated: a"):
+        parse_study_config(raw)
+
+
+def test_privacy_requires_budget() -> None:
+    raw = minimal()
+    raw["privacy"] = {"enabled": True, "epsilon": 1.0}
+
+    with pytest.raises(ConfigError) as raised:
+        parse_study_config(raw)
+
+    assert (
+        "privacy.epsilon and privacy.delta are required when privacy.enabled is true"
+        in str(raised.value)
+    )
+
+
+def test_quorum_larger_than_sites_rejected() -> None:
+    raw = minimal()
+    raw["round"] = {"quorum": 3}
+
+    with pytest.raises(
+        ConfigError, match=r"round\.quorum is 3 but the study has only 2 sites"
+    ):
+        parse_study_config(raw)
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("study: [unclosed")
+
+    with pytest.raises(ConfigError, match="not found; pass the path of a YAML file"):
+        load_study_config(tmp_path / "absent.yaml")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_study_config(broken)

@@ -1,0 +1,105 @@
+"""The command line as a user meets it: exit codes and one-line errors."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CONFIGS
+
+
+def run_medfed(
+    *arguments: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    # The command uses its own default tracking store (mlflow.db in cwd)
+    # unless a test sets one, whatever fixtures set in this process.
+    environment = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run(
+        [sys.executable, "-m", "medfed", *arguments],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**environment, **(env or {})},
+        check=False,
+    )
+
+
+def test_unknown_config_key_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "study.yaml"
+    config.write_text(
+        (CONFIGS / "heart_disease.yaml")
+        .read_text()
+        .replace("batch_size:", "batch_sise:")
+    )
+
+    result = run_medfed("run", str(config), cwd=tmp_path)
+
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert (
+        "unknown key 'training.batch_sise'; remove it or check its spelling"
+        in result.stderr
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_config_exits_with_config_code(tmp_path: Path) -> None:
+    result = run_medfed("run", "nowhere.yaml", cwd=tmp_path)
+
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == "medfed: error: study config 'nowhere.yaml' not found; pass the path of a YAML file"
+    )
+
+
+def test_altered_data_exits_with_data_code(tmp_path: Path, data_root: Path) -> None:
+    folder = tmp_path / "data" / "heart-disease"
+    folder.mkdir(parents=True)
+    for path in (data_root / "heart-disease").glob("processed.*.data"):
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "processed.va.data").write_bytes(b"1,2,3\n")
+
+    result = run_medfed(
+        "run",
+        str(CONFIGS / "heart_disease_nodp.yaml"),
+        cwd=tmp_path,
+        env={"MEDFED_DATA_DIR": str(tmp_path / "data")},
+    )
+
+    assert result.returncode != 0
+    assert "processed.va.data has SHA-256" in result.stderr
+    assert "replace it with the original file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_run_prints_table_and_summary(tmp_path: Path) -> None:
+    import json
+
+    summary_path = tmp_path / "summary.json"
+    result = run_medfed(
+        "run",
+        str(CONFIGS / "heart_disease_nodp.yaml"),
+        "--summary-json",
+        str(summary_path),
+        cwd=tmp_path,
+    )
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "pooled" in result.stdout
+    summary = json.loads(summary_path.read_text())
+    for key in (
+        "pooled_test_accuracy",
+        "pooled_test_auc",
+        "wall_seconds",
+        "rounds",
+        "sites",
+    ):
+        assert key in summary, key
+    for values in summary["sites"].values():
+        assert {"test_accuracy", "epsilon_spent", "train_records"} <= set(values)
+    assert (tmp_path / "mlflow.db").exists()
