@@ -28,6 +28,7 @@ __all__ = [
     "CompressionConfig",
     "DataConfig",
     "ModelConfig",
+    "PartitionConfig",
     "PrivacyConfig",
     "RoundConfig",
     "SiteConfig",
@@ -56,12 +57,35 @@ class SiteConfig(_Strict):
     delta: float | None = Field(default=None, gt=0, lt=1)
 
 
+class PartitionConfig(_Strict):
+    """How a public dataset's training split is divided among the sites.
+
+    Used by benchmark datasets (``pneumoniamnist``); ``name`` is a registered
+    partitioner (``iid``, ``label_skew``, ``quantity_skew``) and ``params``
+    its keyword arguments, e.g. ``{alpha: 0.5}`` for ``label_skew``.
+    """
+
+    name: str = "iid"
+    params: dict[str, Any] = Field(default_factory=dict)
+    #: Fewest training samples any site may receive.
+    min_samples: int = Field(default=50, ge=1)
+
+
 class DataConfig(_Strict):
     dataset: Literal["heart_disease", "pneumoniamnist"]
     #: Data root; when unset, ``MEDFED_DATA_DIR``, then ``../shared/data``.
     root: str | None = None
     test_fraction: float = Field(default=0.34, gt=0, lt=1)
     seed: int = 42
+    partition: PartitionConfig = PartitionConfig()
+    #: Share of each imaging site's partition held out as its validation split.
+    val_fraction: float = Field(default=0.1, gt=0, lt=1)
+    #: Strength in [0, 1] of the per-site scanner intensity profile; 0 = none.
+    feature_skew: float = Field(default=0.0, ge=0, le=1)
+    #: Image intensities: ``scale`` to [0, 1] or ``standardize`` per site.
+    normalization: Literal["scale", "standardize"] = "scale"
+    #: Random affine moves (no flips) of each training batch of images.
+    augment: bool = False
 
 
 class ModelConfig(_Strict):

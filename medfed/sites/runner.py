@@ -32,6 +32,7 @@ from medfed.errors import BudgetExceededError
 from medfed.sites.client import AggregationClient
 from medfed.sites.compression import build_update_encoder
 from medfed.sites.data import load_split, prepare_site_data
+from medfed.sites.data.augment import RandomAffine
 from medfed.sites.data.root import resolve_data_root
 from medfed.sites.error_feedback import ErrorFeedback
 from medfed.sites.privacy import PrivacyLedger
@@ -380,6 +381,7 @@ class SiteRunner:
             weight_decay=training.weight_decay,
             max_grad_norm=ledger.max_grad_norm if ledger else None,
             noise_multiplier=ledger.noise_multiplier if ledger else None,
+            augmentation=RandomAffine() if self.config.data.augment else None,
             proximal_mu=self._site_settings().get("proximal_mu"),
         )
 

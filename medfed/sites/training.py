@@ -7,6 +7,11 @@ Under DP the site samples each batch by Poisson sampling with rate
 An epoch is ``int(records / batch_size)`` such steps, which is what the
 privacy ledger counts. Randomness comes from generators seeded per site and
 round, so a round replays bit for bit.
+
+Models whose trainable layers ``medfed.sites.fastdp`` supports (convolutions,
+linear layers, GroupNorm) take the one-backward-pass DP-SGD step, which
+computes the same clipped, noised gradient as Opacus' hooks with the same
+batches and noise draws. Other models use Opacus' ``GradSampleModule``.
 """
 
 import logging
@@ -20,6 +25,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from medfed.errors import ConfigError
+from medfed.sites.data.augment import RandomAffine
+from medfed.sites.fastdp import poisson_batches, private_gradient, supports_fast_dp
 from medfed.sites.regularizers import apply_proximal_step
 
 __all__ = [
@@ -44,6 +51,9 @@ class LocalTrainingSettings:
     #: Per-record clipping norm; None trains without DP.
     max_grad_norm: float | None = None
     noise_multiplier: float | None = None
+    #: Random affine moves of image batches (B, C, H, W); None trains on the
+    #: stored images as they are.
+    augmentation: RandomAffine | None = None
     #: FedProx strength; each step is followed by the proximal step toward the
     #: round's starting weights (see ``medfed.sites.regularizers``).
     proximal_mu: float | None = None
@@ -87,8 +97,11 @@ def train_locally(
         labels: float labels in {0, 1}, shape (records,).
         seed: seeds batch sampling and DP noise for this site and round.
     """
+    if settings.private and supports_fast_dp(model):
+        return _train_fast_dp(model, inputs, labels, settings, seed=seed)
     dataset = TensorDataset(inputs, labels)
     sampling = torch.Generator().manual_seed(seed)
+    augmenting = torch.Generator().manual_seed(seed + 2)
     start = {
         name: parameter.detach().numpy().copy()
         for name, parameter in model.named_parameters()
@@ -130,6 +143,8 @@ def train_locally(
                 # happens (and is counted) with a zero gradient plus noise.
                 loss = (trained(inputs[:1]) * 0).sum()
             else:
+                if settings.augmentation is not None:
+                    batch_inputs = settings.augmentation(batch_inputs, augmenting)
                 loss = loss_function(trained(batch_inputs), batch_labels)
             loss.backward()
             optimizer.step()
@@ -145,6 +160,71 @@ def train_locally(
     if isinstance(trained, GradSampleModule):
         trained._close()
     return TrainingResult(steps=steps, mean_loss=loss_total / max(steps, 1))
+
+
+def _train_fast_dp(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    settings: LocalTrainingSettings,
+    *,
+    seed: int,
+) -> TrainingResult:
+    """Train with ``private_gradient``: Poisson batches, clip, noise, SGD step.
+
+    The generators are seeded as in the Opacus path (sampling ``seed``,
+    noise ``seed + 1``), so both paths draw the same batches and noise.
+    """
+    assert settings.max_grad_norm is not None and settings.noise_multiplier is not None
+    sampling = torch.Generator().manual_seed(seed)
+    noise = torch.Generator().manual_seed(seed + 1)
+    augmenting = torch.Generator().manual_seed(seed + 2)
+    start = {
+        name: parameter.detach().numpy().copy()
+        for name, parameter in model.named_parameters()
+    }
+    optimizer = _sgd(model, settings)
+    model.train()
+    steps = 0
+    loss_total = 0.0
+    for _ in range(settings.epochs):
+        for indices in poisson_batches(
+            len(labels),
+            sample_rate=dp_sample_rate(len(labels), settings.batch_size),
+            generator=sampling,
+        ):
+            batch_inputs, batch_labels = inputs[indices], labels[indices]
+            if settings.augmentation is not None:
+                batch_inputs = settings.augmentation(batch_inputs, augmenting)
+            optimizer.zero_grad(set_to_none=True)
+            step = private_gradient(
+                model,
+                _per_sample_bce,
+                batch_inputs,
+                batch_labels,
+                max_grad_norm=settings.max_grad_norm,
+                noise_multiplier=settings.noise_multiplier,
+                expected_batch_size=settings.batch_size,
+                generator=noise,
+            )
+            optimizer.step()
+            if settings.proximal_mu:
+                apply_proximal_step(
+                    model,
+                    start,
+                    mu=settings.proximal_mu,
+                    learning_rate=settings.learning_rate,
+                )
+            steps += 1
+            if len(step.losses):
+                loss_total += float(step.losses.mean())
+    return TrainingResult(steps=steps, mean_loss=loss_total / max(steps, 1))
+
+
+def _per_sample_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return nn.functional.binary_cross_entropy_with_logits(
+        logits, labels, reduction="none"
+    )
 
 
 def _sgd(model: nn.Module, settings: LocalTrainingSettings) -> torch.optim.SGD:

@@ -34,7 +34,10 @@ def build_model(name: str, **params: Any) -> nn.Module:
     Raises:
         ConfigError: no model has that name, or a parameter is invalid.
     """
-    from medfed.contract.models import logistic  # noqa: F401  (registers built-ins)
+    from medfed.contract.models import (  # noqa: F401  (registers built-ins)
+        logistic,
+        resnet,
+    )
 
     if name not in MODELS:
         raise ConfigError(
@@ -42,5 +45,5 @@ def build_model(name: str, **params: Any) -> nn.Module:
         )
     try:
         return MODELS[name](**params)
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
         raise ConfigError(f"invalid parameters for model {name!r}: {error}") from None

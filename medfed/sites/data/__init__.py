@@ -37,6 +37,24 @@ def prepare_site_data(
             test_fraction=config.data.test_fraction,
             seed=config.data.seed,
         )
+    if config.data.dataset == "pneumoniamnist":
+        from medfed.sites.data.pneumonia import preprocess_pneumonia_site
+
+        data = config.data
+        return preprocess_pneumonia_site(
+            data_root,
+            out_dir,
+            site_index=[s.id for s in config.sites].index(site_id),
+            sites=len(config.sites),
+            seed=data.seed,
+            partition=data.partition.name,
+            partition_params=data.partition.params,
+            min_samples=data.partition.min_samples,
+            val_fraction=data.val_fraction,
+            feature_skew=data.feature_skew,
+            normalization=data.normalization,
+            include_test=True,
+        )
     raise DataError(f"dataset {config.data.dataset!r} has no site preprocessing yet")
 
 
@@ -68,4 +86,8 @@ def _load_split_cached(
         return torch.from_numpy(loaded.features.copy()), torch.from_numpy(
             loaded.labels.copy()
         )
+    if dataset == "pneumoniamnist":
+        from medfed.sites.data.imaging import load_image_split
+
+        return load_image_split(path.parent, path.stem)
     raise DataError(f"dataset {dataset!r} has no loader yet")

@@ -1,0 +1,117 @@
+"""Run the three PneumoniaMNIST studies and record test AUC, accuracy and wall time.
+
+Runs, one after the other in local mode (``medfed run``), the centralized
+baseline (``configs/pneumonia_central.yaml``), federated training without DP
+(``configs/pneumonia_nodp.yaml``) and federated training with DP-SGD at
+epsilon 8 per site (``configs/pneumonia.yaml``). Each study's summary is kept
+in ``benchmarks/results/pneumonia_<name>.json``; the figures that matter are
+collected in ``benchmarks/results/pneumonia_studies.json``. The test metrics
+are pooled over the sites' shares of the official test split, which together
+are the whole split (624 images).
+
+Run: ``python benchmarks/pneumonia_studies.py [--only central nodp dp] [--rounds N]``
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+STUDIES = {
+    "central": "configs/pneumonia_central.yaml",
+    "nodp": "configs/pneumonia_nodp.yaml",
+    "dp": "configs/pneumonia.yaml",
+}
+TARGETS = {
+    "central": {"auc": 0.944, "accuracy": 0.854},
+    "nodp": {"auc": 0.94},
+    "dp": {"auc": 0.93, "accuracy": 0.85},
+}
+MAX_WALL_SECONDS = 20 * 60
+
+
+def run_study(
+    name: str, work_root: Path, rounds: int | None = None
+) -> dict[str, object]:
+    summary_path = RESULTS / f"pneumonia_{name}.json"
+    config_path = ROOT / STUDIES[name]
+    if rounds is not None:
+        raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        raw["training"]["rounds"] = rounds
+        work_root.mkdir(parents=True, exist_ok=True)
+        config_path = work_root / f"{name}-{rounds}-rounds.yaml"
+        config_path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+
+    started = time.monotonic()
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from medfed.cli import main; main()",
+            "run",
+            str(config_path),
+            "--summary-json",
+            str(summary_path),
+            "--work-dir",
+            str(work_root / name),
+        ],
+        cwd=ROOT,
+        check=True,
+    )
+    wall = time.monotonic() - started
+
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    sites = summary["sites"]
+    epsilons = [v.get("epsilon_spent") for v in sites.values()]
+    auc = summary["pooled_test_auc"]
+    accuracy = summary["pooled_test_accuracy"]
+    targets = TARGETS[name]
+    return {
+        "config": STUDIES[name],
+        "rounds_override": rounds,
+        "rounds": summary["rounds"],
+        "test_auc": auc,
+        "test_accuracy": accuracy,
+        "wall_seconds": wall,
+        "max_epsilon_spent": max((e for e in epsilons if e is not None), default=None),
+        "targets": targets,
+        "meets_targets": (
+            auc >= targets["auc"]
+            and accuracy >= targets.get("accuracy", 0.0)
+            and wall <= MAX_WALL_SECONDS
+        ),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--only", nargs="+", choices=sorted(STUDIES), help="studies to run; default all"
+    )
+    parser.add_argument(
+        "--rounds", type=int, help="override every study's training.rounds"
+    )
+    parser.add_argument(
+        "--work-root",
+        type=Path,
+        default=ROOT / ".medfed" / "bench",
+        help="folder for the studies' state",
+    )
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    output = RESULTS / "pneumonia_studies.json"
+    results = json.loads(output.read_text()) if output.exists() else {}
+    for name in args.only or list(STUDIES):
+        results[name] = run_study(name, args.work_root, args.rounds)
+        output.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        print(json.dumps({name: results[name]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
