@@ -226,15 +226,7 @@ class _Coordinator:
                 continue
             version, reports = result.version, result.reports
             self.last_round = round_number
-            evaluated = _gather({
-                site: self.evaluation_task.submit(self.config, site, version, self.aggregation_url, self.site_dirs[site])
-                for site in self.sites
-            })  # fmt: skip
-            self.evaluations = {
-                site: EvaluationAggregates(**value)
-                for site, value in evaluated.items()
-                if not isinstance(value, BaseException)
-            }
+            self._evaluate(version)
             pooled = pool(list(self.evaluations.values()))
             tracker.log_round(version, self.evaluations, pooled, reports)
             self.round_seconds.append(time.monotonic() - round_started)
@@ -363,6 +355,18 @@ class _Coordinator:
             return _RoundResult(None, reports, stop=True)
         return _RoundResult(None, reports)
 
+    def _evaluate(self, version: int) -> None:
+        """Have every site evaluate model ``version``; keep the aggregates."""
+        evaluated = _gather({
+            site: self.evaluation_task.submit(self.config, site, version, self.aggregation_url, self.site_dirs[site])
+            for site in self.sites
+        })  # fmt: skip
+        self.evaluations = {
+            site: EvaluationAggregates(**value)
+            for site, value in evaluated.items()
+            if not isinstance(value, BaseException)
+        }
+
     def _finish(
         self,
         client: AggregationClient,
@@ -372,15 +376,7 @@ class _Coordinator:
     ) -> dict[str, Any]:
         final = client.download_model(self.config.study, version)
         if not self.evaluations:
-            evaluated = _gather({
-                site: self.evaluation_task.submit(self.config, site, version, self.aggregation_url, self.site_dirs[site])
-                for site in self.sites
-            })  # fmt: skip
-            self.evaluations = {
-                site: EvaluationAggregates(**value)
-                for site, value in evaluated.items()
-                if not isinstance(value, BaseException)
-            }
+            self._evaluate(version)
         lineage = _lineage(self.config, prepared, self.last_reports)
         registered = tracker.register_model(
             load_safetensors(weights_to_safetensors(final.weights)),
