@@ -7,7 +7,7 @@ import numpy as np
 from medfed.aggregation.params import require_float, require_matching_tensors
 from medfed.aggregation.strategies.base import Strategy, Weights, register_strategy
 
-__all__ = ["FedAvg"]
+__all__ = ["FedAvg", "server_step"]
 
 
 @register_strategy
@@ -33,11 +33,20 @@ class FedAvg(Strategy):
         global_weights: Mapping[str, np.ndarray],
         mean_delta: Mapping[str, np.ndarray],
     ) -> Weights:
-        require_matching_tensors(global_weights, mean_delta)
-        return {
-            key: (
-                np.asarray(value, np.float64)
-                + self.server_learning_rate * np.asarray(mean_delta[key], np.float64)
-            ).astype(np.float32)
-            for key, value in global_weights.items()
-        }
+        return server_step(global_weights, mean_delta, self.server_learning_rate)
+
+
+def server_step(
+    global_weights: Mapping[str, np.ndarray],
+    mean_delta: Mapping[str, np.ndarray],
+    learning_rate: float,
+) -> Weights:
+    """Return ``global_weights + learning_rate * mean_delta``, computed in float64."""
+    require_matching_tensors(global_weights, mean_delta)
+    return {
+        key: (
+            np.asarray(value, np.float64)
+            + learning_rate * np.asarray(mean_delta[key], np.float64)
+        ).astype(np.float32)
+        for key, value in global_weights.items()
+    }

@@ -28,6 +28,7 @@ from medfed.aggregation.strategies.base import (
     Weights,
     register_strategy,
 )
+from medfed.aggregation.strategies.fedavg import server_step
 from medfed.aggregation.strategies.server_optimizer import load_prefixed_state
 from medfed.errors import AggregationError
 
@@ -89,14 +90,7 @@ class Scaffold(Strategy):
         global_weights: Mapping[str, np.ndarray],
         mean_delta: Mapping[str, np.ndarray],
     ) -> Weights:
-        require_matching_tensors(global_weights, mean_delta)
-        return {
-            key: (
-                np.asarray(value, np.float64)
-                + self.server_learning_rate * np.asarray(mean_delta[key], np.float64)
-            ).astype(np.float32)
-            for key, value in global_weights.items()
-        }
+        return server_step(global_weights, mean_delta, self.server_learning_rate)
 
     def control_variate(self, global_weights: Mapping[str, np.ndarray]) -> Weights:
         """Return ``c`` as float32, zeros of the model's shapes before round one."""
