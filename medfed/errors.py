@@ -1,7 +1,7 @@
 """One exception root for medfed, with typed subclasses.
 
 The CLI maps each subclass to an exit code and prints its message on one line,
-so every message must say what is wrong, on which value, and what to do.
+so every message must state what is wrong, on which value, and what to do.
 """
 
 __all__ = [
@@ -72,7 +72,7 @@ class AggregationError(MedfedError):
 
 
 class QuorumError(AggregationError):
-    """Fewer sites answered than the round's quorum requires."""
+    """Fewer sites uploaded than the round's quorum requires."""
 
     exit_code = 8
 

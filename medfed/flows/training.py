@@ -117,7 +117,7 @@ def federated_training(
     """Train the study's model across its sites; return the study summary.
 
     With ``resume`` the flow continues the study recorded in ``work_dir``
-    and on the aggregation service from its last finished round; an open
+    and on the aggregation service from its last finished round. An open
     round is completed without retraining the sites that already uploaded.
     With ``deployed_sites`` each site's work runs in its own work pool
     ``site-<id>`` (see ``medfed.flows.deployments``), and every remote run
@@ -194,7 +194,7 @@ class _Coordinator:
             return None
         if not resume:
             raise ConfigError(
-                f"{self.work_dir} already holds study {self.config.study!r}; pass "
+                f"{self.work_dir} already contains study {self.config.study!r}; pass "
                 "--resume to continue it, or choose a new --work-dir"
             )
         run_id: str = json.loads(self.state_path.read_text(encoding="utf-8"))[

@@ -1,6 +1,6 @@
 """What a site does in a round: prepare data, train under DP, upload, evaluate.
 
-``SiteRunner`` holds one site's state directory, which contains everything the
+``SiteRunner`` owns one site's state directory, which contains everything the
 site keeps between rounds (preprocessed data, the privacy ledger). Only model
 updates, sample counts, aggregate metrics and privacy spent leave the site.
 """
@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SiteRoundReport:
-    """What a site reports to the coordinator after a round."""
+    """A site's report to the coordinator after a round."""
 
     site: str
     round: int
@@ -87,7 +87,7 @@ def connect_site(
 
     When ``MEDFED_KIT_DIR`` names the site's startup kit (deployment mode),
     the client authenticates with the kit's certificate and uploads are
-    signed with its key; otherwise (local mode) both are plain.
+    signed with its key. Otherwise (local mode) both are plain.
 
     The connection is opened once per service URL and kit and then reused
     for the life of the process: building an ``httpx.Client`` loads a CA
@@ -205,7 +205,7 @@ class SiteRunner:
         """Train on the round's base model and upload the update.
 
         A round that would exceed the site's privacy budget is rejected before
-        any training; the report says so and nothing is uploaded. In a study
+        any training, so nothing is uploaded and the report gives the reason. In a study
         with ``secure_aggregation: masking`` the upload runs the masking
         protocol with the other sites (``_upload_masked``).
         """
@@ -386,7 +386,7 @@ class SiteRunner:
         )
 
     def _site_settings(self) -> dict[str, float]:
-        # The site builds the study's strategy only to read what it asks of
+        # The site builds the study's strategy only to read what it requires of
         # sites (FedProx's mu); aggregation stays at the service.
         return build_study_strategy(self.config.strategy_settings()).site_settings()
 

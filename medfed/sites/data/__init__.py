@@ -64,7 +64,7 @@ def load_split(
     """Read a preprocessed split as (inputs, labels) tensors.
 
     Splits are cached per file version, so a site reads its Parquet once per
-    study rather than once per round; callers must not modify the tensors.
+    study rather than once per round. Callers must not modify the tensors.
     """
     path = site_dir / f"{split}.parquet"
     if not path.exists():
