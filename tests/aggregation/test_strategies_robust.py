@@ -110,13 +110,26 @@ def test_krum_three_updates_without_byzantine() -> None:
     assert result["w"][0] == pytest.approx(0.7)
 
 
+def test_krum_one_byzantine_among_three_picks_middle(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # f = 1, n = 3: n - f - 2 = 0, so each update is scored against its one
+    # nearest neighbour: 0.2 scores 0.25, 0.7 and 1.0 both 0.09; the tie goes
+    # to the earlier update, 0.7. Three updates are below 2f + 3 = 5.
+    updates = updates_of([0.2, 0.7, 1.0])
+    with caplog.at_level("WARNING", logger="medfed.aggregation.wrappers.krum"):
+        result = robust("krum", f=1).aggregate(vector(0.0), updates)
+    assert result["w"][0] == pytest.approx(0.7)
+    assert "its guarantee needs 5 (2f + 3)" in caplog.text
+
+
 def test_krum_rejects_too_few_updates() -> None:
     updates = updates_of([0.2, 0.7, 1.0])
     with pytest.raises(
         AggregationError,
-        match=r"Krum with f=1 needs at least 5 updates \(2f \+ 3\), got 3",
+        match=r"Krum with f=2 needs at least 4 updates \(f \+ 2\), got 3",
     ):
-        robust("krum", f=1).aggregate(vector(0.0), updates)
+        robust("krum", f=2).aggregate(vector(0.0), updates)
 
 
 def test_multi_krum_weighted_mean_of_kept() -> None:

@@ -1,10 +1,15 @@
 """Krum and Multi-Krum (Blanchard et al., NeurIPS 2017).
 
 Each update's score is the sum of squared L2 distances to its
-``n - f - 2`` nearest other updates, where ``f`` is the number of Byzantine
-sites tolerated. Krum keeps the update with the lowest score; Multi-Krum
-keeps the ``m`` lowest and averages them weighted by sample count. The
-guarantee needs ``n >= 2f + 3`` updates, which is checked at aggregation.
+``n - f - 2`` nearest other updates (at least one), where ``f`` is the number
+of Byzantine sites tolerated. Krum keeps the update with the lowest score;
+Multi-Krum keeps the ``m`` lowest and averages them weighted by sample count.
+Among equal scores the earlier update wins.
+
+Blanchard et al.'s guarantee needs ``n >= 2f + 3`` updates. With fewer, down
+to ``f + 2``, the rule still runs, scoring against one neighbour, and logs a
+warning that the guarantee does not hold; a round with fewer than ``f + 2``
+updates is refused.
 Distances cover the delta only; a kept site's extras (SCAFFOLD's control
 delta) travel with it.
 """
@@ -34,14 +39,20 @@ def krum_scores(updates: Sequence[SiteUpdate], byzantine: int) -> np.ndarray:
     """Return each update's Krum score, shape (n,).
 
     Raises:
-        AggregationError: fewer than ``2 * byzantine + 3`` updates.
+        AggregationError: fewer than ``byzantine + 2`` updates.
     """
     count = len(updates)
-    if count < 2 * byzantine + 3:
+    if count < byzantine + 2:
         raise AggregationError(
-            f"Krum with f={byzantine} needs at least {2 * byzantine + 3} updates "
-            f"(2f + 3), got {count}; lower f or wait for more sites"
+            f"Krum with f={byzantine} needs at least {byzantine + 2} updates "
+            f"(f + 2), got {count}; lower f or wait for more sites"
         )
+    if count < 2 * byzantine + 3:
+        logger.warning(
+            "Krum with f=%d over %d updates: its guarantee needs %d (2f + 3), "
+            "so a Byzantine update may still be kept",
+            byzantine, count, 2 * byzantine + 3,
+        )  # fmt: skip
     flat = np.stack(
         [
             np.concatenate(
@@ -57,7 +68,7 @@ def krum_scores(updates: Sequence[SiteUpdate], byzantine: int) -> np.ndarray:
     distances = squared_norms[:, None] + squared_norms[None, :] - 2 * flat @ flat.T
     # Rounding can make a tiny squared distance negative.
     distances = np.maximum(distances, 0.0)
-    neighbours = count - byzantine - 2
+    neighbours = max(1, count - byzantine - 2)
     scores = np.empty(count)
     for index in range(count):
         others = np.delete(distances[index], index)
