@@ -7,9 +7,8 @@ Multi-Krum keeps the ``m`` lowest and averages them weighted by sample count.
 Among equal scores the earlier update wins.
 
 Blanchard et al.'s guarantee needs ``n >= 2f + 3`` updates. With fewer, down
-to ``f + 2``, the rule still runs, scoring against one neighbour, and logs a
-warning that the guarantee does not hold; a round with fewer than ``f + 2``
-updates is refused.
+to ``f + 2``, the rule still runs against one neighbour and logs a warning
+that the guarantee does not hold. Below ``f + 2`` it raises AggregationError.
 Distances cover the delta only; a kept site's extras (SCAFFOLD's control
 delta) travel with it.
 """
