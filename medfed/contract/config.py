@@ -94,13 +94,35 @@ class ModelConfig(_Strict):
 
 
 class TrainingConfig(_Strict):
+    """Local training at the sites.
+
+    Attributes:
+        learning_schedule: ``constant`` keeps ``learning_rate`` in every round;
+            ``cosine`` lowers it from ``learning_rate`` in the first round
+            toward zero over ``rounds`` (half a cosine wave, one value per round).
+        positive_weight: weight of the positive class in the loss
+            (``pos_weight`` of ``BCEWithLogitsLoss``). A study lead sets it
+            from public figures such as negatives / positives in a benchmark's
+            training split, never from a site's own counts, so that the loss
+            reveals nothing about any site.
+    """
+
     rounds: int = Field(ge=1, le=100_000)
     local_epochs: int = Field(default=1, ge=1, le=1000)
     batch_size: int = Field(default=16, ge=1, le=1_000_000)
     learning_rate: float = Field(gt=0, le=100)
+    learning_schedule: Literal["constant", "cosine"] = "constant"
     momentum: float = Field(default=0.0, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
+    positive_weight: float | None = Field(default=None, gt=0, le=1000)
     seed: int = 0
+
+    def round_learning_rate(self, round_number: int) -> float:
+        """Return the local learning rate of round ``round_number`` (from 1)."""
+        if self.learning_schedule == "constant":
+            return self.learning_rate
+        progress = (min(max(round_number, 1), self.rounds) - 1) / self.rounds
+        return self.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class WrapperConfig(_Strict):
@@ -137,11 +159,31 @@ class PrivacyConfig(_Strict):
         return self
 
 
+class ParticipationConfig(_Strict):
+    """Which sites the coordinator asks to train in each round.
+
+    Each round takes ``max(minimum, ceil(fraction * sites))`` sites, drawn
+    without replacement from the study's seed and the round number, so a
+    resumed study asks the same sites again. ``weighted`` draws sites with
+    probability proportional to their training-record counts.
+    """
+
+    fraction: float = Field(default=1.0, gt=0, le=1)
+    minimum: int = Field(default=1, ge=1)
+    weighted: bool = False
+
+    def round_size(self, site_count: int) -> int:
+        """Return the number of sites chosen per round among ``site_count``."""
+        return min(site_count, max(self.minimum, math.ceil(self.fraction * site_count)))
+
+
 class RoundConfig(_Strict):
     #: Seconds a round waits for uploads before it closes with the quorum.
     deadline_seconds: float = Field(default=600.0, gt=0)
-    #: Minimum number of uploads to finalize a round; default: a majority.
+    #: Minimum number of uploads to finalize a round; default: a majority of
+    #: the sites chosen for the round.
     quorum: int | None = Field(default=None, ge=1)
+    participation: ParticipationConfig = ParticipationConfig()
 
 
 class AggregationConfig(_Strict):
@@ -161,8 +203,18 @@ class AggregationConfig(_Strict):
 
 
 class EvaluationConfig(_Strict):
-    #: Number of equal-width bins over [0, 1] for score histograms.
+    """Federated evaluation of each global model.
+
+    Attributes:
+        histogram_bins: equal-width bins over [0, 1] for score histograms.
+        operating_point: ``fixed`` predicts positive from score 0.5;
+            ``youden`` picks, after every round, the threshold that maximizes
+            Youden's J on the sites' pooled validation histograms, and reports
+            accuracy at it. It needs a dataset with validation splits.
+    """
+
     histogram_bins: int = Field(default=200, ge=2, le=10_000)
+    operating_point: Literal["fixed", "youden"] = "fixed"
 
 
 class TrackingConfig(_Strict):
@@ -208,6 +260,20 @@ class StudyConfig(_Strict):
                 f"round.quorum is {self.round.quorum} but the study has only "
                 f"{len(self.sites)} sites"
             )
+        round_size = self.round.participation.round_size(len(self.sites))
+        if self.round.quorum is not None and self.round.quorum > round_size:
+            raise ValueError(
+                f"round.quorum is {self.round.quorum} but round.participation "
+                f"chooses only {round_size} sites per round; lower the quorum or "
+                "raise participation.fraction or participation.minimum"
+            )
+        if round_size < len(self.sites) and self.secure_aggregation.mode != "none":
+            raise ValueError(
+                f"round.participation chooses {round_size} of {len(self.sites)} "
+                f"sites per round, but {self.secure_aggregation.mode} secure "
+                "aggregation runs with every site of the study; set "
+                "participation.fraction: 1 or secure_aggregation.mode: none"
+            )
         if self.secure_aggregation.mode == "ckks":
             raise ValueError(
                 "secure_aggregation mode 'ckks' is not available in studies yet: "
@@ -218,6 +284,14 @@ class StudyConfig(_Strict):
             self.compression.check(self.secure_aggregation.mode)
         except ConfigError as error:
             raise ValueError(str(error)) from None
+        if (
+            self.evaluation.operating_point == "youden"
+            and self.data.dataset == "heart_disease"
+        ):
+            raise ValueError(
+                "evaluation.operating_point 'youden' needs validation splits, and "
+                "heart_disease sites keep only train and test splits; use 'fixed'"
+            )
         return self
 
     @model_validator(mode="after")
@@ -250,9 +324,11 @@ class StudyConfig(_Strict):
 
     @property
     def quorum(self) -> int:
+        """Return the uploads a round needs: the configured quorum, or a
+        majority of the sites chosen per round."""
         if self.round.quorum is not None:
             return self.round.quorum
-        return math.floor(len(self.sites) / 2) + 1
+        return self.round.participation.round_size(len(self.sites)) // 2 + 1
 
     def site_budget(self, site_id: str) -> tuple[float, float]:
         """Return the (epsilon, delta) budget of ``site_id`` for the study."""

@@ -10,11 +10,16 @@ negative pairs that fall in one bin.
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-__all__ = ["EvaluationAggregates", "auc_from_histograms", "pool"]
+__all__ = [
+    "EvaluationAggregates",
+    "auc_from_histograms",
+    "pool",
+    "youden_threshold",
+]
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,28 @@ class EvaluationAggregates:
     @property
     def auc(self) -> float:
         return auc_from_histograms(self.negative_histogram, self.positive_histogram)
+
+    def at_threshold(self, threshold: float) -> "EvaluationAggregates":
+        """Return these aggregates with ``correct`` counted at ``threshold``.
+
+        A record counts as predicted positive when its score is at least
+        ``threshold``. The count comes from the histograms, so it is exact
+        only when ``threshold`` is a bin edge, which is checked.
+
+        Raises:
+            ValueError: ``threshold`` is not an edge of the histogram bins.
+        """
+        bins = len(self.negative_histogram)
+        edge = round(threshold * bins)
+        if not 0 <= edge <= bins or abs(edge / bins - threshold) > 1e-9:
+            raise ValueError(
+                f"threshold {threshold} is not an edge of the {bins} histogram "
+                "bins on [0, 1]; choose a multiple of 1 / bins"
+            )
+        correct = sum(self.negative_histogram[:edge]) + sum(
+            self.positive_histogram[edge:]
+        )
+        return replace(self, correct=int(correct))
 
     @classmethod
     def from_scores(
@@ -90,3 +117,27 @@ def pool(results: Sequence[EvaluationAggregates]) -> EvaluationAggregates:
             [r.positive_histogram for r in results], axis=0
         ).tolist(),
     )
+
+
+def youden_threshold(aggregates: EvaluationAggregates) -> float:
+    """Return the bin edge that maximizes Youden's J on these aggregates.
+
+    J is sensitivity + specificity - 1 when records scoring at least the
+    threshold are predicted positive. J does not depend on the share of
+    positives, so a threshold chosen on sites' validation splits carries over
+    to a test set with another prevalence. Among equal J the edge nearest 0.5
+    wins; with a class absent the threshold stays 0.5.
+    """
+    negative = np.asarray(aggregates.negative_histogram, np.float64)
+    positive = np.asarray(aggregates.positive_histogram, np.float64)
+    bins = len(negative)
+    if negative.sum() == 0 or positive.sum() == 0:
+        return 0.5
+    # Index k stands for the threshold k / bins: bins below it are negative.
+    specificity = np.concatenate(([0.0], np.cumsum(negative))) / negative.sum()
+    positives_below = np.concatenate(([0.0], np.cumsum(positive)))
+    sensitivity = 1.0 - positives_below / positive.sum()
+    youden = sensitivity + specificity - 1.0
+    edges = np.arange(bins + 1) / bins
+    best = np.flatnonzero(youden >= youden.max() - 1e-12)
+    return float(edges[best[np.argmin(np.abs(edges[best] - 0.5))]])

@@ -16,7 +16,7 @@ that has closed.
 import json
 import logging
 from collections.abc import Iterable
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from prefect import task
 from prefect.cache_policies import NONE
@@ -260,6 +260,7 @@ def deployed_site_evaluation(
     version: int,
     aggregation_url: str,
     state_dir: str,
+    split: Literal["test", "val"] = "test",
 ) -> dict[str, Any]:
     """Run ``site_evaluation`` in the site's pool; wait up to the round deadline."""
     parameters = {
@@ -267,13 +268,14 @@ def deployed_site_evaluation(
         "site_id": site_id,
         "version": version,
         "aggregation_url": aggregation_url,
+        "split": split,
     }
     return run_site_flow(
         "site_evaluation",
         site_id,
         parameters,
         timeout=config.round.deadline_seconds,
-        flow_run_name=f"{site_id}: {config.study} evaluate model {version}",
+        flow_run_name=f"{site_id}: {config.study} evaluate model {version} on {split}",
     )
 
 

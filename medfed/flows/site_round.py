@@ -17,7 +17,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow
 from prefect.artifacts import create_table_artifact
@@ -80,11 +80,15 @@ def site_round(
     persist_result=False,
 )
 def site_evaluation(
-    config: StudyConfig, site_id: str, version: int, aggregation_url: str
+    config: StudyConfig,
+    site_id: str,
+    version: int,
+    aggregation_url: str,
+    split: Literal["test", "val"] = "test",
 ) -> dict[str, Any]:
-    """Evaluate a global model version on the site's test split; report aggregates."""
+    """Evaluate a global model version on one site split; report aggregates."""
     client, _ = connect_site(aggregation_url)
-    report = vars(_runner(config, site_id).evaluate(client, version))
+    report = vars(_runner(config, site_id).evaluate(client, version, split))
     return _publish(report)
 
 

@@ -88,9 +88,15 @@ class StudyTracker:
         evaluations: Mapping[str, EvaluationAggregates],
         pooled: EvaluationAggregates,
         reports: Mapping[str, Mapping[str, Any]],
+        *,
+        threshold: float = 0.5,
     ) -> None:
-        """Log one round's metrics at ``step`` (the new model version)."""
+        """Log one round's metrics at ``step`` (the new model version).
+
+        Accuracies count a record as positive from score ``threshold`` on.
+        """
         metrics: dict[str, float] = {
+            "pooled.decision_threshold": threshold,
             "pooled.test_accuracy": pooled.accuracy,
             "pooled.test_auc": pooled.auc,
             "pooled.test_loss": pooled.loss,

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from prefect import flow, task
@@ -26,8 +26,9 @@ from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 from safetensors.numpy import load as load_safetensors
 
+from medfed.aggregation.selection import select_sites
 from medfed.contract.config import StudyConfig
-from medfed.contract.metrics import EvaluationAggregates, pool
+from medfed.contract.metrics import EvaluationAggregates, pool, youden_threshold
 from medfed.errors import AggregationError, ConfigError, MedfedError, QuorumError
 from medfed.flows.site_round import prepare_site
 from medfed.flows.tracking import StudyTracker
@@ -70,7 +71,7 @@ def site_round(
 
 @task(
     name="site_evaluation",
-    task_run_name="{site_id}: evaluate model {version}",
+    task_run_name="{site_id}: evaluate model {version} on {split}",
     cache_policy=NONE,
     persist_result=False,
 )
@@ -80,11 +81,12 @@ def site_evaluation(
     version: int,
     aggregation_url: str,
     state_dir: str,
+    split: Literal["test", "val"] = "test",
 ) -> dict[str, Any]:
-    """Evaluate a global model version on one site's test split."""
+    """Evaluate a global model version on one of a site's splits."""
     runner = SiteRunner(config, site_id, Path(state_dir))
     client, _ = connect_site(aggregation_url)
-    return vars(runner.evaluate(client, version))
+    return vars(runner.evaluate(client, version, split))
 
 
 @task(
@@ -166,6 +168,11 @@ class _Coordinator:
         self.state_path = work_dir / "coordinator.json"
         self.last_reports: dict[str, dict[str, Any]] = {}
         self.evaluations: dict[str, EvaluationAggregates] = {}
+        self.train_records: dict[str, int] = {}
+        #: Per round run in this process: sites asked, sites uploaded, outcome.
+        self.participants: list[dict[str, Any]] = []
+        #: Score from which a record counts as positive in reported accuracy.
+        self.threshold = 0.5
         self.refusals: list[dict[str, Any]] = []
         self.round_seconds: list[float] = []
         self.last_round = -1
@@ -206,6 +213,9 @@ class _Coordinator:
         self, client: AggregationClient, tracker: StudyTracker
     ) -> dict[str, Any]:
         prepared = self._prepare_sites()
+        self.train_records = {
+            site: int(info["train_records"]) for site, info in prepared.items()
+        }
         tracker.log_params({site: info["privacy"] for site, info in prepared.items()})
         client.create_study(self.config.study, self._initial_model())
         status = client.study_status(self.config.study)
@@ -228,7 +238,9 @@ class _Coordinator:
             self.last_round = round_number
             self._evaluate(version)
             pooled = pool(list(self.evaluations.values()))
-            tracker.log_round(version, self.evaluations, pooled, reports)
+            tracker.log_round(
+                version, self.evaluations, pooled, reports, threshold=self.threshold
+            )
             self.round_seconds.append(time.monotonic() - round_started)
             for listener in list(_listeners):
                 listener(round_number, {
@@ -299,14 +311,15 @@ class _Coordinator:
     ) -> "_RoundResult":
         """Run one round: open it, train the sites, finalize or abort it."""
         deadline = self.config.round.deadline_seconds
+        chosen = self._choose_sites(round_number)
         client.open_round(
             self.config.study,
             round_number,
-            sites=self.sites,
+            sites=chosen,
             quorum=self.config.quorum,
             deadline_seconds=deadline,
         )
-        training = [site for site in self.sites if site not in skip]
+        training = [site for site in chosen if site not in skip]
         outcomes = _gather(
             {
                 site: self.round_task.submit(
@@ -343,6 +356,12 @@ class _Coordinator:
                 self.last_reports[site] = outcome
 
         status = client.finalize(self.config.study, round_number, absent=absent)
+        self.participants.append({
+            "round": round_number,
+            "asked": chosen,
+            "uploaded": sorted(reports),
+            "state": status["state"],
+        })  # fmt: skip
         if status["state"] == "finalized":
             return _RoundResult(int(status["result_version"]), reports)
         tracker.log_event(f"abort.round{round_number}", status["reason"] or "aborted")
@@ -355,13 +374,48 @@ class _Coordinator:
             return _RoundResult(None, reports, stop=True)
         return _RoundResult(None, reports)
 
+    def _choose_sites(self, round_number: int) -> list[str]:
+        participation = self.config.round.participation
+        if participation.round_size(len(self.sites)) == len(self.sites):
+            return list(self.sites)
+        chosen = select_sites(
+            self.sites,
+            self.train_records,
+            round_number,
+            fraction=participation.fraction,
+            minimum=participation.minimum,
+            weighted=participation.weighted,
+            seed=self.config.training.seed,
+        )
+        logger.info("round %d asks sites %s", round_number, chosen)
+        return chosen
+
     def _evaluate(self, version: int) -> None:
-        """Have every site evaluate model ``version``; keep the aggregates."""
+        """Have every site evaluate model ``version``; keep the aggregates.
+
+        With ``operating_point: youden`` the sites first evaluate their
+        validation splits, the threshold is chosen on the pooled validation
+        histograms, and test accuracy is counted at that threshold.
+        """
+        if self.config.evaluation.operating_point == "fixed":
+            self.evaluations = self._site_aggregates(version, "test")
+            return
+        validation = self._site_aggregates(version, "val")
+        if validation:
+            self.threshold = youden_threshold(pool(list(validation.values())))
+        self.evaluations = {
+            site: aggregates.at_threshold(self.threshold)
+            for site, aggregates in self._site_aggregates(version, "test").items()
+        }
+
+    def _site_aggregates(
+        self, version: int, split: Literal["test", "val"]
+    ) -> dict[str, EvaluationAggregates]:
         evaluated = _gather({
-            site: self.evaluation_task.submit(self.config, site, version, self.aggregation_url, self.site_dirs[site])
+            site: self.evaluation_task.submit(self.config, site, version, self.aggregation_url, self.site_dirs[site], split)
             for site in self.sites
         })  # fmt: skip
-        self.evaluations = {
+        return {
             site: EvaluationAggregates(**value)
             for site, value in evaluated.items()
             if not isinstance(value, BaseException)
@@ -383,7 +437,11 @@ class _Coordinator:
             version=version,
             round_number=self.last_round,
             sites=self.sites,
-            lineage={**lineage, "medfed.model_sha256": final.sha256},
+            lineage={
+                **lineage,
+                "medfed.model_sha256": final.sha256,
+                "medfed.decision_threshold": str(self.threshold),
+            },
         )
         pooled = pool(list(self.evaluations.values()))
         evaluations = self.evaluations
@@ -395,6 +453,8 @@ class _Coordinator:
             "registered_model_version": registered,
             "pooled_test_accuracy": pooled.accuracy,
             "pooled_test_auc": pooled.auc,
+            "decision_threshold": self.threshold,
+            "participants": self.participants,
             "refusals": self.refusals,
             "round_seconds": self.round_seconds,
             "sites": {

@@ -14,7 +14,7 @@ import threading
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -246,7 +246,7 @@ class SiteRunner:
             model,
             inputs,
             labels,
-            self._training_settings(ledger),
+            self._training_settings(ledger, round_number),
             seed=self._seed(round_number),
         )
         epsilon = None
@@ -310,11 +310,14 @@ class SiteRunner:
         )
 
     def evaluate(
-        self, client: AggregationClient, version: int | None = None
+        self,
+        client: AggregationClient,
+        version: int | None = None,
+        split: Literal["test", "val"] = "test",
     ) -> EvaluationAggregates:
-        """Evaluate a global model on the site's test split; return aggregates only."""
+        """Evaluate a global model on one site split; return aggregates only."""
         self.prepare()
-        inputs, labels = load_split(self.config, self.data_dir, "test")
+        inputs, labels = load_split(self.config, self.data_dir, split)
         downloaded = client.download_model(self.config.study, version)
         return evaluate_weights(self.config, downloaded.weights, inputs, labels)
 
@@ -371,12 +374,15 @@ class SiteRunner:
         )
         return model
 
-    def _training_settings(self, ledger: PrivacyLedger | None) -> LocalTrainingSettings:
+    def _training_settings(
+        self, ledger: PrivacyLedger | None, round_number: int
+    ) -> LocalTrainingSettings:
         training = self.config.training
         return LocalTrainingSettings(
             epochs=training.local_epochs,
             batch_size=training.batch_size,
-            learning_rate=training.learning_rate,
+            learning_rate=training.round_learning_rate(round_number),
+            positive_weight=training.positive_weight,
             momentum=training.momentum,
             weight_decay=training.weight_decay,
             max_grad_norm=ledger.max_grad_norm if ledger else None,

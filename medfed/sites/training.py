@@ -54,6 +54,9 @@ class LocalTrainingSettings:
     #: Random affine moves of image batches (B, C, H, W); None trains on the
     #: stored images as they are.
     augmentation: RandomAffine | None = None
+    #: Weight of the positive class in the loss, as ``pos_weight`` of
+    #: ``BCEWithLogitsLoss``; None weighs both classes alike.
+    positive_weight: float | None = None
     #: FedProx strength; each step is followed by the proximal step toward the
     #: round's starting weights (see ``medfed.sites.regularizers``).
     proximal_mu: float | None = None
@@ -106,7 +109,7 @@ def train_locally(
         name: parameter.detach().numpy().copy()
         for name, parameter in model.named_parameters()
     }
-    loss_function = nn.BCEWithLogitsLoss()
+    loss_function = nn.BCEWithLogitsLoss(pos_weight=_positive_weight(settings))
     trained: nn.Module = model
 
     if settings.private:
@@ -184,6 +187,13 @@ def _train_fast_dp(
         for name, parameter in model.named_parameters()
     }
     optimizer = _sgd(model, settings)
+    positive_weight = _positive_weight(settings)
+
+    def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return nn.functional.binary_cross_entropy_with_logits(
+            logits, labels, reduction="none", pos_weight=positive_weight
+        )
+
     model.train()
     steps = 0
     loss_total = 0.0
@@ -199,7 +209,7 @@ def _train_fast_dp(
             optimizer.zero_grad(set_to_none=True)
             step = private_gradient(
                 model,
-                _per_sample_bce,
+                per_sample_loss,
                 batch_inputs,
                 batch_labels,
                 max_grad_norm=settings.max_grad_norm,
@@ -221,10 +231,10 @@ def _train_fast_dp(
     return TrainingResult(steps=steps, mean_loss=loss_total / max(steps, 1))
 
 
-def _per_sample_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return nn.functional.binary_cross_entropy_with_logits(
-        logits, labels, reduction="none"
-    )
+def _positive_weight(settings: LocalTrainingSettings) -> torch.Tensor | None:
+    if settings.positive_weight is None:
+        return None
+    return torch.tensor(settings.positive_weight)
 
 
 def _sgd(model: nn.Module, settings: LocalTrainingSettings) -> torch.optim.SGD:

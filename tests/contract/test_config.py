@@ -113,3 +113,34 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
         load_study_config(tmp_path / "absent.yaml")
     with pytest.raises(ConfigError, match="is not valid YAML"):
         load_study_config(broken)
+
+
+def test_cosine_schedule_per_round() -> None:
+    raw = minimal()
+    raw["training"] = {
+        "rounds": 4,
+        "learning_rate": 0.1,
+        "learning_schedule": "cosine",
+    }
+    training = parse_study_config(raw).training
+
+    rates = [training.round_learning_rate(number) for number in range(1, 5)]
+
+    # 0.1 * (1 + cos(pi * k / 4)) / 2 for k = 0..3.
+    assert rates == pytest.approx([0.1, 0.0853553, 0.05, 0.0146447], rel=1e-5)
+
+
+def test_constant_schedule_keeps_rate() -> None:
+    training = parse_study_config(minimal()).training
+
+    assert training.round_learning_rate(2) == 0.1
+
+
+def test_youden_rejected_without_validation_split() -> None:
+    raw = minimal()
+    raw["evaluation"] = {"operating_point": "youden"}
+
+    with pytest.raises(ConfigError) as raised:
+        parse_study_config(raw)
+
+    assert "heart_disease sites keep only train and test splits" in str(raised.value)
