@@ -208,11 +208,6 @@ class StudyConfig(_Strict):
                 f"round.quorum is {self.round.quorum} but the study has only "
                 f"{len(self.sites)} sites"
             )
-        if self.secure_aggregation.mode == "ckks":
-            raise ValueError(
-                "secure_aggregation mode 'ckks' is not available in studies yet: "
-                "the aggregation service has no CKKS routes; use 'masking' or 'none'"
-            )
         try:
             self.secure_aggregation.check(len(self.sites))
             self.compression.check(self.secure_aggregation.mode)
