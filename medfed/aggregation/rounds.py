@@ -586,8 +586,9 @@ class RoundService:
                 study,
                 len(closed.contributors),
             )
-            closed = self.store.get_encrypted_sum(study, round_number)
-            assert closed is not None
+            summed = self.store.get_encrypted_sum(study, round_number)
+            assert summed is not None
+            return summed
         return closed
 
     # Finalization

@@ -364,9 +364,7 @@ def test_bad_decrypted_sums_rejected(
         status = client.finalize(study, 0)
 
     assert wrong_count.status_code == 422
-    assert "decrypted sum has sample_count 99, but the contributors" in str(
-        wrong_count
-    )
+    assert "decrypted sum has sample_count 99, but the contributors" in str(wrong_count)
     assert garbage.status_code == 422
     assert "may hold another CKKS secret context than the others" in str(garbage)
     assert status["state"] == "open"
