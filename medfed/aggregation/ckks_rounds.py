@@ -15,9 +15,9 @@
    ``PUT .../ckks/decrypted/{site}``; ``read_decrypted_sum`` checks it. The
    next finalize call applies the study's strategy to that weighted sum.
 
-The service holds no secret key: it builds its context from the study's
-parameters (``CkksAggregator``), so it can add ciphertexts but never decrypt
-one. It sees no site's update in plaintext, only the decrypted sum of all
+The service has no secret key, because it builds its context from the
+study's parameters (``CkksAggregator``). It can add ciphertexts but never
+decrypt one. It sees no site's update in plaintext, only the decrypted sum of all
 contributors.
 """
 

@@ -395,7 +395,7 @@ class RoundService:
                 f"{needed_mode!r}, but study {study!r} uses {mode!r}",
             )
         if mode == "ckks":
-            # The payload holds ciphertexts, so the header's tensor list is
+            # The payload contains ciphertexts, so the header's tensor list is
             # what describes the update's layout.
             shapes = {tensor.name: tuple(tensor.shape) for tensor in header.tensors}
             layout = self._check_tensors(study, record.base_version, shapes)

@@ -1,7 +1,7 @@
 """A site's CKKS secret context: where it is kept and how it is loaded.
 
-Every site of a study with ``secure_aggregation: ckks`` holds the same
-secret context, and the aggregation service never does. In deployment mode
+Every site of a study with ``secure_aggregation: ckks`` keeps the same
+secret context, and the aggregation service never receives it. In deployment mode
 ``medfed provision`` writes it into each site's startup kit
 (``KitFiles.CKKS_SECRET_CONTEXT``), and a site whose ``MEDFED_KIT_DIR`` is
 set reads it from there. In local mode the coordinator generates it once per
@@ -35,7 +35,8 @@ def load_secret_context(
     """Load the site's secret context from its kit, or else from ``study_dir``.
 
     Raises:
-        ConfigError: the file is missing; the message says how to create it.
+        ConfigError: the file is missing. The message names the path and how
+            to create the file.
         SecureAggregationError: the file is not a secret context for the
             study's encryption parameters.
     """

@@ -2,13 +2,24 @@
 
 All sites of a study share one CKKS context that contains the secret key;
 it is distributed among the sites over a channel the aggregation service
-cannot read. The service receives only ``public_context_bytes``, which holds
-the encryption parameters and no secret key, so it can add ciphertexts but
+cannot read. The service receives no key, so it can add ciphertexts but
 cannot decrypt any of them. Each site clips and weights its flattened update
 like the masking protocol does, splits it into chunks of ``slot_count``
 values (``poly_modulus_degree / 2``) and encrypts each as a batched
 ``ts.ckks_vector``; the service adds the sites' chunks element-wise, and the
 sites decrypt only the sum.
+
+The service needs no context from the sites. ``CkksAggregator`` accepts
+either ``public_bytes()`` or the study's ``CkksParameters``, from which it
+builds a context and drops its secret key at once. Either way its context
+has the study's parameters and no secret key, which is all that adding
+ciphertexts needs.
+
+A site releases a decrypted sum only after ``round_for_release`` has rounded
+it to a grid much coarser than the decryption noise. The service stores the
+ciphertext of that sum, and an exact CKKS decryption together with its
+ciphertext reveals the secret key (Li and Micciancio, "On the Security of
+Homomorphic Encryption on Approximate Numbers", Eurocrypt 2021).
 
 Precision: CKKS is approximate. With the defaults (degree 8192, moduli
 (60, 60) bits, scale 2^30) the largest error of a decrypted sum of 20 sites
@@ -423,13 +434,13 @@ class CkksAggregator:
     def _check_ciphertext(
         self, site: str, position: int, vector: Any, first_parms_id: Any
     ) -> None:
-        # A fresh ciphertext has two polynomials, sits at the first level of
-        # the modulus chain and carries the study's scale; anything else
-        # cannot be added to the others.
+        # A fresh ciphertext has two polynomials, is at the first level of the
+        # modulus chain and has the study's scale. Only such ciphertexts can
+        # be added to each other.
         ciphertexts = vector.ciphertext()
         if len(ciphertexts) != 1:
             raise SecureAggregationError(
-                f"ciphertext {position} from {site!r} holds {len(ciphertexts)} "
+                f"ciphertext {position} from {site!r} contains {len(ciphertexts)} "
                 "ciphertexts; expected one"
             )
         ciphertext = ciphertexts[0]
