@@ -11,13 +11,18 @@
 - a TLS server certificate for the aggregation service, valid for
   ``127.0.0.1``, ``localhost`` and the study config's
   ``aggregation.hostnames``, and an Ed25519 key with which the service signs
-  its audit log's head.
+  its audit log's head;
+- for a study with ``secure_aggregation: ckks``, one CKKS secret context
+  that every site kit contains. The aggregation kit contains no CKKS
+  material: the service builds a keyless context from the study's
+  parameters.
 
 Each participant gets one startup kit, a directory and a ``.tar.gz`` of it,
 holding only what it needs: its own private keys, the CA certificate and
-public material. No kit contains another participant's private key. Private
-keys are written unencrypted with mode 0600, so the kits must travel over a
-channel the consortium trusts.
+public material. No kit contains another participant's private key, except
+the CKKS secret context, which all sites share and no other kit contains.
+Private keys are written unencrypted with mode 0600, so the kits must travel
+over a channel the consortium trusts.
 """
 
 import hashlib
@@ -48,6 +53,7 @@ from medfed.contract.kits import (
     site_kit_name,
     site_uri,
 )
+from medfed.contract.secagg.ckks import CkksParameters, CkksSiteContext
 from medfed.contract.signing import public_key_to_base64, render_site_registry
 from medfed.errors import ConfigError
 
@@ -67,6 +73,8 @@ class ProvisioningInputs:
     study: str
     sites: tuple[str, ...]
     hostnames: tuple[str, ...] = ()
+    #: The study's CKKS parameters when it uses ``secure_aggregation: ckks``.
+    ckks: CkksParameters | None = None
 
 
 def read_provisioning_inputs(study_config_path: Path) -> ProvisioningInputs:
@@ -78,10 +86,12 @@ def read_provisioning_inputs(study_config_path: Path) -> ProvisioningInputs:
     """
     config = load_study_config(study_config_path)
     hostnames = tuple(_validate_hostname(name) for name in config.aggregation.hostnames)
+    secure = config.secure_aggregation
     return ProvisioningInputs(
         study=config.study,
         sites=tuple(site.id for site in config.sites),
         hostnames=hostnames,
+        ckks=secure.ckks_parameters() if secure.mode == "ckks" else None,
     )
 
 
@@ -132,11 +142,17 @@ def provision(
     service = issuer.issue_server(inputs.hostnames)
     coordinator = issuer.issue_client(COORDINATOR_URI, COORDINATOR_KIT)
 
+    ckks_secret = None
+    if inputs.ckks is not None:
+        ckks_secret = CkksSiteContext.create(inputs.ckks).secret_bytes()
+
     kits: dict[str, Path] = {}
     for site, (tls, signing_key) in site_material.items():
         kit = _Kit(out / site_kit_name(site), issuer, role="site", name=site)
         kit.write_tls(tls)
         kit.write_private_key(KitFiles.SIGNING_KEY, signing_key)
+        if ckks_secret is not None:
+            kit.write_secret(KitFiles.CKKS_SECRET_CONTEXT, ckks_secret)
         kits[site_kit_name(site)] = kit.close()
 
     kit = _Kit(out / AGGREGATION_KIT, issuer, role="aggregation", name=AGGREGATION_KIT)
@@ -317,6 +333,9 @@ class _Kit:
             encryption_algorithm=serialization.NoEncryption(),
         )
         self._write(name, pem, mode=0o600)
+
+    def write_secret(self, name: str, data: bytes) -> None:
+        self._write(name, data, mode=0o600)
 
     def write_public(self, name: str, data: bytes) -> None:
         self._write(name, data, mode=0o644)

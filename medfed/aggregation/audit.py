@@ -56,6 +56,9 @@ logger = logging.getLogger(__name__)
 GENESIS_HASH = "0" * 64
 AUDIT_EVENTS = frozenset(
     {
+        "aggregate.decrypted",
+        "aggregate.decryption_rejected",
+        "aggregate.downloaded",
         "audit.recovered",
         "authentication.rejected",
         "coordinator.authenticated",

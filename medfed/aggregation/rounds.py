@@ -20,6 +20,12 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
+from medfed.aggregation.ckks_rounds import (
+    apply_decrypted_sum,
+    check_encrypted_upload,
+    read_decrypted_sum,
+    sum_encrypted_uploads,
+)
 from medfed.aggregation.compatibility import build_study_strategy
 from medfed.aggregation.secagg_routes import MaskingRounds
 from medfed.aggregation.secure_rounds import (
@@ -28,10 +34,18 @@ from medfed.aggregation.secure_rounds import (
     open_masking_round,
     parse_secure_aggregation,
 )
-from medfed.aggregation.store import ModelVersion, RoundRecord, Store, StoredUpload
+from medfed.aggregation.store import (
+    EncryptedSum,
+    ModelVersion,
+    RoundRecord,
+    Store,
+    StoredUpload,
+    UploadsClosedError,
+)
 from medfed.aggregation.strategies import SiteUpdate, Strategy
 from medfed.contract.ids import IDENTIFIER_PATTERN
 from medfed.contract.secagg.config import SecureAggregationConfig
+from medfed.contract.secagg.layout import VectorLayout
 from medfed.contract.wire import EnvelopeHeader, EnvelopeLimits, decode_envelope
 from medfed.errors import (
     AggregationError,
@@ -46,6 +60,8 @@ __all__ = ["Rejected", "RoundService", "StudySettings"]
 logger = logging.getLogger(__name__)
 
 SETTINGS_METADATA_KEY = "medfed_study_settings"
+# Codecs that only a secure-aggregation mode may use, with that mode.
+_SECURE_CODECS = {"masked": "masking", "ckks": "ckks"}
 
 
 class Rejected(Exception):
@@ -259,7 +275,7 @@ class RoundService:
                 409, f"the first round of study {study!r} is 0, not {round_number}"
             )
         masking = settings.secure_aggregation.mode == "masking"
-        if masking:
+        if settings.secure_aggregation.mode != "none":
             try:
                 settings.secure_aggregation.check(len(sites))
             except ConfigError as error:
@@ -292,9 +308,15 @@ class RoundService:
         return record
 
     def round_status(self, study: str, round_number: int) -> dict[str, Any]:
-        """Describe a round without revealing any upload's content."""
+        """Describe a round without revealing any upload's content.
+
+        In a CKKS study the status also has ``ckks``: the ``phase``
+        (``uploading``, ``decrypting`` while the service waits for a site to
+        decrypt the sum, or ``decrypted``), the ``contributors`` in the sum
+        and their total ``sample_count``.
+        """
         record = self.round(study, round_number)
-        return {
+        status = {
             "study": study,
             "round": round_number,
             "state": record.state,
@@ -306,6 +328,17 @@ class RoundService:
             "result_version": record.result_version,
             "reason": record.reason,
         }
+        if self.settings(study).secure_aggregation.mode == "ckks":
+            closed = self.store.get_encrypted_sum(study, round_number)
+            phase = "uploading"
+            if closed is not None:
+                phase = "decrypting" if closed.decrypted is None else "decrypted"
+            status["ckks"] = {
+                "phase": phase,
+                "contributors": [] if closed is None else closed.contributors,
+                "sample_count": 0 if closed is None else closed.sample_count,
+            }
+        return status
 
     # Uploads
 
@@ -353,15 +386,28 @@ class RoundService:
                     422,
                     f"envelope {field} is {actual!r} but the request is for {expected!r}",
                 )
-        self._check_tensors(study, record.base_version, decoded.tensors)
-        if settings.secure_aggregation.mode == "masking":
-            accept_masked_upload(self.masking, study, round_number, decoded)
-        elif header.codec.name == "masked":
+        mode = settings.secure_aggregation.mode
+        needed_mode = _SECURE_CODECS.get(header.codec.name)
+        if needed_mode is not None and needed_mode != mode:
             raise Rejected(
                 422,
-                f"envelope codec 'masked' needs secure_aggregation 'masking', but "
-                f"study {study!r} uses {settings.secure_aggregation.mode!r}",
+                f"envelope codec {header.codec.name!r} needs secure_aggregation "
+                f"{needed_mode!r}, but study {study!r} uses {mode!r}",
             )
+        if mode == "ckks":
+            # The payload contains ciphertexts, so the header's tensor list is
+            # what describes the update's layout.
+            shapes = {tensor.name: tuple(tensor.shape) for tensor in header.tensors}
+            layout = self._check_tensors(study, record.base_version, shapes)
+            try:
+                check_encrypted_upload(settings.secure_aggregation, decoded, layout)
+            except SecureAggregationError as error:
+                raise Rejected(422, str(error)) from None
+        else:
+            shapes = {name: value.shape for name, value in decoded.tensors.items()}
+            self._check_tensors(study, record.base_version, shapes)
+        if mode == "masking":
+            accept_masked_upload(self.masking, study, round_number, decoded)
 
         upload = StoredUpload(
             site=site,
@@ -372,7 +418,10 @@ class RoundService:
             envelope=body,
             received_at=time.time(),
         )
-        self.store.add_upload(study, round_number, upload)
+        try:
+            self.store.add_upload(study, round_number, upload)
+        except UploadsClosedError as error:
+            raise Rejected(409, str(error)) from None
         logger.info(
             "accepted upload of site %s for round %d of study %s",
             site,
@@ -392,26 +441,155 @@ class RoundService:
             raise Rejected(400, f"invalid update envelope: {error}") from None
 
     def _check_tensors(
-        self, study: str, version: int, tensors: Mapping[str, np.ndarray]
-    ) -> None:
+        self, study: str, version: int, shapes: Mapping[str, tuple[int, ...]]
+    ) -> VectorLayout:
+        """Check tensor names and shapes against model ``version``; return its layout."""
         model = self.store.get_model(study, version)
         assert model is not None
         expected, _ = _load_weights(model.weights)
-        missing = sorted(set(expected) - set(tensors))
-        extra = sorted(set(tensors) - set(expected))
+        missing = sorted(set(expected) - set(shapes))
+        extra = sorted(set(shapes) - set(expected))
         if missing or extra:
             raise Rejected(
                 422,
                 f"update tensors do not match the model: missing {missing or 'none'}, "
                 f"unexpected {extra or 'none'}",
             )
-        for name, value in tensors.items():
-            if value.shape != expected[name].shape:
+        for name, shape in shapes.items():
+            if tuple(shape) != expected[name].shape:
                 raise Rejected(
                     422,
-                    f"update tensor {name!r} has shape {list(value.shape)}, "
+                    f"update tensor {name!r} has shape {list(shape)}, "
                     f"expected {list(expected[name].shape)}",
                 )
+        return VectorLayout.of(expected)
+
+    # CKKS rounds
+
+    def encrypted_sum(self, study: str, round_number: int) -> EncryptedSum:
+        """Return the round's encrypted sum once its uploads have closed.
+
+        Raises:
+            Rejected: 409 if the study does not use CKKS, 425 Too Early while
+                uploads are open, 404 for an unknown study or round.
+        """
+        record = self.round(study, round_number)
+        self._require_ckks(study)
+        closed = self.store.get_encrypted_sum(study, round_number)
+        if closed is None or closed.ciphertexts is None:
+            raise Rejected(
+                425,
+                f"round {round_number} of study {study!r} has no encrypted sum yet: "
+                f"its uploads close when the coordinator finalizes it "
+                f"(state {record.state})",
+            )
+        return closed
+
+    def accept_decrypted_sum(
+        self, study: str, round_number: int, site: str, body: bytes
+    ) -> EncryptedSum:
+        """Store the sum that ``site`` decrypted; return the round's sum record.
+
+        The same envelope sent again is accepted again; a different one after
+        a sum was stored is a 409. Nothing is stored unless every check passes.
+        """
+        settings = self._require_ckks(study)
+        record = self.round(study, round_number)
+        if site not in record.sites:
+            raise Rejected(
+                403,
+                f"site {site!r} does not take part in round {round_number} of study {study!r}",
+            )
+        closed = self.encrypted_sum(study, round_number)
+        sha256 = hashlib.sha256(body).hexdigest()
+        if closed.decrypted is not None:
+            if closed.decrypted_sha256 == sha256:
+                return closed
+            raise Rejected(
+                409,
+                f"round {round_number} already has the sum that site "
+                f"{closed.decrypted_by!r} decrypted",
+            )
+        if record.state != "open":
+            raise Rejected(
+                409, f"round {round_number} of study {study!r} is {record.state}"
+            )
+        decoded = self._decode(body)
+        header = decoded.header
+        for field, expected, actual in (
+            ("study", study, header.study),
+            ("round", round_number, header.round),
+            ("site", site, header.site),
+        ):
+            if expected != actual:
+                raise Rejected(
+                    422,
+                    f"envelope {field} is {actual!r} but the request is for {expected!r}",
+                )
+        shapes = {name: value.shape for name, value in decoded.tensors.items()}
+        layout = self._check_tensors(study, record.base_version, shapes)
+        try:
+            read_decrypted_sum(settings.secure_aggregation, decoded, closed, layout)
+        except SecureAggregationError as error:
+            raise Rejected(422, str(error)) from None
+        if not self.store.set_decrypted_sum(study, round_number, site, body):
+            return self.accept_decrypted_sum(study, round_number, site, body)
+        logger.info(
+            "accepted the sum of round %d of study %s decrypted by site %s",
+            round_number,
+            study,
+            site,
+        )
+        stored = self.store.get_encrypted_sum(study, round_number)
+        assert stored is not None
+        return stored
+
+    def _require_ckks(self, study: str) -> StudySettings:
+        settings = self.settings(study)
+        if settings.secure_aggregation.mode != "ckks":
+            raise Rejected(
+                409,
+                f"study {study!r} uses secure_aggregation "
+                f"{settings.secure_aggregation.mode!r}, not 'ckks'",
+            )
+        return settings
+
+    def _close_encrypted_uploads(
+        self, settings: StudySettings, record: RoundRecord
+    ) -> EncryptedSum:
+        """Close a CKKS round's uploads and add their ciphertexts, once."""
+        study, round_number = record.study, record.round
+        closed = self.store.close_encrypted_uploads(study, round_number)
+        if closed.ciphertexts is None:
+            base = self.store.get_model(study, record.base_version)
+            assert base is not None
+            layout = VectorLayout.of(_load_weights(base.weights)[0])
+            uploads = [
+                upload
+                for upload in self.store.list_uploads(study, round_number)
+                if upload.site in closed.contributors
+            ]
+            try:
+                ciphertexts = sum_encrypted_uploads(
+                    settings.secure_aggregation, uploads, layout, self.limits
+                )
+            except SecureAggregationError as error:
+                raise Rejected(
+                    409,
+                    f"adding the ciphertexts of round {round_number} failed: {error}",
+                ) from None
+            self.store.set_encrypted_sum(study, round_number, ciphertexts)
+            logger.info(
+                "closed uploads of round %d of study %s; the encrypted sum of %d "
+                "sites waits for a site to decrypt it",
+                round_number,
+                study,
+                len(closed.contributors),
+            )
+            summed = self.store.get_encrypted_sum(study, round_number)
+            assert summed is not None
+            return summed
+        return closed
 
     # Finalization
 
@@ -424,20 +602,28 @@ class RoundService:
         not is named in ``absent`` (the coordinator has learned that it will not upload),
         or the deadline has passed. It then needs ``quorum`` uploads, else it
         is aborted and the previous global model stays current.
+
+        In a CKKS study the first call that meets the quorum closes uploads,
+        adds the ciphertexts and returns the round still open, in phase
+        ``decrypting``. Once a site has sent the decrypted sum, the next call
+        applies the strategy to it.
         """
         settings = self.settings(study)
         record = self.round(study, round_number)
         if record.state != "open":
             return record
         uploads = self.store.list_uploads(study, round_number)
+        closed = None
+        if settings.secure_aggregation.mode == "ckks":
+            closed = self.store.get_encrypted_sum(study, round_number)
         waiting = sorted(set(record.sites) - {u.site for u in uploads} - set(absent))
-        if waiting and time.time() < record.deadline_at:
+        if closed is None and waiting and time.time() < record.deadline_at:
             raise Rejected(
                 409,
                 f"round {round_number} still waits for sites {', '.join(waiting)} until its "
                 f"deadline in {record.deadline_at - time.time():.0f} s",
             )
-        if len(uploads) < record.quorum:
+        if closed is None and len(uploads) < record.quorum:
             reason = (
                 f"round {round_number} of study {study!r} has {len(uploads)} updates, fewer "
                 f"than its quorum of {record.quorum}; the global model stays at version "
@@ -449,8 +635,13 @@ class RoundService:
             )
             return self.round(study, round_number)
 
+        if settings.secure_aggregation.mode == "ckks":
+            closed = self._close_encrypted_uploads(settings, record)
+            if closed.decrypted is None:
+                return record
+
         weights, strategy_state, contributors = self._aggregate(
-            study, settings, record, uploads
+            study, settings, record, uploads, closed
         )
         self.store.close_round(
             study,
@@ -463,7 +654,7 @@ class RoundService:
             "finalized round %d of study %s with %d updates",
             round_number,
             study,
-            len(uploads),
+            len(contributors),
         )
         return self.round(study, round_number)
 
@@ -473,6 +664,7 @@ class RoundService:
         settings: StudySettings,
         record: RoundRecord,
         uploads: list[StoredUpload],
+        closed: EncryptedSum | None = None,
     ) -> tuple[bytes, bytes | None, list[str]]:
         base = self.store.get_model(study, record.base_version)
         assert base is not None
@@ -493,6 +685,16 @@ class RoundService:
                     strategy=strategy,
                     global_weights=global_weights,
                 )
+            elif closed is not None:
+                new_weights = apply_decrypted_sum(
+                    strategy,
+                    global_weights,
+                    settings.secure_aggregation,
+                    closed,
+                    VectorLayout.of(global_weights),
+                    self.limits,
+                )
+                contributors = closed.contributors
             else:
                 updates = []
                 for upload in uploads:

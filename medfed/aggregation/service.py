@@ -15,6 +15,11 @@ Routes, all under ``/v1/studies/{study}``:
 - ``POST /rounds/{round}/finalize``: aggregate the round or abort it.
 - ``/rounds/{round}/secagg/...``: the masking messages of studies with
   ``secure_aggregation: masking`` (see ``secagg_routes``).
+- ``GET /rounds/{round}/ckks/sum``: in a study with ``secure_aggregation:
+  ckks``, the encrypted sum of the round's contributors as safetensors of
+  ``uint8`` ciphertexts; 425 Too Early until finalize closed uploads.
+- ``PUT /rounds/{round}/ckks/decrypted/{site}``: the sum that a site
+  decrypted, as an ``fp32`` envelope (see ``ckks_rounds``).
 
 A rejected request gets a 4xx JSON body ``{"detail": message}`` and changes
 nothing. No route returns an individual upload.
@@ -288,6 +293,53 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         }
         security.record(f"privacy.{body.status}", site, details)
         return {"study": study, "round": round_number, "site": site, "recorded": True}
+
+    @app.get("/v1/studies/{study}/rounds/{round_number}/ckks/sum")
+    def encrypted_sum(
+        study: StudyId, round_number: RoundNumber, actor: Participant
+    ) -> Response:
+        closed = service.encrypted_sum(study, round_number)
+        assert closed.ciphertexts is not None
+        security.record(
+            "aggregate.downloaded",
+            actor,
+            {"study": study, "round": round_number, "sites": closed.contributors},
+        )
+        return Response(
+            content=closed.ciphertexts,
+            media_type="application/octet-stream",
+            headers={
+                "X-Medfed-Contributors": ",".join(closed.contributors),
+                "X-Medfed-Sample-Count": str(closed.sample_count),
+            },
+        )
+
+    @app.put(
+        "/v1/studies/{study}/rounds/{round_number}/ckks/decrypted/{site}",
+        dependencies=[Depends(authenticated_site)],
+    )
+    async def decrypted_sum(
+        study: StudyId, round_number: RoundNumber, site: SiteId, request: Request
+    ) -> dict[str, Any]:
+        where = {"study": study, "round": round_number}
+        try:
+            body = await _read_body(request, settings.max_upload_bytes)
+            closed = await run_in_threadpool(
+                service.accept_decrypted_sum, study, round_number, site, body
+            )
+        except Rejected as error:
+            details = {**where, "status": error.status_code, "reason": error.message}
+            await run_in_threadpool(
+                security.record, "aggregate.decryption_rejected", site, details
+            )
+            raise
+        await run_in_threadpool(
+            security.record,
+            "aggregate.decrypted",
+            site,
+            {**where, "sha256": closed.decrypted_sha256},
+        )
+        return {**where, "site": site, "sha256": closed.decrypted_sha256}
 
     @app.post(
         "/v1/studies/{study}/rounds/{round_number}/finalize",

@@ -3,8 +3,10 @@
 Every change is one transaction, so after a crash the service restarts with
 each upload either fully accepted or absent, never half-written or counted
 twice. Tables: studies (config and strategy state), models (every global model
-version with its SHA-256), rounds (state, participants, quorum, deadline) and
-uploads (the accepted envelopes).
+version with its SHA-256), rounds (state, participants, quorum, deadline),
+uploads (the accepted envelopes) and ckks_sums (for studies with
+``secure_aggregation: ckks``, the encrypted sum of a round whose uploads have
+closed, and the sum a site decrypted from it).
 """
 
 import hashlib
@@ -18,7 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ModelVersion", "RoundRecord", "Store", "StoredUpload", "StudyRecord"]
+__all__ = [
+    "EncryptedSum",
+    "ModelVersion",
+    "RoundRecord",
+    "Store",
+    "StoredUpload",
+    "StudyRecord",
+    "UploadsClosedError",
+]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -62,6 +72,18 @@ CREATE TABLE IF NOT EXISTS uploads (
     envelope BLOB NOT NULL,
     received_at REAL NOT NULL,
     PRIMARY KEY (study, round, site)
+);
+CREATE TABLE IF NOT EXISTS ckks_sums (
+    study TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    contributors TEXT NOT NULL,
+    sample_count INTEGER NOT NULL,
+    ciphertexts BLOB,
+    decrypted BLOB,
+    decrypted_sha256 TEXT,
+    decrypted_by TEXT,
+    closed_at REAL NOT NULL,
+    PRIMARY KEY (study, round)
 );
 """
 
@@ -110,6 +132,32 @@ class StoredUpload:
     def receipt(self) -> str:
         """An identifier of the accepted upload, stable across retries."""
         return self.sha256[:32]
+
+
+@dataclass(frozen=True)
+class EncryptedSum:
+    """A CKKS round after its uploads closed.
+
+    Attributes:
+        contributors: the sites whose ciphertexts are in the sum, sorted.
+        sample_count: their total sample count.
+        ciphertexts: the sum as a safetensors file of ``uint8`` ciphertext
+            arrays; None while the service is still adding.
+        decrypted: the envelope in which a site sent the decrypted sum.
+    """
+
+    study: str
+    round: int
+    contributors: list[str]
+    sample_count: int
+    ciphertexts: bytes | None
+    decrypted: bytes | None
+    decrypted_sha256: str | None
+    decrypted_by: str | None
+
+
+class UploadsClosedError(Exception):
+    """An upload came after the round's CKKS uploads closed."""
 
 
 class Store:
@@ -328,10 +376,85 @@ class Store:
         return [row[0] for row in rows]
 
     def add_upload(self, study: str, round_number: int, upload: StoredUpload) -> None:
+        """Store an accepted upload.
+
+        Raises:
+            UploadsClosedError: the round's CKKS uploads have closed; checked
+                in the same transaction, so no upload slips in after the sum's
+                contributors were fixed.
+        """
         with self.transaction() as connection:
+            closed = connection.execute(
+                "SELECT 1 FROM ckks_sums WHERE study = ? AND round = ?",
+                (study, round_number),
+            ).fetchone()
+            if closed is not None:
+                raise UploadsClosedError(
+                    f"round {round_number} of study {study!r} has closed its uploads "
+                    "and waits for a site to decrypt the encrypted sum"
+                )
             connection.execute(
                 "INSERT INTO uploads (study, round, site, sha256, nonce, sample_count, size,"
                 " envelope, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (study, round_number, upload.site, upload.sha256, upload.nonce,
                  upload.sample_count, upload.size, upload.envelope, upload.received_at),
             )  # fmt: skip
+
+    # Encrypted sums of CKKS rounds
+
+    def get_encrypted_sum(self, study: str, round_number: int) -> EncryptedSum | None:
+        with self._lock:
+            row = self._connection.execute(
+                "SELECT contributors, sample_count, ciphertexts, decrypted,"
+                " decrypted_sha256, decrypted_by FROM ckks_sums"
+                " WHERE study = ? AND round = ?",
+                (study, round_number),
+            ).fetchone()
+        if row is None:
+            return None
+        return EncryptedSum(study, round_number, json.loads(row[0]), row[1], *row[2:])
+
+    def close_encrypted_uploads(self, study: str, round_number: int) -> EncryptedSum:
+        """Fix the round's contributors: the sites that uploaded so far.
+
+        Idempotent: a round already closed keeps its contributors.
+        """
+        with self.transaction() as connection:
+            rows = connection.execute(
+                "SELECT site, sample_count FROM uploads WHERE study = ? AND round = ?"
+                " ORDER BY site",
+                (study, round_number),
+            ).fetchall()
+            connection.execute(
+                "INSERT OR IGNORE INTO ckks_sums (study, round, contributors,"
+                " sample_count, closed_at) VALUES (?, ?, ?, ?, ?)",
+                (study, round_number, json.dumps([row[0] for row in rows]),
+                 sum(row[1] for row in rows), time.time()),
+            )  # fmt: skip
+        closed = self.get_encrypted_sum(study, round_number)
+        assert closed is not None
+        return closed
+
+    def set_encrypted_sum(
+        self, study: str, round_number: int, ciphertexts: bytes
+    ) -> None:
+        with self.transaction() as connection:
+            connection.execute(
+                "UPDATE ckks_sums SET ciphertexts = ? WHERE study = ? AND round = ?"
+                " AND ciphertexts IS NULL",
+                (ciphertexts, study, round_number),
+            )
+
+    def set_decrypted_sum(
+        self, study: str, round_number: int, site: str, envelope: bytes
+    ) -> bool:
+        """Store the decrypted sum unless one is stored; return whether it was."""
+        sha256 = hashlib.sha256(envelope).hexdigest()
+        with self.transaction() as connection:
+            cursor = connection.execute(
+                "UPDATE ckks_sums SET decrypted = ?, decrypted_sha256 = ?,"
+                " decrypted_by = ? WHERE study = ? AND round = ? AND decrypted IS NULL"
+                " AND ciphertexts IS NOT NULL",
+                (envelope, sha256, site, study, round_number),
+            )
+        return cursor.rowcount == 1

@@ -274,11 +274,6 @@ class StudyConfig(_Strict):
                 "aggregation runs with every site of the study; set "
                 "participation.fraction: 1 or secure_aggregation.mode: none"
             )
-        if self.secure_aggregation.mode == "ckks":
-            raise ValueError(
-                "secure_aggregation mode 'ckks' is not available in studies yet: "
-                "the aggregation service has no CKKS routes; use 'masking' or 'none'"
-            )
         try:
             self.secure_aggregation.check(len(self.sites))
             self.compression.check(self.secure_aggregation.mode)

@@ -41,6 +41,9 @@ class KitFiles:
     AUDIT_PUBLIC_KEY = "audit-signing.pub"
     SITE_REGISTRY = "site-registry.json"
     MANIFEST = "manifest.json"
+    #: A site's CKKS context with the study's secret key; only site kits
+    #: contain it, and only for studies with ``secure_aggregation: ckks``.
+    CKKS_SECRET_CONTEXT = "ckks-secret-context.bin"
 
 
 def site_uri(site: str) -> str:

@@ -2,7 +2,8 @@
 
 A site is reached only through its Prefect work pool ``site-<site_id>``. The
 coordinator creates the pool and, in it, one deployment of each site flow
-(``site_prepare``, ``site_round``, ``site_evaluation``). The site's worker
+(``site_prepare``, ``site_round``, ``site_decrypt``, ``site_evaluation``).
+The site's worker
 polls the pool and runs those flows inside the site's container. Deployments
 name their flow by module path, so the worker imports it from the medfed
 package installed in its image and no code is pulled at run time.
@@ -27,6 +28,7 @@ from medfed.errors import SiteRunError
 
 __all__ = [
     "SITE_FLOW_NAMES",
+    "deployed_site_decrypt",
     "deployed_site_evaluation",
     "deployed_site_prepare",
     "deployed_site_round",
@@ -39,7 +41,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: The flows each site pool gets a deployment of.
-SITE_FLOW_NAMES = ("site_prepare", "site_round", "site_evaluation")
+SITE_FLOW_NAMES = ("site_prepare", "site_round", "site_decrypt", "site_evaluation")
 
 #: Seconds between checks of a remote flow run's state.
 POLL_SECONDS = 1.0
@@ -80,7 +82,12 @@ def register_site_deployments(
     from prefect.exceptions import ObjectAlreadyExists
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from medfed.flows.site_round import site_evaluation, site_prepare, site_round
+    from medfed.flows.site_round import (
+        site_decrypt,
+        site_evaluation,
+        site_prepare,
+        site_round,
+    )
 
     pools = {}
     with (
@@ -94,7 +101,7 @@ def register_site_deployments(
                 logger.info("created work pool %s", pool)
             except ObjectAlreadyExists:
                 pass
-            for site_flow in (site_prepare, site_round, site_evaluation):
+            for site_flow in (site_prepare, site_round, site_decrypt, site_evaluation):
                 deployment = cast(
                     RunnerDeployment,
                     site_flow.to_deployment(
@@ -245,6 +252,35 @@ def deployed_site_round(
         parameters,
         timeout=config.round.deadline_seconds,
         flow_run_name=f"{site_id}: {config.study} round {round_number}",
+    )
+
+
+@task(
+    name="site_decrypt",
+    task_run_name="{site_id}: decrypt round {round_number} (deployed)",
+    cache_policy=NONE,
+    persist_result=False,
+)
+def deployed_site_decrypt(
+    config: StudyConfig,
+    site_id: str,
+    round_number: int,
+    aggregation_url: str,
+    state_dir: str,
+) -> dict[str, Any]:
+    """Run ``site_decrypt`` in the site's pool; wait up to the round deadline."""
+    parameters = {
+        "config": _config_parameter(config),
+        "site_id": site_id,
+        "round_number": round_number,
+        "aggregation_url": aggregation_url,
+    }
+    return run_site_flow(
+        "site_decrypt",
+        site_id,
+        parameters,
+        timeout=config.round.deadline_seconds,
+        flow_run_name=f"{site_id}: {config.study} decrypt round {round_number}",
     )
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "REPORT_ARTIFACT_DESCRIPTION",
     "STATE_DIR_ENV",
     "prepare_site",
+    "site_decrypt",
     "site_evaluation",
     "site_prepare",
     "site_round",
@@ -72,6 +73,25 @@ def site_round(
     runner.signer = signer
     report = runner.train_round(client, round_number).to_dict()
     return _publish(report)
+
+
+@flow(
+    name="site_decrypt",
+    flow_run_name="{site_id}: {config.study} decrypt round {round_number}",
+    persist_result=False,
+)
+def site_decrypt(
+    config: StudyConfig, site_id: str, round_number: int, aggregation_url: str
+) -> dict[str, Any]:
+    """Decrypt a CKKS round's encrypted sum with the site's secret context.
+
+    Returns the contributors, their total sample count and the bytes moved;
+    the decrypted sum goes only to the aggregation service.
+    """
+    client, signer = connect_site(aggregation_url)
+    runner = _runner(config, site_id)
+    runner.signer = signer
+    return _publish(runner.decrypt_sum(client, round_number))
 
 
 @flow(

@@ -32,6 +32,7 @@ from medfed.contract.metrics import EvaluationAggregates, pool, youden_threshold
 from medfed.errors import AggregationError, ConfigError, MedfedError, QuorumError
 from medfed.flows.site_round import prepare_site
 from medfed.flows.tracking import StudyTracker
+from medfed.sites.ckks_keys import ensure_local_secret_contexts
 from medfed.sites.client import AggregationClient
 from medfed.sites.runner import (
     SiteRunner,
@@ -67,6 +68,25 @@ def site_round(
     client, signer = connect_site(aggregation_url)
     runner = SiteRunner(config, site_id, Path(state_dir), signer=signer)
     return runner.train_round(client, round_number).to_dict()
+
+
+@task(
+    name="site_decrypt",
+    task_run_name="{site_id}: decrypt round {round_number}",
+    cache_policy=NONE,
+    persist_result=False,
+)
+def site_decrypt(
+    config: StudyConfig,
+    site_id: str,
+    round_number: int,
+    aggregation_url: str,
+    state_dir: str,
+) -> dict[str, Any]:
+    """Decrypt a CKKS round's encrypted sum at one site and send it to the service."""
+    client, signer = connect_site(aggregation_url)
+    runner = SiteRunner(config, site_id, Path(state_dir), signer=signer)
+    return runner.decrypt_sum(client, round_number)
 
 
 @task(
@@ -155,12 +175,15 @@ class _Coordinator:
         self.prepare_task: Any = site_prepare
         self.round_task: Any = site_round
         self.evaluation_task: Any = site_evaluation
+        self.decrypt_task: Any = site_decrypt
+        self.deployed_sites = deployed_sites
         if deployed_sites:
             from medfed.flows import deployments
 
             self.prepare_task = deployments.deployed_site_prepare
             self.round_task = deployments.deployed_site_round
             self.evaluation_task = deployments.deployed_site_evaluation
+            self.decrypt_task = deployments.deployed_site_decrypt
         self.work_dir = work_dir
         self.aggregation_url = aggregation_url
         self.sites = [site.id for site in config.sites]
@@ -217,6 +240,15 @@ class _Coordinator:
             site: int(info["train_records"]) for site, info in prepared.items()
         }
         tracker.log_params({site: info["privacy"] for site, info in prepared.items()})
+        if self.config.secure_aggregation.mode == "ckks" and not self.deployed_sites:
+            # Deployed sites read the secret context from their startup kits.
+            ensure_local_secret_contexts(
+                self.config,
+                [
+                    SiteRunner(self.config, site, Path(self.site_dirs[site])).study_dir
+                    for site in self.sites
+                ],
+            )
         client.create_study(self.config.study, self._initial_model())
         status = client.study_status(self.config.study)
         version: int = status["latest_version"]
@@ -356,6 +388,8 @@ class _Coordinator:
                 self.last_reports[site] = outcome
 
         status = client.finalize(self.config.study, round_number, absent=absent)
+        if status["state"] == "open" and "ckks" in status:
+            status = self._decrypt(client, tracker, round_number, status)
         self.participants.append({
             "round": round_number,
             "asked": chosen,
@@ -389,6 +423,54 @@ class _Coordinator:
         )
         logger.info("round %d asks sites %s", round_number, chosen)
         return chosen
+
+    def _decrypt(
+        self,
+        client: AggregationClient,
+        tracker: StudyTracker,
+        round_number: int,
+        status: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Have one contributor decrypt the round's sum, then finalize again.
+
+        Contributors are tried in sorted order until one succeeds.
+
+        Raises:
+            AggregationError: no contributor could decrypt the sum. The round
+                stays open, so ``--resume`` retries the decryption.
+        """
+        failures = []
+        for site in sorted(status["ckks"]["contributors"]):
+            if status["ckks"]["phase"] != "decrypting":
+                break
+            future = self.decrypt_task.submit(
+                self.config,
+                site,
+                round_number,
+                self.aggregation_url,
+                self.site_dirs[site],
+            )
+            outcome = _gather(
+                {site: future}, timeout=self.config.round.deadline_seconds
+            )[site]
+            if isinstance(outcome, BaseException):
+                logger.warning(
+                    "site %s failed to decrypt round %d: %s",
+                    site,
+                    round_number,
+                    outcome,
+                )
+                tracker.log_event(f"failure.{site}.decrypt{round_number}", str(outcome))
+                failures.append(f"site {site}: {outcome}")
+                continue
+            status = client.round_status(self.config.study, round_number)
+        if status["ckks"]["phase"] == "decrypting":
+            raise AggregationError(
+                f"no contributor could decrypt the sum of round {round_number}: "
+                + "; ".join(failures)
+                + "; fix the sites and run again with --resume"
+            )
+        return client.finalize(self.config.study, round_number)
 
     def _evaluate(self, version: int) -> None:
         """Have every site evaluate model ``version``; keep the aggregates.

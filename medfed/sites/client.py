@@ -8,12 +8,14 @@ from typing import Any
 
 import httpx
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
 
+from medfed.contract.codecs.ckks import ciphertexts_from_arrays
 from medfed.contract.kits import client_ssl_context
-from medfed.errors import ServiceError
+from medfed.errors import EnvelopeError, ServiceError
 
-__all__ = ["AggregationClient", "DownloadedModel"]
+__all__ = ["AggregationClient", "DownloadedModel", "EncryptedSum"]
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +25,16 @@ class DownloadedModel:
     version: int
     sha256: str
     weights: dict[str, np.ndarray]
+    size: int
+
+
+@dataclass(frozen=True)
+class EncryptedSum:
+    """A CKKS round's encrypted sum, as a site downloads it to decrypt."""
+
+    ciphertexts: list[bytes]
+    contributors: list[str]
+    sample_count: int
     size: int
 
 
@@ -156,6 +168,41 @@ class AggregationClient:
                 "delta": delta,
                 "message": message[:500],
             },
+        )
+
+    def download_encrypted_sum(self, study: str, round_number: int) -> EncryptedSum:
+        """Download a CKKS round's encrypted sum; parsed without unpickling.
+
+        Raises:
+            ServiceError: the request failed; status 425 while uploads are
+                still open, or the body is not a sum of ciphertexts.
+        """
+        path = f"/v1/studies/{study}/rounds/{round_number}/ckks/sum"
+        response = self._request("GET", path)
+        try:
+            ciphertexts = ciphertexts_from_arrays(load_safetensors(response.content))
+            sample_count = int(response.headers["X-Medfed-Sample-Count"])
+        except (EnvelopeError, SafetensorError, ValueError, KeyError) as error:
+            raise ServiceError(
+                f"aggregation service sent an invalid encrypted sum for GET {path}: "
+                f"{error}"
+            ) from None
+        contributors = response.headers.get("X-Medfed-Contributors", "")
+        return EncryptedSum(
+            ciphertexts=ciphertexts,
+            contributors=[site for site in contributors.split(",") if site],
+            sample_count=sample_count,
+            size=len(response.content),
+        )
+
+    def upload_decrypted_sum(
+        self, study: str, round_number: int, site: str, envelope: bytes
+    ) -> dict[str, Any]:
+        """Send the sum that ``site`` decrypted, as an ``fp32`` envelope."""
+        return self._json(
+            "PUT",
+            f"/v1/studies/{study}/rounds/{round_number}/ckks/decrypted/{site}",
+            content=envelope,
         )
 
     def finalize(

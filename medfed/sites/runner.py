@@ -21,14 +21,17 @@ import torch
 from safetensors.numpy import save as save_safetensors
 
 from medfed.aggregation.compatibility import build_study_strategy
+from medfed.contract.codecs.ckks import CkksEncryptor
 from medfed.contract.config import StudyConfig
 from medfed.contract.kits import KitFiles
 from medfed.contract.metrics import EvaluationAggregates
 from medfed.contract.models import build_model
-from medfed.contract.secagg import MaskingSite
+from medfed.contract.secagg import MaskingSite, VectorLayout
+from medfed.contract.secagg.ckks import CkksSiteContext, round_for_release
 from medfed.contract.signing import Ed25519Signer
 from medfed.contract.wire import encode_envelope
-from medfed.errors import BudgetExceededError
+from medfed.errors import BudgetExceededError, SecureAggregationError
+from medfed.sites.ckks_keys import load_secret_context
 from medfed.sites.client import AggregationClient
 from medfed.sites.compression import build_update_encoder
 from medfed.sites.data import load_split, prepare_site_data
@@ -265,6 +268,10 @@ class SiteRunner:
             envelope, receipt = self._upload_masked(
                 client, round_number, delta, records
             )
+        elif self.config.secure_aggregation.mode == "ckks":
+            envelope, receipt = self._upload_encrypted(
+                client, round_number, delta, records
+            )
         else:
             compression = self.config.compression
             encoder = build_update_encoder(compression, state_dir=self.study_dir)
@@ -321,6 +328,108 @@ class SiteRunner:
         downloaded = client.download_model(self.config.study, version)
         return evaluate_weights(self.config, downloaded.weights, inputs, labels)
 
+    def decrypt_sum(
+        self, client: AggregationClient, round_number: int
+    ) -> dict[str, Any]:
+        """Decrypt a CKKS round's encrypted sum and send it to the service.
+
+        The sum is rounded with ``round_for_release`` before it leaves the
+        site, so the service cannot solve for the secret key from it.
+
+        Returns:
+            A report: the contributors, their total sample count and the
+            bytes moved. No value of the sum.
+
+        Raises:
+            SecureAggregationError: the sum does not decrypt to plausible
+                values, which happens when the sites' secret contexts differ.
+        """
+        secure = self.config.secure_aggregation
+        parameters = secure.ckks_parameters()
+        context = self._ckks_context()
+        encrypted = client.download_encrypted_sum(self.config.study, round_number)
+        base = client.download_round_model(self.config.study, round_number)
+        layout = VectorLayout.of(base.weights)
+        decrypted = context.decrypt_vector(encrypted.ciphertexts, layout.length)
+        bound = encrypted.sample_count * secure.clip + parameters.release_grid
+        if not np.isfinite(decrypted).all() or np.abs(decrypted).max() > bound:
+            raise SecureAggregationError(
+                f"the encrypted sum of round {round_number} decrypts to values "
+                f"beyond sample_count x clip = {encrypted.sample_count * secure.clip}; "
+                f"site {self.site_id!r} may hold another CKKS secret context than "
+                "the contributors"
+            )
+        released = layout.split(round_for_release(decrypted, parameters))
+        envelope = encode_envelope(
+            {name: value.astype(np.float32) for name, value in released.items()},
+            study=self.config.study,
+            round_number=round_number,
+            site=self.site_id,
+            sample_count=encrypted.sample_count,
+            nonce=secrets.token_hex(16),
+            signer=self.signer,
+        )
+        receipt = client.upload_decrypted_sum(
+            self.config.study, round_number, self.site_id, envelope
+        )
+        logger.info(
+            "site %s decrypted the sum of round %d from %d sites",
+            self.site_id,
+            round_number,
+            len(encrypted.contributors),
+        )
+        return {
+            "site": self.site_id,
+            "round": round_number,
+            "contributors": encrypted.contributors,
+            "sample_count": encrypted.sample_count,
+            "bytes_downloaded": encrypted.size + base.size,
+            "bytes_uploaded": len(envelope),
+            "sha256": receipt["sha256"],
+        }
+
+    def _ckks_context(self) -> CkksSiteContext:
+        kit = os.environ.get(KIT_ENV_VAR) or None
+        return load_secret_context(
+            self.config, self.study_dir, Path(kit) if kit else None
+        )
+
+    def _upload_encrypted(
+        self,
+        client: AggregationClient,
+        round_number: int,
+        delta: dict[str, np.ndarray],
+        records: int,
+    ) -> tuple[bytes, dict[str, Any]]:
+        """Encrypt the clipped, weighted update and upload it; return the envelope."""
+        secure = self.config.secure_aggregation
+        self._warn_clipped(delta)
+        encryptor = CkksEncryptor(
+            self._ckks_context(), sample_count=records, clip=secure.clip
+        )
+        envelope = encode_envelope(
+            delta,
+            study=self.config.study,
+            round_number=round_number,
+            site=self.site_id,
+            sample_count=records,
+            nonce=secrets.token_hex(16),
+            signer=self.signer,
+            codec=encryptor,
+        )
+        receipt = client.upload(self.config.study, round_number, self.site_id, envelope)
+        return envelope, receipt
+
+    def _warn_clipped(self, delta: dict[str, np.ndarray]) -> None:
+        clip = self.config.secure_aggregation.clip
+        clipped = sum(int((np.abs(value) > clip).sum()) for value in delta.values())
+        if clipped:
+            logger.warning(
+                "site %s clips %d update values to +-%s for secure aggregation; "
+                "raise secure_aggregation.clip to keep them",
+                self.site_id, clipped, clip,
+            )  # fmt: skip
+
     def _upload_masked(
         self,
         client: AggregationClient,
@@ -330,15 +439,7 @@ class SiteRunner:
     ) -> tuple[bytes, dict[str, Any]]:
         """Take part in the round's masking protocol; return the envelope sent."""
         secure = self.config.secure_aggregation
-        clipped = sum(
-            int((np.abs(value) > secure.clip).sum()) for value in delta.values()
-        )
-        if clipped:
-            logger.warning(
-                "site %s clips %d update values to +-%s for secure aggregation; "
-                "raise secure_aggregation.clip to keep them",
-                self.site_id, clipped, secure.clip,
-            )  # fmt: skip
+        self._warn_clipped(delta)
         site = MaskingSite(
             site=self.site_id,
             study=self.config.study,

@@ -10,6 +10,7 @@ from medfed.contract.secagg.ckks import (
     CkksParameters,
     CkksSiteContext,
     check_ckks_capacity,
+    round_for_release,
 )
 from medfed.errors import ConfigError, SecureAggregationError
 
@@ -175,3 +176,66 @@ def test_capacity_rejects_overflow():
 def test_parameters_rejected(parameters, message):
     with pytest.raises(ConfigError, match=message):
         CkksParameters(**parameters)
+
+
+def test_aggregator_from_parameters_holds_no_key(site_context):
+    aggregator = CkksAggregator(vector_length=3, parameters=CkksParameters())
+    aggregator.add("site-0", site_context.encrypt_vector(np.ones(3)), sample_count=1)
+    aggregator.add("site-1", site_context.encrypt_vector(np.ones(3)), sample_count=1)
+
+    decrypted = site_context.decrypt_vector(aggregator.aggregate(), 3)
+
+    assert not aggregator._context.is_private()
+    np.testing.assert_allclose(decrypted, [2.0, 2.0, 2.0], atol=PRECISION)
+
+
+def test_aggregator_rejects_other_scale(site_context):
+    other = CkksSiteContext.from_bytes(
+        site_context.secret_bytes(), CkksParameters(scale_bits=25)
+    )
+    aggregator = CkksAggregator(vector_length=3, parameters=CkksParameters())
+
+    with pytest.raises(SecureAggregationError) as error:
+        aggregator.validate("site-0", other.encrypt_vector(np.ones(3)))
+
+    assert str(error.value) == (
+        "ciphertext 0 from 'site-0' has scale 33554432.0; the study encrypts at "
+        "scale 1073741824.0"
+    )
+
+
+def test_aggregator_rejects_corrupt_ciphertext(site_context):
+    chunk = bytearray(site_context.encrypt_vector(np.ones(3))[0])
+    chunk[100] ^= 0xFF
+    aggregator = CkksAggregator(vector_length=3, parameters=CkksParameters())
+
+    with pytest.raises(SecureAggregationError) as error:
+        aggregator.validate("site-0", [bytes(chunk)])
+
+    assert str(error.value) == (
+        "ciphertext 0 from 'site-0' is unreadable: ciphertext data is invalid"
+    )
+
+
+def test_secret_context_for_other_parameters_rejected(site_context):
+    with pytest.raises(SecureAggregationError) as error:
+        CkksSiteContext.from_bytes(
+            site_context.secret_bytes(),
+            CkksParameters(poly_modulus_degree=16384, coeff_mod_bit_sizes=(60, 60)),
+        )
+
+    assert "made for other encryption parameters than poly_modulus_degree 16384" in (
+        str(error.value)
+    )
+
+
+def test_release_rounds_to_grid():
+    parameters = CkksParameters()
+    vector = np.array([0.1234567, -3.0000001, 1e-6])
+
+    released = round_for_release(vector, parameters)
+
+    assert parameters.release_grid == 2.0**-10
+    np.testing.assert_array_equal(released / 2.0**-10, np.round(released / 2.0**-10))
+    assert np.max(np.abs(released - vector)) <= 2.0**-11
+    assert released[2] == 0.0

@@ -113,11 +113,34 @@ def test_study_rejects_unknown_mode():
     )
 
 
-def test_study_rejects_ckks_until_wired():
-    with pytest.raises(ConfigError) as error:
-        parse_study_config(STUDY | {"secure_aggregation": "ckks"})
+def test_study_accepts_ckks():
+    config = parse_study_config(STUDY | {"secure_aggregation": "ckks"})
 
-    assert "secure_aggregation mode 'ckks' is not available in studies yet" in str(
+    assert config.secure_aggregation.mode == "ckks"
+    assert config.secure_aggregation.ckks_parameters().slot_count == 4096
+
+
+def test_study_rejects_ckks_overflow():
+    secure = {"mode": "ckks", "scale_bits": 50, "max_weight": 100_000}
+
+    with pytest.raises(ConfigError) as error:
+        parse_study_config(STUDY | {"secure_aggregation": secure})
+
+    assert "secure_aggregation (mode 'ckks'): the CKKS sum can overflow" in str(
+        error.value
+    )
+
+
+def test_study_rejects_robust_rule_under_ckks():
+    raw = STUDY | {
+        "secure_aggregation": "ckks",
+        "strategy": {"name": "fedavg", "wrappers": [{"name": "median"}]},
+    }
+
+    with pytest.raises(ConfigError) as error:
+        parse_study_config(raw)
+
+    assert "median needs each site's update, but ckks secure aggregation" in str(
         error.value
     )
 

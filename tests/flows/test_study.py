@@ -192,6 +192,54 @@ def test_masking_study_matches_plain(tmp_path: Path) -> None:
     assert np.max(np.abs(masked_scores - plain_scores)) < 1e-4
 
 
+def secret_windows(secret: bytes) -> list[bytes]:
+    return [secret[offset : offset + 32] for offset in range(256, len(secret), 997)]
+
+
+@pytest.mark.slow
+def test_ckks_study_matches_plain(tmp_path: Path, mlflow_uri: str) -> None:
+    # Both studies share one name because the sites' training seeds derive
+    # from it; the configs differ only in secure_aggregation.
+    plain_config, plain_text = short_config("heart_disease_nodp.yaml", "e2e-ckks")
+    ckks_config, ckks_text = short_config("heart_disease_ckks.yaml", "e2e-ckks")
+
+    plain = run_study(plain_config, plain_text, work_dir=tmp_path / "plain")
+    encrypted = run_study(ckks_config, ckks_text, work_dir=tmp_path / "ckks")
+
+    assert encrypted["rounds"] == plain["rounds"] == 2
+    assert (
+        abs(encrypted["pooled_test_accuracy"] - plain["pooled_test_accuracy"]) <= 0.01
+    )
+    # Training without DP is seeded, so the models differ only by the release
+    # rounding and the CKKS error of each round's mean, below 1e-5.
+    inputs = np.random.default_rng(0).normal(size=(50, 15)).tolist()
+    plain_scores = mlflow.pyfunc.load_model(
+        f"models:/e2e-ckks/{plain['registered_model_version']}"
+    ).predict(inputs)
+    ckks_scores = mlflow.pyfunc.load_model(
+        f"models:/e2e-ckks/{encrypted['registered_model_version']}"
+    ).predict(inputs)
+    assert np.max(np.abs(ckks_scores - plain_scores)) < 1e-4
+
+    site_dirs = sorted((tmp_path / "ckks" / "sites").iterdir())
+    secret_files = [
+        site / "studies" / "e2e-ckks" / "ckks-secret-context.bin" for site in site_dirs
+    ]
+    assert len(secret_files) == 4
+    assert len({path.read_bytes() for path in secret_files}) == 1
+    assert {path.stat().st_mode & 0o777 for path in secret_files} == {0o600}
+    windows = secret_windows(secret_files[0].read_bytes())
+    service_files = b"".join(
+        path.read_bytes()
+        for path in (tmp_path / "ckks" / "aggregation").rglob("*")
+        if path.is_file()
+    )
+    tracking = Path(mlflow_uri.removeprefix("sqlite:///")).read_bytes()
+    assert len(windows) > 300
+    assert [window for window in windows if window in service_files] == []
+    assert [window for window in windows if window in tracking] == []
+
+
 class Interrupt(Exception):
     """Stands in for a coordinator crash between two rounds."""
 

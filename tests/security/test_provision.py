@@ -97,6 +97,47 @@ def test_kit_contents_minimal(kits: dict[str, Path]) -> None:
     ]
 
 
+def test_ckks_secret_context_only_in_site_kits(tmp_path: Path) -> None:
+    from medfed.contract.secagg.ckks import CkksParameters, CkksSiteContext
+
+    config = tmp_path / "study.yaml"
+    config.write_text(
+        study_config_text(
+            sites="[{id: alpha}, {id: beta}, {id: gamma}]",
+            secure_aggregation="{mode: ckks, max_weight: 1000}",
+        ),
+        encoding="utf-8",
+    )
+
+    kits = provision(config, tmp_path / "out")
+
+    name = KitFiles.CKKS_SECRET_CONTEXT
+    secrets = [(kits[f"site-{site}"] / name) for site in ("alpha", "beta", "gamma")]
+    assert len({path.read_bytes() for path in secrets}) == 1
+    for path in secrets:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    context = CkksSiteContext.from_bytes(secrets[0].read_bytes(), CkksParameters())
+    assert context.secret_bytes() == secrets[0].read_bytes()
+    window = secrets[0].read_bytes()[4096 : 4096 + 64]
+    for other in ("aggregation", "coordinator"):
+        assert not (kits[other] / name).exists()
+        with tarfile.open(kits[other].with_name(f"{other}.tar.gz")) as tar:
+            archived = b"".join(
+                extracted.read()
+                for member in tar.getmembers()
+                if (extracted := tar.extractfile(member)) is not None
+            )
+        files = b"".join(path.read_bytes() for path in kits[other].iterdir())
+        assert window not in files + archived, other
+    with tarfile.open(kits["site-beta"].with_name("site-beta.tar.gz")) as tar:
+        assert f"site-beta/{name}" in tar.getnames()
+
+
+def test_kits_without_ckks_hold_no_context(kits: dict[str, Path]) -> None:
+    for kit in kits.values():
+        assert not (kit / KitFiles.CKKS_SECRET_CONTEXT).exists()
+
+
 def test_no_private_key_shared_between_kits(kits: dict[str, Path]) -> None:
     seen: dict[bytes, str] = {}
     for name, kit in kits.items():

@@ -1,14 +1,15 @@
 """Update codecs, registered by name (see ``base.Codec``).
 
 Built in: ``fp32`` (lossless), ``fp16``, ``int8`` (stochastic rounding),
-``topk`` and ``randk`` (sparsification), and ``masked``, which carries the
-ring elements of secure aggregation's masking protocol and is chosen by the
-``secure_aggregation`` setting, not by ``compression``.
+``topk`` and ``randk`` (sparsification), ``masked``, which carries the
+ring elements of secure aggregation's masking protocol, and ``ckks``, which
+carries CKKS ciphertexts. The ``secure_aggregation`` setting chooses the last
+two, not ``compression``.
 ``check_codec_compatibility`` rejects the codecs that do not compose with a
 secure aggregation mode.
 """
 
-from medfed.contract.codecs import fp16, fp32, int8, masked, randk, topk
+from medfed.contract.codecs import ckks, fp16, fp32, int8, masked, randk, topk
 from medfed.contract.codecs.base import (
     CODECS,
     Codec,
@@ -30,6 +31,7 @@ __all__ = [
     "Encoder",
     "TensorSpec",
     "check_codec_compatibility",
+    "ckks",
     "fp16",
     "fp32",
     "get_codec",

@@ -2,13 +2,24 @@
 
 All sites of a study share one CKKS context that contains the secret key;
 it is distributed among the sites over a channel the aggregation service
-cannot read. The service receives only ``public_context_bytes``, which holds
-the encryption parameters and no secret key, so it can add ciphertexts but
+cannot read. The service receives no key, so it can add ciphertexts but
 cannot decrypt any of them. Each site clips and weights its flattened update
 like the masking protocol does, splits it into chunks of ``slot_count``
 values (``poly_modulus_degree / 2``) and encrypts each as a batched
 ``ts.ckks_vector``; the service adds the sites' chunks element-wise, and the
 sites decrypt only the sum.
+
+The service needs no context from the sites. ``CkksAggregator`` accepts
+either ``public_bytes()`` or the study's ``CkksParameters``, from which it
+builds a context and drops its secret key at once. Either way its context
+has the study's parameters and no secret key, which is all that adding
+ciphertexts needs.
+
+A site releases a decrypted sum only after ``round_for_release`` has rounded
+it to a grid much coarser than the decryption noise. The service stores the
+ciphertext of that sum, and an exact CKKS decryption together with its
+ciphertext reveals the secret key (Li and Micciancio, "On the Security of
+Homomorphic Encryption on Approximate Numbers", Eurocrypt 2021).
 
 Precision: CKKS is approximate. With the defaults (degree 8192, moduli
 (60, 60) bits, scale 2^30) the largest error of a decrypted sum of 20 sites
@@ -42,6 +53,7 @@ __all__ = [
     "CkksParameters",
     "CkksSiteContext",
     "check_ckks_capacity",
+    "round_for_release",
 ]
 
 logger = logging.getLogger(__name__)
@@ -53,6 +65,13 @@ _MAX_MODULUS_BITS = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
 # Bits kept free between the encoded sum and the modulus for encryption noise.
 _NOISE_MARGIN_BITS = 4
 _MAX_CIPHERTEXT_BYTES = 64 * 1024 * 1024
+# Bytes a serialized ciphertext may take beyond its coefficients (the SEAL
+# and protobuf headers measured about 150 with TenSEAL 0.3.18).
+_CIPHERTEXT_HEADER_BYTES = 4096
+# A released sum is rounded to multiples of 2^(margin - scale_bits). The
+# decryption error of a sum of 20 sites measured about 2^-14.6 at scale 2^30,
+# so with a margin of 20 bits the grid (2^-10) is about 24 times coarser.
+_RELEASE_MARGIN_BITS = 20
 
 
 def _tenseal() -> Any:
@@ -115,6 +134,19 @@ class CkksParameters:
     def data_modulus_bits(self) -> int:
         return sum(self.coeff_mod_bit_sizes[:-1])
 
+    @property
+    def max_ciphertext_bytes(self) -> int:
+        """The largest serialized fresh ciphertext: two polynomials of
+        ``poly_modulus_degree`` 8-byte coefficients per data modulus, plus
+        headers."""
+        data_moduli = len(self.coeff_mod_bit_sizes) - 1
+        return 2 * self.poly_modulus_degree * data_moduli * 8 + _CIPHERTEXT_HEADER_BYTES
+
+    @property
+    def release_grid(self) -> float:
+        """The step that ``round_for_release`` rounds a decrypted sum to."""
+        return 2.0 ** (_RELEASE_MARGIN_BITS - self.scale_bits)
+
 
 def check_ckks_capacity(
     *, parameters: CkksParameters, clip: float, max_weight: int, site_count: int
@@ -173,8 +205,21 @@ class CkksSiteContext:
 
     @classmethod
     def from_bytes(cls, data: bytes, parameters: CkksParameters) -> "CkksSiteContext":
-        """Load a secret context that another site of the study exported."""
+        """Load a secret context that another site of the study exported.
+
+        Raises:
+            SecureAggregationError: the bytes are not a context, it has no
+                secret key, or it was made for other parameters.
+        """
         context = _load_context(data)
+        expected = _keyless_context(parameters)
+        if _parms_id(context) != _parms_id(expected):
+            raise SecureAggregationError(
+                "the CKKS secret context was made for other encryption parameters "
+                f"than poly_modulus_degree {parameters.poly_modulus_degree} and "
+                f"coeff_mod_bit_sizes {list(parameters.coeff_mod_bit_sizes)}; "
+                "provision the study's keys again for its secure_aggregation section"
+            )
         context.global_scale = 2.0**parameters.scale_bits
         return cls(context, parameters)
 
@@ -239,7 +284,7 @@ class CkksSiteContext:
         for chunk in chunks:
             try:
                 parts.append(ts.ckks_vector_from(self._context, chunk).decrypt())
-            except ValueError as error:
+            except (ValueError, RuntimeError) as error:
                 raise SecureAggregationError(
                     f"aggregate ciphertext failed to decrypt: {error}"
                 ) from None
@@ -255,16 +300,33 @@ class CkksAggregator:
     """The service's side: adds the sites' ciphertexts without any key.
 
     Args:
-        public_context: ``CkksSiteContext.public_bytes()``.
+        public_context: ``CkksSiteContext.public_bytes()``, or None to build
+            a keyless context from ``parameters``.
         vector_length: the number of values in every site's update.
+        parameters: the study's parameters. When given, every ciphertext must
+            also have the scale ``2^scale_bits`` and at most
+            ``parameters.max_ciphertext_bytes`` bytes.
 
     Raises:
         SecureAggregationError: the context is unreadable or contains a
             secret key, which the service must never hold.
     """
 
-    def __init__(self, public_context: bytes, *, vector_length: int) -> None:
-        context = _load_context(public_context)
+    def __init__(
+        self,
+        public_context: bytes | None = None,
+        *,
+        vector_length: int,
+        parameters: CkksParameters | None = None,
+    ) -> None:
+        if public_context is not None:
+            context = _load_context(public_context)
+        elif parameters is not None:
+            context = _keyless_context(parameters)
+        else:
+            raise SecureAggregationError(
+                "CkksAggregator needs a public context or the study's parameters"
+            )
         if context.is_private():
             raise SecureAggregationError(
                 "the aggregation service received a CKKS context with a secret "
@@ -272,11 +334,26 @@ class CkksAggregator:
             )
         self._context = context
         self.vector_length = vector_length
-        parameters = context.seal_context().data.first_context_data().parms()
-        self.slot_count = int(parameters.poly_modulus_degree()) // 2
+        first = context.seal_context().data.first_context_data().parms()
+        self.slot_count = int(first.poly_modulus_degree()) // 2
+        #: The scale every ciphertext must have, or None to accept any.
+        self.scale = None if parameters is None else 2.0**parameters.scale_bits
+        self.max_ciphertext_bytes = (
+            _MAX_CIPHERTEXT_BYTES
+            if parameters is None
+            else parameters.max_ciphertext_bytes
+        )
         self._sum: list[Any] | None = None
         self._sample_count = 0
         self._sites: list[str] = []
+
+    def validate(self, site: str, chunks: Sequence[bytes]) -> None:
+        """Check that ``chunks`` would add to the sum, without adding them.
+
+        Raises:
+            SecureAggregationError: as for ``add``.
+        """
+        self._load_chunks(site, chunks)
 
     def add(self, site: str, chunks: Sequence[bytes], *, sample_count: int) -> None:
         """Add a site's encrypted update to the running sum.
@@ -324,18 +401,22 @@ class CkksAggregator:
         ts = _tenseal()
         vectors = []
         remaining = self.vector_length
+        first_parms_id = self._context.seal_context().data.first_parms_id()
         for position, chunk in enumerate(chunks):
-            if len(chunk) > _MAX_CIPHERTEXT_BYTES:
+            if len(chunk) > self.max_ciphertext_bytes:
                 raise SecureAggregationError(
                     f"ciphertext {position} from {site!r} has {len(chunk)} bytes, "
-                    f"more than the limit of {_MAX_CIPHERTEXT_BYTES}"
+                    f"more than the limit of {self.max_ciphertext_bytes}"
                 )
             try:
-                vector = ts.ckks_vector_from(self._context, chunk)
-            except ValueError as error:
+                vector = ts.ckks_vector_from(self._context, bytes(chunk))
+            # SEAL reports a corrupt ciphertext as RuntimeError, TenSEAL a
+            # stream it cannot parse as ValueError.
+            except (ValueError, RuntimeError) as error:
                 raise SecureAggregationError(
                     f"ciphertext {position} from {site!r} is unreadable: {error}"
                 ) from None
+            self._check_ciphertext(site, position, vector, first_parms_id)
             if remaining <= 0 or vector.size() != min(remaining, self.slot_count):
                 raise SecureAggregationError(
                     f"ciphertext {position} from {site!r} contains {vector.size()} "
@@ -349,6 +430,61 @@ class CkksAggregator:
                 f"values, expected {self.vector_length}"
             )
         return vectors
+
+    def _check_ciphertext(
+        self, site: str, position: int, vector: Any, first_parms_id: Any
+    ) -> None:
+        # A fresh ciphertext has two polynomials, is at the first level of the
+        # modulus chain and has the study's scale. Only such ciphertexts can
+        # be added to each other.
+        ciphertexts = vector.ciphertext()
+        if len(ciphertexts) != 1:
+            raise SecureAggregationError(
+                f"ciphertext {position} from {site!r} contains {len(ciphertexts)} "
+                "ciphertexts; expected one"
+            )
+        ciphertext = ciphertexts[0]
+        if ciphertext.size() != 2 or ciphertext.parms_id() != first_parms_id:
+            raise SecureAggregationError(
+                f"ciphertext {position} from {site!r} is not a fresh encryption "
+                f"under the study's parameters (size {ciphertext.size()})"
+            )
+        if self.scale is not None and ciphertext.scale != self.scale:
+            raise SecureAggregationError(
+                f"ciphertext {position} from {site!r} has scale "
+                f"{ciphertext.scale!r}; the study encrypts at scale {self.scale!r}"
+            )
+
+
+def round_for_release(vector: np.ndarray, parameters: CkksParameters) -> np.ndarray:
+    """Round a decrypted sum to ``parameters.release_grid`` before it leaves a site.
+
+    The rounding hides the low bits that carry the decryption noise, from
+    which the service could otherwise solve for the secret key. It adds at
+    most half a grid step (about 5e-4 at scale 2^30) to each value.
+
+    NOTE: this is a heuristic defence. It is not the noise flooding that
+    makes CKKS decryption provably safe to share, which would need a larger
+    modulus and costs precision.
+    """
+    grid = parameters.release_grid
+    return np.round(np.asarray(vector, np.float64) / grid) * grid
+
+
+def _keyless_context(parameters: CkksParameters) -> Any:
+    """Build a context for ``parameters`` and drop its secret key at once."""
+    ts = _tenseal()
+    context = ts.context(
+        ts.SCHEME_TYPE.CKKS,
+        poly_modulus_degree=parameters.poly_modulus_degree,
+        coeff_mod_bit_sizes=list(parameters.coeff_mod_bit_sizes),
+    )
+    context.make_context_public()
+    return context
+
+
+def _parms_id(context: Any) -> list[int]:
+    return list(context.seal_context().data.key_parms_id())
 
 
 def _load_context(data: bytes) -> Any:
