@@ -214,8 +214,10 @@ class StudyConfig(_Strict):
                 "the aggregation service has no CKKS routes; use 'masking' or 'none'"
             )
         try:
-            self.secure_aggregation.check(len(self.sites))
             self.compression.check(self.secure_aggregation.mode)
+            self.secure_aggregation.check(
+                len(self.sites), self.compression.build_codec()
+            )
         except ConfigError as error:
             raise ValueError(str(error)) from None
         return self

@@ -336,11 +336,15 @@ class SiteRunner:
                 "raise secure_aggregation.clip to keep them",
                 self.site_id, clipped, secure.clip,
             )  # fmt: skip
+        # NOTE: error feedback does not apply under masking, because the int8
+        # ring encoder rounds stochastically and keeps no residual.
         site = MaskingSite(
             site=self.site_id,
             study=self.config.study,
             round_number=round_number,
-            encoding=secure.encoding(len(self.config.sites)),
+            encoding=secure.encoding(
+                len(self.config.sites), self.config.compression.build_codec()
+            ),
         )
         sent: dict[str, Any] = {}
 

@@ -115,10 +115,7 @@ class MaskingClient:
             sample_count=sample_count,
             nonce=secrets.token_hex(16),
             codec_name="masked",
-            codec_params={
-                "ring_bits": site.encoding.ring_bits,
-                "fractional_bits": site.encoding.fractional_bits,
-            },
+            codec_params=site.encoding.codec_params,
             signer=signer,
         )
         if upload is None:

@@ -163,8 +163,8 @@ def test_full_study_reaches_accuracy(tmp_path: Path, name: str, minimum: float) 
 
 @pytest.mark.slow
 def test_masking_study_matches_plain(tmp_path: Path) -> None:
-    # Both studies share one name because the sites' training seeds derive
-    # from it; each registers its own version of the model.
+    # The three studies share one name because the sites' training seeds
+    # derive from it; each registers its own version of the model.
     plain_config, plain_text = short_config("heart_disease_nodp.yaml", "e2e-secagg")
     raw: dict[str, Any] = yaml.safe_load(plain_text)
     raw["secure_aggregation"] = {
@@ -174,9 +174,16 @@ def test_masking_study_matches_plain(tmp_path: Path) -> None:
         "fractional_bits": 14,
     }
     masked_config = parse_study_config(raw)
+    raw_int8 = {
+        **raw,
+        "secure_aggregation": {"mode": "masking", "clip": 2.0, "max_weight": 1000},
+        "compression": {"codec": "int8", "params": {"scale": 2.0 / 127}},
+    }
+    int8_config = parse_study_config(raw_int8)
 
     plain = run_study(plain_config, plain_text, work_dir=tmp_path / "plain")
     masked = run_study(masked_config, yaml.safe_dump(raw), work_dir=tmp_path / "masked")
+    int8 = run_study(int8_config, yaml.safe_dump(raw_int8), work_dir=tmp_path / "int8")
 
     # Training without DP is seeded, so the two studies differ only by the
     # fixed-point error of the mean, at most 4 * 2^-15 per coordinate.
@@ -190,6 +197,10 @@ def test_masking_study_matches_plain(tmp_path: Path) -> None:
     assert masked["rounds"] == plain["rounds"] == 2
     assert masked["registered_model_version"] != plain["registered_model_version"]
     assert np.max(np.abs(masked_scores - plain_scores)) < 1e-4
+    # int8 levels move each coordinate of the mean by less than 2/127 a
+    # round, without bias.
+    assert int8["rounds"] == 2
+    assert abs(int8["pooled_test_accuracy"] - masked["pooled_test_accuracy"]) <= 0.01
 
 
 class Interrupt(Exception):
