@@ -36,7 +36,7 @@ from medfed.sites.data.augment import RandomAffine
 from medfed.sites.data.root import resolve_data_root
 from medfed.sites.error_feedback import ErrorFeedback
 from medfed.sites.privacy import PrivacyLedger
-from medfed.sites.secagg_client import MaskingClient
+from medfed.sites.secagg_client import MaskingClient, MaskingRoundCost
 from medfed.sites.training import (
     LocalTrainingSettings,
     dp_sample_rate,
@@ -66,6 +66,12 @@ class SiteRoundReport:
     #: Size of the update as dense float32 values, the baseline of the
     #: compression ratio.
     dense_float32_bytes: int = 0
+    #: Masking only: the protocol's cost to the site beside ``bytes_uploaded``
+    #: (the masked envelope); see ``MaskingRoundCost``. None in other modes.
+    secagg_message_bytes_sent: int | None = None
+    secagg_message_bytes_received: int | None = None
+    secagg_wall_seconds: float | None = None
+    secagg_compute_seconds: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -261,8 +267,9 @@ class SiteRunner:
             key: (local[key] - base.weights[key]).astype(np.float32)
             for key in base.weights
         }
+        cost: MaskingRoundCost | None = None
         if self.config.secure_aggregation.mode == "masking":
-            envelope, receipt = self._upload_masked(
+            envelope, receipt, cost = self._upload_masked(
                 client, round_number, delta, records
             )
         else:
@@ -307,6 +314,12 @@ class SiteRunner:
             bytes_downloaded=base.size,
             receipt=receipt["receipt"],
             dense_float32_bytes=sum(4 * value.size for value in delta.values()),
+            secagg_message_bytes_sent=cost.message_bytes_sent if cost else None,
+            secagg_message_bytes_received=(
+                cost.message_bytes_received if cost else None
+            ),
+            secagg_wall_seconds=cost.wall_seconds if cost else None,
+            secagg_compute_seconds=cost.compute_seconds if cost else None,
         )
 
     def evaluate(
@@ -324,8 +337,12 @@ class SiteRunner:
         round_number: int,
         delta: dict[str, np.ndarray],
         records: int,
-    ) -> tuple[bytes, dict[str, Any]]:
-        """Take part in the round's masking protocol; return the envelope sent."""
+    ) -> tuple[bytes, dict[str, Any], MaskingRoundCost]:
+        """Take part in the round's masking protocol.
+
+        Returns:
+            The envelope sent, the service's receipt and the protocol's cost.
+        """
         secure = self.config.secure_aggregation
         clipped = sum(
             int((np.abs(value) > secure.clip).sum()) for value in delta.values()
@@ -356,7 +373,7 @@ class SiteRunner:
 
         masking_client = MaskingClient(client.base_url, http_client=client.http_client)
         try:
-            masking_client.run_round(
+            cost = masking_client.run_round(
                 site,
                 delta,
                 sample_count=records,
@@ -366,7 +383,7 @@ class SiteRunner:
             )
         finally:
             masking_client.close()
-        return sent["envelope"], sent["receipt"]
+        return sent["envelope"], sent["receipt"], cost
 
     def _model_with(self, weights: dict[str, np.ndarray]) -> torch.nn.Module:
         model = build_model(self.config.model.name, **self.config.model.params)
