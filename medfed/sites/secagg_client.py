@@ -39,9 +39,9 @@ _SHARE_LIST = TypeAdapter(list[EncryptedShare])
 
 @dataclass(frozen=True)
 class MaskingRoundCost:
-    """What a masking round cost one site, beside its masked envelope.
+    """One site's cost of a masking round, beside its masked envelope.
 
-    Byte counts are HTTP bodies; headers, TLS records and the masked
+    Byte counts are HTTP bodies. Headers, TLS records and the masked
     envelope itself are not counted.
 
     Attributes:
