@@ -43,6 +43,7 @@ from medfed.aggregation.store import (
     UploadsClosedError,
 )
 from medfed.aggregation.strategies import SiteUpdate, Strategy
+from medfed.contract.codecs.config import CompressionConfig
 from medfed.contract.ids import IDENTIFIER_PATTERN
 from medfed.contract.secagg.config import SecureAggregationConfig
 from medfed.contract.secagg.layout import VectorLayout
@@ -75,7 +76,11 @@ class Rejected(Exception):
 
 @dataclass(frozen=True)
 class StudySettings:
-    """A study as the service stores it: its sites and strategy."""
+    """A study as the service stores it: its sites, strategy and secure aggregation.
+
+    ``compression`` is the sites' codec. The service reads it only under
+    masking, where the codec selects the ring encoding of the masked sum.
+    """
 
     sites: list[str]
     strategy: str
@@ -84,6 +89,9 @@ class StudySettings:
     wrappers: list[list[Any]] = dataclasses.field(default_factory=list)
     secure_aggregation: SecureAggregationConfig = dataclasses.field(
         default_factory=SecureAggregationConfig
+    )
+    compression: CompressionConfig = dataclasses.field(
+        default_factory=CompressionConfig
     )
 
     @classmethod
@@ -108,12 +116,18 @@ class StudySettings:
             secure = parse_secure_aggregation(raw.get("secure_aggregation"))
         except SecureAggregationError as error:
             raise Rejected(422, str(error)) from None
+        try:
+            compression = CompressionConfig.model_validate(raw.get("compression") or {})
+            compression.check(secure.mode)
+        except ValueError as error:
+            raise Rejected(422, f"invalid compression study setting: {error}") from None
         return cls(
             sites=sites,
             strategy=strategy,
             strategy_params=params,
             wrappers=wrappers,
             secure_aggregation=secure,
+            compression=compression,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -123,6 +137,10 @@ class StudySettings:
             "strategy_params": self.strategy_params,
             "wrappers": self.wrappers,
             "secure_aggregation": self.secure_aggregation.model_dump(mode="json"),
+            "compression": {
+                "codec": self.compression.codec,
+                "params": self.compression.params,
+            },
         }
 
     def build_strategy(self) -> Strategy:
@@ -277,7 +295,9 @@ class RoundService:
         masking = settings.secure_aggregation.mode == "masking"
         if settings.secure_aggregation.mode != "none":
             try:
-                settings.secure_aggregation.check(len(sites))
+                settings.secure_aggregation.check(
+                    len(sites), settings.compression.build_codec()
+                )
             except ConfigError as error:
                 raise Rejected(422, str(error)) from None
         record = self.store.open_round(
@@ -289,6 +309,7 @@ class RoundService:
             open_masking_round(
                 self.masking,
                 settings.secure_aggregation,
+                settings.compression.build_codec(),
                 study,
                 round_number,
                 sites=sites,

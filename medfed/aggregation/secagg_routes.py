@@ -39,12 +39,12 @@ from medfed.aggregation.tls import peer_identity
 from medfed.contract.ids import IDENTIFIER_PATTERN, validate_identifier
 from medfed.contract.secagg import (
     EncryptedShare,
-    FixedPointEncoding,
     KeyAdvertisement,
     KeyRoster,
     MaskingServer,
     RevealedShares,
     RevealRequest,
+    RingEncoding,
     RoundNotReadyError,
     ShareUpload,
     UnmaskedSum,
@@ -122,7 +122,7 @@ class MaskingRounds:
         *,
         sites: Sequence[str],
         threshold: int,
-        encoding: FixedPointEncoding,
+        encoding: RingEncoding,
         layout: VectorLayout,
         deadline_at: float | None = None,
     ) -> None:
@@ -383,11 +383,7 @@ def _read_masked_envelope(
             raise SecureAggregationError(
                 f"envelope {field} is {actual!r} but the request is for {expected!r}"
             )
-    encoding = entry.server.encoding
-    expected_codec = {
-        "ring_bits": encoding.ring_bits,
-        "fractional_bits": encoding.fractional_bits,
-    }
+    expected_codec = entry.server.encoding.codec_params
     if header.codec.name != "masked" or header.codec.params != expected_codec:
         raise SecureAggregationError(
             f"envelope codec is {header.codec.name!r} with {header.codec.params}; "

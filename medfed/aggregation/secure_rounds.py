@@ -17,6 +17,7 @@ import numpy as np
 from medfed.aggregation.secagg_routes import MaskingRounds, UnknownRoundError
 from medfed.aggregation.secure import apply_weighted_sum
 from medfed.aggregation.strategies import Strategy, Weights
+from medfed.contract.codecs.base import Codec
 from medfed.contract.secagg import VectorLayout
 from medfed.contract.secagg.config import SecureAggregationConfig
 from medfed.contract.wire import DecodedUpdate
@@ -53,6 +54,7 @@ def parse_secure_aggregation(raw: object) -> SecureAggregationConfig:
 def open_masking_round(
     rounds: MaskingRounds,
     settings: SecureAggregationConfig,
+    codec: Codec | None,
     study: str,
     round_number: int,
     *,
@@ -62,13 +64,16 @@ def open_masking_round(
 ) -> None:
     """Open the masking round that the service round ``round_number`` uses.
 
+    ``codec`` is the study's codec, which selects the ring encoding: fixed
+    point for None or fp32, int8 levels for int8 with a shared scale.
+
     Raises:
         SecureAggregationError: the round's sites do not fit the settings
             (too few for the threshold, or an encoding that could wrap).
     """
     try:
-        settings.check(len(sites))
-        encoding = settings.encoding(len(sites))
+        settings.check(len(sites), codec)
+        encoding = settings.encoding(len(sites), codec)
     except ValueError as error:
         raise SecureAggregationError(
             f"round {round_number} cannot use masking: {error}"
@@ -99,11 +104,7 @@ def accept_masked_upload(
     """
     header = decoded.header
     with rounds.edit(study, round_number) as entry:
-        encoding = entry.server.encoding
-        expected = {
-            "ring_bits": encoding.ring_bits,
-            "fractional_bits": encoding.fractional_bits,
-        }
+        expected = entry.server.encoding.codec_params
         if header.codec.name != "masked" or header.codec.params != expected:
             raise SecureAggregationError(
                 f"envelope codec is {header.codec.name!r} with "

@@ -275,8 +275,10 @@ class StudyConfig(_Strict):
                 "participation.fraction: 1 or secure_aggregation.mode: none"
             )
         try:
-            self.secure_aggregation.check(len(self.sites))
             self.compression.check(self.secure_aggregation.mode)
+            self.secure_aggregation.check(
+                len(self.sites), self.compression.build_codec()
+            )
         except ConfigError as error:
             raise ValueError(str(error)) from None
         if (

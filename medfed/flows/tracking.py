@@ -2,6 +2,11 @@
 
 The tracking store is ``MLFLOW_TRACKING_URI`` when set, else an SQLite file
 ``mlflow.db`` in the working directory.
+
+Secure aggregation is recorded as params ``secure_aggregation_*`` (the mode
+and its parameters, see ``secure_aggregation_params``) and, under masking,
+as per-round metrics ``SITE.secagg_*`` (the protocol's bytes and seconds at
+each site, see ``MaskingRoundCost``).
 """
 
 import json
@@ -16,10 +21,14 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from safetensors.numpy import save_file
 
+from medfed.contract.codecs.base import Codec
 from medfed.contract.config import StudyConfig
 from medfed.contract.metrics import EvaluationAggregates
+from medfed.contract.secagg.config import SecureAggregationConfig
+from medfed.contract.secagg.int8_ring import Int8RingEncoding
+from medfed.contract.secagg.ring import FixedPointEncoding
 
-__all__ = ["StudyTracker", "tracking_uri"]
+__all__ = ["StudyTracker", "secure_aggregation_params", "tracking_uri"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +39,47 @@ def tracking_uri() -> str:
     return (
         os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     )
+
+
+def secure_aggregation_params(
+    secure: SecureAggregationConfig, *, site_count: int, codec: Codec | None = None
+) -> dict[str, Any]:
+    """Return the secure-aggregation mode in force and its parameters.
+
+    Masking gives the resolved threshold, site count, ring, clip, maximum
+    weight, rounding and the ring encoding with its scale (``fractional_bits``
+    for fixed point, ``int8_scale`` for int8 levels, chosen by ``codec``).
+    CKKS gives its encryption parameters, clip and maximum weight.
+    """
+    params: dict[str, Any] = {"secure_aggregation_mode": secure.mode}
+    if secure.mode == "masking":
+        encoding = secure.encoding(site_count, codec)
+        params |= {
+            "secure_aggregation_threshold": secure.resolved_threshold(site_count),
+            "secure_aggregation_sites": site_count,
+            "secure_aggregation_ring_bits": encoding.ring_bits,
+            "secure_aggregation_clip": encoding.clip,
+            "secure_aggregation_max_weight": encoding.max_weight,
+            "secure_aggregation_rounding": encoding.rounding,
+        }
+        if isinstance(encoding, Int8RingEncoding):
+            params["secure_aggregation_encoding"] = "int8"
+            params["secure_aggregation_int8_scale"] = encoding.scale
+        elif isinstance(encoding, FixedPointEncoding):
+            params["secure_aggregation_encoding"] = "fixed_point"
+            params["secure_aggregation_fractional_bits"] = encoding.fractional_bits
+    elif secure.mode == "ckks":
+        ckks = secure.ckks_parameters()
+        params |= {
+            "secure_aggregation_poly_modulus_degree": ckks.poly_modulus_degree,
+            "secure_aggregation_coeff_mod_bit_sizes": ",".join(
+                str(bits) for bits in ckks.coeff_mod_bit_sizes
+            ),
+            "secure_aggregation_scale_bits": ckks.scale_bits,
+            "secure_aggregation_clip": secure.clip,
+            "secure_aggregation_max_weight": secure.max_weight,
+        }
+    return params
 
 
 class StudyTracker:
@@ -75,6 +125,11 @@ class StudyTracker:
             ),
             "compression_zstd": self.config.compression.zstd,
             "compression_error_feedback": self.config.compression.error_feedback,
+            **secure_aggregation_params(
+                self.config.secure_aggregation,
+                site_count=len(self.config.sites),
+                codec=self.config.compression.build_codec(),
+            ),
         }
         for site, values in site_privacy.items():
             for key, value in values.items():
@@ -114,6 +169,7 @@ class StudyTracker:
                 )
             if report.get("epsilon_spent") is not None:
                 metrics[f"{site}.epsilon_spent"] = float(report["epsilon_spent"])
+            metrics |= _masking_cost_metrics(site, report)
         finite = {key: value for key, value in metrics.items() if value == value}
         # Asynchronous logging keeps the tracking store's writes off the
         # round's critical path; ``finish`` waits for them.
@@ -176,3 +232,23 @@ class StudyTracker:
     def finish(self, status: str = "FINISHED") -> None:
         mlflow.flush_async_logging()
         mlflow.end_run(status=status)
+
+
+def _masking_cost_metrics(site: str, report: Mapping[str, Any]) -> dict[str, float]:
+    """Return a site's masking cost for the round, or nothing outside masking.
+
+    ``secagg_bytes_uploaded_total`` is the masked envelope plus the protocol
+    messages the site sent.
+    """
+    if report.get("secagg_wall_seconds") is None:
+        return {}
+    sent = float(report["secagg_message_bytes_sent"])
+    return {
+        f"{site}.secagg_message_bytes_sent": sent,
+        f"{site}.secagg_message_bytes_received": float(
+            report["secagg_message_bytes_received"]
+        ),
+        f"{site}.secagg_bytes_uploaded_total": float(report["bytes_uploaded"]) + sent,
+        f"{site}.secagg_wall_seconds": float(report["secagg_wall_seconds"]),
+        f"{site}.secagg_compute_seconds": float(report["secagg_compute_seconds"]),
+    }

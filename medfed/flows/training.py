@@ -327,6 +327,10 @@ class _Coordinator:
             "secure_aggregation": self.config.secure_aggregation.model_dump(
                 mode="json"
             ),
+            "compression": {
+                "codec": self.config.compression.codec,
+                "params": self.config.compression.params,
+            },
         }
         return weights_to_safetensors(
             initial_model_weights(self.config),

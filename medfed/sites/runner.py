@@ -39,7 +39,7 @@ from medfed.sites.data.augment import RandomAffine
 from medfed.sites.data.root import resolve_data_root
 from medfed.sites.error_feedback import ErrorFeedback
 from medfed.sites.privacy import PrivacyLedger
-from medfed.sites.secagg_client import MaskingClient
+from medfed.sites.secagg_client import MaskingClient, MaskingRoundCost
 from medfed.sites.training import (
     LocalTrainingSettings,
     dp_sample_rate,
@@ -69,6 +69,12 @@ class SiteRoundReport:
     #: Size of the update as dense float32 values, the baseline of the
     #: compression ratio.
     dense_float32_bytes: int = 0
+    #: Masking only: the protocol's cost to the site beside ``bytes_uploaded``
+    #: (the masked envelope); see ``MaskingRoundCost``. None in other modes.
+    secagg_message_bytes_sent: int | None = None
+    secagg_message_bytes_received: int | None = None
+    secagg_wall_seconds: float | None = None
+    secagg_compute_seconds: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -264,8 +270,9 @@ class SiteRunner:
             key: (local[key] - base.weights[key]).astype(np.float32)
             for key in base.weights
         }
+        cost: MaskingRoundCost | None = None
         if self.config.secure_aggregation.mode == "masking":
-            envelope, receipt = self._upload_masked(
+            envelope, receipt, cost = self._upload_masked(
                 client, round_number, delta, records
             )
         elif self.config.secure_aggregation.mode == "ckks":
@@ -314,6 +321,12 @@ class SiteRunner:
             bytes_downloaded=base.size,
             receipt=receipt["receipt"],
             dense_float32_bytes=sum(4 * value.size for value in delta.values()),
+            secagg_message_bytes_sent=cost.message_bytes_sent if cost else None,
+            secagg_message_bytes_received=(
+                cost.message_bytes_received if cost else None
+            ),
+            secagg_wall_seconds=cost.wall_seconds if cost else None,
+            secagg_compute_seconds=cost.compute_seconds if cost else None,
         )
 
     def evaluate(
@@ -436,15 +449,23 @@ class SiteRunner:
         round_number: int,
         delta: dict[str, np.ndarray],
         records: int,
-    ) -> tuple[bytes, dict[str, Any]]:
-        """Take part in the round's masking protocol; return the envelope sent."""
+    ) -> tuple[bytes, dict[str, Any], MaskingRoundCost]:
+        """Take part in the round's masking protocol.
+
+        Returns:
+            The envelope sent, the service's receipt and the protocol's cost.
+        """
         secure = self.config.secure_aggregation
         self._warn_clipped(delta)
+        # NOTE: error feedback does not apply under masking, because the int8
+        # ring encoder rounds stochastically and keeps no residual.
         site = MaskingSite(
             site=self.site_id,
             study=self.config.study,
             round_number=round_number,
-            encoding=secure.encoding(len(self.config.sites)),
+            encoding=secure.encoding(
+                len(self.config.sites), self.config.compression.build_codec()
+            ),
         )
         sent: dict[str, Any] = {}
 
@@ -456,7 +477,7 @@ class SiteRunner:
 
         masking_client = MaskingClient(client.base_url, http_client=client.http_client)
         try:
-            masking_client.run_round(
+            cost = masking_client.run_round(
                 site,
                 delta,
                 sample_count=records,
@@ -466,7 +487,7 @@ class SiteRunner:
             )
         finally:
             masking_client.close()
-        return sent["envelope"], sent["receipt"]
+        return sent["envelope"], sent["receipt"], cost
 
     def _model_with(self, weights: dict[str, np.ndarray]) -> torch.nn.Module:
         model = build_model(self.config.model.name, **self.config.model.params)

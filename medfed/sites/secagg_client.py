@@ -3,13 +3,16 @@
 ``MaskingClient.run_round`` drives a ``MaskingSite`` through the routes of
 ``medfed.aggregation.secagg_routes``: advertise keys, upload encrypted
 shares, upload the masked envelope, reveal shares. While the service has not
-reached the next phase it returns 425 Too Early and the client polls.
+reached the next phase it returns 425 Too Early and the client polls. It
+returns what the round cost the site (``MaskingRoundCost``).
 """
 
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -26,12 +29,69 @@ from medfed.contract.secagg import (
 from medfed.contract.wire import encode_envelope
 from medfed.errors import ServiceError
 
-__all__ = ["MaskingClient"]
+__all__ = ["MaskingClient", "MaskingRoundCost"]
 
 logger = logging.getLogger(__name__)
 
 _TOO_EARLY = 425
 _SHARE_LIST = TypeAdapter(list[EncryptedShare])
+
+
+@dataclass(frozen=True)
+class MaskingRoundCost:
+    """One site's cost of a masking round, beside its masked envelope.
+
+    Byte counts are HTTP bodies. Headers, TLS records and the masked
+    envelope itself are not counted.
+
+    Attributes:
+        message_bytes_sent: JSON bodies the site sent: its key advertisement,
+            share upload and revealed shares.
+        message_bytes_received: bodies of the responses that advanced the
+            round (roster, relayed shares, reveal request) and of the
+            service's acknowledgements. 425 responses to polls are not counted.
+        wall_seconds: time from advertising to revealing, waits for the
+            other sites included.
+        compute_seconds: time in the site's own protocol steps: secret
+            sharing and share encryption, share decryption, encoding and
+            masking, envelope encoding and revealing. Key generation happens
+            when the ``MaskingSite`` is built, before the round, and is not
+            counted.
+    """
+
+    message_bytes_sent: int
+    message_bytes_received: int
+    wall_seconds: float
+    compute_seconds: float
+
+
+class _CostMeter:
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.sent = 0
+        self.received = 0
+        self.compute = 0.0
+
+    def record(self, response: httpx.Response) -> httpx.Response:
+        self.sent += len(response.request.content)
+        self.received += len(response.content)
+        return response
+
+    @contextmanager
+    def computing(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.compute += time.perf_counter() - start
+
+    def cost(self) -> MaskingRoundCost:
+        return MaskingRoundCost(
+            message_bytes_sent=self.sent,
+            message_bytes_received=self.received,
+            wall_seconds=time.monotonic() - self.started,
+            compute_seconds=self.compute,
+        )
 
 
 class MaskingClient:
@@ -74,7 +134,7 @@ class MaskingClient:
         wait_seconds: float,
         upload: Callable[[bytes], object] | None = None,
         signer: Any = None,
-    ) -> None:
+    ) -> MaskingRoundCost:
         """Take part in ``site``'s round from advertising to revealing shares.
 
         Args:
@@ -87,6 +147,9 @@ class MaskingClient:
             signer: signs the masked envelope (``key_id`` and
                 ``sign(bytes) -> str``, as ``encode_envelope`` takes), or None.
 
+        Returns:
+            The bytes and time the protocol cost this site.
+
         Raises:
             ServiceError: a request failed or the round did not advance in
                 time.
@@ -94,39 +157,41 @@ class MaskingClient:
                 site's checks; the site then reveals nothing.
         """
         deadline = time.monotonic() + wait_seconds
+        meter = _CostMeter()
         study, round_number = site.context.study, site.context.round_number
         prefix = f"/v1/studies/{study}/rounds/{round_number}/secagg"
-        self._send("POST", f"{prefix}/keys", json=_json(site.advertise()))
-        roster = parse_message(
-            KeyRoster, self._poll(f"{prefix}/roster", deadline).content
+        with meter.computing():
+            advertisement = _json(site.advertise())
+        meter.record(self._send("POST", f"{prefix}/keys", json=advertisement))
+        roster_response = meter.record(self._poll(f"{prefix}/roster", deadline))
+        with meter.computing():
+            roster = parse_message(KeyRoster, roster_response.content)
+            share_upload = _json(site.share_keys(roster))
+        meter.record(self._send("POST", f"{prefix}/shares", json=share_upload))
+        shares_response = meter.record(
+            self._poll(f"{prefix}/shares/{site.site}", deadline)
         )
-        share_upload = site.share_keys(roster)
-        self._send("POST", f"{prefix}/shares", json=_json(share_upload))
-        relayed = _SHARE_LIST.validate_json(
-            self._poll(f"{prefix}/shares/{site.site}", deadline).content
-        )
-        site.receive_shares(relayed)
-        masked = site.mask_update(update, sample_count=sample_count)
-        envelope = encode_envelope(
-            masked,
-            study=site.context.study,
-            round_number=site.context.round_number,
-            site=site.site,
-            sample_count=sample_count,
-            nonce=secrets.token_hex(16),
-            codec_name="masked",
-            codec_params={
-                "ring_bits": site.encoding.ring_bits,
-                "fractional_bits": site.encoding.fractional_bits,
-            },
-            signer=signer,
-        )
+        with meter.computing():
+            site.receive_shares(_SHARE_LIST.validate_json(shares_response.content))
+            masked = site.mask_update(update, sample_count=sample_count)
+            envelope = encode_envelope(
+                masked,
+                study=site.context.study,
+                round_number=site.context.round_number,
+                site=site.site,
+                sample_count=sample_count,
+                nonce=secrets.token_hex(16),
+                codec_name="masked",
+                codec_params=site.encoding.codec_params,
+                signer=signer,
+            )
         if upload is None:
             self._send("PUT", f"{prefix}/masked/{site.site}", content=envelope)
         else:
             upload(envelope)
         request = parse_message(
-            RevealRequest, self._poll(f"{prefix}/reveal-request", deadline).content
+            RevealRequest,
+            meter.record(self._poll(f"{prefix}/reveal-request", deadline)).content,
         )
         if site.site not in request.survivors:
             logger.warning(
@@ -134,11 +199,14 @@ class MaskingClient:
                 site.site,
                 site.context.round_number,
             )
-            return
-        self._send("POST", f"{prefix}/reveals", json=_json(site.reveal(request)))
+            return meter.cost()
+        with meter.computing():
+            revealed = _json(site.reveal(request))
+        meter.record(self._send("POST", f"{prefix}/reveals", json=revealed))
         logger.info(
             "site %s finished masking round %s", site.site, site.context.round_number
         )
+        return meter.cost()
 
     def _poll(self, path: str, deadline: float) -> httpx.Response:
         while True:

@@ -70,12 +70,13 @@ def test_round_with_dropout_over_http(service):
     rounds, url = service
     open_round(rounds, 0)
     errors = []
+    costs = {}
 
     def run_site(index, name):
         client = MaskingClient(url, poll_interval=0.05)
         site = MaskingSite(site=name, study=STUDY, round_number=0, encoding=ENCODING)
         try:
-            client.run_round(
+            costs[name] = client.run_round(
                 site, site_update(index), sample_count=10 + index, wait_seconds=30
             )
         except Exception as error:  # reported by the assert below
@@ -121,6 +122,13 @@ def test_round_with_dropout_over_http(service):
     expected_bias = sum((0.25 * index - 0.5) * (10 + index) for index in range(4))
     np.testing.assert_array_equal(result.weighted_sum, np.full(8, expected_bias))
     assert result.sample_count == 10 + 11 + 12 + 13
+    assert sorted(costs) == SITES[:4]
+    for name, cost in costs.items():
+        # An advertisement alone is two base64 keys and a commitment, and
+        # each share upload carries four sealed shares.
+        assert cost.message_bytes_sent > 1000, name
+        assert cost.message_bytes_received > 1000, name
+        assert 0 < cost.compute_seconds <= cost.wall_seconds, name
 
 
 def test_roster_too_early(service):

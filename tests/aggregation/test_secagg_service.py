@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save as save_safetensors
 
-from medfed.contract.secagg import MaskingSite
+from medfed.contract.codecs import get_codec
+from medfed.contract.secagg import Int8RingEncoding, MaskingSite
 from medfed.contract.secagg.config import SecureAggregationConfig
 from medfed.contract.wire import encode_envelope
 from medfed.errors import ServiceError
@@ -20,6 +21,12 @@ from medfed.sites.secagg_client import MaskingClient
 SITES = ["site-a", "site-b", "site-c", "site-d"]
 INITIAL = {"b": np.ones(3, np.float32), "w": np.zeros((2, 3), np.float32)}
 SECURE = SecureAggregationConfig(mode="masking", fractional_bits=16, max_weight=100)
+# A power-of-two scale puts multiples of 1/64 exactly on int8 levels.
+INT8_SCALE = 1 / 64
+INT8_COMPRESSION = {"codec": "int8", "params": {"scale": INT8_SCALE}}
+SECURE_INT8 = SecureAggregationConfig(
+    mode="masking", clip=127 * INT8_SCALE, max_weight=100
+)
 _study_numbers = itertools.count()
 
 
@@ -33,11 +40,14 @@ def service(
         yield running
 
 
-def create_study(client: AggregationClient, secure: str | dict) -> str:
+def create_study(
+    client: AggregationClient, secure: str | dict, compression: dict | None = None
+) -> str:
     name = f"masked-{next(_study_numbers)}"
-    settings = json.dumps(
-        {"sites": SITES, "strategy": "fedavg", "secure_aggregation": secure}
-    )
+    settings = {"sites": SITES, "strategy": "fedavg", "secure_aggregation": secure}
+    if compression is not None:
+        settings["compression"] = compression
+    settings = json.dumps(settings)
     client.create_study(
         name, save_safetensors(INITIAL, metadata={"medfed_study_settings": settings})
     )
@@ -52,17 +62,27 @@ def site_delta(index: int) -> dict[str, np.ndarray]:
     }
 
 
-def run_site(url: str, study: str, index: int, errors: list) -> None:
+def run_site(
+    url: str,
+    study: str,
+    index: int,
+    errors: list,
+    encoding=None,
+    delta: dict[str, np.ndarray] | None = None,
+) -> None:
     name = SITES[index]
     site = MaskingSite(
-        site=name, study=study, round_number=0, encoding=SECURE.encoding(4)
+        site=name,
+        study=study,
+        round_number=0,
+        encoding=encoding or SECURE.encoding(4),
     )
     with AggregationClient(url) as client:
         masking = MaskingClient(url, poll_interval=0.05)
         try:
             masking.run_round(
                 site,
-                site_delta(index),
+                site_delta(index) if delta is None else delta,
                 sample_count=10 * (index + 1),
                 wait_seconds=60,
                 upload=lambda envelope: client.upload(study, 0, name, envelope),
@@ -147,3 +167,122 @@ def test_masked_upload_rejected_in_plain_study(
         f"envelope codec 'masked' needs secure_aggregation 'masking', but study "
         f"{study!r} uses 'none'"
     ) in str(error.value)
+
+
+def weighted_mean(deltas: list[dict], name: str) -> np.ndarray:
+    """Return the mean of tensor ``name`` weighted as ``run_site`` weights it."""
+    weights = [10 * (index + 1) for index in range(len(deltas))]
+    total = sum(
+        delta[name].astype(np.float64) * weight
+        for delta, weight in zip(deltas, weights, strict=True)
+    )
+    return total / sum(weights)
+
+
+def run_int8_round(url: str, study: str, deltas: list[dict]) -> list:
+    encoding = SECURE_INT8.encoding(4, get_codec("int8", {"scale": INT8_SCALE}))
+    assert isinstance(encoding, Int8RingEncoding)
+    errors: list = []
+    threads = [
+        threading.Thread(
+            target=run_site,
+            args=(url, study, index, errors, encoding, deltas[index]),
+        )
+        for index in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return errors
+
+
+def test_int8_masking_round_exact_on_levels(service: LocalAggregationService) -> None:
+    # Multiples of the scale are int8 levels, so stochastic rounding keeps
+    # them, and the service's mean is exact up to float32.
+    deltas = [
+        {
+            "b": np.full(3, (10 * index - 20) * INT8_SCALE, np.float32),
+            "w": np.arange(6, dtype=np.float32).reshape(2, 3) * index * INT8_SCALE,
+        }
+        for index in range(4)
+    ]
+    with AggregationClient(service.url) as client:
+        study = create_study(
+            client, SECURE_INT8.model_dump(mode="json"), INT8_COMPRESSION
+        )
+        errors = run_int8_round(service.url, study, deltas)
+        status = client.finalize(study, 0)
+        model = client.download_model(study)
+
+    assert errors == []
+    assert status["state"] == "finalized"
+    np.testing.assert_allclose(
+        model.weights["b"], 1.0 + weighted_mean(deltas, "b"), rtol=0, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        model.weights["w"], weighted_mean(deltas, "w"), rtol=0, atol=1e-6
+    )
+
+
+def test_int8_masking_round_within_bound(service: LocalAggregationService) -> None:
+    rng = np.random.default_rng(5)
+    deltas = [
+        {
+            "b": rng.uniform(-1, 1, 3).astype(np.float32),
+            "w": rng.uniform(-1, 1, (2, 3)).astype(np.float32),
+        }
+        for _ in range(4)
+    ]
+    with AggregationClient(service.url) as client:
+        study = create_study(
+            client, SECURE_INT8.model_dump(mode="json"), INT8_COMPRESSION
+        )
+        errors = run_int8_round(service.url, study, deltas)
+        client.finalize(study, 0)
+        model = client.download_model(study)
+
+    assert errors == []
+    for name, base in INITIAL.items():
+        error = np.abs(model.weights[name] - (base + weighted_mean(deltas, name)))
+        # The mean is off by less than one scale step, plus float32 rounding.
+        assert error.max() < INT8_SCALE + 1e-6, name
+
+
+def test_fixed_point_upload_rejected_in_int8_study(
+    service: LocalAggregationService,
+) -> None:
+    with AggregationClient(service.url) as client:
+        study = create_study(
+            client, SECURE_INT8.model_dump(mode="json"), INT8_COMPRESSION
+        )
+        envelope = encode_envelope(
+            {"b": np.zeros(3, np.uint32), "w": np.zeros((2, 3), np.uint32)},
+            study=study,
+            round_number=0,
+            site="site-a",
+            sample_count=5,
+            nonce="0123456789abcdef",
+            codec_name="masked",
+            codec_params={"ring_bits": 32, "fractional_bits": 10},
+        )
+
+        with pytest.raises(ServiceError) as error:
+            client.upload(study, 0, "site-a", envelope)
+
+    assert error.value.status_code == 409
+    assert "expects 'masked' with {'ring_bits': 32, 'int8_scale': 0.015625}" in str(
+        error.value
+    )
+
+
+def test_int8_chunks_rejected_in_masking_study(
+    service: LocalAggregationService,
+) -> None:
+    with AggregationClient(service.url) as client, pytest.raises(ServiceError) as error:
+        create_study(client, "masking", {"codec": "int8", "params": {"chunk_size": 8}})
+
+    assert error.value.status_code == 422
+    message = str(error.value)
+    assert "invalid compression study setting" in message
+    assert "set the shared scale instead" in message

@@ -13,6 +13,7 @@ ACCEPTED = [
     ("topk", "none", {"fraction": 0.01}),
     ("randk", "none", {"fraction": 0.1}),
     ("fp32", "masking", {}),
+    ("int8", "masking", {"scale": 0.01}),
     ("fp32", "ckks", {}),
 ]
 
@@ -23,15 +24,12 @@ REJECTED = [
         "randk",
         "masking",
         {"fraction": 0.1},
-        "choose codec fp32",
+        "choose codec fp32, or int8 with a shared scale",
     ),
-    (
-        "int8",
-        "masking",
-        {},
-        "per-tensor or per-chunk scales come from each site's data",
-    ),
-    ("int8", "masking", {"chunk_size": 64}, "choose codec fp32"),
+    ("int8", "masking", {}, "each site picks those scales from its own data"),
+    ("int8", "masking", {}, "set the shared scale instead"),
+    ("int8", "masking", {"chunk_size": 64}, "with per-tensor or per-chunk scales"),
+    ("int8", "masking", {"chunk_size": 64}, "(params: {scale: clip / 127})"),
     ("fp16", "masking", {}, "cannot be summed in the masking ring"),
     ("int8", "ckks", {"scale": 0.01}, "quantizing adds error and saves nothing"),
     ("fp16", "ckks", {}, "choose codec fp32"),
@@ -55,7 +53,7 @@ def test_incompatible_pairs_rejected(codec, mode, params, message):
 
 def test_int8_shared_scale_sums_linearly():
     """With one scale, the sum of decodes is the decode of the integer sum,
-    which is what would let int8 replace masking's fixed-point step."""
+    which is what lets int8 levels replace masking's fixed-point step."""
     specs = [("w", (50,), "float32")]
     rng = np.random.default_rng(3)
     codec = get_codec("int8", {"scale": 0.01, "seed": 1})

@@ -63,6 +63,7 @@ def test_dp_study_end_to_end(tmp_path: Path) -> None:
     assert run.data.params["hungary.delta"] == "0.001"
     assert run.data.params["long-beach.max_grad_norm"] == "1.0"
     assert run.data.params["compression_codec"] == "fp32"
+    assert run.data.params["secure_aggregation_mode"] == "none"
     history = client.get_metric_history(run.info.run_id, "pooled.test_accuracy")
     assert [point.step for point in history] == [1, 2]
     for metric in (
@@ -163,8 +164,8 @@ def test_full_study_reaches_accuracy(tmp_path: Path, name: str, minimum: float) 
 
 @pytest.mark.slow
 def test_masking_study_matches_plain(tmp_path: Path) -> None:
-    # Both studies share one name because the sites' training seeds derive
-    # from it; each registers its own version of the model.
+    # The three studies share one name because the sites' training seeds
+    # derive from it; each registers its own version of the model.
     plain_config, plain_text = short_config("heart_disease_nodp.yaml", "e2e-secagg")
     raw: dict[str, Any] = yaml.safe_load(plain_text)
     raw["secure_aggregation"] = {
@@ -174,9 +175,16 @@ def test_masking_study_matches_plain(tmp_path: Path) -> None:
         "fractional_bits": 14,
     }
     masked_config = parse_study_config(raw)
+    raw_int8 = {
+        **raw,
+        "secure_aggregation": {"mode": "masking", "clip": 2.0, "max_weight": 1000},
+        "compression": {"codec": "int8", "params": {"scale": 2.0 / 127}},
+    }
+    int8_config = parse_study_config(raw_int8)
 
     plain = run_study(plain_config, plain_text, work_dir=tmp_path / "plain")
     masked = run_study(masked_config, yaml.safe_dump(raw), work_dir=tmp_path / "masked")
+    int8 = run_study(int8_config, yaml.safe_dump(raw_int8), work_dir=tmp_path / "int8")
 
     # Training without DP is seeded, so the two studies differ only by the
     # fixed-point error of the mean, at most 4 * 2^-15 per coordinate.
@@ -190,6 +198,69 @@ def test_masking_study_matches_plain(tmp_path: Path) -> None:
     assert masked["rounds"] == plain["rounds"] == 2
     assert masked["registered_model_version"] != plain["registered_model_version"]
     assert np.max(np.abs(masked_scores - plain_scores)) < 1e-4
+    # int8 levels move each coordinate of the mean by less than 2/127 a
+    # round, without bias.
+    assert int8["rounds"] == 2
+    assert abs(int8["pooled_test_accuracy"] - masked["pooled_test_accuracy"]) <= 0.01
+
+    client = MlflowClient()
+    plain_run = client.get_run(plain["mlflow_run_id"])
+    assert plain_run.data.params["secure_aggregation_mode"] == "none"
+    assert "hungary.secagg_wall_seconds" not in plain_run.data.metrics
+    masked_params = client.get_run(masked["mlflow_run_id"]).data.params
+    assert masked_params["secure_aggregation_mode"] == "masking"
+    assert masked_params["secure_aggregation_threshold"] == "3"
+    assert masked_params["secure_aggregation_sites"] == "4"
+    assert masked_params["secure_aggregation_ring_bits"] == "32"
+    assert masked_params["secure_aggregation_encoding"] == "fixed_point"
+    assert masked_params["secure_aggregation_fractional_bits"] == "14"
+    assert masked_params["secure_aggregation_clip"] == "10.0"
+    assert masked_params["secure_aggregation_rounding"] == "nearest"
+    int8_params = client.get_run(int8["mlflow_run_id"]).data.params
+    assert int8_params["secure_aggregation_encoding"] == "int8"
+    assert float(int8_params["secure_aggregation_int8_scale"]) == 2.0 / 127
+    assert int8_params["secure_aggregation_rounding"] == "stochastic"
+    assert "secure_aggregation_fractional_bits" not in int8_params
+
+    for summary in (masked, int8):
+        run_id = summary["mlflow_run_id"]
+        for site in ("cleveland", "hungary", "switzerland", "long-beach"):
+            sent = client.get_metric_history(
+                run_id, f"{site}.secagg_message_bytes_sent"
+            )
+            envelope = client.get_metric_history(run_id, f"{site}.bytes_uploaded")
+            total = client.get_metric_history(
+                run_id, f"{site}.secagg_bytes_uploaded_total"
+            )
+            wall = client.get_metric_history(run_id, f"{site}.secagg_wall_seconds")
+            compute = client.get_metric_history(
+                run_id, f"{site}.secagg_compute_seconds"
+            )
+            assert [point.step for point in sent] == [1, 2], site
+            # Four sites' keys and shares are a few kilobytes of JSON.
+            assert all(1000 < point.value < 100_000 for point in sent), site
+            assert [point.value for point in total] == [
+                e.value + s.value for e, s in zip(envelope, sent, strict=True)
+            ], site
+            assert all(
+                0 < c.value <= w.value for c, w in zip(compute, wall, strict=True)
+            ), site
+            received = client.get_metric_history(
+                run_id, f"{site}.secagg_message_bytes_received"
+            )
+            assert all(point.value > 0 for point in received), site
+
+    # Masked int8 levels fill 32-bit ring words, like fixed point, so the
+    # envelopes differ only in their headers' codec parameters.
+    masked_bytes = client.get_run(masked["mlflow_run_id"]).data.metrics
+    int8_bytes = client.get_run(int8["mlflow_run_id"]).data.metrics
+    assert (
+        abs(
+            masked_bytes["cleveland.bytes_uploaded"]
+            - int8_bytes["cleveland.bytes_uploaded"]
+        )
+        < 64
+    )
 
 
 def secret_windows(secret: bytes) -> list[bytes]:

@@ -1,21 +1,22 @@
 """Compatibility rules between codecs and secure aggregation modes.
 
 Masking (pairwise masks that cancel in the sum) clips each site's update,
-weights it by the sample count, encodes it in fixed point and adds masks in
+weights it by the sample count, encodes it as integers and adds masks in
 the ring Z_{2^32} or Z_{2^64}. A masked value is uniform over the whole ring,
 so it takes 32 or 64 bits on the wire whatever codec produced it. Hence:
 
 - ``fp32``: accepted. It means no compression, and the masking layer does
   the fixed-point encoding itself.
-- ``int8`` with a shared ``scale``: rejected, although it composes in
-  principle. With one scale for every site, the sum of the sites' integers
-  times the scale is the sum of their updates, so its integers could replace
-  the fixed-point step before masking (``Int8Codec.linear`` is True). But
-  the weighted sum needs about 8 + log2(total samples) bits, more than 16
-  for any real study, so the ring stays 32 bits wide and no byte is saved.
-- ``int8`` with per-tensor or per-chunk scales: rejected as well, because
-  each site picks its scales from its own data, and integers at different
-  scales cannot be summed.
+- ``int8`` with a shared ``scale``: accepted. Every site rounds its clipped
+  update to int8 levels at the one scale of the study, and its levels times
+  its sample count go into the ring (``medfed.contract.secagg.int8_ring``),
+  so the masked sum decodes to the weighted sum of the quantized updates
+  (``Int8Codec.linear`` is True). The weighted sum needs about
+  8 + log2(total samples) bits, so the ring stays 32 bits wide: int8 under
+  masking changes the precision of the update, not its size.
+- ``int8`` with per-tensor or per-chunk scales: rejected, because each site
+  picks its scales from its own data, and integers at different scales
+  cannot be summed. Setting ``scale`` fixes that.
 - ``fp16``: rejected. Float16 bit patterns cannot be summed in a ring, and
   the masking layer would widen the values back to ring words.
 - ``topk``, ``randk``: rejected. A mask is non-zero on every coordinate, so
@@ -70,6 +71,35 @@ def check_codec_compatibility(
         _check_ckks(codec_name, codec.dense)
 
 
+def _check_masking(codec_name: str, dense: bool, linear: bool) -> None:
+    if codec_name == "fp32" or (codec_name == "int8" and linear):
+        return
+    if codec_name == "int8":
+        raise ConfigError(
+            "codec 'int8' with per-tensor or per-chunk scales does not compose "
+            "with secure_aggregation 'masking': each site picks those scales "
+            "from its own data, so the sites' integers cannot be summed; set "
+            "the shared scale instead (params: {scale: clip / 127}) or choose "
+            "codec fp32"
+        )
+    if not dense:
+        reason = (
+            "a mask is non-zero on every coordinate, so a masked sparse update "
+            "is as large as a dense one, and the sites' kept positions differ, "
+            "so the sum of their sparse supports is wrong"
+        )
+    else:
+        reason = (
+            "its payload cannot be summed in the masking ring, and masked "
+            "values fill the 32-bit ring whatever the codec, so it would only "
+            "add rounding error"
+        )
+    raise ConfigError(
+        f"codec {codec_name!r} does not compose with secure_aggregation "
+        f"'masking': {reason}; choose codec fp32, or int8 with a shared scale"
+    )
+
+
 def _check_ckks(codec_name: str, dense: bool) -> None:
     if codec_name == "fp32":
         return
@@ -87,38 +117,4 @@ def _check_ckks(codec_name: str, dense: bool) -> None:
     raise ConfigError(
         f"codec {codec_name!r} does not compose with secure_aggregation "
         f"'ckks': {reason}; choose codec fp32"
-    )
-
-
-def _check_masking(codec_name: str, dense: bool, linear: bool) -> None:
-    if codec_name == "fp32":
-        return
-    if not dense:
-        reason = (
-            "a mask is non-zero on every coordinate, so a masked sparse update "
-            "is as large as a dense one, and the sites' kept positions differ, "
-            "so the sum of their sparse supports is wrong"
-        )
-    elif codec_name == "int8" and linear:
-        reason = (
-            "int8 integers with a shared scale do add up in the ring, but the "
-            "sample-weighted sum needs a 32-bit ring, and masked values fill "
-            "it, so int8 would only coarsen the update and save no bytes"
-        )
-    elif codec_name == "int8":
-        reason = (
-            "per-tensor or per-chunk scales come from each site's data, so the "
-            "sites' integers cannot be summed, and masked values fill the "
-            "32-bit ring whatever the codec, so nothing would be saved"
-        )
-    else:
-        reason = (
-            "its payload cannot be summed in the masking ring, and masked "
-            "values fill the 32-bit ring whatever the codec, so it would only "
-            "add rounding error"
-        )
-    raise ConfigError(
-        f"codec {codec_name!r} does not compose with secure_aggregation "
-        f"'masking': {reason}; choose codec fp32, because masking encodes the "
-        "update in fixed point itself"
     )

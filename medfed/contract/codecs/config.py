@@ -32,7 +32,9 @@ class CompressionConfig(BaseModel):
         params: the codec's parameters; see each codec's docstring.
         zstd: compress the envelope payload with zstd as well.
         error_feedback: carry each lossy codec's error into the next round
-            at the site. Ignored for fp32, which loses nothing.
+            at the site. Ignored for fp32, which loses nothing, and under
+            masking secure aggregation, whose ring encoder does the int8
+            rounding without keeping a residual.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -16,9 +16,9 @@ Two ways to choose ``scale``:
   biases any value beyond that range. With DP clipping at norm C, a scale of
   C / 127 never clips. Because every site uses the same scale, the sum of the
   sites' integers times ``scale`` is the sum of their decoded updates, so the
-  integers could be added in a masking ring (``linear`` is True). The
-  compatibility rules still reject int8 under masking, because masked values
-  fill a 32-bit ring and no byte would be saved.
+  integers can be added in a masking ring (``linear`` is True). Under masking
+  the ring encoder ``medfed.contract.secagg.int8_ring`` does this
+  quantization, and this codec's ``encode`` is not called.
 """
 
 import math

@@ -4,7 +4,8 @@ Two mechanisms, both used by sites and by the aggregation service:
 
 * masking, double masking after Bonawitz et al., "Practical Secure
   Aggregation for Privacy-Preserving Machine Learning" (CCS 2017): each site
-  adds a self mask and pairwise masks to its fixed-point update in
+  adds a self mask and pairwise masks to its update, encoded in fixed point
+  (``ring``) or as int8 levels at a shared scale (``int8_ring``), in
   Z_{2^32}; survivors reveal Shamir shares that let the service remove the
   masks of the sum, and only of the sum, even when sites drop out. See
   ``site.MaskingSite`` and ``server.MaskingServer``.
@@ -29,6 +30,7 @@ both; the service issues no reveal request with fewer than ``threshold``
 survivors.
 """
 
+from medfed.contract.secagg.int8_ring import Int8RingEncoding
 from medfed.contract.secagg.layout import VectorLayout
 from medfed.contract.secagg.messages import (
     MIN_SITES,
@@ -44,6 +46,7 @@ from medfed.contract.secagg.messages import (
 from medfed.contract.secagg.ring import (
     DEFAULT_RING_BITS,
     FixedPointEncoding,
+    RingEncoding,
     check_ring_capacity,
     decode_fixed_point,
     encode_fixed_point,
@@ -58,12 +61,14 @@ __all__ = [
     "MIN_SITES",
     "EncryptedShare",
     "FixedPointEncoding",
+    "Int8RingEncoding",
     "KeyAdvertisement",
     "KeyRoster",
     "MaskingServer",
     "MaskingSite",
     "RevealRequest",
     "RevealedShares",
+    "RingEncoding",
     "RoundNotReadyError",
     "ShareUpload",
     "UnmaskedSum",

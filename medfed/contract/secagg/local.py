@@ -20,7 +20,7 @@ from medfed.contract.secagg.messages import (
     ShareUpload,
     parse_message,
 )
-from medfed.contract.secagg.ring import FixedPointEncoding
+from medfed.contract.secagg.ring import RingEncoding
 from medfed.contract.secagg.server import MaskingServer, UnmaskedSum
 from medfed.contract.secagg.site import MaskingSite
 
@@ -55,7 +55,7 @@ def run_masking_round(
     study: str,
     round_number: int,
     threshold: int,
-    encoding: FixedPointEncoding,
+    encoding: RingEncoding,
     drop_before_upload: Collection[str] = (),
     drop_before_reveal: Collection[str] = (),
     rng: np.random.Generator | None = None,

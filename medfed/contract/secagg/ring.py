@@ -27,12 +27,14 @@ on purpose. Integer-valued inputs within the clip range encode exactly.
 
 The ring encoding is a step of its own, separate from any codec: another
 integer quantizer that uses one scale for the whole round can feed
-``to_ring`` instead of ``encode_fixed_point``.
+``to_ring`` instead of ``encode_fixed_point``. Sites and the service use
+any such encoding through ``RingEncoding``, and
+``int8_ring.Int8RingEncoding`` is the second implementation.
 """
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -41,6 +43,8 @@ from medfed.errors import ConfigError, SecureAggregationError
 __all__ = [
     "DEFAULT_RING_BITS",
     "FixedPointEncoding",
+    "RingEncoding",
+    "check_encoding_input",
     "check_ring_capacity",
     "decode_fixed_point",
     "encode_fixed_point",
@@ -65,6 +69,52 @@ def ring_dtype(ring_bits: int) -> np.dtype:
     if ring_bits not in _RING_DTYPES:
         raise ConfigError(f"ring_bits must be 32 or 64, got {ring_bits!r}")
     return np.dtype(_RING_DTYPES[ring_bits])
+
+
+class RingEncoding(Protocol):
+    """A round's rule for turning float updates into ring elements and back.
+
+    The sum of ``site_count`` encoded updates, each weighted by at most
+    ``max_weight``, never wraps around the ring, so ``decode`` of the signed
+    sum returns the weighted sum of the quantized updates.
+    """
+
+    @property
+    def ring_bits(self) -> int: ...
+
+    @property
+    def clip(self) -> float: ...
+
+    @property
+    def max_weight(self) -> int: ...
+
+    @property
+    def site_count(self) -> int: ...
+
+    @property
+    def rounding(self) -> Literal["nearest", "stochastic"]: ...
+
+    @property
+    def dtype(self) -> np.dtype: ...
+
+    @property
+    def codec_params(self) -> dict[str, Any]:
+        """The ``masked`` codec's parameters in an envelope of this encoding."""
+        ...
+
+    def encode(
+        self,
+        values: np.ndarray,
+        *,
+        weight: int,
+        rng: np.random.Generator | None = None,
+    ) -> np.ndarray:
+        """Encode ``values`` weighted by ``weight`` as signed int64 integers."""
+        ...
+
+    def decode(self, integers: np.ndarray) -> np.ndarray:
+        """Return the float64 weighted sum that signed ``integers`` encode."""
+        ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,6 +154,23 @@ class FixedPointEncoding:
     @property
     def dtype(self) -> np.dtype:
         return ring_dtype(self.ring_bits)
+
+    @property
+    def codec_params(self) -> dict[str, Any]:
+        return {"ring_bits": self.ring_bits, "fractional_bits": self.fractional_bits}
+
+    def encode(
+        self,
+        values: np.ndarray,
+        *,
+        weight: int,
+        rng: np.random.Generator | None = None,
+    ) -> np.ndarray:
+        """Run ``encode_fixed_point`` with this encoding."""
+        return encode_fixed_point(values, weight=weight, encoding=self, rng=rng)
+
+    def decode(self, integers: np.ndarray) -> np.ndarray:
+        return decode_fixed_point(integers, self)
 
     def error_bound(self, site_count: int) -> float:
         """Return the largest quantization error of one coordinate of a sum.
@@ -187,6 +254,32 @@ def _largest_fractional_bits(
     return None
 
 
+def check_encoding_input(
+    values: np.ndarray, *, weight: int, max_weight: int
+) -> np.ndarray:
+    """Return ``values`` as float64 after checking them and the weight.
+
+    Raises:
+        SecureAggregationError: the weight is not an integer from 1 to
+            ``max_weight``, or a value is not finite.
+    """
+    if (
+        not isinstance(weight, int | np.integer)
+        or isinstance(weight, bool)
+        or not 1 <= weight <= max_weight
+    ):
+        raise SecureAggregationError(
+            f"sample-count weight must be an integer from 1 to max_weight "
+            f"{max_weight}, got {weight!r}"
+        )
+    floats = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(floats).all():
+        raise SecureAggregationError(
+            "update contains NaN or infinite values and cannot be encoded"
+        )
+    return floats
+
+
 def encode_fixed_point(
     values: np.ndarray,
     *,
@@ -210,20 +303,7 @@ def encode_fixed_point(
         SecureAggregationError: the weight is out of range or a value is not
             finite.
     """
-    if (
-        not isinstance(weight, int | np.integer)
-        or isinstance(weight, bool)
-        or not 1 <= weight <= encoding.max_weight
-    ):
-        raise SecureAggregationError(
-            f"sample-count weight must be an integer from 1 to max_weight "
-            f"{encoding.max_weight}, got {weight!r}"
-        )
-    floats = np.asarray(values, dtype=np.float64)
-    if not np.isfinite(floats).all():
-        raise SecureAggregationError(
-            "update contains NaN or infinite values and cannot be encoded"
-        )
+    floats = check_encoding_input(values, weight=weight, max_weight=encoding.max_weight)
     scaled = np.clip(floats, -encoding.clip, encoding.clip) * (
         int(weight) * 2.0**encoding.fractional_bits
     )

@@ -46,11 +46,7 @@ from medfed.contract.secagg.messages import (
     check_threshold,
     parse_message,
 )
-from medfed.contract.secagg.ring import (
-    FixedPointEncoding,
-    decode_fixed_point,
-    from_ring,
-)
+from medfed.contract.secagg.ring import RingEncoding, from_ring
 from medfed.contract.secagg.shamir import Share, rebuild_verified
 from medfed.contract.secagg.signing import verify_advertisement
 from medfed.errors import ConfigError, SecureAggregationError
@@ -103,7 +99,7 @@ class MaskingServer:
         study: the study id.
         round_number: the round.
         threshold: the Shamir threshold t; more than half of the roster.
-        encoding: the round's fixed-point encoding.
+        encoding: the round's ring encoding (fixed point or int8 levels).
         vector_length: the number of coordinates of every update.
         verify_keys: the Ed25519 verify key of every site of the study; when
             set, unsigned or wrongly signed advertisements are rejected.
@@ -115,7 +111,7 @@ class MaskingServer:
         study: str,
         round_number: int,
         threshold: int,
-        encoding: FixedPointEncoding,
+        encoding: RingEncoding,
         vector_length: int,
         verify_keys: Mapping[str, Ed25519PublicKey] | None = None,
     ) -> None:
@@ -427,7 +423,7 @@ class MaskingServer:
         for dropped in request.dropped:
             total -= self._dropped_site_terms(dropped, request.survivors, roster)
         self._phase = _Phase.DONE
-        weighted_sum = decode_fixed_point(from_ring(total), self.encoding)
+        weighted_sum = self.encoding.decode(from_ring(total))
         sample_count = sum(self._sample_counts[site] for site in request.survivors)
         logger.info(
             "round %s unmasked the sum of %s sites",
@@ -503,7 +499,7 @@ class MaskingServer:
         cls,
         state: Mapping[str, Any],
         *,
-        encoding: FixedPointEncoding,
+        encoding: RingEncoding,
         masked_vectors: Mapping[str, np.ndarray],
         verify_keys: Mapping[str, Ed25519PublicKey] | None = None,
     ) -> "MaskingServer":

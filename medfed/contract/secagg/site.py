@@ -57,7 +57,7 @@ from medfed.contract.secagg.messages import (
     parse_message,
 )
 from medfed.contract.secagg.prg import SEED_BYTES
-from medfed.contract.secagg.ring import FixedPointEncoding, encode_fixed_point, to_ring
+from medfed.contract.secagg.ring import RingEncoding, to_ring
 from medfed.contract.secagg.shamir import Share, split_secret
 from medfed.contract.secagg.signing import sign_advertisement, verify_advertisement
 from medfed.errors import SecureAggregationError
@@ -91,7 +91,8 @@ class MaskingSite:
         site: this site's id.
         study: the study id.
         round_number: the round; every derived key is bound to it.
-        encoding: the round's fixed-point encoding, the same at every site.
+        encoding: the round's ring encoding (fixed point or int8 levels), the
+            same at every site.
         signing_key: this site's Ed25519 key; when set, advertisements are
             signed.
         peer_verify_keys: the Ed25519 verify key of every site of the study.
@@ -105,7 +106,7 @@ class MaskingSite:
         site: str,
         study: str,
         round_number: int,
-        encoding: FixedPointEncoding,
+        encoding: RingEncoding,
         signing_key: Ed25519PrivateKey | None = None,
         peer_verify_keys: Mapping[str, Ed25519PublicKey] | None = None,
     ) -> None:
@@ -269,8 +270,8 @@ class MaskingSite:
             names), ready for an envelope with the ``masked`` codec.
         """
         layout = VectorLayout.of(update)
-        integers = encode_fixed_point(
-            layout.flatten(update), weight=sample_count, encoding=self.encoding, rng=rng
+        integers = self.encoding.encode(
+            layout.flatten(update), weight=sample_count, rng=rng
         )
         masked = self.mask_vector(to_ring(integers, self.encoding.ring_bits))
         return layout.split(masked)
