@@ -30,7 +30,17 @@ from medfed.aggregation.secure_rounds import (
 )
 from medfed.aggregation.store import ModelVersion, RoundRecord, Store, StoredUpload
 from medfed.aggregation.strategies import SiteUpdate, Strategy
+from medfed.contract.extras import (
+    expected_upload_shapes,
+    flatten_groups,
+    split_extras,
+)
 from medfed.contract.ids import IDENTIFIER_PATTERN
+from medfed.contract.local_layers import (
+    check_local_patterns,
+    is_local,
+    validate_local_patterns,
+)
 from medfed.contract.secagg.config import SecureAggregationConfig
 from medfed.contract.wire import EnvelopeHeader, EnvelopeLimits, decode_envelope
 from medfed.errors import (
@@ -69,6 +79,9 @@ class StudySettings:
     secure_aggregation: SecureAggregationConfig = dataclasses.field(
         default_factory=SecureAggregationConfig
     )
+    #: ``fnmatch`` patterns of the model tensors each site keeps local; sites
+    #: never upload them and the service never changes them.
+    local_layers: list[str] = dataclasses.field(default_factory=list)
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> "StudySettings":
@@ -90,14 +103,16 @@ class StudySettings:
             raise Rejected(422, "study settings must list at least one site, each once")
         try:
             secure = parse_secure_aggregation(raw.get("secure_aggregation"))
-        except SecureAggregationError as error:
-            raise Rejected(422, str(error)) from None
+            local_layers = list(validate_local_patterns(raw.get("local_layers", [])))
+        except (SecureAggregationError, ConfigError) as error:
+            raise Rejected(422, f"invalid study settings: {error}") from None
         return cls(
             sites=sites,
             strategy=strategy,
             strategy_params=params,
             wrappers=wrappers,
             secure_aggregation=secure,
+            local_layers=local_layers,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -107,6 +122,7 @@ class StudySettings:
             "strategy_params": self.strategy_params,
             "wrappers": self.wrappers,
             "secure_aggregation": self.secure_aggregation.model_dump(mode="json"),
+            "local_layers": self.local_layers,
         }
 
     def build_strategy(self) -> Strategy:
@@ -123,6 +139,24 @@ class StudySettings:
                 "total_sites": len(self.sites),
             },
             secure_aggregation=self.secure_aggregation.mode,
+        )
+
+    def shared_weights(
+        self, weights: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """Return the tensors of ``weights`` that sites upload: all but local layers."""
+        return {
+            name: value
+            for name, value in weights.items()
+            if not is_local(name, self.local_layers)
+        }
+
+    def upload_shapes(
+        self, weights: Mapping[str, np.ndarray], strategy: Strategy
+    ) -> dict[str, tuple[int, ...]]:
+        """Return the name and shape of every tensor an upload must carry."""
+        return expected_upload_shapes(
+            self.shared_weights(weights), strategy.site_extras
         )
 
 
@@ -165,6 +199,9 @@ class RoundService:
             raise Rejected(422, "study settings metadata is not valid JSON") from None
         try:
             settings.build_strategy()
+            check_local_patterns(
+                settings.local_layers, list(weights), model="the initial model"
+            )
         except (ConfigError, ValueError) as error:
             raise Rejected(422, str(error)) from None
 
@@ -276,7 +313,9 @@ class RoundService:
                 study,
                 round_number,
                 sites=sites,
-                base_weights=_load_weights(base.weights)[0],
+                upload_shapes=settings.upload_shapes(
+                    _load_weights(base.weights)[0], settings.build_strategy()
+                ),
                 deadline_at=record.deadline_at,
             )
         logger.info(
@@ -353,7 +392,7 @@ class RoundService:
                     422,
                     f"envelope {field} is {actual!r} but the request is for {expected!r}",
                 )
-        self._check_tensors(study, record.base_version, decoded.tensors)
+        self._check_tensors(study, settings, record.base_version, decoded.tensors)
         if settings.secure_aggregation.mode == "masking":
             accept_masked_upload(self.masking, study, round_number, decoded)
         elif header.codec.name == "masked":
@@ -392,25 +431,43 @@ class RoundService:
             raise Rejected(400, f"invalid update envelope: {error}") from None
 
     def _check_tensors(
-        self, study: str, version: int, tensors: Mapping[str, np.ndarray]
+        self,
+        study: str,
+        settings: StudySettings,
+        version: int,
+        tensors: Mapping[str, np.ndarray],
     ) -> None:
+        """Reject an upload whose tensors differ from what the study expects.
+
+        An upload carries the model's tensors minus the study's local layers,
+        plus one tensor per shared tensor for each extras group of the
+        strategy (``medfed.contract.extras``).
+        """
         model = self.store.get_model(study, version)
         assert model is not None
-        expected, _ = _load_weights(model.weights)
+        weights, _ = _load_weights(model.weights)
+        expected = settings.upload_shapes(weights, settings.build_strategy())
         missing = sorted(set(expected) - set(tensors))
         extra = sorted(set(tensors) - set(expected))
         if missing or extra:
+            local = sorted(set(extra) & set(weights))
+            hint = (
+                f"; tensors {local} are local layers of this study and must not "
+                "be uploaded"
+                if local
+                else ""
+            )
             raise Rejected(
                 422,
                 f"update tensors do not match the model: missing {missing or 'none'}, "
-                f"unexpected {extra or 'none'}",
+                f"unexpected {extra or 'none'}{hint}",
             )
         for name, value in tensors.items():
-            if value.shape != expected[name].shape:
+            if value.shape != expected[name]:
                 raise Rejected(
                     422,
                     f"update tensor {name!r} has shape {list(value.shape)}, "
-                    f"expected {list(expected[name].shape)}",
+                    f"expected {list(expected[name])}",
                 )
 
     # Finalization
@@ -449,15 +506,14 @@ class RoundService:
             )
             return self.round(study, round_number)
 
-        weights, strategy_state, contributors = self._aggregate(
-            study, settings, record, uploads
-        )
+        aggregated = self._aggregate(study, settings, record, uploads)
         self.store.close_round(
             study,
             round_number,
             state="finalized",
-            model=(weights, contributors),
-            strategy_state=strategy_state,
+            model=(aggregated.weights, aggregated.contributors),
+            strategy_state=aggregated.strategy_state,
+            published_tensors=aggregated.published_tensors,
         )
         logger.info(
             "finalized round %d of study %s with %d updates",
@@ -467,16 +523,33 @@ class RoundService:
         )
         return self.round(study, round_number)
 
+    def published(self, study: str, version: int) -> bytes:
+        """Return the tensors published with model ``version`` as safetensors.
+
+        Tensor ``<group>/<name>`` is tensor ``<name>`` of the group (SCAFFOLD's
+        ``control_variate``). A version with nothing published, such as the
+        initial model, returns a file without tensors.
+        """
+        self.model(study, version)
+        stored = self.store.get_published(study, version)
+        return stored if stored is not None else save_safetensors({})
+
     def _aggregate(
         self,
         study: str,
         settings: StudySettings,
         record: RoundRecord,
         uploads: list[StoredUpload],
-    ) -> tuple[bytes, bytes | None, list[str]]:
+    ) -> "_Aggregated":
+        """Aggregate a round's uploads into the next model version.
+
+        The strategy sees only the shared tensors; local layers keep the base
+        model's values.
+        """
         base = self.store.get_model(study, record.base_version)
         assert base is not None
-        global_weights, _ = _load_weights(base.weights)
+        full_weights, _ = _load_weights(base.weights)
+        global_weights = settings.shared_weights(full_weights)
         strategy = settings.build_strategy()
         stored = self.store.get_study(study)
         if stored is not None and stored.strategy_state:
@@ -497,8 +570,9 @@ class RoundService:
                 updates = []
                 for upload in uploads:
                     decoded = decode_envelope(upload.envelope, self.limits)
+                    delta, extras = split_extras(decoded.tensors)
                     updates.append(
-                        SiteUpdate(upload.site, decoded.tensors, upload.sample_count)
+                        SiteUpdate(upload.site, delta, upload.sample_count, extras)
                     )
                 new_weights = strategy.aggregate(global_weights, updates)
         except AggregationError as error:
@@ -506,12 +580,29 @@ class RoundService:
                 409, f"aggregation of round {record.round} failed: {error}"
             ) from None
         ordered = {
-            name: np.ascontiguousarray(new_weights[name], np.float32)
-            for name in global_weights
+            name: np.ascontiguousarray(
+                new_weights[name] if name in global_weights else value, np.float32
+            )
+            for name, value in full_weights.items()
         }
         state = strategy.state_dict()
-        state_bytes = save_safetensors(state) if state else None
-        return save_safetensors(ordered), state_bytes, contributors
+        published = flatten_groups(strategy.published_tensors())
+        return _Aggregated(
+            weights=save_safetensors(ordered),
+            strategy_state=save_safetensors(state) if state else None,
+            published_tensors=save_safetensors(published) if published else None,
+            contributors=contributors,
+        )
+
+
+@dataclass(frozen=True)
+class _Aggregated:
+    """A round's aggregation result, as the store keeps it (safetensors bytes)."""
+
+    weights: bytes
+    strategy_state: bytes | None
+    published_tensors: bytes | None
+    contributors: list[str]
 
 
 def _load_weights(body: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -283,6 +283,7 @@ class _Coordinator:
             "secure_aggregation": self.config.secure_aggregation.model_dump(
                 mode="json"
             ),
+            "local_layers": list(strategy.local_layers),
         }
         return weights_to_safetensors(
             initial_model_weights(self.config),
