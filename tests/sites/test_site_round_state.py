@@ -123,6 +123,27 @@ def test_service_rejects_uploaded_local_layer(
     assert service.round_status("site-state", 0)["uploaded"] == []
 
 
+def test_scaffold_study_requires_control_delta(
+    tmp_path: Path, service: AggregationClient, data_root: Path
+) -> None:
+    create_study(service, make_config({"name": "scaffold"}))
+    open_round(service, 0, ["cleveland"])
+    # A site configured for FedAvg uploads its delta without control deltas.
+    plain = SiteRunner(
+        make_config({"name": "fedavg"}), "cleveland", tmp_path / "site", data_root
+    )
+
+    with pytest.raises(ServiceError) as error:
+        plain.train_round(service, 0)
+
+    assert error.value.status_code == 422
+    assert (
+        "missing ['extra/control_delta/linear.bias', "
+        "'extra/control_delta/linear.weight']" in str(error.value)
+    )
+    assert service.round_status("site-state", 0)["uploaded"] == []
+
+
 def test_service_rejects_unmatched_local_layer(service: AggregationClient) -> None:
     config = make_config({"name": "fedavg"})
     settings = {
