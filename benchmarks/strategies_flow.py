@@ -12,7 +12,8 @@ Dirichlet label skew with alpha 0.1 (the config uses 0.5). Writes the pooled
 and per-site test AUC and accuracy of each run to
 ``benchmarks/results/strategies_pneumonia.json`` (or ``--output``).
 ``--rounds`` and ``--widths`` shrink the study for a quick check of the
-script; such runs say so in the JSON and are not comparable to full ones.
+script. The JSON marks such runs with ``shrunk_for_a_check``, and they are
+not comparable to full ones.
 
 Each study runs through ``run_study``: Prefect's ephemeral API, the
 aggregation service on 127.0.0.1, sites as local tasks and MLflow on SQLite in

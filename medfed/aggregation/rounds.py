@@ -198,10 +198,11 @@ class RoundService:
         except json.JSONDecodeError:
             raise Rejected(422, "study settings metadata is not valid JSON") from None
         try:
-            settings.build_strategy()
+            strategy = settings.build_strategy()
             check_local_patterns(
                 settings.local_layers, list(weights), model="the initial model"
             )
+            settings.upload_shapes(weights, strategy)
         except (ConfigError, ValueError) as error:
             raise Rejected(422, str(error)) from None
 
@@ -543,7 +544,7 @@ class RoundService:
     ) -> "_Aggregated":
         """Aggregate a round's uploads into the next model version.
 
-        The strategy sees only the shared tensors; local layers keep the base
+        The strategy receives only the shared tensors; local layers keep the base
         model's values.
         """
         base = self.store.get_model(study, record.base_version)

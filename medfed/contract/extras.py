@@ -4,8 +4,9 @@ Some strategies need more from a site than its delta: SCAFFOLD's sites send a
 control delta. Those tensors travel inside the same envelope as the delta, so
 they pass through the same codec, signature and masking secure aggregation.
 In an envelope, tensor ``extra/<group>/<name>`` is tensor ``<name>`` of extras
-group ``<group>``; every other tensor belongs to the delta. Model parameter
-names (PyTorch state-dict keys) never contain ``/``, so they cannot collide.
+group ``<group>``; every other tensor belongs to the delta.
+``expected_upload_shapes`` rejects a model tensor whose name starts with
+``extra/``, so the two cannot collide.
 
 Under masking secure aggregation the service learns only the sum over sites
 of ``sample_count * tensor``. Strategies want the unweighted sum of each
@@ -90,7 +91,16 @@ def expected_upload_shapes(
             them unless the study keeps some layers local).
         groups: the extras groups the study's strategy needs from sites; each
             has one tensor per shared tensor, of the same shape.
+
+    Raises:
+        ConfigError: a model tensor's name starts with ``extra/``.
     """
+    reserved = sorted(name for name in shared_weights if name.startswith(EXTRA_PREFIX))
+    if reserved:
+        raise ConfigError(
+            f"model tensors {reserved} start with {EXTRA_PREFIX!r}, which is "
+            "reserved for extras groups; rename those layers"
+        )
     shapes = {name: tuple(np.shape(value)) for name, value in shared_weights.items()}
     for group in groups:
         _check_group(group)

@@ -1,4 +1,4 @@
-"""Which model tensors a study keeps local at each site (FedBN and similar).
+"""The model tensors a study keeps local at each site (FedBN and similar).
 
 A study config lists shell-style patterns (``fnmatch``, case-sensitive) in
 ``strategy.local_layers``, matched against full state-dict names such as
@@ -69,6 +69,6 @@ def check_local_patterns(
 
 def _preview(names: Collection[str], limit: int = 12) -> str:
     ordered = sorted(names)
-    shown = ", ".join(ordered[:limit])
+    listed = ", ".join(ordered[:limit])
     more = len(ordered) - limit
-    return f"[{shown}{f', and {more} more' if more > 0 else ''}]"
+    return f"[{listed}{f', and {more} more' if more > 0 else ''}]"

@@ -68,3 +68,9 @@ def test_published_groups_round_trip() -> None:
 def test_unflatten_rejects_name_without_group() -> None:
     with pytest.raises(ConfigError, match="'w' is not of the form '<group>/<name>'"):
         unflatten_groups({"w": np.zeros(1)})
+
+
+def test_expected_shapes_reject_reserved_model_name() -> None:
+    weights = {"extra/w": np.zeros(1), "w": np.zeros(1)}
+    with pytest.raises(ConfigError, match=r"model tensors \['extra/w'\] start with"):
+        expected_upload_shapes(weights, [])

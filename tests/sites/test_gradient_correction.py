@@ -1,7 +1,7 @@
 """The gradient correction hook of local training, with and without DP.
 
 SCAFFOLD corrects each step's gradient. Under DP the correction must act on
-the gradient after clipping and noise, so it sees (and may replace) exactly
+the gradient after clipping and noise, so it receives (and may replace) exactly
 what the optimizer would otherwise use. A correction that zeroes the gradient
 therefore leaves the model where it started, on every training path.
 """

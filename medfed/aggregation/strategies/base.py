@@ -124,7 +124,7 @@ class Strategy(ABC):
     def site_extras(self) -> tuple[str, ...]:
         """The extras groups each site must send with its delta.
 
-        Each group holds one tensor per uploaded model tensor, of the same
+        Each group contains one tensor per uploaded model tensor, of the same
         shape (SCAFFOLD's ``control_delta``).
         """
         return ()
