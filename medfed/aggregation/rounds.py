@@ -44,7 +44,17 @@ from medfed.aggregation.store import (
 )
 from medfed.aggregation.strategies import SiteUpdate, Strategy
 from medfed.contract.codecs.config import CompressionConfig
+from medfed.contract.extras import (
+    expected_upload_shapes,
+    flatten_groups,
+    split_extras,
+)
 from medfed.contract.ids import IDENTIFIER_PATTERN
+from medfed.contract.local_layers import (
+    check_local_patterns,
+    is_local,
+    validate_local_patterns,
+)
 from medfed.contract.secagg.config import SecureAggregationConfig
 from medfed.contract.secagg.layout import VectorLayout
 from medfed.contract.wire import EnvelopeHeader, EnvelopeLimits, decode_envelope
@@ -93,6 +103,9 @@ class StudySettings:
     compression: CompressionConfig = dataclasses.field(
         default_factory=CompressionConfig
     )
+    #: ``fnmatch`` patterns of the model tensors each site keeps local; sites
+    #: never upload them and the service never changes them.
+    local_layers: list[str] = dataclasses.field(default_factory=list)
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> "StudySettings":
@@ -121,6 +134,10 @@ class StudySettings:
             compression.check(secure.mode)
         except ValueError as error:
             raise Rejected(422, f"invalid compression study setting: {error}") from None
+        try:
+            local_layers = list(validate_local_patterns(raw.get("local_layers", [])))
+        except ConfigError as error:
+            raise Rejected(422, f"invalid study settings: {error}") from None
         return cls(
             sites=sites,
             strategy=strategy,
@@ -128,6 +145,7 @@ class StudySettings:
             wrappers=wrappers,
             secure_aggregation=secure,
             compression=compression,
+            local_layers=local_layers,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -141,6 +159,7 @@ class StudySettings:
                 "codec": self.compression.codec,
                 "params": self.compression.params,
             },
+            "local_layers": self.local_layers,
         }
 
     def build_strategy(self) -> Strategy:
@@ -157,6 +176,24 @@ class StudySettings:
                 "total_sites": len(self.sites),
             },
             secure_aggregation=self.secure_aggregation.mode,
+        )
+
+    def shared_weights(
+        self, weights: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """Return the tensors of ``weights`` that sites upload: all but local layers."""
+        return {
+            name: value
+            for name, value in weights.items()
+            if not is_local(name, self.local_layers)
+        }
+
+    def upload_shapes(
+        self, weights: Mapping[str, np.ndarray], strategy: Strategy
+    ) -> dict[str, tuple[int, ...]]:
+        """Return the name and shape of every tensor an upload must carry."""
+        return expected_upload_shapes(
+            self.shared_weights(weights), strategy.site_extras
         )
 
 
@@ -198,7 +235,11 @@ class RoundService:
         except json.JSONDecodeError:
             raise Rejected(422, "study settings metadata is not valid JSON") from None
         try:
-            settings.build_strategy()
+            strategy = settings.build_strategy()
+            check_local_patterns(
+                settings.local_layers, list(weights), model="the initial model"
+            )
+            settings.upload_shapes(weights, strategy)
         except (ConfigError, ValueError) as error:
             raise Rejected(422, str(error)) from None
 
@@ -313,7 +354,9 @@ class RoundService:
                 study,
                 round_number,
                 sites=sites,
-                base_weights=_load_weights(base.weights)[0],
+                upload_shapes=settings.upload_shapes(
+                    _load_weights(base.weights)[0], settings.build_strategy()
+                ),
                 deadline_at=record.deadline_at,
             )
         logger.info(
@@ -419,14 +462,14 @@ class RoundService:
             # The payload contains ciphertexts, so the header's tensor list is
             # what describes the update's layout.
             shapes = {tensor.name: tuple(tensor.shape) for tensor in header.tensors}
-            layout = self._check_tensors(study, record.base_version, shapes)
+            layout = self._check_tensors(study, settings, record.base_version, shapes)
             try:
                 check_encrypted_upload(settings.secure_aggregation, decoded, layout)
             except SecureAggregationError as error:
                 raise Rejected(422, str(error)) from None
         else:
             shapes = {name: value.shape for name, value in decoded.tensors.items()}
-            self._check_tensors(study, record.base_version, shapes)
+            self._check_tensors(study, settings, record.base_version, shapes)
         if mode == "masking":
             accept_masked_upload(self.masking, study, round_number, decoded)
 
@@ -462,28 +505,45 @@ class RoundService:
             raise Rejected(400, f"invalid update envelope: {error}") from None
 
     def _check_tensors(
-        self, study: str, version: int, shapes: Mapping[str, tuple[int, ...]]
+        self,
+        study: str,
+        settings: StudySettings,
+        version: int,
+        shapes: Mapping[str, tuple[int, ...]],
     ) -> VectorLayout:
-        """Check tensor names and shapes against model ``version``; return its layout."""
+        """Reject an upload whose tensors differ from what the study expects.
+
+        An upload carries the model's tensors minus the study's local layers,
+        plus one tensor per shared tensor for each extras group of the
+        strategy (``medfed.contract.extras``). Returns the upload's layout.
+        """
         model = self.store.get_model(study, version)
         assert model is not None
-        expected, _ = _load_weights(model.weights)
+        weights, _ = _load_weights(model.weights)
+        expected = settings.upload_shapes(weights, settings.build_strategy())
         missing = sorted(set(expected) - set(shapes))
         extra = sorted(set(shapes) - set(expected))
         if missing or extra:
+            local = sorted(set(extra) & set(weights))
+            hint = (
+                f"; tensors {local} are local layers of this study and must not "
+                "be uploaded"
+                if local
+                else ""
+            )
             raise Rejected(
                 422,
                 f"update tensors do not match the model: missing {missing or 'none'}, "
-                f"unexpected {extra or 'none'}",
+                f"unexpected {extra or 'none'}{hint}",
             )
         for name, shape in shapes.items():
-            if tuple(shape) != expected[name].shape:
+            if tuple(shape) != tuple(expected[name]):
                 raise Rejected(
                     422,
                     f"update tensor {name!r} has shape {list(shape)}, "
-                    f"expected {list(expected[name].shape)}",
+                    f"expected {list(expected[name])}",
                 )
-        return VectorLayout.of(expected)
+        return VectorLayout.from_shapes(expected)
 
     # CKKS rounds
 
@@ -548,7 +608,7 @@ class RoundService:
                     f"envelope {field} is {actual!r} but the request is for {expected!r}",
                 )
         shapes = {name: value.shape for name, value in decoded.tensors.items()}
-        layout = self._check_tensors(study, record.base_version, shapes)
+        layout = self._check_tensors(study, settings, record.base_version, shapes)
         try:
             read_decrypted_sum(settings.secure_aggregation, decoded, closed, layout)
         except SecureAggregationError as error:
@@ -661,23 +721,33 @@ class RoundService:
             if closed.decrypted is None:
                 return record
 
-        weights, strategy_state, contributors = self._aggregate(
-            study, settings, record, uploads, closed
-        )
+        aggregated = self._aggregate(study, settings, record, uploads, closed)
         self.store.close_round(
             study,
             round_number,
             state="finalized",
-            model=(weights, contributors),
-            strategy_state=strategy_state,
+            model=(aggregated.weights, aggregated.contributors),
+            strategy_state=aggregated.strategy_state,
+            published_tensors=aggregated.published_tensors,
         )
         logger.info(
             "finalized round %d of study %s with %d updates",
             round_number,
             study,
-            len(contributors),
+            len(aggregated.contributors),
         )
         return self.round(study, round_number)
+
+    def published(self, study: str, version: int) -> bytes:
+        """Return the tensors published with model ``version`` as safetensors.
+
+        Tensor ``<group>/<name>`` is tensor ``<name>`` of the group (SCAFFOLD's
+        ``control_variate``). A version with nothing published, such as the
+        initial model, returns a file without tensors.
+        """
+        self.model(study, version)
+        stored = self.store.get_published(study, version)
+        return stored if stored is not None else save_safetensors({})
 
     def _aggregate(
         self,
@@ -686,10 +756,16 @@ class RoundService:
         record: RoundRecord,
         uploads: list[StoredUpload],
         closed: EncryptedSum | None = None,
-    ) -> tuple[bytes, bytes | None, list[str]]:
+    ) -> "_Aggregated":
+        """Aggregate a round's uploads into the next model version.
+
+        The strategy receives only the shared tensors; local layers keep the base
+        model's values. ``closed`` is a CKKS round's decrypted sum.
+        """
         base = self.store.get_model(study, record.base_version)
         assert base is not None
-        global_weights, _ = _load_weights(base.weights)
+        full_weights, _ = _load_weights(base.weights)
+        global_weights = settings.shared_weights(full_weights)
         strategy = settings.build_strategy()
         stored = self.store.get_study(study)
         if stored is not None and stored.strategy_state:
@@ -720,8 +796,9 @@ class RoundService:
                 updates = []
                 for upload in uploads:
                     decoded = decode_envelope(upload.envelope, self.limits)
+                    delta, extras = split_extras(decoded.tensors)
                     updates.append(
-                        SiteUpdate(upload.site, decoded.tensors, upload.sample_count)
+                        SiteUpdate(upload.site, delta, upload.sample_count, extras)
                     )
                 new_weights = strategy.aggregate(global_weights, updates)
         except AggregationError as error:
@@ -729,12 +806,29 @@ class RoundService:
                 409, f"aggregation of round {record.round} failed: {error}"
             ) from None
         ordered = {
-            name: np.ascontiguousarray(new_weights[name], np.float32)
-            for name in global_weights
+            name: np.ascontiguousarray(
+                new_weights[name] if name in global_weights else value, np.float32
+            )
+            for name, value in full_weights.items()
         }
         state = strategy.state_dict()
-        state_bytes = save_safetensors(state) if state else None
-        return save_safetensors(ordered), state_bytes, contributors
+        published = flatten_groups(strategy.published_tensors())
+        return _Aggregated(
+            weights=save_safetensors(ordered),
+            strategy_state=save_safetensors(state) if state else None,
+            published_tensors=save_safetensors(published) if published else None,
+            contributors=contributors,
+        )
+
+
+@dataclass(frozen=True)
+class _Aggregated:
+    """A round's aggregation result, as the store keeps it (safetensors bytes)."""
+
+    weights: bytes
+    strategy_state: bytes | None
+    published_tensors: bytes | None
+    contributors: list[str]
 
 
 def _load_weights(body: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from medfed.aggregation.strategies.base import Strategy, UpdateSum, Weights
+from medfed.contract.extras import split_extras
 from medfed.contract.secagg.layout import VectorLayout
 from medfed.errors import AggregationError, ConfigError
 
@@ -52,12 +53,21 @@ def apply_weighted_sum(
     sample_count: int,
     *,
     site_count: int,
+    layout: VectorLayout | None = None,
 ) -> Weights:
     """Return the next global weights from a securely aggregated weighted sum.
 
     The sum goes to ``Strategy.aggregate_sum``, so strategies and wrappers that
     act on sums (server optimizers, central DP noise) see it as they would
     see the sum of individual updates.
+
+    Args:
+        layout: the layout of the masked uploads, when they carry extras
+            groups (``medfed.contract.extras``) besides the delta of
+            ``global_weights``. Sites divide their extras by their sample
+            count before masking, so the extras part of the sum is already
+            the unweighted sum that ``UpdateSum.extras`` holds. When None, the
+            sum is the delta of ``global_weights`` alone.
 
     Raises:
         ConfigError: the strategy needs individual updates, which secure
@@ -75,10 +85,17 @@ def apply_weighted_sum(
             f"total sample_count of the securely aggregated sites is {sample_count}; "
             "it must be positive"
         )
-    layout = VectorLayout.of(global_weights)
+    if layout is None:
+        layout = VectorLayout.of(global_weights)
+    tensors = layout.split(np.asarray(weighted_sum, np.float64))
+    try:
+        delta, extras = split_extras(tensors)
+    except ConfigError as error:
+        raise AggregationError(str(error)) from None
     summed = UpdateSum(
-        delta=layout.split(np.asarray(weighted_sum, np.float64)),
+        delta=delta,
         weight_total=float(sample_count),
         site_count=site_count,
+        extras=extras,
     )
     return strategy.aggregate_sum(global_weights, summed)

@@ -2,9 +2,10 @@
 
 ``RoundService`` calls these hooks when a study's settings choose
 ``secure_aggregation: masking``: opening a round opens a masking round over
-the base model's layout, an upload must carry the ``masked`` codec and joins
-the masking round, and finalizing unmasks the survivors' weighted sum and
-applies the study's strategy to it. The masking messages themselves travel
+the layout of the uploads (the shared model tensors and any extras groups),
+an upload must carry the ``masked`` codec and joins the masking round, and
+finalizing unmasks the survivors' weighted sum and applies the study's
+strategy to it. The masking messages themselves travel
 through ``secagg_routes``. Every failure raises ``SecureAggregationError``,
 which the service turns into a 409 response that changes nothing.
 """
@@ -59,13 +60,15 @@ def open_masking_round(
     round_number: int,
     *,
     sites: Sequence[str],
-    base_weights: Mapping[str, np.ndarray],
+    upload_shapes: Mapping[str, Sequence[int]],
     deadline_at: float | None = None,
 ) -> None:
     """Open the masking round that the service round ``round_number`` uses.
 
     ``codec`` is the study's codec, which selects the ring encoding: fixed
     point for None or fp32, int8 levels for int8 with a shared scale.
+    ``upload_shapes`` names every tensor of a masked upload: the shared model
+    tensors and the extras groups of the study's strategy.
 
     Raises:
         SecureAggregationError: the round's sites do not fit the settings
@@ -84,7 +87,7 @@ def open_masking_round(
         sites=sites,
         threshold=settings.resolved_threshold(len(sites)),
         encoding=encoding,
-        layout=VectorLayout.of(base_weights),
+        layout=VectorLayout.from_shapes(upload_shapes),
         deadline_at=deadline_at,
     )
 
@@ -147,6 +150,7 @@ def finalize_masking(
                     f"{request.survivors} and dropped sites {request.dropped}; "
                     "finalize again once the survivors have revealed their shares"
                 )
+            layout = entry.layout
     except UnknownRoundError:
         raise SecureAggregationError(
             f"round {round_number} of study {study!r} has no masking round in "
@@ -159,6 +163,7 @@ def finalize_masking(
         result.weighted_sum,
         result.sample_count,
         site_count=len(result.survivors),
+        layout=layout,
     )
     logger.info(
         "unmasked round %s of study %s from %s sites",

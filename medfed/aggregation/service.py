@@ -6,6 +6,9 @@ Routes, all under ``/v1/studies/{study}``:
 - ``GET ""``: the study's sites, latest model version and latest round.
 - ``GET /models/{version}`` and ``GET /models/latest``: a global model as
   safetensors, with its version and SHA-256 in response headers.
+- ``GET /models/{version}/published``: what the study's strategy publishes
+  to sites with that model version (SCAFFOLD's server control variate), as
+  safetensors with tensor names ``<group>/<name>``.
 - ``POST /rounds/{round}``: open a round (sites, quorum, deadline).
 - ``GET /rounds/{round}``: a round's state, never an upload's content.
 - ``GET /rounds/{round}/model``: the global model the round trains from.
@@ -191,6 +194,17 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         study: StudyId, version: Annotated[int, PathParam(ge=0)], actor: Participant
     ) -> Response:
         return _model_response(service, security, actor, study, version)
+
+    @app.get(
+        "/v1/studies/{study}/models/{version}/published",
+        dependencies=[Depends(authenticated_participant)],
+    )
+    def published(study: StudyId, version: Annotated[int, PathParam(ge=0)]) -> Response:
+        return Response(
+            content=service.published(study, version),
+            media_type="application/octet-stream",
+            headers={"X-Medfed-Model-Version": str(version)},
+        )
 
     @app.post(
         "/v1/studies/{study}/rounds/{round_number}",

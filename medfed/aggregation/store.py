@@ -3,10 +3,11 @@
 Every change is one transaction, so after a crash the service restarts with
 each upload either fully accepted or absent, never half-written or counted
 twice. Tables: studies (config and strategy state), models (every global model
-version with its SHA-256), rounds (state, participants, quorum, deadline),
-uploads (the accepted envelopes) and ckks_sums (for studies with
-``secure_aggregation: ckks``, the encrypted sum of a round whose uploads have
-closed, and the sum a site decrypted from it).
+version with its SHA-256), published (the tensors a strategy publishes to
+sites with a model version, such as SCAFFOLD's control variate), rounds
+(state, participants, quorum, deadline), uploads (the accepted envelopes) and
+ckks_sums (for studies with ``secure_aggregation: ckks``, the encrypted sum of
+a round whose uploads have closed, and the sum a site decrypted from it).
 """
 
 import hashlib
@@ -45,6 +46,12 @@ CREATE TABLE IF NOT EXISTS models (
     round INTEGER,
     participants TEXT NOT NULL,
     created_at REAL NOT NULL,
+    PRIMARY KEY (study, version)
+);
+CREATE TABLE IF NOT EXISTS published (
+    study TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    tensors BLOB NOT NULL,
     PRIMARY KEY (study, version)
 );
 CREATE TABLE IF NOT EXISTS rounds (
@@ -239,6 +246,15 @@ class Store:
             return None
         return ModelVersion(study, row[0], row[1], row[2], row[3], json.loads(row[4]))
 
+    def get_published(self, study: str, version: int) -> bytes | None:
+        """Return the safetensors file published with model ``version``, if any."""
+        with self._lock:
+            row = self._connection.execute(
+                "SELECT tensors FROM published WHERE study = ? AND version = ?",
+                (study, version),
+            ).fetchone()
+        return None if row is None else bytes(row[0])
+
     # Rounds
 
     def get_round(self, study: str, round_number: int) -> RoundRecord | None:
@@ -307,10 +323,12 @@ class Store:
         reason: str | None = None,
         model: tuple[bytes, list[str]] | None = None,
         strategy_state: bytes | None = None,
+        published_tensors: bytes | None = None,
     ) -> ModelVersion | None:
         """Mark a round finalized (publishing ``model``) or aborted, atomically.
 
-        Returns the new model version when one was published.
+        ``published_tensors`` (a safetensors file) is stored with the new
+        model version. Returns the new model version when one was published.
         """
         published = None
         with self.transaction() as connection:
@@ -332,6 +350,12 @@ class Store:
                 published = ModelVersion(
                     study, version, sha256, weights, round_number, participants
                 )
+                if published_tensors is not None:
+                    connection.execute(
+                        "INSERT INTO published (study, version, tensors)"
+                        " VALUES (?, ?, ?)",
+                        (study, version, published_tensors),
+                    )
             if strategy_state is not None:
                 connection.execute(
                     "UPDATE studies SET strategy_state = ? WHERE study = ?",

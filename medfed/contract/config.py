@@ -20,6 +20,7 @@ from pydantic import (
 
 from medfed.contract.codecs.config import CompressionConfig
 from medfed.contract.ids import IDENTIFIER_PATTERN
+from medfed.contract.local_layers import check_local_patterns
 from medfed.contract.secagg.config import SecureAggregationConfig
 from medfed.errors import ConfigError
 
@@ -137,6 +138,10 @@ class StrategyConfig(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     #: Wrappers in the order they receive the updates; the first is outermost.
     wrappers: list[WrapperConfig] = Field(default_factory=list, max_length=8)
+    #: Shell-style patterns (``fnmatch``) of model parameters that each site
+    #: keeps local and never uploads (FedBN-style personalization), e.g.
+    #: ``["*.norm*"]``; see ``medfed.contract.local_layers``.
+    local_layers: list[str] = Field(default_factory=list, max_length=256)
 
 
 class PrivacyConfig(_Strict):
@@ -281,6 +286,14 @@ class StudyConfig(_Strict):
             )
         except ConfigError as error:
             raise ValueError(str(error)) from None
+        if self.secure_aggregation.mode == "ckks" and (
+            self.strategy.name == "scaffold" or self.strategy.local_layers
+        ):
+            raise ValueError(
+                "ckks secure aggregation carries only the model delta, not "
+                "SCAFFOLD's control deltas or a study's local layers; use "
+                "secure_aggregation mode 'masking' or 'none' for them"
+            )
         if (
             self.evaluation.operating_point == "youden"
             and self.data.dataset == "heart_disease"
@@ -306,6 +319,25 @@ class StudyConfig(_Strict):
             raise ValueError(f"strategy: {error}") from None
         return self
 
+    @model_validator(mode="after")
+    def _check_local_layers(self) -> "StudyConfig":
+        if not self.strategy.local_layers:
+            return self
+        # Imported here because building a model loads torch, which configs
+        # without local layers do not need.
+        from medfed.contract.models import build_model
+
+        try:
+            model = build_model(self.model.name, **self.model.params)
+            check_local_patterns(
+                self.strategy.local_layers,
+                list(model.state_dict()),
+                model=f"model {self.model.name!r}",
+            )
+        except ConfigError as error:
+            raise ValueError(str(error)) from None
+        return self
+
     def strategy_settings(self) -> dict[str, Any]:
         """Return the strategy as the aggregation service stores it.
 
@@ -317,6 +349,7 @@ class StudyConfig(_Strict):
             "strategy_params": self.strategy.params,
             "wrappers": [[w.name, w.params] for w in self.strategy.wrappers],
             "total_sites": len(self.sites),
+            "local_layers": list(self.strategy.local_layers),
         }
 
     @property

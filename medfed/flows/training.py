@@ -331,6 +331,7 @@ class _Coordinator:
                 "codec": self.config.compression.codec,
                 "params": self.config.compression.params,
             },
+            "local_layers": list(strategy.local_layers),
         }
         return weights_to_safetensors(
             initial_model_weights(self.config),

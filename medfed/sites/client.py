@@ -12,8 +12,9 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
 
 from medfed.contract.codecs.ckks import ciphertexts_from_arrays
+from medfed.contract.extras import unflatten_groups
 from medfed.contract.kits import client_ssl_context
-from medfed.errors import EnvelopeError, ServiceError
+from medfed.errors import ConfigError, EnvelopeError, ServiceError
 
 __all__ = ["AggregationClient", "DownloadedModel", "EncryptedSum"]
 
@@ -115,6 +116,27 @@ class AggregationClient:
             weights=weights,
             size=len(response.content),
         )
+
+    def download_published(
+        self, study: str, version: int
+    ) -> dict[str, dict[str, np.ndarray]]:
+        """Download what the strategy published with model ``version``, by group.
+
+        Empty when nothing was published (the initial model, or a strategy
+        that publishes nothing).
+
+        Raises:
+            ServiceError: the request failed, or the body is not a safetensors
+                file of ``<group>/<name>`` tensors.
+        """
+        path = f"/v1/studies/{study}/models/{version}/published"
+        response = self._request("GET", path)
+        try:
+            return unflatten_groups(load_safetensors(response.content))
+        except (SafetensorError, ValueError, ConfigError) as error:
+            raise ServiceError(
+                f"aggregation service sent an invalid body for GET {path}: {error}"
+            ) from None
 
     def open_round(
         self,

@@ -4,8 +4,9 @@ FedBN (Li et al., "FedBN: Federated Learning on Non-IID Features via Local
 Batch Normalization", ICLR 2021) keeps the batch-normalization layers local:
 each hospital's scanners and populations shift the feature statistics, and
 averaging them would fit no site. The study config names the local
-parameters with shell-style patterns (``fnmatch``, e.g. ``"*.bn*.*"`` or
-``"norm.*"``), matched against full state-dict names.
+parameters in ``strategy.local_layers`` with shell-style patterns
+(``fnmatch``, e.g. ``"*.norm*"`` or ``"linear.bias"``), matched against full
+state-dict names (see ``medfed.contract.local_layers``).
 
 Round trip at a site::
 
@@ -14,18 +15,23 @@ Round trip at a site::
     ... train ...
     shared, local = split_state_dict(trained, patterns)
     ... compute and upload the delta of ``shared`` only ...
-    store.save(local)
+    store.save(local)                   # once the upload is accepted
 
 Local parameters are never uploaded, so the aggregation service never
-receives them: every strategy aggregates exactly the tensors of the global model.
+receives them. It aggregates the shared tensors and keeps its own copy of the
+local ones unchanged.
 """
 
-import fnmatch
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 
+from medfed.contract.local_layers import (
+    check_local_patterns,
+    is_local,
+    validate_local_patterns,
+)
 from medfed.errors import ConfigError
 from medfed.sites.tensor_files import load_tensors, save_tensors_atomic
 
@@ -38,47 +44,16 @@ __all__ = [
 ]
 
 
-def validate_local_patterns(patterns: object) -> tuple[str, ...]:
-    """Return ``patterns`` as a tuple of non-empty strings.
-
-    Raises:
-        ConfigError: ``patterns`` is not a list of non-empty strings.
-    """
-    if isinstance(patterns, str) or not isinstance(patterns, Iterable):
-        raise ConfigError(
-            f"local_parameters must be a list of name patterns, got {patterns!r}"
-        )
-    checked = []
-    for pattern in patterns:
-        if not isinstance(pattern, str) or not pattern.strip():
-            raise ConfigError(
-                f"local_parameters entries must be non-empty strings, got {pattern!r}"
-            )
-        checked.append(pattern)
-    return tuple(checked)
-
-
-def is_local(name: str, patterns: Iterable[str]) -> bool:
-    """Return whether parameter ``name`` matches one of the local patterns."""
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
-
-
 def split_state_dict(
     state: Mapping[str, np.ndarray], patterns: Iterable[str]
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Split ``state`` into the shared part (uploaded) and the local part.
 
     Raises:
-        ConfigError: a pattern matches no parameter (most likely a typo, which
-            would otherwise silently share the layer it meant to keep).
+        ConfigError: a pattern matches no parameter, or the patterns match
+            every parameter (see ``check_local_patterns``).
     """
-    patterns = validate_local_patterns(patterns)
-    for pattern in patterns:
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in state):
-            raise ConfigError(
-                f"local_parameters pattern {pattern!r} matches no parameter of "
-                f"the model; names look like {sorted(state)[:5]}"
-            )
+    patterns = check_local_patterns(patterns, list(state))
     shared: dict[str, np.ndarray] = {}
     local: dict[str, np.ndarray] = {}
     for name, value in state.items():
@@ -105,7 +80,7 @@ def merge_global(
     for name, value in (local_layers or {}).items():
         if not is_local(name, patterns):
             raise ConfigError(
-                f"stored local layer {name!r} matches none of local_parameters "
+                f"stored local layer {name!r} matches none of strategy.local_layers "
                 f"{list(patterns)}; delete the site's local-layer file if the "
                 "study's patterns changed"
             )

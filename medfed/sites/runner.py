@@ -1,8 +1,9 @@
 """What a site does in a round: prepare data, train under DP, upload, evaluate.
 
 ``SiteRunner`` owns one site's state directory, which contains everything the
-site keeps between rounds (preprocessed data, the privacy ledger). Only model
-updates, sample counts, aggregate metrics and privacy spent leave the site.
+site keeps between rounds (preprocessed data, the privacy ledger, SCAFFOLD's
+control variate, the layers the study keeps local). Only model updates,
+sample counts, aggregate metrics and privacy spent leave the site.
 """
 
 import hashlib
@@ -12,6 +13,7 @@ import os
 import secrets
 import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,9 +23,13 @@ import torch
 from safetensors.numpy import save as save_safetensors
 
 from medfed.aggregation.compatibility import build_study_strategy
+from medfed.aggregation.strategies import Strategy
+from medfed.aggregation.strategies.scaffold import CONTROL_DELTA, CONTROL_VARIATE
 from medfed.contract.codecs.ckks import CkksEncryptor
 from medfed.contract.config import StudyConfig
+from medfed.contract.extras import pack_extras, scale_extras_for_masking
 from medfed.contract.kits import KitFiles
+from medfed.contract.local_layers import is_local
 from medfed.contract.metrics import EvaluationAggregates
 from medfed.contract.models import build_model
 from medfed.contract.secagg import MaskingSite, VectorLayout
@@ -32,13 +38,15 @@ from medfed.contract.signing import Ed25519Signer
 from medfed.contract.wire import encode_envelope
 from medfed.errors import BudgetExceededError, SecureAggregationError
 from medfed.sites.ckks_keys import load_secret_context
-from medfed.sites.client import AggregationClient
+from medfed.sites.client import AggregationClient, DownloadedModel
 from medfed.sites.compression import build_update_encoder
 from medfed.sites.data import load_split, prepare_site_data
 from medfed.sites.data.augment import RandomAffine
 from medfed.sites.data.root import resolve_data_root
 from medfed.sites.error_feedback import ErrorFeedback
+from medfed.sites.personalization import LocalLayerStore, merge_global
 from medfed.sites.privacy import PrivacyLedger
+from medfed.sites.scaffold import ScaffoldSite
 from medfed.sites.secagg_client import MaskingClient, MaskingRoundCost
 from medfed.sites.training import (
     LocalTrainingSettings,
@@ -155,6 +163,10 @@ class SiteRunner:
         self.study_dir = state_dir / "studies" / config.study
         self.data_dir = self.study_dir / "data"
         self.ledger_path = self.study_dir / "privacy-ledger.json"
+        #: SCAFFOLD's site control variate ``c_i``, as of the last accepted upload.
+        self.control_variate_path = self.study_dir / "scaffold-control.safetensors"
+        #: The layers the study keeps local, as of the last accepted upload.
+        self.local_layers_path = self.study_dir / "local-layers.safetensors"
         self.data_root = data_root or resolve_data_root(config.data.root)
 
     # Data
@@ -250,56 +262,52 @@ class SiteRunner:
                 )
 
         base = client.download_round_model(self.config.study, round_number)
-        model = self._model_with(base.weights)
+        shared = self._shared_names(base.weights)
+        scaffold = self._scaffold(client, base, shared)
+        model = self._model_with(self._merged_weights(base.weights))
         result = train_locally(
             model,
             inputs,
             labels,
             self._training_settings(ledger, round_number),
             seed=self._seed(round_number),
+            correct_gradients=scaffold.correct_gradients if scaffold else None,
         )
         epsilon = None
         if ledger is not None:
             epsilon = ledger.record_round(round_number, result.steps)
             ledger.save(self.ledger_path)
 
-        local = {
+        trained = {
             key: value.detach().numpy() for key, value in model.state_dict().items()
         }
         delta = {
-            key: (local[key] - base.weights[key]).astype(np.float32)
-            for key in base.weights
+            key: (trained[key] - base.weights[key]).astype(np.float32) for key in shared
         }
-        cost: MaskingRoundCost | None = None
-        if self.config.secure_aggregation.mode == "masking":
-            envelope, receipt, cost = self._upload_masked(
-                client, round_number, delta, records
+        extras: dict[str, dict[str, np.ndarray]] = {}
+        new_control = None
+        if scaffold is not None:
+            training = self.config.training
+            new_control, extras[CONTROL_DELTA] = scaffold.control_update(
+                {key: trained[key] for key in shared},
+                local_steps=max(result.steps, 1),
+                learning_rate=training.round_learning_rate(round_number),
+                momentum=training.momentum,
             )
-        elif self.config.secure_aggregation.mode == "ckks":
-            envelope, receipt = self._upload_encrypted(
-                client, round_number, delta, records
-            )
-        else:
-            compression = self.config.compression
-            encoder = build_update_encoder(compression, state_dir=self.study_dir)
-            envelope = encode_envelope(
-                delta,
-                study=self.config.study,
-                round_number=round_number,
-                site=self.site_id,
-                sample_count=records,
-                nonce=secrets.token_hex(16),
-                signer=self.signer,
-                codec=encoder,
-                compression=compression.envelope_compression,
-            )
-            receipt = client.upload(
-                self.config.study, round_number, self.site_id, envelope
-            )
-            if isinstance(encoder, ErrorFeedback):
-                # Only an accepted upload advances the residual, so a retried
-                # round starts again from the residual of the last accepted one.
-                encoder.commit()
+
+        def commit_site_state() -> None:
+            # Runs only once the service accepted the upload, so a rejected
+            # upload changes nothing and a retried round starts again from
+            # the state of the last accepted one.
+            if scaffold is not None and new_control is not None:
+                scaffold.commit(new_control)
+            if self.config.strategy.local_layers:
+                local = {key: trained[key] for key in trained if key not in shared}
+                LocalLayerStore(self.local_layers_path).save(local)
+
+        envelope, receipt, cost = self._upload(
+            client, round_number, delta, extras, records, commit_site_state
+        )
         if ledger is not None:
             client.report_privacy(
                 self.config.study,
@@ -320,7 +328,11 @@ class SiteRunner:
             bytes_uploaded=len(envelope),
             bytes_downloaded=base.size,
             receipt=receipt["receipt"],
-            dense_float32_bytes=sum(4 * value.size for value in delta.values()),
+            dense_float32_bytes=4
+            * (
+                sum(value.size for value in delta.values())
+                + sum(v.size for group in extras.values() for v in group.values())
+            ),
             secagg_message_bytes_sent=cost.message_bytes_sent if cost else None,
             secagg_message_bytes_received=(
                 cost.message_bytes_received if cost else None
@@ -339,7 +351,99 @@ class SiteRunner:
         self.prepare()
         inputs, labels = load_split(self.config, self.data_dir, split)
         downloaded = client.download_model(self.config.study, version)
-        return evaluate_weights(self.config, downloaded.weights, inputs, labels)
+        weights = self._merged_weights(downloaded.weights)
+        return evaluate_weights(self.config, weights, inputs, labels)
+
+    # Strategy state kept at the site
+
+    def _shared_names(self, weights: dict[str, np.ndarray]) -> list[str]:
+        """Return the global model's tensors that the site uploads, in order."""
+        patterns = self.config.strategy.local_layers
+        return [key for key in weights if not is_local(key, patterns)]
+
+    def _merged_weights(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Return the global weights with the site's own local layers, if any.
+
+        Before the site's first accepted upload it has stored none, and the
+        local layers keep the global model's values.
+        """
+        patterns = self.config.strategy.local_layers
+        if not patterns:
+            return weights
+        stored = LocalLayerStore(self.local_layers_path).load()
+        return merge_global(weights, stored, patterns)
+
+    def _scaffold(
+        self, client: AggregationClient, base: DownloadedModel, shared: list[str]
+    ) -> ScaffoldSite | None:
+        """Load the site's SCAFFOLD state when the study's strategy needs it."""
+        if CONTROL_DELTA not in self._strategy().site_extras:
+            return None
+        published = client.download_published(self.config.study, base.version)
+        return ScaffoldSite.load(
+            self.control_variate_path,
+            {key: base.weights[key] for key in shared},
+            published.get(CONTROL_VARIATE),
+            uncorrected=[key for key in base.weights if key not in shared],
+        )
+
+    # Uploads
+
+    def _upload(
+        self,
+        client: AggregationClient,
+        round_number: int,
+        delta: dict[str, np.ndarray],
+        extras: dict[str, dict[str, np.ndarray]],
+        records: int,
+        on_accepted: Callable[[], None],
+    ) -> tuple[bytes, dict[str, Any], MaskingRoundCost | None]:
+        """Send the delta and its extras groups in one envelope.
+
+        ``on_accepted`` runs as soon as the service has accepted the envelope,
+        before the rest of a masking round.
+
+        Returns:
+            The envelope sent, the service's receipt and, under masking, the
+            protocol's cost.
+
+        Raises:
+            ServiceError: the service rejected the upload.
+        """
+        mode = self.config.secure_aggregation.mode
+        if mode == "masking":
+            tensors = pack_extras(delta, scale_extras_for_masking(extras, records))
+            return self._upload_masked(
+                client, round_number, tensors, records, on_accepted
+            )
+        if mode == "ckks":
+            # The config rejects CKKS with strategies that send extras.
+            assert not extras
+            envelope, receipt = self._upload_encrypted(
+                client, round_number, delta, records
+            )
+            on_accepted()
+            return envelope, receipt, None
+        compression = self.config.compression
+        encoder = build_update_encoder(compression, state_dir=self.study_dir)
+        envelope = encode_envelope(
+            pack_extras(delta, extras),
+            study=self.config.study,
+            round_number=round_number,
+            site=self.site_id,
+            sample_count=records,
+            nonce=secrets.token_hex(16),
+            signer=self.signer,
+            codec=encoder,
+            compression=compression.envelope_compression,
+        )
+        receipt = client.upload(self.config.study, round_number, self.site_id, envelope)
+        if isinstance(encoder, ErrorFeedback):
+            # Only an accepted upload advances the residual, so a retried
+            # round starts again from the residual of the last accepted one.
+            encoder.commit()
+        on_accepted()
+        return envelope, receipt, None
 
     def decrypt_sum(
         self, client: AggregationClient, round_number: int
@@ -447,8 +551,9 @@ class SiteRunner:
         self,
         client: AggregationClient,
         round_number: int,
-        delta: dict[str, np.ndarray],
+        tensors: dict[str, np.ndarray],
         records: int,
+        on_accepted: Callable[[], None],
     ) -> tuple[bytes, dict[str, Any], MaskingRoundCost]:
         """Take part in the round's masking protocol.
 
@@ -456,7 +561,7 @@ class SiteRunner:
             The envelope sent, the service's receipt and the protocol's cost.
         """
         secure = self.config.secure_aggregation
-        self._warn_clipped(delta)
+        self._warn_clipped(tensors)
         # NOTE: error feedback does not apply under masking, because the int8
         # ring encoder rounds stochastically and keeps no residual.
         site = MaskingSite(
@@ -474,12 +579,13 @@ class SiteRunner:
             sent["receipt"] = client.upload(
                 self.config.study, round_number, self.site_id, envelope
             )
+            on_accepted()
 
         masking_client = MaskingClient(client.base_url, http_client=client.http_client)
         try:
             cost = masking_client.run_round(
                 site,
-                delta,
+                tensors,
                 sample_count=records,
                 wait_seconds=self.config.round.deadline_seconds,
                 upload=upload,
@@ -514,9 +620,13 @@ class SiteRunner:
         )
 
     def _site_settings(self) -> dict[str, float]:
+        return self._strategy().site_settings()
+
+    def _strategy(self) -> Strategy:
         # The site builds the study's strategy only to read what it requires of
-        # sites (FedProx's mu); aggregation stays at the service.
-        return build_study_strategy(self.config.strategy_settings()).site_settings()
+        # sites (FedProx's mu, SCAFFOLD's control deltas); aggregation stays at
+        # the service.
+        return build_study_strategy(self.config.strategy_settings())
 
     def _seed(self, round_number: int) -> int:
         key = f"{self.config.training.seed}:{self.config.study}:{self.site_id}:{round_number}"

@@ -9,31 +9,33 @@ site updates its variate with the paper's option II::
 
     c_i_new = c_i - c + (x - y) / (K * lr)
 
-and sends ``c_i_new - c_i`` in ``SiteUpdate.extras["control_delta"]``.
+and sends ``c_i_new - c_i`` as the ``control_delta`` extras group of its
+upload. With SGD momentum ``beta``, ``K`` becomes the number of gradient
+lengths the steps moved: ``sum over k = 1..K of (1 - beta^k) / (1 - beta)``,
+exact when the gradient is constant, so ``c_i`` stays in gradient units.
 
-How the site trainer uses it::
+How the site trainer uses it (``medfed.sites.runner``)::
 
     scaffold = ScaffoldSite.load(state_path, global_weights, server_control)
-    for batch in batches:                       # K steps of plain SGD
-        loss.backward()
-        scaffold.correct_gradients(model)       # without DP: before the step
+    for batch in batches:                       # K optimizer steps
+        loss.backward()                         # or DP: clip, sum, add noise
+        scaffold.correct_gradients(model)       # add c - c_i to p.grad
         optimizer.step()
-        # under Opacus, instead: optimizer.step() then
-        # scaffold.apply_correction_step(model, learning_rate=lr)
     new_control, control_delta = scaffold.control_update(
-        local_weights, local_steps=K, learning_rate=lr)
+        local_weights, local_steps=K, learning_rate=lr, momentum=beta)
     ... upload the delta and control_delta ...
     scaffold.commit(new_control)                # only once the upload is accepted
 
-Opacus replaces ``p.grad`` by its noised per-sample sum inside
-``optimizer.step()``, so a correction added to ``p.grad`` before the step
-would be lost. The separate step ``p -= lr * (c - c_i)`` is the same update
-for SGD without momentum. It costs no privacy, because ``c`` and ``c_i`` are
-computed from models that were already released.
+Under DP the correction is added to ``p.grad`` after clipping and noise
+(after ``private_gradient``, or inside Opacus' ``DPOptimizer`` between
+``pre_step`` and the SGD step). It costs no privacy, because ``c`` and
+``c_i`` are computed from models that were already released or trained
+under DP in earlier rounds. ``apply_correction_step`` is the same update as
+a separate step after ``optimizer.step()``, exact for SGD without momentum.
 """
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +78,19 @@ def _check_like(
     return {key: np.asarray(value, np.float64) for key, value in tensors.items()}
 
 
+def _gradient_lengths(steps: int, momentum: float) -> float:
+    """Return how many gradients ``steps`` SGD steps with momentum move by.
+
+    With a constant gradient the k-th step (buffer starting at zero) moves
+    ``(1 - momentum^k) / (1 - momentum)`` times the gradient; without
+    momentum this is ``steps``.
+    """
+    if momentum == 0.0:
+        return float(steps)
+    powers = momentum ** np.arange(1, steps + 1, dtype=np.float64)
+    return float(np.sum((1.0 - powers) / (1.0 - momentum)))
+
+
 class ScaffoldSite:
     """A site's SCAFFOLD state for one round.
 
@@ -89,8 +104,13 @@ class ScaffoldSite:
         global_weights: Mapping[str, np.ndarray],
         site_control: Mapping[str, np.ndarray],
         server_control: Mapping[str, np.ndarray],
+        *,
+        uncorrected: Collection[str] = (),
     ) -> None:
         self.state_path = state_path
+        #: Model parameters trained without correction: the study's local
+        #: layers, which have no control variate.
+        self.uncorrected = frozenset(uncorrected)
         self.global_weights = {
             key: np.asarray(value, np.float64) for key, value in global_weights.items()
         }
@@ -112,14 +132,19 @@ class ScaffoldSite:
         state_path: Path,
         global_weights: Mapping[str, np.ndarray],
         server_control: Mapping[str, np.ndarray] | None,
+        *,
+        uncorrected: Collection[str] = (),
     ) -> "ScaffoldSite":
         """Read ``c_i`` from ``state_path``, zeros when the site has none yet.
 
         Args:
             state_path: the site's safetensors file for ``c_i``.
-            global_weights: the round's global model.
+            global_weights: the round's global model, without the layers in
+                ``uncorrected``.
             server_control: ``c`` as published; None or empty before the
                 first aggregation, meaning zeros.
+            uncorrected: model parameters that are trained without
+                correction (layers the study keeps local).
 
         Raises:
             ConfigError: a variate does not match the model's tensors.
@@ -131,7 +156,9 @@ class ScaffoldSite:
             logger.info("no SCAFFOLD state at %s; starting from zeros", state_path)
             site_control = _zeros_like(global_weights)
         server = dict(server_control) if server_control else _zeros_like(global_weights)
-        return cls(state_path, global_weights, site_control, server)
+        return cls(
+            state_path, global_weights, site_control, server, uncorrected=uncorrected
+        )
 
     def _corrections_for(
         self, model: nn.Module
@@ -139,6 +166,8 @@ class ScaffoldSite:
         pairs = []
         for name, parameter in model.named_parameters():
             key = name.removeprefix("_module.")
+            if key in self.uncorrected:
+                continue
             if key not in self.correction:
                 raise ConfigError(
                     f"model parameter {key!r} is not in the global model; "
@@ -173,20 +202,27 @@ class ScaffoldSite:
         *,
         local_steps: int,
         learning_rate: float,
+        momentum: float = 0.0,
     ) -> tuple[Weights, Weights]:
         """Return ``c_i_new`` (option II) and ``control_delta = c_i_new - c_i``.
 
         Args:
-            local_weights: the site's weights after local training (y_i).
+            local_weights: the site's weights after local training (y_i),
+                with the same tensors as the global weights.
             local_steps: number of optimizer steps taken this round (K), >= 1.
             learning_rate: the local learning rate, > 0.
+            momentum: the local SGD momentum in [0, 1), with a buffer that
+                starts at zero each round.
         """
         local_steps = require_int("local_steps", local_steps, minimum=1)
         learning_rate = require_float(
             "learning_rate", learning_rate, minimum=0.0, exclusive_minimum=True
         )
+        momentum = require_float(
+            "momentum", momentum, minimum=0.0, maximum=1.0, exclusive_maximum=True
+        )
         local = _check_like("local weights", local_weights, self.global_weights)
-        scale = 1.0 / (local_steps * learning_rate)
+        scale = 1.0 / (_gradient_lengths(local_steps, momentum) * learning_rate)
         new_control = {
             key: self.site_control[key]
             - self.server_control[key]

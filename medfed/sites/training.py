@@ -15,6 +15,7 @@ batches and noise draws. Other models use Opacus' ``GradSampleModule``.
 """
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ from medfed.sites.fastdp import poisson_batches, private_gradient, supports_fast
 from medfed.sites.regularizers import apply_proximal_step
 
 __all__ = [
+    "GradientCorrection",
     "LocalTrainingSettings",
     "TrainingResult",
     "dp_steps_per_epoch",
@@ -84,6 +86,10 @@ def dp_steps_per_epoch(records: int, batch_size: int) -> int:
     return int(1 / dp_sample_rate(records, batch_size))
 
 
+GradientCorrection = Callable[[nn.Module], None]
+"""Changes ``p.grad`` of the model's parameters in place before each SGD step."""
+
+
 def train_locally(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -91,6 +97,7 @@ def train_locally(
     settings: LocalTrainingSettings,
     *,
     seed: int,
+    correct_gradients: GradientCorrection | None = None,
 ) -> TrainingResult:
     """Train ``model`` in place on a site's training split.
 
@@ -99,9 +106,21 @@ def train_locally(
         inputs: features or images, first dimension = records.
         labels: float labels in {0, 1}, shape (records,).
         seed: seeds batch sampling and DP noise for this site and round.
+        correct_gradients: called with ``model`` once each step's gradient is
+            final and before the optimizer uses it (SCAFFOLD's correction).
+            Under DP that is after clipping, noise and scaling, so the
+            correction must not depend on this round's records: then it is
+            post-processing and the privacy guarantee is unchanged.
     """
     if settings.private and supports_fast_dp(model):
-        return _train_fast_dp(model, inputs, labels, settings, seed=seed)
+        return _train_fast_dp(
+            model,
+            inputs,
+            labels,
+            settings,
+            seed=seed,
+            correct_gradients=correct_gradients,
+        )
     dataset = TensorDataset(inputs, labels)
     sampling = torch.Generator().manual_seed(seed)
     augmenting = torch.Generator().manual_seed(seed + 2)
@@ -150,7 +169,7 @@ def train_locally(
                     batch_inputs = settings.augmentation(batch_inputs, augmenting)
                 loss = loss_function(trained(batch_inputs), batch_labels)
             loss.backward()
-            optimizer.step()
+            _optimizer_step(optimizer, model, correct_gradients)
             if settings.proximal_mu:
                 apply_proximal_step(
                     model,
@@ -172,6 +191,7 @@ def _train_fast_dp(
     settings: LocalTrainingSettings,
     *,
     seed: int,
+    correct_gradients: GradientCorrection | None = None,
 ) -> TrainingResult:
     """Train with ``private_gradient``: Poisson batches, clip, noise, SGD step.
 
@@ -217,6 +237,8 @@ def _train_fast_dp(
                 expected_batch_size=settings.batch_size,
                 generator=noise,
             )
+            if correct_gradients is not None:
+                correct_gradients(model)
             optimizer.step()
             if settings.proximal_mu:
                 apply_proximal_step(
@@ -235,6 +257,27 @@ def _positive_weight(settings: LocalTrainingSettings) -> torch.Tensor | None:
     if settings.positive_weight is None:
         return None
     return torch.tensor(settings.positive_weight)
+
+
+def _optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    correct_gradients: GradientCorrection | None,
+) -> None:
+    """Take one step, applying ``correct_gradients`` to the final gradient."""
+    if correct_gradients is None:
+        optimizer.step()
+        return
+    if isinstance(optimizer, DPOptimizer):
+        # DPOptimizer.step() is pre_step() (clip, noise and scale p.grad) and
+        # then the wrapped SGD step (Opacus 1.6); the correction goes between
+        # them. pre_step() returns False when Opacus skips the step.
+        if optimizer.pre_step():
+            correct_gradients(model)
+            optimizer.original_optimizer.step()
+        return
+    correct_gradients(model)
+    optimizer.step()
 
 
 def _sgd(model: nn.Module, settings: LocalTrainingSettings) -> torch.optim.SGD:

@@ -78,11 +78,6 @@ def test_central_dp_total_sites_from_site_list() -> None:
         ),
         ({"name": "fedyogi", "params": {"tau": -1}}, "tau must be > 0.0, got -1"),
         (
-            {"name": "scaffold"},
-            "strategy 'scaffold' cannot run in a study yet: the site runner does "
-            "not yet send control deltas",
-        ),
-        (
             {"name": "fedavg", "wrappers": [{"name": "median", "extra": 1}]},
             "extra",
         ),
@@ -122,3 +117,52 @@ def test_masking_accepts_server_optimizer() -> None:
     raw = config_with({"name": "fedadam", "params": {"tau": 0.01}})
     raw["secure_aggregation"] = "masking"
     assert parse_study_config(raw).strategy.name == "fedadam"
+
+
+@pytest.mark.parametrize("secure_aggregation", ["none", "masking"])
+def test_scaffold_accepted_in_study(secure_aggregation: str) -> None:
+    raw = config_with({"name": "scaffold"})
+    raw["secure_aggregation"] = secure_aggregation
+    config = parse_study_config(raw)
+    strategy = build_study_strategy(
+        config.strategy_settings(), secure_aggregation=secure_aggregation
+    )
+    assert strategy.site_extras == ("control_delta",)
+
+
+def test_local_layers_accepted_and_passed_on() -> None:
+    config = parse_study_config(
+        config_with({"name": "fedavg", "local_layers": ["linear.bias"]})
+    )
+    assert config.strategy.local_layers == ["linear.bias"]
+    assert config.strategy_settings()["local_layers"] == ["linear.bias"]
+
+
+def test_local_layers_match_resnet_group_norms() -> None:
+    raw = yaml.safe_load((CONFIGS / "pneumonia_nodp.yaml").read_text())
+    raw["strategy"] = {"name": "fedavg", "local_layers": ["*norm*"]}
+    config = parse_study_config(raw)
+    assert config.strategy.local_layers == ["*norm*"]
+
+
+@pytest.mark.parametrize(
+    ("local_layers", "message"),
+    [
+        (
+            ["linear.bias", "bn.*"],
+            "strategy.local_layers pattern 'bn.*' matches no parameter of model "
+            "'logistic_regression'; its parameters are [linear.bias, linear.weight]",
+        ),
+        (
+            ["linear.*"],
+            "strategy.local_layers ['linear.*'] match every parameter of model "
+            "'logistic_regression', so the sites would share nothing",
+        ),
+        ([""], "strategy.local_layers entries must be non-empty strings"),
+    ],
+)
+def test_local_layers_rejected(local_layers: list[str], message: str) -> None:
+    raw = config_with({"name": "fedavg", "local_layers": local_layers})
+    with pytest.raises(ConfigError) as error:
+        parse_study_config(raw)
+    assert message in str(error.value)

@@ -249,3 +249,44 @@ def test_local_patterns_reject_plain_string() -> None:
         ConfigError, match=r"must be a list of name patterns, got 'bn.*'"
     ):
         split_state_dict(STATE, "bn.*")
+
+
+def test_scaffold_control_update_with_momentum(tmp_path: Path) -> None:
+    # The loss g . w has the constant gradient g, so after K steps of SGD with
+    # momentum, (x - y) / (K_eff * lr) is exactly g and c_i_new = g.
+    gradient = torch.tensor([0.5, -2.0])
+    weights = nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([weights], lr=0.1, momentum=0.9)
+    for _ in range(5):
+        optimizer.zero_grad()
+        torch.sum(gradient * weights).backward()
+        optimizer.step()
+    global_weights = {"w": np.zeros(2, np.float32)}
+    scaffold = ScaffoldSite.load(tmp_path / "c.safetensors", global_weights, None)
+
+    new_control, _ = scaffold.control_update(
+        {"w": weights.detach().numpy()}, local_steps=5, learning_rate=0.1, momentum=0.9
+    )
+
+    np.testing.assert_allclose(new_control["w"], gradient.numpy(), rtol=1e-5)
+
+
+def test_scaffold_skips_uncorrected_layers(tmp_path: Path) -> None:
+    model = nn.Linear(2, 1)
+    global_weights = {"weight": np.zeros((1, 2), np.float32)}
+    server = {"weight": np.array([[1.0, 2.0]])}
+    scaffold = ScaffoldSite.load(
+        tmp_path / "c.safetensors", global_weights, server, uncorrected=["bias"]
+    )
+
+    scaffold.correct_gradients(model)
+
+    torch.testing.assert_close(model.weight.grad, torch.tensor([[1.0, 2.0]]))
+    assert model.bias.grad is None
+
+
+def test_scaffold_rejects_unknown_layer(tmp_path: Path) -> None:
+    global_weights = {"weight": np.zeros((1, 2), np.float32)}
+    scaffold = ScaffoldSite.load(tmp_path / "c.safetensors", global_weights, None)
+    with pytest.raises(ConfigError, match=r"model parameter 'bias' is not in"):
+        scaffold.correct_gradients(nn.Linear(2, 1))

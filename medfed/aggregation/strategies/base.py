@@ -120,6 +120,15 @@ class Strategy(ABC):
         """
         return False
 
+    @property
+    def site_extras(self) -> tuple[str, ...]:
+        """The extras groups each site must send with its delta.
+
+        Each group contains one tensor per uploaded model tensor, of the same
+        shape (SCAFFOLD's ``control_delta``).
+        """
+        return ()
+
     def aggregate(
         self, global_weights: Mapping[str, np.ndarray], updates: Sequence[SiteUpdate]
     ) -> Weights:

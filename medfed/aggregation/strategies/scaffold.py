@@ -1,10 +1,12 @@
 """SCAFFOLD: control variates against client drift (Karimireddy et al., 2020).
 
 The server keeps a control variate ``c`` (one array per parameter, the same
-shapes as the model) and publishes it next to the global model. Each site
-keeps its own ``c_i``, corrects every local gradient step by ``c - c_i`` and
-sends ``control_delta = c_i_new - c_i`` in ``SiteUpdate.extras`` (see
-``medfed.sites.scaffold``). The server then sets::
+shapes as the model) and publishes it next to the global model (the
+aggregation service serves it per model version, see
+``medfed.contract.extras``). Each site keeps its own ``c_i``, corrects every
+local gradient step by ``c - c_i`` and sends ``control_delta = c_i_new - c_i``
+in the same envelope as its delta, which the service hands over as
+``SiteUpdate.extras`` (see ``medfed.sites.scaffold``). The server then sets::
 
     x = x + server_learning_rate * weighted_mean(delta)
     c = c + (participating sites / total_sites) * mean(control_delta)
@@ -63,6 +65,10 @@ class Scaffold(Strategy):
             exclusive_minimum=True,
         )
         self._control: dict[str, np.ndarray] = {}
+
+    @property
+    def site_extras(self) -> tuple[str, ...]:
+        return (CONTROL_DELTA,)
 
     def aggregate_sum(
         self, global_weights: Mapping[str, np.ndarray], summed: UpdateSum

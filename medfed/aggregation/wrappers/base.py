@@ -68,6 +68,10 @@ class StrategyWrapper(Strategy):
     def uniform_weighting(self) -> bool:
         return self.inner.uniform_weighting
 
+    @property
+    def site_extras(self) -> tuple[str, ...]:
+        return self.inner.site_extras
+
     def aggregate(
         self, global_weights: Mapping[str, np.ndarray], updates: Sequence[SiteUpdate]
     ) -> Weights:
