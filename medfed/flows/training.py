@@ -194,6 +194,8 @@ class _Coordinator:
         self.train_records: dict[str, int] = {}
         #: Per round run in this process: sites asked, sites uploaded, outcome.
         self.participants: list[dict[str, Any]] = []
+        #: Bytes each site uploaded and downloaded in its accepted rounds here.
+        self.traffic: dict[str, dict[str, int]] = {}
         #: Score from which a record counts as positive in reported accuracy.
         self.threshold = 0.5
         self.refusals: list[dict[str, Any]] = []
@@ -391,6 +393,9 @@ class _Coordinator:
             else:
                 reports[site] = outcome
                 self.last_reports[site] = outcome
+                totals = self.traffic.setdefault(site, {"uploaded": 0, "downloaded": 0})
+                totals["uploaded"] += int(outcome["bytes_uploaded"])
+                totals["downloaded"] += int(outcome["bytes_downloaded"])
 
         status = client.finalize(self.config.study, round_number, absent=absent)
         if status["state"] == "open" and "ckks" in status:
@@ -557,6 +562,8 @@ class _Coordinator:
                         "epsilon_spent"
                     ),
                     "train_records": prepared[site]["train_records"],
+                    "bytes_uploaded": self.traffic.get(site, {}).get("uploaded", 0),
+                    "bytes_downloaded": self.traffic.get(site, {}).get("downloaded", 0),
                 }
                 for site in self.sites
             },

@@ -41,6 +41,9 @@ def test_half_participation_asks_chosen_sites(tmp_path: Path) -> None:
         assert entry["asked"] == chosen
         assert entry["uploaded"] == chosen
         assert entry["state"] == "finalized"
+    asked = {site for entry in summary["participants"] for site in entry["asked"]}
+    for site, info in summary["sites"].items():
+        assert (info["bytes_uploaded"] > 0) == (site in asked)
 
 
 def test_quorum_default_is_majority_of_chosen() -> None:

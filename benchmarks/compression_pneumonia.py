@@ -1,0 +1,139 @@
+"""Test AUC against bytes uploaded for each codec on the pneumonia study.
+
+Runs the five-site PneumoniaMNIST study (``configs/pneumonia_nodp.yaml``
+without DP, ``configs/pneumonia.yaml`` with DP-SGD at epsilon 8 per site)
+once per codec: fp32, fp16, int8, top-k 10% and top-k 1%, the lossy codecs
+with error feedback. Each run is a real ``medfed run`` (Prefect flow,
+aggregation service on 127.0.0.1, MLflow). For each run it records the pooled
+test AUC and accuracy, the bytes every site uploaded over the study, and the
+ratio of fp32's bytes to the codec's. Results go to
+``benchmarks/results/compression_pneumonia.json``; the encode and decode
+throughput of each codec is measured by ``benchmarks/codec_throughput.py``.
+
+Run: ``python benchmarks/compression_pneumonia.py [--privacy off on]
+[--codecs fp32 topk1] [--rounds N]``
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "compression_pneumonia.json"
+CONFIGS = {"off": "configs/pneumonia_nodp.yaml", "on": "configs/pneumonia.yaml"}
+CODECS: dict[str, dict[str, Any]] = {
+    "fp32": {"codec": "fp32"},
+    "fp16": {"codec": "fp16"},
+    "int8": {"codec": "int8"},
+    "topk10": {"codec": "topk", "params": {"fraction": 0.1}},
+    "topk1": {"codec": "topk", "params": {"fraction": 0.01}},
+}
+#: The target: at least this many times fewer bytes than fp32 ...
+TARGET_RATIO = 10.0
+#: ... at no more than this loss of test AUC.
+TARGET_AUC_LOSS = 0.01
+
+
+def run_one(
+    privacy: str, codec: str, work_root: Path, rounds: int | None
+) -> dict[str, Any]:
+    raw = yaml.safe_load((ROOT / CONFIGS[privacy]).read_text(encoding="utf-8"))
+    raw["study"] = f"{raw['study']}-{codec}"
+    raw["compression"] = CODECS[codec]
+    if rounds is not None:
+        raw["training"]["rounds"] = rounds
+    work = work_root / f"{privacy}-{codec}"
+    work.mkdir(parents=True, exist_ok=True)
+    config_path = work / "config.yaml"
+    config_path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    summary_path = work / "summary.json"
+
+    started = time.monotonic()
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from medfed.cli import main; main()",
+            "run",
+            str(config_path),
+            "--summary-json",
+            str(summary_path),
+            "--work-dir",
+            str(work / "state"),
+        ],
+        cwd=ROOT,
+        check=True,
+    )
+    wall = time.monotonic() - started
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    sites = summary["sites"]
+    return {
+        "config": CONFIGS[privacy],
+        "compression": CODECS[codec],
+        "rounds": summary["rounds"],
+        "test_auc": summary["pooled_test_auc"],
+        "test_accuracy": summary["pooled_test_accuracy"],
+        "bytes_uploaded": sum(info["bytes_uploaded"] for info in sites.values()),
+        "bytes_uploaded_per_site": {
+            site: info["bytes_uploaded"] for site, info in sites.items()
+        },
+        "max_epsilon_spent": max(
+            (info["epsilon_spent"] or 0.0 for info in sites.values()), default=0.0
+        ),
+        "wall_seconds": wall,
+    }
+
+
+def compare(results: dict[str, dict[str, Any]]) -> None:
+    """Add each codec's byte ratio and AUC loss against fp32 of the same privacy."""
+    for privacy in CONFIGS:
+        baseline = results.get(f"{privacy}-fp32")
+        if baseline is None:
+            continue
+        for key, result in results.items():
+            if not key.startswith(f"{privacy}-"):
+                continue
+            ratio = baseline["bytes_uploaded"] / max(result["bytes_uploaded"], 1)
+            loss = baseline["test_auc"] - result["test_auc"]
+            result["bytes_ratio_vs_fp32"] = ratio
+            result["auc_loss_vs_fp32"] = loss
+            result["meets_target"] = ratio >= TARGET_RATIO and loss <= TARGET_AUC_LOSS
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--privacy", nargs="+", choices=sorted(CONFIGS), default=["off", "on"]
+    )
+    parser.add_argument(
+        "--codecs", nargs="+", choices=list(CODECS), default=list(CODECS)
+    )
+    parser.add_argument("--rounds", type=int, help="override training.rounds")
+    parser.add_argument(
+        "--work-root", type=Path, default=ROOT / ".medfed" / "bench-compression"
+    )
+    args = parser.parse_args()
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    for privacy in args.privacy:
+        for codec in args.codecs:
+            results[f"{privacy}-{codec}"] = run_one(
+                privacy, codec, args.work_root, args.rounds
+            )
+            compare(results)
+            RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+            print(
+                json.dumps(
+                    {f"{privacy}-{codec}": results[f"{privacy}-{codec}"]}, indent=2
+                )
+            )
+
+
+if __name__ == "__main__":
+    main()
