@@ -52,9 +52,16 @@ def configure(
     level = logging.INFO if verbose else logging.WARNING
     if not verbose:
         # Library hints a study lead cannot act on: Opacus' note on the RDP
-        # order range (the PRV accountant's bound stays valid) and MLflow's
-        # suggestion to type-annotate the model-from-code's predict method.
+        # order range (the PRV accountant's bound stays valid), numpy's
+        # divide-by-zero inside the PRV accountant (np.where evaluates both
+        # branches and keeps the finite one) and MLflow's suggestion to
+        # type-annotate the model-from-code's predict method.
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        warnings.filterwarnings(
+            "ignore",
+            category=RuntimeWarning,
+            module=r"opacus\.accountants\.analysis\.prv",
+        )
         warnings.filterwarnings(
             "ignore", message=".*type hints to the `predict` method"
         )
