@@ -134,6 +134,15 @@ def run(
     elif work_dir is None:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         work_dir = runs / f"{config.study}-{stamp}"
+    if work_dir.exists() and not work_dir.is_dir():
+        raise ConfigError(
+            f"--work-dir {work_dir} is a file; pass a folder for the study's state"
+        )
+    if resume and not (work_dir / "coordinator.json").exists():
+        raise ConfigError(
+            f"no earlier run of study {config.study!r} in {work_dir}; pass the "
+            "--work-dir of that run, or leave out --resume to start a new one"
+        )
     work_dir.mkdir(parents=True, exist_ok=True)
 
     from medfed.flows.training import run_study
@@ -173,9 +182,22 @@ def run(
     _print_summary(summary)
     if summary_json is not None:
         summary_json.parent.mkdir(parents=True, exist_ok=True)
+        # JSON has no NaN: an AUC over one class is written as null.
         summary_json.write_text(
-            json.dumps(summary, indent=2, sort_keys=True), encoding="utf-8"
+            json.dumps(_without_nan(summary), indent=2, sort_keys=True),
+            encoding="utf-8",
         )
+
+
+def _without_nan(value: Any) -> Any:
+    """Return ``value`` with every float NaN replaced by None, recursively."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _without_nan(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_without_nan(item) for item in value]
+    return value
 
 
 @app.command("serve-aggregator")

@@ -103,3 +103,43 @@ def test_run_prints_table_and_summary(tmp_path: Path) -> None:
     for values in summary["sites"].values():
         assert {"test_accuracy", "epsilon_spent", "train_records"} <= set(values)
     assert (tmp_path / "mlflow.db").exists()
+
+
+def test_work_dir_file_is_one_line(tmp_path: Path) -> None:
+    occupied = tmp_path / "state"
+    occupied.write_text("not a folder")
+
+    result = run_medfed(
+        "run",
+        str(CONFIGS / "heart_disease_nodp.yaml"),
+        "--work-dir",
+        str(occupied),
+        cwd=tmp_path,
+    )
+
+    assert result.returncode == 2
+    assert f"--work-dir {occupied} is a file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_resume_without_earlier_run_rejected(tmp_path: Path) -> None:
+    result = run_medfed(
+        "run",
+        str(CONFIGS / "heart_disease_nodp.yaml"),
+        "--resume",
+        "--work-dir",
+        str(tmp_path / "empty"),
+        cwd=tmp_path,
+    )
+
+    assert result.returncode == 2
+    assert "leave out --resume to start a new one" in result.stderr
+    assert not (tmp_path / "empty").exists()
+
+
+def test_nan_written_as_null() -> None:
+    from medfed.cli import _without_nan
+
+    cleaned = _without_nan({"auc": float("nan"), "sites": [{"auc": 0.5}]})
+
+    assert cleaned == {"auc": None, "sites": [{"auc": 0.5}]}

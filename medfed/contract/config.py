@@ -108,9 +108,10 @@ class TrainingConfig(_Strict):
             reveals nothing about any site.
     """
 
-    rounds: int = Field(ge=1, le=100_000)
-    local_epochs: int = Field(default=1, ge=1, le=1000)
-    batch_size: int = Field(default=16, ge=1, le=1_000_000)
+    # Strict, so that YAML's true is not read as one round.
+    rounds: int = Field(ge=1, le=100_000, strict=True)
+    local_epochs: int = Field(default=1, ge=1, le=1000, strict=True)
+    batch_size: int = Field(default=16, ge=1, le=1_000_000, strict=True)
     learning_rate: float = Field(gt=0, le=100)
     learning_schedule: Literal["constant", "cosine"] = "constant"
     momentum: float = Field(default=0.0, ge=0, lt=1)

@@ -257,6 +257,12 @@ class _Coordinator:
         first_round, uploaded = _resume_point(status["latest_round"])
         if status["latest_round"] and status["latest_round"]["state"] == "finalized":
             self.last_round = int(status["latest_round"]["round"])
+        if first_round >= self.config.training.rounds:
+            raise MedfedError(
+                f"study {self.config.study!r} already finished all "
+                f"{self.config.training.rounds} rounds in {self.work_dir}; there is "
+                "nothing to resume, so leave out --resume to start a new run"
+            )
         if first_round > 0:
             logger.info("resuming study %s at round %d", self.config.study, first_round)
 
