@@ -61,7 +61,12 @@ class LocalAggregationService:
                     f"see {self.state_dir / 'service.log'}"
                 )
             try:
-                if httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200:
+                if (
+                    httpx.get(
+                        f"{self.url}/health", timeout=1.0, trust_env=False
+                    ).status_code
+                    == 200
+                ):
                     logger.info("aggregation service listening on %s", self.url)
                     return
             except httpx.HTTPError:

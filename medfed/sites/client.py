@@ -1,10 +1,12 @@
 """HTTP client of the aggregation service, used by sites and the coordinator."""
 
+import ipaddress
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -39,6 +41,21 @@ class EncryptedSum:
     size: int
 
 
+def is_loopback_url(url: str) -> bool:
+    """Return True when ``url`` names this machine (localhost or a loopback IP).
+
+    Clients of such URLs ignore HTTP(S)_PROXY, because a hospital's proxy
+    cannot reach the local aggregation service on this machine.
+    """
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class AggregationClient:
     """Calls the aggregation service's ``/v1`` API.
 
@@ -58,7 +75,9 @@ class AggregationClient:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._http = http_client or httpx.Client(
-            base_url=self.base_url, timeout=timeout
+            base_url=self.base_url,
+            timeout=timeout,
+            trust_env=not is_loopback_url(self.base_url),
         )
 
     @classmethod
@@ -74,6 +93,7 @@ class AggregationClient:
             base_url=base_url.rstrip("/"),
             timeout=timeout,
             verify=client_ssl_context(kit_dir),
+            trust_env=not is_loopback_url(base_url),
         )
         return cls(base_url, timeout=timeout, http_client=http_client)
 

@@ -28,6 +28,7 @@ from medfed.contract.secagg import (
 )
 from medfed.contract.wire import encode_envelope
 from medfed.errors import ServiceError
+from medfed.sites.client import is_loopback_url
 
 __all__ = ["MaskingClient", "MaskingRoundCost"]
 
@@ -117,7 +118,9 @@ class MaskingClient:
         self.poll_interval = poll_interval
         self._owns_http = http_client is None
         self._http = http_client or httpx.Client(
-            base_url=self.base_url, timeout=timeout
+            base_url=self.base_url,
+            timeout=timeout,
+            trust_env=not is_loopback_url(self.base_url),
         )
 
     def close(self) -> None:
