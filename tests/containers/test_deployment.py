@@ -7,6 +7,7 @@ on this machine and reaches them over loopback, as a coordinator would.
 
 import json
 import os
+import shlex
 import ssl
 import subprocess
 import sys
@@ -19,7 +20,12 @@ import httpx
 import pytest
 
 from medfed.contract.kits import COORDINATOR_KIT, KitFiles, client_ssl_context
-from medfed.deploy import IMAGE_ROLES, DeploymentSettings, RunningDeployment
+from medfed.deploy import (
+    IMAGE_ROLES,
+    REPOSITORY_ROOT,
+    DeploymentSettings,
+    RunningDeployment,
+)
 from medfed.flows.deployments import site_pool_name
 
 from .support import HEART_SITES, TIMINGS, write_study_config
@@ -201,6 +207,79 @@ def test_aggregation_requires_client_certificate(
             deployment.aggregation_url.replace("https://", "http://") + "/health",
             timeout=10,
         ).raise_for_status()
+
+
+# The README's site command
+
+
+def readme_site_command() -> list[str]:
+    """Return the arguments of the README's ``docker run`` for one site."""
+    readme = (REPOSITORY_ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Deploy at a hospital", 1)[1].split("\n## ", 1)[0]
+    block = section.split("docker run", 1)[1].split("\n\n", 1)[0]
+    return shlex.split(block.replace("\\\n", " "))
+
+
+def _options(arguments: list[str], flag: str) -> list[str]:
+    return [arguments[i + 1] for i, value in enumerate(arguments) if value == flag]
+
+
+def test_readme_site_command_matches_tier(
+    engine: Any, deployment: RunningDeployment, settings: DeploymentSettings
+) -> None:
+    command = readme_site_command()
+    site = "cleveland"
+    container = engine.containers.get(settings.container_name("site", site))
+
+    def run(*arguments: str) -> str:
+        result = container.exec_run(list(arguments))
+        assert result.exit_code == 0, (arguments, result.output)
+        return str(result.output.decode())
+
+    # Process 1 is the container's worker, started with the container's options.
+    status = run("cat", "/proc/1/status")
+    mounts = {
+        fields[1]: fields[3].split(",")
+        for fields in (line.split() for line in run("cat", "/proc/mounts").splitlines())
+    }
+    environment = dict(
+        line.split("=", 1) for line in run("env").splitlines() if "=" in line
+    )
+    readme_environment = dict(value.split("=", 1) for value in _options(command, "-e"))
+    readme_volumes = {
+        value.split(":")[1]: value.split(":")[2:] for value in _options(command, "-v")
+    }
+
+    assert "--read-only" in command
+    assert "ro" in mounts["/"]
+    assert _options(command, "--tmpfs") == ["/tmp:rw,size=256m"]
+    assert "rw" in mounts["/tmp"]
+    assert "size=262144k" in mounts["/tmp"]
+    assert _options(command, "--cap-drop") == ["ALL"]
+    assert "CapEff:\t0000000000000000" in status
+    assert _options(command, "--security-opt") == ["no-new-privileges"]
+    assert "NoNewPrivs:\t1" in status
+    assert not {"-p", "--publish", "-P"} & set(command)
+
+    assert set(readme_environment) == {
+        "MEDFED_SITE_ID",
+        "MEDFED_KIT_DIR",
+        "PREFECT_API_URL",
+    }
+    assert readme_environment["MEDFED_SITE_ID"] == environment["MEDFED_SITE_ID"]
+    assert readme_environment["MEDFED_KIT_DIR"] == environment["MEDFED_KIT_DIR"]
+    assert "PREFECT_API_URL" in environment
+
+    data_file = f"/data/heart-disease/{HEART_SITES[site]}"
+    assert readme_volumes == {
+        data_file: ["ro"],
+        "/run/secrets/medfed": ["ro"],
+        "/state": [],
+    }
+    assert "ro" in mounts[data_file]
+    assert "ro" in mounts["/run/secrets/medfed"]
+    assert "rw" in mounts["/state"]
+    assert command[-1].split(":")[0].endswith("medfed-site")
 
 
 # A study through the work pools
