@@ -1,5 +1,5 @@
-"""The aggregation image installs no torch, Opacus, Prefect or MLflow, so the
-service must start without importing them."""
+"""The aggregation image installs no torch, Opacus, Prefect, MLflow or MONAI,
+so the service must start without importing them."""
 
 import os
 import subprocess

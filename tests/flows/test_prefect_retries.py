@@ -1,8 +1,8 @@
 """Retries of the coordinator's Prefect API calls in deployment mode.
 
-A loaded Prefect server answering 5xx cannot be produced on demand, so a
-small HTTP server on 127.0.0.1 stands in for it and answers a scripted list
-of status codes; the requests and the retry logic are real.
+A loaded Prefect server that returns 5xx cannot be produced on demand, so a
+small HTTP server on 127.0.0.1 replaces it and returns a scripted list of
+status codes. The requests and the retry logic are real.
 """
 
 import logging
@@ -18,7 +18,7 @@ from medfed.flows.deployments import PREFECT_API_ATTEMPTS, call_prefect_api
 
 
 class _ScriptedServer:
-    """Answer each request with the next status code of ``statuses``."""
+    """Respond to each request with the next status code of ``statuses``."""
 
     def __init__(self, statuses: list[int]) -> None:
         self.statuses = statuses
