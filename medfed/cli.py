@@ -109,6 +109,14 @@ def run(
             "and aggregation.url",
         ),
     ] = False,
+    kit_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--kit-dir",
+            help="the coordinator's startup kit from medfed provision; the flow "
+            "then calls the aggregation.url service over mutual TLS",
+        ),
+    ] = None,
 ) -> None:
     """Run a study and print per-site and pooled results.
 
@@ -122,6 +130,11 @@ def run(
         raise ConfigError(
             "--deployed-sites needs aggregation.url in the study config: the URL "
             "at which the sites reach the aggregation service"
+        )
+    if kit_dir is not None and not config.aggregation.url:
+        raise ConfigError(
+            "--kit-dir needs aggregation.url in the study config: the kit "
+            "authenticates the coordinator to that service"
         )
     runs = Path(".medfed") / "runs"
     if work_dir is None and resume:
@@ -176,6 +189,7 @@ def run(
             listener=on_round,
             resume=resume,
             deployed_sites=deployed_sites,
+            kit_dir=kit_dir,
         )
     summary["wall_seconds"] = time.monotonic() - started
     summary["work_dir"] = str(work_dir)
@@ -308,7 +322,17 @@ def deploy(
     ] = None,
     keys_dir: Annotated[
         Path | None,
-        typer.Option(help="folder with one keys folder per site id, mounted read-only"),
+        typer.Option(
+            help="folder with one keys folder per site id (site-<id> or <id>), "
+            "mounted read-only; default --kits-dir"
+        ),
+    ] = None,
+    kits_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="folder that medfed provision wrote; the aggregation service "
+            "then requires mutual TLS with its kit and each site mounts its kit"
+        ),
     ] = None,
     remove_volumes: Annotated[
         bool,
@@ -340,6 +364,7 @@ def deploy(
             prefect=prefect_port, mlflow=mlflow_port, aggregation=aggregation_port
         ),
         base_image=base_image,
+        kits_dir=kits_dir,
     )
     running = deploy_up(
         config_path,
@@ -370,14 +395,15 @@ def _print_summary(summary: dict[str, Any]) -> None:
     for site, values in summary["sites"].items():
         table.add_row(
             site,
-            str(values["train_records"]),
+            "-" if values["train_records"] is None else str(values["train_records"]),
             _number(values["test_accuracy"]),
             _number(values["test_auc"]),
             _number(values["epsilon_spent"]),
         )
     table.add_row(
         "[bold]pooled",
-        str(sum(v["train_records"] for v in summary["sites"].values())),
+        # A site that could not prepare its data has no record count.
+        str(sum(v["train_records"] or 0 for v in summary["sites"].values())),
         _number(summary["pooled_test_accuracy"]),
         _number(summary["pooled_test_auc"]),
         "",

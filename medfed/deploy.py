@@ -6,6 +6,12 @@ tracking server, aggregation service), starts one site container per study
 site and registers each site's work pool and ``site_round`` deployment.
 ``deploy_down`` stops and removes what ``deploy_up`` started.
 
+With the startup kits from ``medfed provision`` (``DeploymentSettings.kits_dir``)
+the aggregation service runs with its kit: it serves HTTPS, requires client
+certificates from the study CA and checks every update's signature. Each
+site container then mounts its own kit, and the coordinator's flow must
+connect with the coordinator kit (``medfed run --kit-dir``).
+
 Every container and volume created here carries the label
 ``io.medfed.deployment=<name>``, and ``deploy_down`` selects by that label
 only, so it never touches other containers on the same engine. Volumes hold
@@ -18,7 +24,10 @@ Any engine that serves the Docker Engine API works: Docker, or podman's
 """
 
 import logging
+import os
 import shutil
+import ssl
+import stat
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +37,7 @@ from typing import Any
 import httpx
 
 from medfed.contract.config import StudyConfig, load_study_config
+from medfed.contract.kits import AGGREGATION_KIT, KitFiles, site_kit_name
 from medfed.errors import ConfigError, DeployError
 from medfed.sites.data.root import resolve_data_root
 
@@ -45,6 +55,7 @@ __all__ = [
     "deploy_down",
     "deploy_up",
     "prepare_build_context",
+    "require_readable_kit",
     "site_container_specs",
     "start_coordinator",
     "start_site",
@@ -66,6 +77,10 @@ BUILD_INPUTS = Path("images") / "build-inputs"
 SITE_DATA_DIR = "/data"
 SITE_KEYS_DIR = "/run/secrets/medfed"
 STATE_DIR = "/state"
+
+#: User and group id of the ``medfed`` user in every image; mounted kits must
+#: be readable by it.
+IMAGE_USER_ID = 10001
 
 #: Folder of each dataset below the data root, as the site loaders read it.
 _DATASET_FOLDERS = {"heart_disease": "heart-disease"}
@@ -97,6 +112,11 @@ class DeploymentSettings:
         network_mode: Docker network mode of every container and build.
         worker_poll_seconds: how often a site's Prefect worker polls its pool.
         startup_timeout: seconds to wait for each service's health check.
+        kits_dir: the folder that ``medfed provision`` wrote (``aggregation``,
+            ``coordinator``, ``site-<id>``). With it the aggregation service
+            serves HTTPS with mutual TLS from its kit, and each site mounts
+            its own kit. Without it the service serves plain HTTP and
+            accepts unsigned updates, so it is only safe on loopback.
     """
 
     name: str = "medfed"
@@ -108,6 +128,7 @@ class DeploymentSettings:
     network_mode: str = "host"
     worker_poll_seconds: float = 5.0
     startup_timeout: float = 180.0
+    kits_dir: Path | None = None
 
     def image(self, role: str) -> str:
         return f"{self.image_prefix}-{role}:{self.image_tag}"
@@ -125,7 +146,13 @@ class DeploymentSettings:
 
     @property
     def aggregation_url(self) -> str:
-        return f"http://{self.host}:{self.ports.aggregation}"
+        scheme = "http" if self.kits_dir is None else "https"
+        return f"{scheme}://{self.host}:{self.ports.aggregation}"
+
+    @property
+    def aggregation_kit(self) -> Path | None:
+        """The aggregation service's kit below ``kits_dir``, if kits are used."""
+        return None if self.kits_dir is None else self.kits_dir / AGGREGATION_KIT
 
 
 @dataclass(frozen=True)
@@ -148,7 +175,11 @@ class SiteContainerSpec:
 
 @dataclass
 class RunningDeployment:
-    """URLs of the started services and the names of their containers."""
+    """URLs of the started services and the names of their containers.
+
+    ``kits_dir`` is the provisioned kits folder the deployment uses, or None
+    when the aggregation service runs without mutual TLS.
+    """
 
     name: str
     prefect_api_url: str
@@ -156,6 +187,7 @@ class RunningDeployment:
     aggregation_url: str
     containers: dict[str, str] = field(default_factory=dict)
     deployments: dict[str, str] = field(default_factory=dict)
+    kits_dir: Path | None = None
 
 
 def connect(base_url: str | None = None) -> Any:
@@ -305,8 +337,15 @@ def start_coordinator(client: Any, settings: DeploymentSettings) -> dict[str, st
             f"{settings.aggregation_url}/health",
         ),
     }  # fmt: skip
+    kit = settings.aggregation_kit
+    if kit is not None:
+        require_readable_kit(kit)
+        commands["aggregation"][1].extend(["--kit-dir", SITE_KEYS_DIR])
     names = {}
     for role, (image_role, command, _) in commands.items():
+        volumes = {_volume(client, settings, role): {"bind": STATE_DIR, "mode": "rw"}}
+        if role == "aggregation" and kit is not None:
+            volumes[str(kit)] = {"bind": SITE_KEYS_DIR, "mode": "ro"}
         names[role] = _run_container(
             client,
             settings,
@@ -314,12 +353,18 @@ def start_coordinator(client: Any, settings: DeploymentSettings) -> dict[str, st
             image=settings.image(image_role),
             command=command,
             environment={"PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
-            volumes={
-                _volume(client, settings, role): {"bind": STATE_DIR, "mode": "rw"}
-            },
+            volumes=volumes,
         )
+    # The health check only authenticates the service, with the study CA.
+    verify: ssl.SSLContext | bool = (
+        True
+        if kit is None
+        else ssl.create_default_context(cafile=str(kit / KitFiles.CA_CERT))
+    )
     for role, (_, _, health_url) in commands.items():
-        _wait_until_healthy(client, names[role], health_url, settings.startup_timeout)
+        _wait_until_healthy(
+            client, names[role], health_url, settings.startup_timeout, verify=verify
+        )
     return names
 
 
@@ -346,6 +391,7 @@ def start_site(
         "PREFECT_WORKER_QUERY_SECONDS": str(settings.worker_poll_seconds),
     }
     if spec.keys_dir is not None:
+        require_readable_kit(spec.keys_dir)
         volumes[str(spec.keys_dir)] = {"bind": SITE_KEYS_DIR, "mode": "ro"}
         # The site signs its uploads and authenticates with this startup kit.
         environment["MEDFED_KIT_DIR"] = SITE_KEYS_DIR
@@ -370,8 +416,10 @@ def site_container_specs(
 ) -> list[SiteContainerSpec]:
     """Derive each site's mounts from the study config.
 
-    Each site gets only its own source file. ``keys_root/<site_id>`` is
-    mounted as the site's keys when it exists.
+    Each site gets only its own source file. The site's keys are
+    ``keys_root/site-<site_id>`` (the layout ``medfed provision`` writes) or
+    else ``keys_root/<site_id>``, whichever exists first; a site without
+    either runs without keys.
 
     Raises:
         ConfigError: the dataset has no per-site files, a site names no
@@ -397,12 +445,15 @@ def site_container_specs(
                 "MEDFED_DATA_DIR or data.root to the folder that contains "
                 f"{folder}/"
             )
-        keys = keys_root / site.id if keys_root is not None else None
+        keys = None
+        if keys_root is not None:
+            candidates = (keys_root / site_kit_name(site.id), keys_root / site.id)
+            keys = next((path for path in candidates if path.is_dir()), None)
         specs.append(
             SiteContainerSpec(
                 site_id=site.id,
                 data_files={path: f"{folder}/{site.source}"},
-                keys_dir=keys if keys is not None and keys.is_dir() else None,
+                keys_dir=keys,
             )
         )
     return specs
@@ -426,7 +477,8 @@ def deploy_up(
         settings: names, ports and images; defaults to ``DeploymentSettings()``.
         data_root: host folder with the datasets; resolved like the sites do
             (``data.root``, ``MEDFED_DATA_DIR``, ``../shared/data``) when None.
-        keys_root: host folder with one keys folder per site id.
+        keys_root: host folder with one keys folder per site id; defaults to
+            ``settings.kits_dir``.
         build: build the images first; False reuses existing images.
         ca_bundle: extra CA bundle for pip during the builds.
         torch_wheel: a local torch wheel to install instead of downloading it.
@@ -440,7 +492,16 @@ def deploy_up(
 
     settings = settings or DeploymentSettings()
     config = load_study_config(config_path)
-    specs = site_container_specs(config, data_root=data_root, keys_root=keys_root)
+    specs = site_container_specs(
+        config, data_root=data_root, keys_root=keys_root or settings.kits_dir
+    )
+    if settings.kits_dir is not None:
+        missing = [spec.site_id for spec in specs if spec.keys_dir is None]
+        if missing:
+            raise ConfigError(
+                f"kits folder {settings.kits_dir} has no kit for sites {missing}; "
+                "run medfed provision with this study config"
+            )
     client = client or connect()
     if build:
         prepare_build_context(
@@ -452,6 +513,7 @@ def deploy_up(
         prefect_api_url=settings.prefect_api_url,
         mlflow_url=settings.mlflow_url,
         aggregation_url=settings.aggregation_url,
+        kits_dir=settings.kits_dir,
     )
     running.containers.update(start_coordinator(client, settings))
     # Pools and deployments exist before the workers start, so each worker
@@ -567,7 +629,12 @@ def _volume(
 
 
 def _wait_until_healthy(
-    client: Any, container_name: str, url: str, timeout: float
+    client: Any,
+    container_name: str,
+    url: str,
+    timeout: float,
+    *,
+    verify: ssl.SSLContext | bool = True,
 ) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -578,7 +645,7 @@ def _wait_until_healthy(
                 + _log_tail(container)
             )
         try:
-            if httpx.get(url, timeout=2.0).status_code == 200:
+            if httpx.get(url, timeout=2.0, verify=verify).status_code == 200:
                 logger.info("container %s is healthy at %s", container_name, url)
                 return
         except httpx.HTTPError:
@@ -592,6 +659,43 @@ def _wait_until_healthy(
 
 def _log_tail(container: Any, lines: int = 20) -> str:
     return str(container.logs(tail=lines).decode("utf-8", errors="replace"))
+
+
+def require_readable_kit(kit_dir: Path) -> None:
+    """Check that the images' ``medfed`` user can read every file of a kit.
+
+    Kits hold private keys with mode 0600, and a bind mount keeps the host's
+    owners, so the kit's owner must be uid 10001 (or its files readable by
+    group 10001 or by everyone).
+
+    Raises:
+        ConfigError: the kit is missing or a file or folder of it is not
+            readable by uid 10001; the message names the fix.
+    """
+    if not (kit_dir / KitFiles.CA_CERT).is_file():
+        raise ConfigError(
+            f"{kit_dir} is not a startup kit (no {KitFiles.CA_CERT}); pass a kit "
+            "folder that medfed provision wrote"
+        )
+    for folder, _, files in os.walk(kit_dir):
+        for path in [Path(folder), *(Path(folder) / name for name in files)]:
+            if not _readable_by_image_user(path):
+                raise ConfigError(
+                    f"{path} is not readable by uid {IMAGE_USER_ID}, the user the "
+                    f"medfed images run as; run 'chown -R {IMAGE_USER_ID}:"
+                    f"{IMAGE_USER_ID} {kit_dir}' (keep its modes) before deploying"
+                )
+
+
+def _readable_by_image_user(path: Path) -> bool:
+    info = path.stat()
+    # A folder needs read and search permission, a file read permission.
+    needed = 0o5 if stat.S_ISDIR(info.st_mode) else 0o4
+    if info.st_uid == IMAGE_USER_ID:
+        return (info.st_mode >> 6) & needed == needed
+    if info.st_gid == IMAGE_USER_ID:
+        return (info.st_mode >> 3) & needed == needed
+    return info.st_mode & needed == needed
 
 
 def _require_file(path: Path, what: str) -> None:

@@ -8,9 +8,16 @@ from pathlib import Path
 import pytest
 
 from medfed.contract.config import load_study_config, parse_study_config
-from medfed.deploy import connect, prepare_build_context, site_container_specs
+from medfed.deploy import (
+    DeploymentSettings,
+    connect,
+    prepare_build_context,
+    require_readable_kit,
+    site_container_specs,
+)
 from medfed.errors import ConfigError, DeployError
 from medfed.flows.deployments import site_deployment_name, site_pool_name
+from medfed.provision import provision
 from tests.conftest import CONFIGS
 from tests.test_cli import run_medfed
 
@@ -39,6 +46,57 @@ def test_site_keys_folder_is_mounted(data_root: Path, tmp_path: Path) -> None:
     keys = {spec.site_id: spec.keys_dir for spec in specs}
     assert keys["cleveland"] == tmp_path / "cleveland"
     assert keys["hungary"] is None
+
+
+def test_provisioned_site_kits_are_mounted(data_root: Path, tmp_path: Path) -> None:
+    config = load_study_config(CONFIGS / "heart_disease.yaml")
+    kits = tmp_path / "kits"
+    provision(CONFIGS / "heart_disease.yaml", kits)
+
+    specs = site_container_specs(config, data_root=data_root, keys_root=kits)
+
+    keys = {spec.site_id: spec.keys_dir for spec in specs}
+    assert keys == {site.id: kits / f"site-{site.id}" for site in config.sites}
+
+
+def test_kits_switch_aggregation_to_https(tmp_path: Path) -> None:
+    plain = DeploymentSettings()
+    with_kits = DeploymentSettings(kits_dir=tmp_path)
+
+    assert plain.aggregation_url == "http://127.0.0.1:8600"
+    assert plain.aggregation_kit is None
+    assert with_kits.aggregation_url == "https://127.0.0.1:8600"
+    assert with_kits.aggregation_kit == tmp_path / "aggregation"
+
+
+def test_kit_unreadable_by_image_user_rejected(tmp_path: Path) -> None:
+    kits = tmp_path / "kits"
+    provision(CONFIGS / "heart_disease.yaml", kits)
+
+    with pytest.raises(ConfigError) as raised:
+        require_readable_kit(kits / "aggregation")
+
+    message = str(raised.value)
+    assert "is not readable by uid 10001" in message
+    assert f"chown -R 10001:10001 {kits / 'aggregation'}" in message
+
+
+def test_kit_readable_by_everyone_accepted(tmp_path: Path) -> None:
+    kits = tmp_path / "kits"
+    provision(CONFIGS / "heart_disease.yaml", kits)
+    kit = kits / "site-cleveland"
+    kit.chmod(0o755)
+    for path in kit.iterdir():
+        path.chmod(0o644)
+
+    require_readable_kit(kit)
+
+
+def test_folder_without_kit_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as raised:
+        require_readable_kit(tmp_path)
+
+    assert f"{tmp_path} is not a startup kit (no ca.crt)" in str(raised.value)
 
 
 def test_missing_site_file_names_path(tmp_path: Path) -> None:

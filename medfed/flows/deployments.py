@@ -12,12 +12,21 @@ package installed in its image and no code is pulled at run time.
 at most a deadline. A run still unfinished at the deadline (its site is down
 or slow) is cancelled, so a site that comes back never trains for a round
 that has closed.
+
+Every call the coordinator makes to the Prefect API here is retried with
+exponential backoff when it fails with a server error (HTTP 5xx) or a
+connection error. Prefect's own client already retries 429, 502 and 503, but
+a loaded server also answers 500 (a locked SQLite database) and refuses
+connections, and a 503 can outlast the client's retries.
 """
 
 import json
 import logging
-from collections.abc import Iterable
-from typing import Any, Literal, cast
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any, Literal, TypeVar, cast
 
 from prefect import task
 from prefect.cache_policies import NONE
@@ -27,7 +36,9 @@ from medfed.contract.ids import validate_identifier
 from medfed.errors import SiteRunError
 
 __all__ = [
+    "PREFECT_API_ATTEMPTS",
     "SITE_FLOW_NAMES",
+    "call_prefect_api",
     "deployed_site_decrypt",
     "deployed_site_evaluation",
     "deployed_site_prepare",
@@ -45,6 +56,63 @@ SITE_FLOW_NAMES = ("site_prepare", "site_round", "site_decrypt", "site_evaluatio
 
 #: Seconds between checks of a remote flow run's state.
 POLL_SECONDS = 1.0
+
+#: Attempts of one Prefect API call before its error is raised, and the wait
+#: in seconds before the first retry; each later wait doubles, up to the max.
+PREFECT_API_ATTEMPTS = 6
+PREFECT_API_FIRST_BACKOFF = 1.0
+PREFECT_API_MAX_BACKOFF = 30.0
+
+_Result = TypeVar("_Result")
+
+
+def call_prefect_api(action: str, call: Callable[[], _Result]) -> _Result:
+    """Run ``call`` and retry it while the Prefect API fails transiently.
+
+    Server errors (HTTP 5xx) and connection errors are retried up to
+    ``PREFECT_API_ATTEMPTS`` attempts in all, with exponential backoff, and
+    each retry is logged with ``action``. Other errors, such as a 404 for a
+    missing deployment, are raised at once. Callers must make ``call`` safe to
+    repeat (an idempotency key for creations).
+
+    Raises:
+        The last error of ``call`` once the attempts are used up.
+    """
+    backoff = PREFECT_API_FIRST_BACKOFF
+    for attempt in range(1, PREFECT_API_ATTEMPTS + 1):
+        try:
+            return call()
+        except Exception as error:
+            if attempt == PREFECT_API_ATTEMPTS or not _is_transient(error):
+                raise
+            logger.warning(
+                "Prefect API call to %s failed (attempt %d of %d): %s; "
+                "retrying in %.0f s",
+                action,
+                attempt,
+                PREFECT_API_ATTEMPTS,
+                _describe(error),
+                backoff,
+            )
+        time.sleep(backoff)
+        backoff = min(backoff * 2, PREFECT_API_MAX_BACKOFF)
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _is_transient(error: BaseException) -> bool:
+    import httpx
+
+    if isinstance(error, httpx.HTTPStatusError):
+        return error.response.status_code >= 500
+    return isinstance(error, httpx.TransportError)
+
+
+def _describe(error: BaseException) -> str:
+    import httpx
+
+    if isinstance(error, httpx.HTTPStatusError):
+        return f"HTTP {error.response.status_code} from {error.request.url}"
+    return f"{type(error).__name__}: {error}"
 
 
 def site_pool_name(site_id: str) -> str:
@@ -97,7 +165,11 @@ def register_site_deployments(
         for site_id in site_ids:
             pool = site_pool_name(site_id)
             try:
-                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+                pool_create = WorkPoolCreate(name=pool, type="process")
+                call_prefect_api(
+                    f"create work pool {pool}",
+                    partial(client.create_work_pool, pool_create),
+                )
                 logger.info("created work pool %s", pool)
             except ObjectAlreadyExists:
                 pass
@@ -111,7 +183,10 @@ def register_site_deployments(
                         tags=["medfed", f"site:{site_id}"],
                     ),
                 )
-                deployment.apply()
+                # Applying upserts the deployment by name, so a retry is safe.
+                call_prefect_api(
+                    f"apply deployment {site_flow.name}/{pool}", deployment.apply
+                )
             pools[site_id] = pool
             logger.info("registered the site flows of %s in pool %s", site_id, pool)
     return pools
@@ -146,35 +221,54 @@ def run_site_flow(
     from prefect.states import Cancelled
 
     name = site_deployment_name(flow_name, site_id)
-    flow_run = cast(
-        FlowRun,
-        run_deployment(
-            name,
-            parameters=parameters,
-            timeout=timeout,
-            poll_interval=POLL_SECONDS,
-            flow_run_name=flow_run_name,
+    # The server returns the existing run for a known idempotency key, so a
+    # retried creation never starts the site flow twice.
+    idempotency_key = f"{flow_run_name} {uuid.uuid4().hex}"
+    flow_run = call_prefect_api(
+        f"create flow run {flow_run_name!r}",
+        lambda: cast(
+            FlowRun,
+            run_deployment(
+                name,
+                parameters=parameters,
+                timeout=0,
+                flow_run_name=flow_run_name,
+                idempotency_key=idempotency_key,
+            ),
         ),
     )
-    state = flow_run.state
-    if state is None or not state.is_final():
-        with get_client(sync_client=True) as client:
-            client.set_flow_run_state(
-                flow_run.id,
-                Cancelled(message=f"deadline of {timeout:.0f} s passed"),
-                force=True,
+    started = time.monotonic()
+    run_id, run_name = flow_run.id, flow_run.name
+    with get_client(sync_client=True) as client:
+        state = flow_run.state
+        while not (state is not None and state.is_final()):
+            if time.monotonic() - started >= timeout:
+                break
+            time.sleep(POLL_SECONDS)
+            state = call_prefect_api(
+                f"read flow run {run_name!r}", lambda: client.read_flow_run(run_id)
+            ).state
+        if state is None or not state.is_final():
+            call_prefect_api(
+                f"cancel flow run {run_name!r}",
+                lambda: client.set_flow_run_state(
+                    run_id,
+                    Cancelled(message=f"deadline of {timeout:.0f} s passed"),
+                    force=True,
+                ),
             )
-        raise SiteRunError(
-            f"site {site_id} did not finish {flow_name} within {timeout:.0f} s "
-            f"(flow run {flow_run.name} was {state.name if state else 'unknown'}, "
-            "now cancelled); check that the site's container and worker are running"
-        )
+            raise SiteRunError(
+                f"site {site_id} did not finish {flow_name} within {timeout:.0f} s "
+                f"(flow run {run_name} was "
+                f"{state.name if state else 'unknown'}, now cancelled); check "
+                "that the site's container and worker are running"
+            )
     if not state.is_completed():
         raise SiteRunError(
             f"site {site_id} {flow_name} ended {state.name}: "
-            f"{state.message or 'no message'} (flow run {flow_run.name})"
+            f"{state.message or 'no message'} (flow run {run_name})"
         )
-    return _read_report(flow_run.id, site_id, flow_name)
+    return _read_report(run_id, site_id, flow_name)
 
 
 def _read_report(flow_run_id: Any, site_id: str, flow_name: str) -> dict[str, Any]:
@@ -184,10 +278,13 @@ def _read_report(flow_run_id: Any, site_id: str, flow_name: str) -> dict[str, An
     from medfed.flows.site_round import REPORT_ARTIFACT_DESCRIPTION
 
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])
-            )
+        artifacts = call_prefect_api(
+            f"read the report of flow run {flow_run_id}",
+            lambda: client.read_artifacts(
+                artifact_filter=ArtifactFilter(
+                    flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])
+                )
+            ),
         )
     for artifact in artifacts:
         if artifact.description == REPORT_ARTIFACT_DESCRIPTION and artifact.data:

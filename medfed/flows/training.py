@@ -29,7 +29,13 @@ from safetensors.numpy import load as load_safetensors
 from medfed.aggregation.selection import select_sites
 from medfed.contract.config import StudyConfig
 from medfed.contract.metrics import EvaluationAggregates, pool, youden_threshold
-from medfed.errors import AggregationError, ConfigError, MedfedError, QuorumError
+from medfed.errors import (
+    AggregationError,
+    ConfigError,
+    MedfedError,
+    QuorumError,
+    SiteRunError,
+)
 from medfed.flows.site_round import prepare_site
 from medfed.flows.tracking import StudyTracker
 from medfed.sites.ckks_keys import ensure_local_secret_contexts
@@ -135,6 +141,7 @@ def federated_training(
     aggregation_url: str,
     resume: bool = False,
     deployed_sites: bool = False,
+    kit_dir: str | None = None,
 ) -> dict[str, Any]:
     """Train the study's model across its sites; return the study summary.
 
@@ -143,10 +150,16 @@ def federated_training(
     round is completed without retraining the sites that already uploaded.
     With ``deployed_sites`` each site's work runs in its own work pool
     ``site-<id>`` (see ``medfed.flows.deployments``), and every remote run
-    waits at most the round deadline.
+    waits at most the round deadline. ``kit_dir`` is the coordinator's
+    startup kit from ``medfed provision``; the flow then calls the
+    aggregation service over mutual TLS with the kit's certificate.
     """
     coordinator = _Coordinator(
-        config, Path(work_dir), aggregation_url, deployed_sites=deployed_sites
+        config,
+        Path(work_dir),
+        aggregation_url,
+        deployed_sites=deployed_sites,
+        kit_dir=Path(kit_dir) if kit_dir else None,
     )
     return coordinator.run(config_text, resume=resume)
 
@@ -170,8 +183,10 @@ class _Coordinator:
         aggregation_url: str,
         *,
         deployed_sites: bool = False,
+        kit_dir: Path | None = None,
     ) -> None:
         self.config = config
+        self.kit_dir = kit_dir
         self.prepare_task: Any = site_prepare
         self.round_task: Any = site_round
         self.evaluation_task: Any = site_evaluation
@@ -201,6 +216,9 @@ class _Coordinator:
         self.refusals: list[dict[str, Any]] = []
         self.round_seconds: list[float] = []
         self.last_round = -1
+        #: Sites whose data preparation failed; they are absent from every
+        #: round of this run.
+        self.unprepared: set[str] = set()
 
     def run(self, config_text: str, *, resume: bool) -> dict[str, Any]:
         started = time.monotonic()
@@ -211,7 +229,7 @@ class _Coordinator:
             json.dumps({"mlflow_run_id": tracker.run_id}), encoding="utf-8"
         )
         try:
-            with AggregationClient(self.aggregation_url) as client:
+            with self._connect() as client:
                 summary = self._train(client, tracker)
         except BaseException:
             tracker.finish(status="FAILED")
@@ -220,6 +238,11 @@ class _Coordinator:
         summary["mlflow_run_id"] = tracker.run_id
         tracker.finish()
         return summary
+
+    def _connect(self) -> AggregationClient:
+        if self.kit_dir is None:
+            return AggregationClient(self.aggregation_url)
+        return AggregationClient.with_kit(self.aggregation_url, self.kit_dir)
 
     def _previous_run_id(self, resume: bool) -> str | None:
         if not self.state_path.exists():
@@ -237,7 +260,7 @@ class _Coordinator:
     def _train(
         self, client: AggregationClient, tracker: StudyTracker
     ) -> dict[str, Any]:
-        prepared = self._prepare_sites()
+        prepared = self._prepare_sites(tracker)
         self.train_records = {
             site: int(info["train_records"]) for site, info in prepared.items()
         }
@@ -299,8 +322,20 @@ class _Coordinator:
             )
         return self._finish(client, tracker, prepared, version)
 
-    def _prepare_sites(self) -> dict[str, Any]:
-        prepared = _gather(
+    def _prepare_sites(self, tracker: StudyTracker) -> dict[str, Any]:
+        """Prepare every site's data; return the reports of the sites that did.
+
+        A site can fail to prepare because its container is down or its flow
+        run missed the deadline or failed. While the prepared sites can still
+        meet the quorum, such a site is left out of this run like a site that
+        is absent from a round. A data or config error of a local site stops
+        the study with that error.
+
+        Raises:
+            MedfedError: fewer sites than the quorum prepared; the message
+                names every failed site and its error.
+        """
+        outcomes = _gather(
             {
                 site: self.prepare_task.submit(self.config, site, self.site_dirs[site])
                 for site in self.sites
@@ -308,19 +343,46 @@ class _Coordinator:
         )
         failures = {
             site: error
-            for site, error in prepared.items()
+            for site, error in outcomes.items()
             if isinstance(error, BaseException)
         }
-        if failures:
+        prepared = {
+            site: report for site, report in outcomes.items() if site not in failures
+        }
+        fatal = [
+            error
+            for error in failures.values()
+            if isinstance(error, MedfedError) and not isinstance(error, SiteRunError)
+        ]
+        if failures and (fatal or len(prepared) < self.config.quorum):
             message = "; ".join(
                 f"site {site}: {error}" for site, error in failures.items()
             )
-            first = next(iter(failures.values()))
+            if not fatal:
+                message = (
+                    f"only {len(prepared)} of {len(self.sites)} sites prepared "
+                    f"their data, fewer than the quorum of {self.config.quorum}: "
+                    + message
+                )
+            first = fatal[0] if fatal else next(iter(failures.values()))
             # Keep the sites' own error type (a data or config error) so the
             # CLI reports it with its exit code.
             if isinstance(first, MedfedError):
                 raise type(first)(message)
             raise AggregationError(f"sites could not prepare their data: {message}")
+        for site, error in failures.items():
+            logger.warning(
+                "site %s could not prepare its data and is absent from every "
+                "round of this run (%d of %d sites prepared, quorum %d): %s; "
+                "restart the site and resume the study to include it again",
+                site,
+                len(prepared),
+                len(self.sites),
+                self.config.quorum,
+                error,
+            )
+            tracker.log_event(f"failure.{site}.prepare", str(error))
+        self.unprepared = set(failures)
         return prepared
 
     def _initial_model(self) -> bytes:
@@ -364,7 +426,9 @@ class _Coordinator:
             quorum=self.config.quorum,
             deadline_seconds=deadline,
         )
-        training = [site for site in chosen if site not in skip]
+        training = [
+            site for site in chosen if site not in skip and site not in self.unprepared
+        ]
         outcomes = _gather(
             {
                 site: self.round_task.submit(
@@ -379,7 +443,7 @@ class _Coordinator:
             timeout=deadline,
         )
         reports: dict[str, dict[str, Any]] = {}
-        absent: list[str] = []
+        absent = sorted(self.unprepared.intersection(chosen).difference(skip))
         for site, outcome in outcomes.items():
             if isinstance(outcome, BaseException):
                 logger.warning(
@@ -428,8 +492,14 @@ class _Coordinator:
         participation = self.config.round.participation
         if participation.round_size(len(self.sites)) == len(self.sites):
             return list(self.sites)
+        eligible = self.sites
+        if participation.weighted:
+            # NOTE: a site that could not prepare has no sample count, so a
+            # weighted choice leaves it out, and the sites chosen differ from
+            # those of a run in which every site prepared.
+            eligible = [site for site in self.sites if site in self.train_records]
         chosen = select_sites(
-            self.sites,
+            eligible,
             self.train_records,
             round_number,
             fraction=participation.fraction,
@@ -512,6 +582,7 @@ class _Coordinator:
         evaluated = _gather({
             site: self.evaluation_task.submit(self.config, site, version, self.aggregation_url, self.site_dirs[site], split)
             for site in self.sites
+            if site not in self.unprepared
         })  # fmt: skip
         return {
             site: EvaluationAggregates(**value)
@@ -567,7 +638,7 @@ class _Coordinator:
                     "epsilon_spent": self.last_reports.get(site, {}).get(
                         "epsilon_spent"
                     ),
-                    "train_records": prepared[site]["train_records"],
+                    "train_records": prepared.get(site, {}).get("train_records"),
                     "bytes_uploaded": self.traffic.get(site, {}).get("uploaded", 0),
                     "bytes_downloaded": self.traffic.get(site, {}).get("downloaded", 0),
                 }
@@ -639,11 +710,14 @@ def run_study(
     listener: RoundListener | None = None,
     resume: bool = False,
     deployed_sites: bool = False,
+    kit_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Run a study in local mode: start the service, run the flow, stop the service.
 
     The service keeps its state in ``work_dir/aggregation``, so a resumed
-    study finds its rounds and uploads there.
+    study finds its rounds and uploads there. With ``aggregation.url`` set
+    the flow uses that service instead, authenticated with the coordinator
+    kit ``kit_dir`` when one is given.
     """
     from medfed.flows.local import LocalAggregationService
 
@@ -662,6 +736,7 @@ def run_study(
                 config.aggregation.url,
                 resume,
                 deployed_sites,
+                str(kit_dir) if kit_dir is not None else None,
             )
         with LocalAggregationService(
             work_dir / "aggregation",

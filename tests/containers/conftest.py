@@ -6,7 +6,9 @@ the base image, start the Docker Engine API service) and
 test of the tier with setup's own output; nothing here skips.
 
 Everything runs on this machine: the containers use the host network and
-every service binds 127.0.0.1 on a free port.
+every service binds 127.0.0.1 on a free port. The deployment runs with the
+startup kits of ``medfed provision``, so the aggregation service requires
+mutual TLS and signed updates as at a consortium.
 """
 
 import json
@@ -22,7 +24,9 @@ from typing import Any
 
 import pytest
 
+from medfed.contract.kits import AGGREGATION_KIT, site_kit_name
 from medfed.deploy import (
+    IMAGE_USER_ID,
     REPOSITORY_ROOT,
     DeploymentSettings,
     RunningDeployment,
@@ -33,6 +37,7 @@ from medfed.deploy import (
     deploy_up,
     prepare_build_context,
 )
+from medfed.provision import provision
 from medfed.sites.data.root import resolve_data_root
 
 from .support import HEART_SITES, TIMINGS, write_study_config
@@ -77,7 +82,24 @@ def engine() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
-def settings() -> DeploymentSettings:
+def kits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Provision the four heart-disease sites; return the kits folder.
+
+    The service's and the sites' kits are handed to uid 10001, the images'
+    user, as a consortium would before mounting them.
+    """
+    folder = tmp_path_factory.mktemp("kits")
+    config_path = write_study_config(folder, "heart-deploy")
+    kits_dir = folder / "kits"
+    provision(config_path, kits_dir)
+    for name in [AGGREGATION_KIT, *(site_kit_name(site) for site in HEART_SITES)]:
+        for path in [kits_dir / name, *(kits_dir / name).rglob("*")]:
+            os.chown(path, IMAGE_USER_ID, IMAGE_USER_ID)
+    return kits_dir
+
+
+@pytest.fixture(scope="session")
+def settings(kits: Path) -> DeploymentSettings:
     """Settings with free loopback ports and a deployment name of this run."""
     return DeploymentSettings(
         name=f"medfed-test-{os.getpid()}",
@@ -86,6 +108,7 @@ def settings() -> DeploymentSettings:
         ),
         base_image=BASE_IMAGE,
         worker_poll_seconds=1.0,
+        kits_dir=kits,
     )
 
 

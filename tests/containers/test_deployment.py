@@ -7,6 +7,8 @@ on this machine and reaches them over loopback, as a coordinator would.
 
 import json
 import os
+import shlex
+import ssl
 import subprocess
 import sys
 import threading
@@ -17,7 +19,13 @@ from typing import Any
 import httpx
 import pytest
 
-from medfed.deploy import IMAGE_ROLES, DeploymentSettings, RunningDeployment
+from medfed.contract.kits import COORDINATOR_KIT, KitFiles, client_ssl_context
+from medfed.deploy import (
+    IMAGE_ROLES,
+    REPOSITORY_ROOT,
+    DeploymentSettings,
+    RunningDeployment,
+)
 from medfed.flows.deployments import site_pool_name
 
 from .support import HEART_SITES, TIMINGS, write_study_config
@@ -29,21 +37,23 @@ pytestmark = [pytest.mark.containers, pytest.mark.timeout(2400)]
 STUDY_TIMEOUT = 900.0
 
 #: Runs a study with its sites deployed; arguments: config, work dir, summary
-#: path, then "resume" to continue the study recorded in the work dir.
+#: path, coordinator kit, then "resume" to continue the study recorded in the
+#: work dir.
 _STUDY_SCRIPT = """
 import json, sys
 from pathlib import Path
 from medfed.contract.config import load_study_config
 from medfed.flows.training import run_study
 
-config_path, work_dir, summary_path = map(Path, sys.argv[1:4])
+config_path, work_dir, summary_path, kit_dir = map(Path, sys.argv[1:5])
 config = load_study_config(config_path)
 summary = run_study(
     config,
     config_path.read_text(),
     work_dir=work_dir,
     deployed_sites=True,
-    resume=sys.argv[4:] == ["resume"],
+    resume=sys.argv[5:] == ["resume"],
+    kit_dir=kit_dir,
 )
 summary_path.write_text(json.dumps(summary))
 """
@@ -64,7 +74,12 @@ def run_deployed_study(
         "PREFECT_LOGGING_LEVEL": "WARNING",
     }
     work_dir.mkdir(parents=True, exist_ok=True)
-    arguments = [str(config_path), str(work_dir), str(work_dir / "summary.json")]
+    arguments = [
+        str(config_path),
+        str(work_dir),
+        str(work_dir / "summary.json"),
+        str(coordinator_kit(running)),
+    ]
     if resume:
         arguments.append("resume")
     return subprocess.Popen(
@@ -84,6 +99,23 @@ def finish(
     summary_path = work_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     return process.returncode, output, summary
+
+
+def coordinator_kit(running: RunningDeployment) -> Path:
+    """Return the coordinator's kit of the deployment's provisioned kits."""
+    assert running.kits_dir is not None, "the tier deploys with startup kits"
+    return running.kits_dir / COORDINATOR_KIT
+
+
+def aggregation_round(
+    running: RunningDeployment, study: str, round_number: int
+) -> httpx.Response:
+    """Read a round's status from the service as the coordinator (mutual TLS)."""
+    return httpx.get(
+        f"{running.aggregation_url}/v1/studies/{study}/rounds/{round_number}",
+        verify=client_ssl_context(coordinator_kit(running)),
+        timeout=10,
+    )
 
 
 def with_aggregation_url(config_path: Path, url: str) -> Path:
@@ -154,6 +186,100 @@ def test_site_runs_as_non_root(
     container = engine.containers.get(settings.container_name("site", "cleveland"))
     identity = container.exec_run(["id", "-u"])
     assert identity.output.decode().strip() == "10001"
+
+
+def test_aggregation_requires_client_certificate(
+    deployment: RunningDeployment,
+) -> None:
+    assert deployment.aggregation_url.startswith("https://")
+    ca = ssl.create_default_context(
+        cafile=str(coordinator_kit(deployment) / KitFiles.CA_CERT)
+    )
+    anonymous = httpx.get(
+        f"{deployment.aggregation_url}/v1/studies/heart-three-rounds/rounds/0",
+        verify=ca,
+        timeout=10,
+    )
+    assert anonymous.status_code == 401, anonymous.text
+
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(
+            deployment.aggregation_url.replace("https://", "http://") + "/health",
+            timeout=10,
+        ).raise_for_status()
+
+
+# The README's site command
+
+
+def readme_site_command() -> list[str]:
+    """Return the arguments of the README's ``docker run`` for one site."""
+    readme = (REPOSITORY_ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Deploy at a hospital", 1)[1].split("\n## ", 1)[0]
+    block = section.split("docker run", 1)[1].split("\n\n", 1)[0]
+    return shlex.split(block.replace("\\\n", " "))
+
+
+def _options(arguments: list[str], flag: str) -> list[str]:
+    return [arguments[i + 1] for i, value in enumerate(arguments) if value == flag]
+
+
+def test_readme_site_command_matches_tier(
+    engine: Any, deployment: RunningDeployment, settings: DeploymentSettings
+) -> None:
+    command = readme_site_command()
+    site = "cleveland"
+    container = engine.containers.get(settings.container_name("site", site))
+
+    def run(*arguments: str) -> str:
+        result = container.exec_run(list(arguments))
+        assert result.exit_code == 0, (arguments, result.output)
+        return str(result.output.decode())
+
+    # Process 1 is the container's worker, started with the container's options.
+    status = run("cat", "/proc/1/status")
+    mounts = {
+        fields[1]: fields[3].split(",")
+        for fields in (line.split() for line in run("cat", "/proc/mounts").splitlines())
+    }
+    environment = dict(
+        line.split("=", 1) for line in run("env").splitlines() if "=" in line
+    )
+    readme_environment = dict(value.split("=", 1) for value in _options(command, "-e"))
+    readme_volumes = {
+        value.split(":")[1]: value.split(":")[2:] for value in _options(command, "-v")
+    }
+
+    assert "--read-only" in command
+    assert "ro" in mounts["/"]
+    assert _options(command, "--tmpfs") == ["/tmp:rw,size=256m"]
+    assert "rw" in mounts["/tmp"]
+    assert "size=262144k" in mounts["/tmp"]
+    assert _options(command, "--cap-drop") == ["ALL"]
+    assert "CapEff:\t0000000000000000" in status
+    assert _options(command, "--security-opt") == ["no-new-privileges"]
+    assert "NoNewPrivs:\t1" in status
+    assert not {"-p", "--publish", "-P"} & set(command)
+
+    assert set(readme_environment) == {
+        "MEDFED_SITE_ID",
+        "MEDFED_KIT_DIR",
+        "PREFECT_API_URL",
+    }
+    assert readme_environment["MEDFED_SITE_ID"] == environment["MEDFED_SITE_ID"]
+    assert readme_environment["MEDFED_KIT_DIR"] == environment["MEDFED_KIT_DIR"]
+    assert "PREFECT_API_URL" in environment
+
+    data_file = f"/data/heart-disease/{HEART_SITES[site]}"
+    assert readme_volumes == {
+        data_file: ["ro"],
+        "/run/secrets/medfed": ["ro"],
+        "/state": [],
+    }
+    assert "ro" in mounts[data_file]
+    assert "ro" in mounts["/run/secrets/medfed"]
+    assert "rw" in mounts["/state"]
+    assert command[-1].split(":")[0].endswith("medfed-site")
 
 
 # A study through the work pools
@@ -228,7 +354,7 @@ def _flow_runs(api_url: str) -> list[dict[str, Any]]:
 
 
 def _wait_for_finalized_round(
-    url: str,
+    running: RunningDeployment,
     study: str,
     round_number: int,
     timeout: float,
@@ -242,9 +368,7 @@ def _wait_for_finalized_round(
                 f"study {study} exited before round {round_number} was "
                 f"finalized:\n{output[-4000:]}"
             )
-        response = httpx.get(
-            f"{url}/v1/studies/{study}/rounds/{round_number}", timeout=10
-        )
+        response = aggregation_round(running, study, round_number)
         if response.status_code == 200 and response.json()["state"] == "finalized":
             return
         time.sleep(1.0)
@@ -288,7 +412,7 @@ def study_with_stopped_site(
     def stop_after_first_round() -> None:
         try:
             _wait_for_finalized_round(
-                deployment.aggregation_url, STOPPED_STUDY, 0, STUDY_TIMEOUT, process
+                deployment, STOPPED_STUDY, 0, STUDY_TIMEOUT, process
             )
             container.stop(timeout=5)
         except BaseException as error:
@@ -301,11 +425,7 @@ def study_with_stopped_site(
         status, output, summary = finish(process, folder / "work")
         stopper.join()
         rounds = {
-            number: httpx.get(
-                f"{deployment.aggregation_url}/v1/studies/{STOPPED_STUDY}"
-                f"/rounds/{number}",
-                timeout=10,
-            ).json()
+            number: aggregation_round(deployment, STOPPED_STUDY, number).json()
             for number in range(2)
         }
     finally:
@@ -318,30 +438,40 @@ def study_with_stopped_site(
 
 @pytest.fixture(scope="module")
 def resumed_study(
-    deployment: RunningDeployment, tmp_path_factory: pytest.TempPathFactory
+    engine: Any,
+    deployment: RunningDeployment,
+    settings: DeploymentSettings,
+    study_with_stopped_site: dict[str, Any],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, Any]:
-    """Kill the coordinator once round 0 is finalized, then run with resume."""
+    """Kill the coordinator once round 0 is finalized, stop site switzerland,
+    then run with resume: switzerland cannot prepare, so round 1 runs on the
+    other three sites (quorum 3)."""
     folder = tmp_path_factory.mktemp("resumed")
     work_dir = folder / "work"
     config_path = with_aggregation_url(
-        write_study_config(folder, RESUMED_STUDY, rounds=2),
+        write_study_config(folder, RESUMED_STUDY, rounds=2, quorum=3),
         deployment.aggregation_url,
     )
+    container = engine.containers.get(settings.container_name("site", "switzerland"))
     started = time.monotonic()
     first = run_deployed_study(config_path, deployment, work_dir)
     try:
-        _wait_for_finalized_round(
-            deployment.aggregation_url, RESUMED_STUDY, 0, STUDY_TIMEOUT, first
-        )
+        _wait_for_finalized_round(deployment, RESUMED_STUDY, 0, STUDY_TIMEOUT, first)
     finally:
         first.kill()
         first.communicate()
-    status, output, summary = finish(
-        run_deployed_study(config_path, deployment, work_dir, resume=True), work_dir
-    )
-    TIMINGS["resumed_study_seconds"] = time.monotonic() - started
+    container.stop(timeout=5)
+    try:
+        status, output, summary = finish(
+            run_deployed_study(config_path, deployment, work_dir, resume=True),
+            work_dir,
+        )
+    finally:
+        TIMINGS["resumed_study_seconds"] = time.monotonic() - started
+        container.start()
     assert status == 0, output[-4000:]
-    return summary
+    return {"summary": summary, "output": output}
 
 
 def test_round_closes_without_stopped_site(
@@ -382,11 +512,33 @@ def test_resumed_study_skips_finished_round(
             run for run in runs if run["name"] == f"{site}: {RESUMED_STUDY} round 0"
         ]
         assert len(first_round) == 1, (site, [run["name"] for run in runs])
+    for site in sorted(set(HEART_SITES) - {"switzerland"}):
         second_round = [
             run for run in runs if run["name"] == f"{site}: {RESUMED_STUDY} round 1"
         ]
         assert len(second_round) == 1, (site, [run["name"] for run in runs])
-    assert resumed_study["model_version"] == 2
+    assert resumed_study["summary"]["model_version"] == 2
+
+
+def test_resume_leaves_out_stopped_site(
+    deployment: RunningDeployment, resumed_study: dict[str, Any]
+) -> None:
+    summary = resumed_study["summary"]
+    assert [entry["round"] for entry in summary["participants"]] == [1]
+    assert summary["participants"][0]["state"] == "finalized"
+    assert summary["participants"][0]["uploaded"] == sorted(
+        set(HEART_SITES) - {"switzerland"}
+    )
+    assert summary["sites"]["switzerland"]["train_records"] is None
+    assert "site switzerland could not prepare its data" in resumed_study["output"]
+
+    runs = _flow_runs(deployment.prefect_api_url)
+    names = [run["name"] for run in runs]
+    assert f"switzerland: {RESUMED_STUDY} round 1" not in names
+    prepares = [
+        run for run in runs if run["name"] == f"switzerland: prepare {RESUMED_STUDY}"
+    ]
+    assert sorted(run["state_type"] for run in prepares) == ["CANCELLED", "COMPLETED"]
 
 
 def test_study_without_quorum_fails_clearly(

@@ -30,7 +30,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from opacus.accountants.utils import create_accountant
 
 from medfed.aggregation.params import require_float, require_int
 from medfed.aggregation.strategies.base import (
@@ -150,7 +149,7 @@ class CentralDP(StrategyWrapper):
                 f"accountant must be one of {list(_ACCOUNTANTS)}, got {accountant!r}"
             )
         self.accountant_name = accountant
-        self._accountant = create_accountant(accountant)
+        self._accountant = _create_accountant(accountant)
 
         self._init_adaptive_clipping(
             adaptive_clipping, target_quantile, clip_learning_rate, clip_count_stddev
@@ -348,3 +347,24 @@ class CentralDP(StrategyWrapper):
         ]
         self._accountant.history = restored
         self.clip_norm = float(clip_norm[0])
+
+
+def _create_accountant(name: str) -> Any:
+    """Create an Opacus accountant, importing Opacus only for central DP.
+
+    Opacus imports torch, which the aggregation image leaves out, so the
+    service imports it only when a study uses this wrapper.
+
+    Raises:
+        ConfigError: Opacus is not installed.
+    """
+    try:
+        from opacus.accountants.utils import create_accountant
+    except ImportError as error:
+        raise ConfigError(
+            f"the central_dp wrapper needs Opacus and torch, which are not "
+            f"installed here ({error}); run the aggregation service from an "
+            "install with medfed's full dependencies, such as the coordinator "
+            "image"
+        ) from None
+    return create_accountant(name)
