@@ -28,7 +28,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from medfed.errors import ConfigError, MedfedError
+from medfed.errors import ConfigError, MedfedError, ServiceError
 from medfed.security_cli import audit_app, provision_command
 
 __all__ = ["app", "main"]
@@ -182,15 +182,24 @@ def run(
                 f"auc {summary['pooled_test_auc']:.3f}",
             )
 
-        summary = run_study(
-            config,
-            config_text,
-            work_dir=work_dir,
-            listener=on_round,
-            resume=resume,
-            deployed_sites=deployed_sites,
-            kit_dir=kit_dir,
-        )
+        try:
+            summary = run_study(
+                config,
+                config_text,
+                work_dir=work_dir,
+                listener=on_round,
+                resume=resume,
+                deployed_sites=deployed_sites,
+                kit_dir=kit_dir,
+            )
+        except ServiceError as error:
+            if not (work_dir / "coordinator.json").exists():
+                raise
+            raise ServiceError(
+                f"{error}; the study's state is kept in {work_dir}, so once the "
+                f"cause is fixed continue with: medfed run {config_path} --resume "
+                f"--work-dir {work_dir}"
+            ) from None
     summary["wall_seconds"] = time.monotonic() - started
     summary["work_dir"] = str(work_dir)
     _print_summary(summary)
@@ -410,8 +419,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
     )
     console.print(table)
     console.print(
-        f"wall time {summary['wall_seconds']:.1f} s; model version {summary['model_version']} "
-        f"registered as MLflow model version {summary['registered_model_version']}; "
+        f"wall time {summary['wall_seconds']:.1f} s; global model version "
+        f"{summary['model_version']} of the aggregation service registered as "
+        f"MLflow model version {summary['registered_model_version']}; "
         f"state in {summary['work_dir']}"
     )
     for refusal in summary["refusals"]:

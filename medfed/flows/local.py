@@ -56,9 +56,10 @@ class LocalAggregationService:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                log_path = self.state_dir / "service.log"
                 raise ServiceError(
-                    f"aggregation service exited with status {self.process.returncode} at start; "
-                    f"see {self.state_dir / 'service.log'}"
+                    f"aggregation service exited with status {self.process.returncode} at start "
+                    f"({_last_line(log_path)}); see {log_path}"
                 )
             try:
                 if (
@@ -103,3 +104,13 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def _last_line(log: Path) -> str:
+    """Return the last non-empty line of ``log``, which names why the service stopped."""
+    try:
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return "no log written"
+    last = next((line.strip() for line in reversed(lines) if line.strip()), "")
+    return last[-300:] or "empty log"
