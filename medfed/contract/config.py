@@ -98,9 +98,9 @@ class TrainingConfig(_Strict):
     """Local training at the sites.
 
     Attributes:
-        learning_schedule: ``constant`` keeps ``learning_rate`` in every round;
-            ``cosine`` lowers it from ``learning_rate`` in the first round
-            toward zero over ``rounds`` (half a cosine wave, one value per round).
+        learning_schedule: ``constant`` keeps ``learning_rate`` in every
+            round. ``cosine`` starts at ``learning_rate`` in the first round
+            and lowers it toward zero over ``rounds``, one value per round.
         positive_weight: weight of the positive class in the loss
             (``pos_weight`` of ``BCEWithLogitsLoss``). A study lead sets it
             from public figures such as negatives / positives in a benchmark's
@@ -166,11 +166,11 @@ class PrivacyConfig(_Strict):
 
 
 class ParticipationConfig(_Strict):
-    """Which sites the coordinator asks to train in each round.
+    """Selection of the sites that train in each round.
 
-    Each round takes ``max(minimum, ceil(fraction * sites))`` sites, drawn
-    without replacement from the study's seed and the round number, so a
-    resumed study asks the same sites again. ``weighted`` draws sites with
+    Each round takes ``min(sites, max(minimum, ceil(fraction * sites)))``
+    sites, drawn without replacement from the study's seed and the round
+    number, so a resumed study selects the same sites again. ``weighted`` draws sites with
     probability proportional to their training-record counts.
     """
 

@@ -57,8 +57,8 @@ SITE_FLOW_NAMES = ("site_prepare", "site_round", "site_decrypt", "site_evaluatio
 #: Seconds between checks of a remote flow run's state.
 POLL_SECONDS = 1.0
 
-#: Attempts of one Prefect API call before its error is raised, and the wait
-#: in seconds before the first retry; each later wait doubles, up to the max.
+#: Attempts of one Prefect API call before its error is raised. The first
+#: retry waits the base seconds, and each later wait doubles up to the max.
 PREFECT_API_ATTEMPTS = 6
 PREFECT_API_FIRST_BACKOFF = 1.0
 PREFECT_API_MAX_BACKOFF = 30.0
