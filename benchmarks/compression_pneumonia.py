@@ -2,8 +2,9 @@
 
 Runs the five-site PneumoniaMNIST study (``configs/pneumonia_nodp.yaml``
 without DP, ``configs/pneumonia.yaml`` with DP-SGD at epsilon 8 per site)
-once per codec: fp32, fp16, int8, top-k 10% and top-k 1%, the lossy codecs
-with error feedback. Each run is a real ``medfed run`` (Prefect flow,
+once per codec: fp32, fp16, int8, top-k 10% and 1%, top-k 10% with a bitmap
+of positions and int8 values, and the 4-bit and 2-bit lowbit quantizer, the
+lossy codecs with error feedback. Each run is a real ``medfed run`` (Prefect flow,
 aggregation service on 127.0.0.1, MLflow). For each run it records the pooled
 test AUC and accuracy, the bytes every site uploaded over the study, and the
 ratio of fp32's bytes to the codec's. Results go to
@@ -33,6 +34,21 @@ CODECS: dict[str, dict[str, Any]] = {
     "int8": {"codec": "int8"},
     "topk10": {"codec": "topk", "params": {"fraction": 0.1}},
     "topk1": {"codec": "topk", "params": {"fraction": 0.01}},
+    "topk10-bitmap-int8": {
+        "codec": "topk",
+        "params": {"fraction": 0.1, "index_encoding": "bitmap", "value_dtype": "int8"},
+        "error_feedback": True,
+    },
+    "lowbit4": {
+        "codec": "lowbit",
+        "params": {"bits": 4, "chunk_size": 256},
+        "error_feedback": True,
+    },
+    "lowbit2": {
+        "codec": "lowbit",
+        "params": {"bits": 2, "chunk_size": 256},
+        "error_feedback": True,
+    },
 }
 #: The target: at least this many times fewer bytes than fp32 ...
 TARGET_RATIO = 10.0

@@ -11,6 +11,7 @@ from hypothesis.extra import numpy as hnp
 
 from medfed.contract.codecs import CODECS, get_codec, randk
 from medfed.contract.codecs.fp16 import FLOAT16_MAX
+from medfed.contract.codecs.lowbit import level_max
 from medfed.contract.codecs.params import kept_count
 from medfed.contract.codecs.randk import random_positions
 from medfed.contract.wire import decode_envelope, encode_envelope
@@ -47,7 +48,7 @@ def round_trip(name: str, params: dict, update: dict[str, np.ndarray]) -> dict:
 
 
 def test_registry_has_all_codecs():
-    assert set(CODECS) >= {"fp32", "fp16", "int8", "topk", "randk"}
+    assert set(CODECS) >= {"fp32", "fp16", "int8", "lowbit", "topk", "randk"}
 
 
 @given(updates())
@@ -119,34 +120,161 @@ def test_int8_seed_reproduces_payload():
     assert np.array_equal(first["w.q"], second["w.q"])
 
 
-@pytest.mark.parametrize("value_dtype", ["float32", "float16"])
+def kept_mask(payload: dict, key: str, size: int) -> np.ndarray:
+    """Return the kept positions of a topk tensor as a boolean mask."""
+    if f"{key}.bitmap" in payload:
+        bitmap = payload[f"{key}.bitmap"]
+        assert bitmap.dtype == np.uint8
+        assert bitmap.shape == (math.ceil(size / 8),)
+        bits = np.unpackbits(bitmap, bitorder="little")
+        assert not bits[size:].any()
+        return bits[:size].astype(bool)
+    indices = payload[f"{key}.indices"]
+    assert indices.dtype == np.int32
+    assert (np.diff(indices) > 0).all()
+    kept = np.zeros(size, dtype=bool)
+    kept[indices] = True
+    return kept
+
+
+def check_kept_values(decoded, exact, payload, key, value_dtype):
+    """Assert the error bound of topk's kept values for ``value_dtype``."""
+    if value_dtype == "float32":
+        assert np.array_equal(decoded, exact)
+    elif value_dtype == "float16":
+        error = np.abs(decoded - exact)
+        assert (error <= np.maximum(np.abs(exact) * 2.0**-11, 2.0**-25)).all()
+    else:
+        assert payload[f"{key}.values"].dtype == np.int8
+        scale = np.float64(payload[f"{key}.scale"][0])
+        peak = float(np.abs(exact).max()) if exact.size else 0.0
+        # The scale is the least float32 at or above max|kept| / 127.
+        below = np.float64(np.nextafter(np.float32(scale), np.float32(0)))
+        assert scale * 127 >= peak
+        assert scale == 0 or below * 127 < peak
+        error = np.abs(decoded.astype(np.float64) - exact.astype(np.float64))
+        # |error| < scale, plus the float32 rounding of q * scale.
+        assert (error <= scale + np.abs(exact) * 2.0**-23).all()
+
+
+@pytest.mark.parametrize("index_encoding", ["int32", "bitmap"])
+@pytest.mark.parametrize("value_dtype", ["float32", "float16", "int8"])
 @pytest.mark.parametrize("fraction", [0.01, 0.1, 0.5, 1.0])
-@given(update=updates(max_magnitude=1e3))
-@settings(max_examples=40)
-def test_topk_keeps_largest_values(value_dtype, fraction, update):
-    params = {"fraction": fraction, "value_dtype": value_dtype}
-    codec = get_codec("topk", params)
+@given(update=updates(max_magnitude=1e3), seed=st.integers(0, 2**32))
+@settings(max_examples=30)
+def test_topk_keeps_largest_values(index_encoding, value_dtype, fraction, update, seed):
+    params = {
+        "fraction": fraction,
+        "value_dtype": value_dtype,
+        "index_encoding": index_encoding,
+    }
+    codec = get_codec("topk", params | {"seed": seed})
     payload = codec.encode(update)
     specs = [(key, np.shape(value), "float32") for key, value in update.items()]
-    decoded = get_codec("topk", params).decode(payload, specs)
+    decoded = get_codec("topk", codec.params).decode(payload, specs)
     for key, value in update.items():
         flat = value.reshape(-1)
-        indices = payload[f"{key}.indices"]
-        kept = np.zeros(flat.size, dtype=bool)
-        kept[indices] = True
+        out = decoded[key].reshape(-1)
+        kept = kept_mask(payload, key, flat.size)
         expected_count = (
             0 if flat.size == 0 else max(1, math.floor(fraction * flat.size + 0.5))
         )
-        assert indices.size == min(expected_count, flat.size)
-        assert indices.dtype == np.int32
-        assert (decoded[key].reshape(-1)[~kept] == 0).all()
-        if value_dtype == "float32":
-            assert np.array_equal(decoded[key].reshape(-1)[kept], flat[kept])
-        else:
-            error = np.abs(decoded[key].reshape(-1)[kept] - flat[kept])
-            assert (error <= np.maximum(np.abs(flat[kept]) * 2.0**-11, 2.0**-25)).all()
+        assert decoded[key].shape == value.shape
+        assert int(kept.sum()) == min(expected_count, flat.size)
+        assert payload[f"{key}.values"].shape == (int(kept.sum()),)
+        assert (out[~kept] == 0).all()
+        check_kept_values(out[kept], flat[kept], payload, key, value_dtype)
         if kept.any() and (~kept).any():
             assert np.abs(flat[~kept]).max() <= np.abs(flat[kept]).min()
+
+
+def test_topk_params_name_bitmap_only():
+    """The default int32 form keeps the header it had before bitmaps."""
+    assert get_codec("topk", {"fraction": 0.1}).params == {
+        "fraction": 0.1,
+        "value_dtype": "float32",
+    }
+    bitmap = get_codec("topk", {"fraction": 0.1, "index_encoding": "bitmap"})
+    assert bitmap.params["index_encoding"] == "bitmap"
+
+
+def test_topk_bitmap_bit_order_little():
+    codec = get_codec("topk", {"fraction": 0.2, "index_encoding": "bitmap"})
+    update = {"w": np.array([9, 0, 0, 0, 0, 0, 0, 0, 0, -8], np.float32)}
+    payload = codec.encode(update)
+    # Element 0 is bit 0 of byte 0, element 9 is bit 1 of byte 1.
+    assert payload["w.bitmap"].tolist() == [0b00000001, 0b00000010]
+    assert payload["w.values"].tolist() == [9.0, -8.0]
+
+
+@pytest.mark.parametrize(
+    ("value_dtype", "expected_bytes"),
+    [("int8", 125 + 100 + 4), ("float16", 125 + 200), ("float32", 125 + 400)],
+)
+def test_topk_bitmap_payload_bytes(value_dtype, expected_bytes):
+    params = {"fraction": 0.1, "index_encoding": "bitmap", "value_dtype": value_dtype}
+    update = {"w": np.random.default_rng(0).normal(size=1000).astype(np.float32)}
+    payload = get_codec("topk", params).encode(update)
+    assert sum(array.nbytes for array in payload.values()) == expected_bytes
+
+
+def test_topk_int8_values_seed_reproduces_payload():
+    params = {"fraction": 0.5, "value_dtype": "int8", "seed": 4}
+    update = {"w": np.linspace(-1, 1, 50, dtype=np.float32)}
+    first = get_codec("topk", params).encode(update)
+    second = get_codec("topk", params).encode(update)
+    assert np.array_equal(first["w.values"], second["w.values"])
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("chunk_size", [0, 1, 3, 64])
+@given(update=updates(), seed=st.integers(0, 2**32))
+@settings(max_examples=40)
+def test_lowbit_round_trip_within_scale(bits, chunk_size, update, seed):
+    codec = get_codec("lowbit", {"bits": bits, "chunk_size": chunk_size, "seed": seed})
+    payload = codec.encode(update)
+    specs = [(key, np.shape(value), "float32") for key, value in update.items()]
+    decoded = get_codec("lowbit", codec.params).decode(payload, specs)
+    for key, value in update.items():
+        scales = payload[f"{key}.scale"].astype(np.float64)
+        chunk = chunk_size or max(value.size, 1)
+        per_element = np.repeat(scales, chunk)[: value.size]
+        exact = value.reshape(-1).astype(np.float64)
+        error = np.abs(decoded[key].reshape(-1).astype(np.float64) - exact)
+        assert decoded[key].shape == value.shape
+        assert decoded[key].dtype == np.float32
+        # |error| < scale, plus the float32 rounding of q * scale.
+        assert (error <= per_element + np.abs(exact) * 2.0**-23).all()
+        # No value is clipped: each scale covers its chunk's largest magnitude.
+        assert (per_element * level_max(bits) >= np.abs(exact)).all()
+        assert payload[f"{key}.codes"].dtype == np.uint8
+        assert payload[f"{key}.codes"].shape == (math.ceil(value.size * bits / 8),)
+        assert scales.size == (1 if chunk_size == 0 else math.ceil(value.size / chunk))
+
+
+@pytest.mark.parametrize(
+    ("bits", "levels", "packed"),
+    [
+        # Levels 1, 0, -1, 1, 1 are codes 2, 1, 0, 2, 2, four to a byte.
+        (2, [1, 0, -1, 1, 1], [2 | 1 << 2 | 0 << 4 | 2 << 6, 2]),
+        # Levels 7, -7, 0 are codes 14, 0, 7, two to a byte.
+        (4, [7, -7, 0], [14 | 0 << 4, 7]),
+        (8, [127, -127, 3], [254, 0, 130]),
+    ],
+)
+def test_lowbit_packing_layout(bits, levels, packed):
+    """Values on a level at scale 0.5 round to that level, so the bytes are fixed."""
+    update = {"w": np.array(levels, np.float32) * np.float32(0.5)}
+    payload = get_codec("lowbit", {"bits": bits}).encode(update)
+    assert payload["w.codes"].tolist() == packed
+    assert payload["w.scale"].tolist() == [0.5]
+
+
+@pytest.mark.parametrize(("bits", "expected_bytes"), [(8, 1004), (4, 504), (2, 254)])
+def test_lowbit_payload_bytes(bits, expected_bytes):
+    update = {"w": np.random.default_rng(0).normal(size=1000).astype(np.float32)}
+    payload = get_codec("lowbit", {"bits": bits}).encode(update)
+    assert sum(array.nbytes for array in payload.values()) == expected_bytes
 
 
 @pytest.mark.parametrize("fraction", [0.01, 0.1, 1.0])
@@ -203,7 +331,10 @@ def test_randk_decoder_requires_seed():
         ("int8", {"chunk_size": 4}),
         ("int8", {"scale": 0.5}),
         ("topk", {"fraction": 0.3, "value_dtype": "float16"}),
+        ("topk", {"fraction": 0.3, "index_encoding": "bitmap", "value_dtype": "int8"}),
         ("randk", {"fraction": 0.3}),
+        ("lowbit", {"bits": 2}),
+        ("lowbit", {"bits": 4, "chunk_size": 16}),
     ],
 )
 def test_envelope_round_trip_per_codec(name, params):
@@ -230,9 +361,18 @@ def test_envelope_round_trip_per_codec(name, params):
         assert decoded.tensors[key].dtype == np.float32
 
 
-@pytest.mark.parametrize("name", ["fp16", "int8", "topk", "randk"])
-def test_encode_rejects_nan(name):
-    params = {"fraction": 0.5} if name in ("topk", "randk") else {}
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("fp16", {}),
+        ("int8", {}),
+        ("topk", {"fraction": 0.5}),
+        ("topk", {"fraction": 0.5, "index_encoding": "bitmap", "value_dtype": "int8"}),
+        ("randk", {"fraction": 0.5}),
+        ("lowbit", {"bits": 2}),
+    ],
+)
+def test_encode_rejects_nan(name, params):
     codec = get_codec(name, params)
     with pytest.raises(EnvelopeError, match=r"tensor 'w': it contains NaN or infinite"):
         codec.encode({"w": np.array([1.0, np.nan], np.float32)})
@@ -272,9 +412,22 @@ INVALID_PARAMS = [
     ),
     (
         "topk",
-        {"fraction": 0.1, "value_dtype": "int8"},
-        "value_dtype must be one of float32, float16, got 'int8'",
+        {"fraction": 0.1, "value_dtype": "int4"},
+        "value_dtype must be one of float32, float16, int8, got 'int4'",
     ),
+    (
+        "topk",
+        {"fraction": 0.1, "index_encoding": "int16"},
+        "index_encoding must be one of int32, bitmap, got 'int16'",
+    ),
+    ("topk", {"fraction": 0.1, "seed": -1}, "parameter seed must be between 0 and"),
+    ("lowbit", {}, "codec 'lowbit' requires parameter bits"),
+    ("lowbit", {"bits": 3}, "parameter bits must be one of 8, 4, 2, got 3"),
+    ("lowbit", {"bits": 16}, "parameter bits must be between 2 and 8, got 16"),
+    ("lowbit", {"bits": 4.0}, "parameter bits must be an integer, got 4.0"),
+    ("lowbit", {"bits": True}, "parameter bits must be an integer, got True"),
+    ("lowbit", {"bits": 2, "chunk_size": -1}, "parameter chunk_size must be between"),
+    ("lowbit", {"bits": 2, "scale": 0.1}, "codec 'lowbit' has no parameter 'scale'"),
     ("randk", {"fraction": 0.1, "seed": 2**63}, "parameter seed must be between 0 and"),
     (
         "randk",

@@ -15,7 +15,16 @@ ACCEPTED = [
     ("fp32", "masking", {}),
     ("int8", "masking", {"scale": 0.01}),
     ("fp32", "ckks", {}),
+    ("topk", "none", {"fraction": 0.1, "index_encoding": "bitmap"}),
+    (
+        "topk",
+        "none",
+        {"fraction": 0.1, "index_encoding": "bitmap", "value_dtype": "int8"},
+    ),
+    ("lowbit", "none", {"bits": 2}),
+    ("lowbit", "none", {"bits": 4, "chunk_size": 256}),
 ]
+BITMAP_INT8 = {"fraction": 0.1, "index_encoding": "bitmap", "value_dtype": "int8"}
 
 REJECTED = [
     ("topk", "masking", {"fraction": 0.1}, "a mask is non-zero on every coordinate"),
@@ -34,6 +43,24 @@ REJECTED = [
     ("int8", "ckks", {"scale": 0.01}, "quantizing adds error and saves nothing"),
     ("fp16", "ckks", {}, "choose codec fp32"),
     ("topk", "ckks", {"fraction": 0.1}, "kept positions differ"),
+    ("topk", "masking", BITMAP_INT8, "a mask is non-zero on every coordinate"),
+    (
+        "topk",
+        "masking",
+        {"fraction": 0.1, "value_dtype": "int8"},
+        "choose codec fp32, or int8 with a shared scale",
+    ),
+    ("topk", "ckks", BITMAP_INT8, "kept positions differ"),
+    ("lowbit", "masking", {"bits": 2}, "the sites' levels cannot be summed"),
+    ("lowbit", "masking", {"bits": 4}, "4- or 2-bit levels would save no bytes"),
+    (
+        "lowbit",
+        "masking",
+        {"bits": 8, "chunk_size": 64},
+        "choose int8 with a shared scale (params: {scale: clip / 127})",
+    ),
+    ("lowbit", "ckks", {"bits": 2}, "quantizing adds error and saves nothing"),
+    ("lowbit", "none", {"bits": 5}, "parameter bits must be one of 8, 4, 2"),
     ("fp32", "paillier", {}, "unknown secure_aggregation 'paillier'"),
     ("topk", "none", {"fraction": 2}, "parameter fraction must be greater than 0.0"),
 ]

@@ -5,7 +5,16 @@ import yaml
 from pydantic import ValidationError
 
 from medfed.contract.codecs import CompressionConfig
+from medfed.contract.config import parse_study_config
 from medfed.errors import ConfigError
+
+STUDY = {
+    "study": "heart",
+    "data": {"dataset": "heart_disease"},
+    "sites": [{"id": f"site-{index}"} for index in range(4)],
+    "model": {"name": "logistic_regression"},
+    "training": {"rounds": 1, "learning_rate": 0.1},
+}
 
 
 def test_default_is_fp32_without_zstd():
@@ -31,6 +40,57 @@ def test_yaml_section_loads():
     assert config.error_feedback is True
 
 
+def test_topk_bitmap_int8_section_loads():
+    section = yaml.safe_load(
+        """
+        codec: topk
+        params: {fraction: 0.1, index_encoding: bitmap, value_dtype: int8}
+        error_feedback: true
+        """
+    )
+    config = CompressionConfig.model_validate(section)
+
+    assert config.error_feedback is True
+    assert config.build_codec().params == {
+        "fraction": 0.1,
+        "value_dtype": "int8",
+        "index_encoding": "bitmap",
+    }
+
+
+def test_study_accepts_topk_bitmap_and_lowbit():
+    for compression in (
+        {
+            "codec": "topk",
+            "params": {
+                "fraction": 0.1,
+                "index_encoding": "bitmap",
+                "value_dtype": "int8",
+            },
+            "error_feedback": True,
+        },
+        {"codec": "lowbit", "params": {"bits": 2, "chunk_size": 256}},
+    ):
+        config = parse_study_config(STUDY | {"compression": compression})
+
+        assert config.compression.codec == compression["codec"]
+        assert config.compression.params == compression["params"]
+
+
+def test_study_rejects_lowbit_under_masking():
+    raw = STUDY | {
+        "secure_aggregation": "masking",
+        "compression": {"codec": "lowbit", "params": {"bits": 4}},
+    }
+
+    with pytest.raises(ConfigError) as caught:
+        parse_study_config(raw)
+
+    message = str(caught.value)
+    assert "compression (codec 'lowbit')" in message
+    assert "choose int8 with a shared scale" in message
+
+
 @pytest.mark.parametrize(
     ("section", "message"),
     [
@@ -43,6 +103,14 @@ def test_yaml_section_loads():
         (
             {"codec": "int8", "params": {"chunk_size": True}},
             "parameter chunk_size must be an integer, got True",
+        ),
+        (
+            {"codec": "topk", "params": {"fraction": 0.1, "index_encoding": "bits"}},
+            "index_encoding must be one of int32, bitmap, got 'bits'",
+        ),
+        (
+            {"codec": "lowbit", "params": {"bits": 1}},
+            "parameter bits must be between 2 and 8, got 1",
         ),
         ({"codec": "fp16", "level": 3}, "level"),
         ({"zstd": "maybe"}, "zstd"),

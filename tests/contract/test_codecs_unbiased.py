@@ -1,4 +1,5 @@
-"""Statistical checks that int8 and rescaled randk are unbiased.
+"""Statistical checks that int8, lowbit, topk's int8 values and rescaled randk
+are unbiased.
 
 Each test averages many decodes of one fixed tensor and compares the mean to
 the tensor, with a tolerance of 5 standard errors computed from the codec's
@@ -47,6 +48,34 @@ def test_int8_per_tensor_scale_unbiased():
         total += codec.decode(codec.encode({"w": values}), specs)["w"]
     bias = np.abs(total / TRIALS - values.astype(np.float64))
     assert (bias <= 5 * (scale / 2) / np.sqrt(TRIALS)).all()
+
+
+def test_lowbit_two_bits_unbiased():
+    # The scale is max|x| = 1, so the levels are -1, 0 and 1 and rounding to
+    # nearest would be off by 0.3 on 0.3 and -0.7, 27 standard errors.
+    values = np.array([0.3, -0.7, 0.5, 1.0, -1.0, 0.0, 0.05], dtype=np.float32)
+    specs = [("w", (values.size,), "float32")]
+    total = np.zeros(values.size)
+    for seed in range(TRIALS):
+        codec = get_codec("lowbit", {"bits": 2, "seed": seed})
+        total += codec.decode(codec.encode({"w": values}), specs)["w"]
+    bias = np.abs(total / TRIALS - values.astype(np.float64))
+    assert (bias <= 5 * (1.0 / 2) / np.sqrt(TRIALS)).all()
+
+
+def test_topk_int8_values_unbiased():
+    # Half the values are kept, the largest five; their scale is 1 / 127.
+    kept = np.array([1.0, -0.5, 0.3 * STEP, 0.7 * STEP + 0.25, -0.9])
+    values = np.concatenate([kept, [0.1 * STEP] * 5]).astype(np.float32)
+    specs = [("w", (values.size,), "float32")]
+    total = np.zeros(values.size)
+    for seed in range(TRIALS):
+        params = {"fraction": 0.5, "value_dtype": "int8", "seed": seed}
+        codec = get_codec("topk", params | {"index_encoding": "bitmap"})
+        total += codec.decode(codec.encode({"w": values}), specs)["w"]
+    bias = np.abs(total[:5] / TRIALS - values[:5].astype(np.float64))
+    assert (bias <= 5 * (STEP / 2) / np.sqrt(TRIALS)).all()
+    assert (total[5:] == 0).all()
 
 
 def test_randk_rescaled_unbiased():

@@ -21,6 +21,7 @@ import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from medfed.contract.wire import EnvelopeLimits, decode_envelope, encode_envelope
@@ -45,7 +46,13 @@ CODECS = [
     ("int8", {"chunk_size": 8}),
     ("int8", {"scale": 0.01}),
     ("topk", {"fraction": 0.2}),
+    ("topk", {"fraction": 0.2, "index_encoding": "bitmap"}),
+    ("topk", {"fraction": 0.2, "index_encoding": "bitmap", "value_dtype": "int8"}),
+    ("topk", {"fraction": 0.2, "value_dtype": "int8"}),
     ("randk", {"fraction": 0.2}),
+    ("lowbit", {"bits": 8}),
+    ("lowbit", {"bits": 4, "chunk_size": 5}),
+    ("lowbit", {"bits": 2}),
 ]
 FUZZ = settings(
     max_examples=int(os.environ.get("MEDFED_FUZZ_EXAMPLES", "150")),
@@ -258,6 +265,56 @@ def test_sparse_codecs_take_shape_from_header():
     assert outcome.tensors["w"].shape == (6, 4)
 
 
+# Codecs with packed arrays (bitmaps, low-bit codes), whose bytes the fuzz
+# test draws at random.
+PACKED_CODECS = [
+    ("topk", {"fraction": 0.2, "index_encoding": "bitmap"}, ".bitmap"),
+    (
+        "topk",
+        {"fraction": 0.2, "index_encoding": "bitmap", "value_dtype": "int8"},
+        ".bitmap",
+    ),
+    ("lowbit", {"bits": 4, "chunk_size": 5}, ".codes"),
+    ("lowbit", {"bits": 2}, ".codes"),
+]
+
+
+@FUZZ
+@given(codec=st.sampled_from(PACKED_CODECS), data=st.data())
+def test_random_packed_bytes_decode_or_rejected(codec, data):
+    """Random bytes in a bitmap, code or value array, at the declared length
+    or one element short, decode or raise EnvelopeError within the budget."""
+    name, params, suffix = codec
+    header, payload = split(make_envelope(name, params))
+    arrays = dict(load_safetensors(payload))
+    # Sorted, because the safetensors reader returns arrays in no fixed order.
+    for key in sorted(arrays):
+        if key.endswith(suffix) or key.endswith(".values"):
+            size = data.draw(st.sampled_from([arrays[key].size, arrays[key].size - 1]))
+            raw = data.draw(st.binary(min_size=size * arrays[key].itemsize))
+            arrays[key] = np.frombuffer(
+                raw[: size * arrays[key].itemsize], arrays[key].dtype
+            ).copy()
+    outcome, peak = decode_measured(pack(header, save_safetensors(arrays)))
+    assert peak <= PEAK_BUDGET
+    if not isinstance(outcome, EnvelopeError):
+        assert outcome.tensors["w"].shape == (4, 6)
+        assert np.isfinite(outcome.tensors["w"]).all()
+
+
+def test_bitmap_padding_bit_rejected():
+    params = {"fraction": 0.2, "index_encoding": "bitmap", "value_dtype": "int8"}
+    header, payload = split(make_envelope("topk", params))
+    arrays = dict(load_safetensors(payload))
+    # 24 elements fill 3 bytes, so the scalar "b" carries the padding: its
+    # bitmap byte uses bit 0 and bits 1-7 must be zero.
+    arrays["b.bitmap"] = arrays["b.bitmap"] | np.uint8(0b10)
+    assert_rejected(
+        pack(header, save_safetensors(arrays)),
+        "'b.bitmap' has a padding bit set after element 0",
+    )
+
+
 def test_codec_swap_rejected():
     """An int8 payload labelled fp32 names the first array the codec misses."""
     header, payload = split(make_envelope("int8", {"chunk_size": 8}))
@@ -447,6 +504,9 @@ HEADER_PATHS = [
     ("codec", "name"),
     ("codec", "params"),
     ("codec", "params", "chunk_size"),
+    ("codec", "params", "bits"),
+    ("codec", "params", "index_encoding"),
+    ("codec", "params", "value_dtype"),
     ("compression",),
     ("tensors",),
     ("tensors", 0),
@@ -460,9 +520,11 @@ HEADER_PATHS = [
 
 
 @FUZZ
-@given(path=st.sampled_from(HEADER_PATHS), value=JSON_VALUES)
-def test_random_header_field_decodes_or_rejected(path, value):
-    header, payload = split(make_envelope("int8", {"chunk_size": 8}))
+@given(
+    codec=st.sampled_from(CODECS), path=st.sampled_from(HEADER_PATHS), value=JSON_VALUES
+)
+def test_random_header_field_decodes_or_rejected(codec, path, value):
+    header, payload = split(make_envelope(*codec))
     target = header
     for key in path[:-1]:
         target = target[key]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import yaml
 from safetensors.numpy import load_file
 
@@ -84,9 +85,19 @@ def test_topk_rounds_with_error_feedback(tmp_path: Path, data_root: Path) -> Non
         assert np.count_nonzero(residual["linear.weight"]) >= 11, site
 
 
-def test_runner_envelope_names_codec(tmp_path: Path, data_root: Path) -> None:
+@pytest.mark.parametrize(
+    ("codec", "params"),
+    [
+        ("int8", {"chunk_size": 4}),
+        ("topk", {"fraction": 0.25, "value_dtype": "int8", "index_encoding": "bitmap"}),
+        ("lowbit", {"bits": 2, "chunk_size": 4}),
+    ],
+)
+def test_runner_envelope_names_codec(
+    tmp_path: Path, data_root: Path, codec: str, params: dict[str, Any]
+) -> None:
     config = compressed_config(
-        "compressed-int8", {"codec": "int8", "params": {"chunk_size": 4}}
+        f"compressed-{codec}", {"codec": codec, "params": params}
     )
     sites = [site.id for site in config.sites]
     initial = weights_to_safetensors(
@@ -113,6 +124,6 @@ def test_runner_envelope_names_codec(tmp_path: Path, data_root: Path) -> None:
     (upload,) = store.list_uploads(config.study, 0)
     header, _ = read_header(upload.envelope)
     assert report.status == "uploaded"
-    assert header.codec.name == "int8"
-    assert header.codec.params == {"chunk_size": 4}
+    assert header.codec.name == codec
+    assert header.codec.params == params
     assert header.compression == "none"

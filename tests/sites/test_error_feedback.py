@@ -16,8 +16,12 @@ LOSSY = [
     ("fp16", {}),
     ("int8", {"chunk_size": 4, "seed": 3}),
     ("topk", {"fraction": 0.1}),
+    ("topk", {"fraction": 0.1, "index_encoding": "bitmap", "value_dtype": "int8"}),
+    ("topk", {"fraction": 0.3, "index_encoding": "bitmap", "value_dtype": "float16"}),
     ("randk", {"fraction": 0.2}),
     ("randk", {"fraction": 0.2, "rescale": False}),
+    ("lowbit", {"bits": 2, "seed": 5}),
+    ("lowbit", {"bits": 4, "chunk_size": 3}),
 ]
 
 tensors = hnp.arrays(
@@ -84,6 +88,54 @@ def test_topk_error_feedback_sends_everything_eventually(tmp_path):
     # What was sent plus what is held equals everything the site had.
     assert np.allclose(sent + residual, 100 * update["w"], rtol=1e-5)
     assert (sent > 0).all()
+
+
+def test_topk_int8_residual_holds_rounding_error(tmp_path):
+    """The residual is the whole error: the dropped values, and on the kept
+    positions the int8 rounding error of the sent values."""
+    params = {"fraction": 0.25, "index_encoding": "bitmap", "value_dtype": "int8"}
+    update = {"w": np.linspace(-1, 1, 40, dtype=np.float32) ** 3}
+    feedback = ErrorFeedback(
+        get_codec("topk", params | {"seed": 2}), state_dir=tmp_path
+    )
+    payload = feedback.encode(update)
+    feedback.commit()
+    residual = load_file(tmp_path / RESIDUAL_FILE_NAME)["w"]
+    kept = np.unpackbits(payload["w.bitmap"], count=40, bitorder="little").astype(bool)
+    scale = payload["w.scale"][0]
+    sent = payload["w.values"].astype(np.float32) * scale
+
+    assert np.array_equal(bits(residual[~kept]), bits(update["w"][~kept]))
+    assert np.array_equal(bits(residual[kept]), bits(update["w"][kept] - sent))
+    assert (np.abs(residual[kept]) < scale).all()
+    # Stochastic rounding leaves some error on the kept values.
+    assert np.count_nonzero(residual[kept]) > 0
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("topk", {"fraction": 0.1, "index_encoding": "bitmap", "value_dtype": "int8"}),
+        ("lowbit", {"bits": 2, "chunk_size": 16}),
+    ],
+)
+def test_error_feedback_sends_total_update(tmp_path, name, params):
+    """What the rounds sent plus the residual held is the sum of the updates."""
+    rng = np.random.default_rng(8)
+    feedback = ErrorFeedback(get_codec(name, params | {"seed": 1}), state_dir=tmp_path)
+    total = np.zeros(200)
+    sent = np.zeros(200)
+    for _ in range(30):
+        update = {"w": rng.normal(0, 0.01, 200).astype(np.float32)}
+        payload = feedback.encode(update)
+        feedback.commit()
+        sent += get_codec(name, feedback.params).decode(payload, specs_of(update))["w"]
+        total += update["w"]
+    residual = feedback.load_residual({"w": total})["w"]
+    # Each round adds float32 rounding of about 1e-9 per element.
+    # A residual that missed the rounding error of the sent values would be
+    # off by up to one scale (over 1e-4 here) per element and round.
+    assert np.allclose(sent + residual, total, rtol=0, atol=1e-6)
 
 
 def test_encode_without_commit_keeps_residual(tmp_path):

@@ -1,15 +1,24 @@
 """Update codecs, registered by name (see ``base.Codec``).
 
-Built in: ``fp32`` (lossless), ``fp16``, ``int8`` (stochastic rounding),
-``topk`` and ``randk`` (sparsification), ``masked``, which carries the
-ring elements of secure aggregation's masking protocol, and ``ckks``, which
-carries CKKS ciphertexts. The ``secure_aggregation`` setting chooses the last
-two, not ``compression``.
+Built in: ``fp32`` (lossless), ``fp16``, ``int8`` and ``lowbit`` (8, 4 or
+2 bits, stochastic rounding), ``topk`` and ``randk`` (sparsification),
+``masked``, which carries the ring elements of secure aggregation's masking
+protocol, and ``ckks``, which carries CKKS ciphertexts. The
+``secure_aggregation`` setting chooses the last two, not ``compression``.
 ``check_codec_compatibility`` rejects the codecs that do not compose with a
 secure aggregation mode.
 """
 
-from medfed.contract.codecs import ckks, fp16, fp32, int8, masked, randk, topk
+from medfed.contract.codecs import (
+    ckks,
+    fp16,
+    fp32,
+    int8,
+    lowbit,
+    masked,
+    randk,
+    topk,
+)
 from medfed.contract.codecs.base import (
     CODECS,
     Codec,
@@ -36,6 +45,7 @@ __all__ = [
     "fp32",
     "get_codec",
     "int8",
+    "lowbit",
     "masked",
     "randk",
     "topk",

@@ -17,11 +17,17 @@ so it takes 32 or 64 bits on the wire whatever codec produced it. Hence:
 - ``int8`` with per-tensor or per-chunk scales: rejected, because each site
   picks its scales from its own data, and integers at different scales
   cannot be summed. Setting ``scale`` fixes that.
+- ``lowbit`` (8, 4 or 2 bits): rejected. Each site picks its scales from
+  its own data, so the sites' levels cannot be summed, and a 4- or 2-bit
+  level would still fill a 32-bit ring word, so a shared-scale variant would
+  add rounding error and save no bytes. int8 with a shared scale is the
+  quantized choice under masking.
 - ``fp16``: rejected. Float16 bit patterns cannot be summed in a ring, and
   the masking layer would widen the values back to ring words.
-- ``topk``, ``randk``: rejected. A mask is non-zero on every coordinate, so
-  a masked sparse update is as large as a dense one. The sites' kept
-  positions also differ, so the sum of their sparse supports is wrong.
+- ``topk``, ``randk``, whatever their index encoding and value dtype:
+  rejected. A mask is non-zero on every coordinate, so a masked sparse
+  update is as large as a dense one. The sites' kept positions also differ,
+  so the sum of their sparse supports is wrong.
 
 CKKS encrypts a dense vector of floats, and the ciphertext size depends on
 the encryption parameters (polynomial degree, modulus chain), not on the
@@ -81,6 +87,15 @@ def _check_masking(codec_name: str, dense: bool, linear: bool) -> None:
             "from its own data, so the sites' integers cannot be summed; set "
             "the shared scale instead (params: {scale: clip / 127}) or choose "
             "codec fp32"
+        )
+    if codec_name == "lowbit":
+        raise ConfigError(
+            "codec 'lowbit' does not compose with secure_aggregation 'masking': "
+            "each site picks its scales from its own data, so the sites' levels "
+            "cannot be summed, and masked values fill the 32-bit ring whatever "
+            "their width, so 4- or 2-bit levels would save no bytes; choose int8 "
+            "with a shared scale (params: {scale: clip / 127}) for quantized "
+            "updates under masking, or codec fp32"
         )
     if not dense:
         reason = (

@@ -28,7 +28,8 @@ class CompressionConfig(BaseModel):
     """Compression settings of a study, applied by every site to its update.
 
     Attributes:
-        codec: a registered codec name (fp32, fp16, int8, topk, randk).
+        codec: a registered codec name (fp32, fp16, int8, lowbit, topk,
+            randk).
         params: the codec's parameters; see each codec's docstring.
         zstd: compress the envelope payload with zstd as well.
         error_feedback: carry each lossy codec's error into the next round

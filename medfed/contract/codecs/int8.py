@@ -40,6 +40,13 @@ from medfed.contract.codecs.params import (
     check_number,
     check_update_tensor,
 )
+from medfed.contract.codecs.quantize import (
+    check_scales,
+    chunk_count,
+    dequantize,
+    quantize_chunks,
+    stochastic_levels,
+)
 from medfed.errors import ConfigError, EnvelopeError
 
 __all__ = ["QUANT_MAX", "Int8Codec"]
@@ -117,23 +124,15 @@ class Int8Codec(Codec):
         for key, value in update.items():
             flat = check_update_tensor(self.name, key, value).reshape(-1)
             if self.scale is not None:
-                scales = np.full(1, self.scale, dtype=np.float32)
-                steps = np.clip(flat / np.float64(scales[0]), -QUANT_MAX, QUANT_MAX)
+                scale = np.float64(np.float32(self.scale))
+                steps = np.clip(flat / scale, -QUANT_MAX, QUANT_MAX)
+                levels = stochastic_levels(steps, self._rng, QUANT_MAX)
             else:
-                scales = self._chunk_scales(flat)
-                per_element = self._expand(scales, flat.size).astype(np.float64)
-                steps = np.divide(
-                    flat,
-                    per_element,
-                    out=np.zeros(flat.size),
-                    where=per_element > 0,
+                levels, scales = quantize_chunks(
+                    flat, self.chunk_size, QUANT_MAX, self._rng
                 )
                 arrays[f"{key}.scale"] = scales
-            quantized = np.floor(steps + self._rng.random(flat.size))
-            # steps + u can round up to 128.0 in float64 when u is within
-            # 2**-46 of 1, so the clip matters with probability ~1e-14.
-            np.clip(quantized, -QUANT_MAX, QUANT_MAX, out=quantized)
-            arrays[f"{key}.q"] = quantized.astype(np.int8).reshape(np.shape(value))
+            arrays[f"{key}.q"] = levels.astype(np.int8).reshape(np.shape(value))
         return arrays
 
     def decode(
@@ -156,42 +155,12 @@ class Int8Codec(Codec):
                 scales = np.full(1, self.scale, dtype=np.float32)
             else:
                 scales = require_array(
-                    payload, f"{name}.scale", (self._chunk_count(size),), "float32"
+                    payload,
+                    f"{name}.scale",
+                    (chunk_count(size, self.chunk_size),),
+                    "float32",
                 )
-                if not (np.isfinite(scales).all() and (scales >= 0).all()):
-                    raise EnvelopeError(
-                        f"payload array {name + '.scale'!r} contains a negative, NaN "
-                        "or infinite scale"
-                    )
-            flat = quantized.reshape(-1).astype(np.float32)
-            if self.scale is not None or self.chunk_size == 0:
-                flat *= scales[0]
-            else:
-                flat *= self._expand(scales, size)
-            tensors[name] = flat.reshape(shape)
+                check_scales(f"{name}.scale", scales)
+            chunk_size = 0 if self.scale is not None else self.chunk_size
+            tensors[name] = dequantize(quantized, scales, chunk_size).reshape(shape)
         return tensors
-
-    def _chunk_count(self, size: int) -> int:
-        if self.chunk_size == 0:
-            return 1
-        return -(-size // self.chunk_size)
-
-    def _expand(self, scales: np.ndarray, size: int) -> np.ndarray:
-        """Return one scale per element from one scale per chunk."""
-        if self.chunk_size == 0:
-            return np.full(size, scales[0], dtype=np.float32)
-        return np.repeat(scales, self.chunk_size)[:size]
-
-    def _chunk_scales(self, flat: np.ndarray) -> np.ndarray:
-        """Return the float32 scale of each chunk: the least >= max|x| / 127."""
-        chunk = self.chunk_size or max(flat.size, 1)
-        count = self._chunk_count(flat.size)
-        padded = np.zeros(count * chunk, dtype=np.float32)
-        padded[: flat.size] = np.abs(flat)
-        peaks = padded.reshape(count, chunk).max(axis=1).astype(np.float64)
-        scales = (peaks / QUANT_MAX).astype(np.float32)
-        # Rounding to float32 may land one step below max|x| / 127, which
-        # would push x / scale past 127 and into the clip; one step up fixes it.
-        short = scales.astype(np.float64) * QUANT_MAX < peaks
-        scales[short] = np.nextafter(scales[short], np.float32(np.inf))
-        return scales
