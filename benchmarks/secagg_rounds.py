@@ -142,6 +142,8 @@ def study_config(model: str, site_count: int, variant: str) -> StudyConfig:
 
 def initial_model(config: StudyConfig) -> bytes:
     """Return the study's initial model with its settings, as the flow builds it."""
+    # NOTE: a copy of ``_Coordinator._initial_model`` in medfed/flows/training.py,
+    # which is private to the flow; keep the two in step.
     strategy = config.strategy
     settings = {
         "sites": [site.id for site in config.sites],
@@ -306,7 +308,7 @@ class BenchSite:
         )
 
     def _encryptor(self) -> CkksEncryptor:
-        # The site runner loads the secret context from disk for every upload.
+        # Read from disk for every upload, as ``SiteRunner`` does.
         context = load_secret_context(self.config, self.study_dir, None)
         return CkksEncryptor(
             context,
@@ -656,7 +658,9 @@ def main() -> None:
         default=list(SITE_COUNTS),
         help="numbers of sites to measure",
     )
-    parser.add_argument("--output", type=Path, default=RESULTS, help="JSON to write")
+    parser.add_argument(
+        "--output", type=Path, default=RESULTS, help="path of the JSON results"
+    )
     arguments = parser.parse_args()
 
     started = time.monotonic()
