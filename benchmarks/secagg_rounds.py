@@ -1,0 +1,733 @@
+"""Time plain, masking and CKKS rounds through the real aggregation service.
+
+The script starts the aggregation service as ``medfed run`` does in local
+mode (``python -m medfed.aggregation`` on 127.0.0.1, plain HTTP). It drives
+whole rounds over HTTP with 4, 10 and 20 sites for two models: the
+heart-disease logistic regression (``configs/heart_disease.yaml``, 16
+parameters) and the pneumonia GroupNorm ResNet (``configs/pneumonia.yaml``,
+``resnet_gn`` widths 16/32/64, 77,169 parameters). Each site runs in its own
+thread of this process and uses the product's site code: ``AggregationClient``
+for every request, ``MaskingSite`` and ``MaskingClient`` for masking, the
+``ckks`` codec with the secret context from ``load_secret_context`` for
+CKKS, and ``SiteRunner.decrypt_sum`` (the flow's ``site_decrypt`` task) for
+the decrypting site. The coordinator's part (open, finalize, have the first
+contributor decrypt, finalize again) follows the ``federated_training`` flow.
+
+Each site uploads a fixed random delta of the model's exact tensor shapes,
+the same every round, so no local training is timed. Round time here is
+protocol, transfer and aggregation overhead, the part that the
+secure-aggregation modes change. It runs from the coordinator opening the
+round to the finalize call that publishes the new model version. For CKKS
+that version is built from the decrypted aggregate, so the time includes the
+decryption. Every site downloads the round's base model first, as in a real
+round.
+
+Sites share the machine's cores and this process's GIL, so their compute is
+serialized here, where real hospitals would compute in parallel. Loopback
+HTTP, on the other hand, has none of the latency of a hospital's network
+link, which each extra request of the masking protocol would pay.
+
+Bytes are counted per site with an httpx request hook: the body of every
+request a site sends (its update envelope plus, under masking, the protocol
+messages as JSON, plus for the decrypting CKKS site the decrypted sum), and
+separately the request lines and headers including every poll.
+
+Besides the three modes, a fourth variant runs masking with sites that poll
+every 20 ms in place of ``MaskingClient``'s default of 0.2 s, to show how much
+of a masking round is spent between polls. Each (model, sites, variant) cell
+is one study. It runs one warm-up round, then ``--repeats`` timed rounds. The
+variants take turns round by round, in an order that rotates each repeat, so
+that load on the shared machine affects them alike. Results go to
+``benchmarks/results/secagg_rounds.json``; the figures are discussed on
+``docs/benchmarks-secagg.md``.
+
+Run from the repository root::
+
+    PYTHONPATH=. python benchmarks/secagg_rounds.py [--repeats 9]
+"""
+
+import argparse
+import inspect
+import json
+import os
+import platform
+import secrets
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import yaml
+
+from medfed.contract.codecs.ckks import CkksEncryptor
+from medfed.contract.config import StudyConfig, parse_study_config
+from medfed.contract.secagg import MaskingSite, VectorLayout
+from medfed.contract.wire import encode_envelope
+from medfed.flows.local import LocalAggregationService
+from medfed.sites.ckks_keys import ensure_local_secret_contexts, load_secret_context
+from medfed.sites.client import AggregationClient
+from medfed.sites.compression import build_update_encoder
+from medfed.sites.runner import (
+    SiteRunner,
+    initial_model_weights,
+    weights_to_safetensors,
+)
+from medfed.sites.secagg_client import MaskingClient, MaskingRoundCost
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "secagg_rounds.json"
+SITE_COUNTS = (4, 10, 20)
+#: Variant name: the study's ``secure_aggregation.mode`` and the masking
+#: client's poll interval in seconds (None: ``MaskingClient``'s default, as
+#: ``SiteRunner`` uses it). The 20 ms variant shows how much of a masking
+#: round is spent waiting between polls.
+VARIANTS: dict[str, tuple[str, float | None]] = {
+    "none": ("none", None),
+    "masking": ("masking", None),
+    "masking_poll_20ms": ("masking", 0.02),
+    "ckks": ("ckks", None),
+}
+DEFAULT_POLL_SECONDS = (
+    inspect.signature(MaskingClient).parameters["poll_interval"].default
+)
+#: Model name in the results, and the study config whose model it is.
+MODELS = {
+    "logistic_regression": REPO / "configs" / "heart_disease.yaml",
+    "resnet_gn": REPO / "configs" / "pneumonia.yaml",
+}
+SAMPLE_COUNT = 200
+#: Standard deviation of the random update values. It is far inside the
+#: default clip of 1.0, so no value is clipped.
+DELTA_SCALE = 0.01
+#: Largest error of a published weight against base + mean delta. Masking
+#: rounds each weighted value to the nearest 2^-10, and a CKKS sum leaves the
+#: decrypting site rounded to about 1e-3 (``round_for_release``). Divided by
+#: the total sample count (200 per site), both stay below 3e-6.
+MAX_ABS_ERROR = 1e-4
+#: Targets against plain: masking bytes and round time at 10 sites, CKKS
+#: bytes at every number of sites.
+TARGET_SITES = 10
+MASKING_BYTES_TARGET = 1.1
+MASKING_TIME_TARGET = 1.2
+CKKS_BYTES_TARGET = 16.0
+
+
+def study_config(model: str, site_count: int, variant: str) -> StudyConfig:
+    """Return the model's study config for ``site_count`` sites and ``variant``.
+
+    Only the sites, the study id and ``secure_aggregation.mode`` change, so
+    the encoding and CKKS parameters are the schema's defaults that the
+    studies use. DP is off because no site trains.
+    """
+    raw = yaml.safe_load(MODELS[model].read_text(encoding="utf-8"))
+    # Ids of equal length, because the envelope header carries the study id
+    # and the byte ratios between variants should not depend on it.
+    model_number = list(MODELS).index(model)
+    variant_number = list(VARIANTS).index(variant)
+    raw["study"] = f"bench-{model_number}-{site_count:02d}-{variant_number}"
+    # No site reads data, so the sites need only their ids.
+    raw["sites"] = [{"id": f"site-{index:02d}"} for index in range(site_count)]
+    raw["privacy"] = {"enabled": False}
+    raw["secure_aggregation"] = {"mode": VARIANTS[variant][0]}
+    return parse_study_config(raw, source=str(MODELS[model]))
+
+
+def initial_model(config: StudyConfig) -> bytes:
+    """Return the study's initial model with its settings, as the flow builds it."""
+    # NOTE: a copy of ``_Coordinator._initial_model`` in medfed/flows/training.py,
+    # which is private to the flow; keep the two in step.
+    strategy = config.strategy
+    settings = {
+        "sites": [site.id for site in config.sites],
+        "strategy": strategy.name,
+        "strategy_params": strategy.params,
+        "wrappers": [[wrapper.name, wrapper.params] for wrapper in strategy.wrappers],
+        "secure_aggregation": config.secure_aggregation.model_dump(mode="json"),
+        "compression": {
+            "codec": config.compression.codec,
+            "params": config.compression.params,
+        },
+        "local_layers": list(strategy.local_layers),
+    }
+    return weights_to_safetensors(
+        initial_model_weights(config),
+        metadata={"medfed_study_settings": json.dumps(settings)},
+    )
+
+
+# Traffic
+
+
+@dataclass
+class Traffic:
+    """Bytes one client sent and received over HTTP."""
+
+    body_bytes_sent: int = 0
+    #: Request lines and headers as httpx sends them over HTTP/1.1.
+    head_bytes_sent: int = 0
+    body_bytes_received: int = 0
+    requests: int = 0
+
+    def minus(self, earlier: "Traffic") -> "Traffic":
+        return Traffic(
+            **{
+                name: value - getattr(earlier, name)
+                for name, value in asdict(self).items()
+            }
+        )
+
+
+class MeteredClient:
+    """An ``AggregationClient`` whose HTTP client counts every request's bytes."""
+
+    def __init__(self, base_url: str) -> None:
+        self.traffic = Traffic()
+        self._lock = threading.Lock()
+        http = httpx.Client(
+            base_url=base_url,
+            timeout=120.0,
+            trust_env=False,
+            event_hooks={
+                "request": [self._on_request],
+                "response": [self._on_response],
+            },
+        )
+        self.client = AggregationClient(base_url, http_client=http)
+
+    def snapshot(self) -> Traffic:
+        with self._lock:
+            return Traffic(**asdict(self.traffic))
+
+    def _on_request(self, request: httpx.Request) -> None:
+        head = len(f"{request.method} {request.url.raw_path.decode()} HTTP/1.1\r\n")
+        head += sum(len(name) + len(value) + 4 for name, value in request.headers.raw)
+        with self._lock:
+            self.traffic.requests += 1
+            self.traffic.head_bytes_sent += head + 2
+            self.traffic.body_bytes_sent += len(request.content)
+
+    def _on_response(self, response: httpx.Response) -> None:
+        response.read()
+        with self._lock:
+            self.traffic.body_bytes_received += len(response.content)
+
+
+# Sites
+
+
+@dataclass
+class SiteResult:
+    site: str
+    envelope_bytes: int
+    traffic: Traffic
+    seconds: float
+    #: Masking only: the site's ``MaskingRoundCost``, from advertising keys to
+    #: revealing shares (wall) and in its own protocol steps (compute).
+    masking_wall_seconds: float | None = None
+    masking_compute_seconds: float | None = None
+
+
+@dataclass
+class BenchSite:
+    """One site of a study: its client, state folder and fixed update."""
+
+    name: str
+    config: StudyConfig
+    state_dir: Path
+    metered: MeteredClient
+    delta: dict[str, np.ndarray]
+    poll_interval: float | None
+
+    def run_round(self, round_number: int) -> SiteResult:
+        """Download the base model and upload the update in the study's mode."""
+        started = time.perf_counter()
+        before = self.metered.snapshot()
+        client = self.metered.client
+        study = self.config.study
+        client.download_round_model(study, round_number)
+        mode = self.config.secure_aggregation.mode
+        cost = None
+        if mode == "masking":
+            envelope, cost = self._upload_masked(round_number)
+        elif mode == "ckks":
+            envelope = self._envelope(round_number, codec=self._encryptor())
+            client.upload(study, round_number, self.name, envelope)
+        else:
+            encoder = build_update_encoder(
+                self.config.compression, state_dir=self.study_dir
+            )
+            envelope = self._envelope(
+                round_number,
+                codec=encoder,
+                compression=self.config.compression.envelope_compression,
+            )
+            client.upload(study, round_number, self.name, envelope)
+        return SiteResult(
+            site=self.name,
+            envelope_bytes=len(envelope),
+            traffic=self.metered.snapshot().minus(before),
+            seconds=time.perf_counter() - started,
+            masking_wall_seconds=cost.wall_seconds if cost else None,
+            masking_compute_seconds=cost.compute_seconds if cost else None,
+        )
+
+    def decrypt(self, round_number: int) -> SiteResult:
+        """Decrypt the round's sum with the product's ``site_decrypt`` code."""
+        started = time.perf_counter()
+        before = self.metered.snapshot()
+        runner = SiteRunner(self.config, self.name, self.state_dir)
+        report = runner.decrypt_sum(self.metered.client, round_number)
+        return SiteResult(
+            site=self.name,
+            envelope_bytes=int(report["bytes_uploaded"]),
+            traffic=self.metered.snapshot().minus(before),
+            seconds=time.perf_counter() - started,
+        )
+
+    @property
+    def study_dir(self) -> Path:
+        return SiteRunner(self.config, self.name, self.state_dir).study_dir
+
+    def _envelope(self, round_number: int, **codec: Any) -> bytes:
+        return encode_envelope(
+            self.delta,
+            study=self.config.study,
+            round_number=round_number,
+            site=self.name,
+            sample_count=SAMPLE_COUNT,
+            nonce=secrets.token_hex(16),
+            **codec,
+        )
+
+    def _encryptor(self) -> CkksEncryptor:
+        # Read from disk for every upload, as ``SiteRunner`` does.
+        context = load_secret_context(self.config, self.study_dir, None)
+        return CkksEncryptor(
+            context,
+            sample_count=SAMPLE_COUNT,
+            clip=self.config.secure_aggregation.clip,
+        )
+
+    def _upload_masked(self, round_number: int) -> tuple[bytes, MaskingRoundCost]:
+        """Run the masking protocol as ``SiteRunner`` does, with its defaults."""
+        secure = self.config.secure_aggregation
+        site = MaskingSite(
+            site=self.name,
+            study=self.config.study,
+            round_number=round_number,
+            encoding=secure.encoding(
+                len(self.config.sites), self.config.compression.build_codec()
+            ),
+        )
+        client = self.metered.client
+        sent: dict[str, bytes] = {}
+
+        def upload(envelope: bytes) -> None:
+            sent["envelope"] = envelope
+            client.upload(self.config.study, round_number, self.name, envelope)
+
+        masking_client = MaskingClient(
+            client.base_url,
+            http_client=client.http_client,
+            poll_interval=self.poll_interval or DEFAULT_POLL_SECONDS,
+        )
+        cost = masking_client.run_round(
+            site,
+            self.delta,
+            sample_count=SAMPLE_COUNT,
+            wait_seconds=self.config.round.deadline_seconds,
+            upload=upload,
+        )
+        return sent["envelope"], cost
+
+
+# Studies and rounds
+
+
+@dataclass
+class Cell:
+    """One (model, sites, variant) study on the service and its rounds."""
+
+    model: str
+    variant: str
+    config: StudyConfig
+    sites: list[BenchSite]
+    coordinator: MeteredClient
+    pool: ThreadPoolExecutor
+    weights: dict[str, np.ndarray]
+    next_round: int = 0
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def mode(self) -> str:
+        return self.config.secure_aggregation.mode
+
+    def run_round(self) -> dict[str, Any]:
+        """Run one round from opening to the new model version; return its figures."""
+        round_number = self.next_round
+        study = self.config.study
+        names = [site.name for site in self.sites]
+        load = os.getloadavg()[0]
+
+        started = time.perf_counter()
+        self.coordinator.client.open_round(
+            study,
+            round_number,
+            sites=names,
+            quorum=self.config.quorum,
+            deadline_seconds=self.config.round.deadline_seconds,
+        )
+        futures = [
+            self.pool.submit(site.run_round, round_number) for site in self.sites
+        ]
+        results = [future.result() for future in futures]
+        uploaded = time.perf_counter()
+
+        status = self.coordinator.client.finalize(study, round_number)
+        decrypted = None
+        if status["state"] == "open" and "ckks" in status:
+            # The flow tries the contributors in sorted order, and here the
+            # first one succeeds.
+            first = sorted(status["ckks"]["contributors"])[0]
+            decrypting = next(site for site in self.sites if site.name == first)
+            decrypted = decrypting.decrypt(round_number)
+            status = self.coordinator.client.finalize(study, round_number)
+        finished = time.perf_counter()
+
+        if status["state"] != "finalized":
+            raise RuntimeError(
+                f"round {round_number} of study {study} ended {status['state']}: "
+                f"{status.get('reason')}"
+            )
+        self.next_round += 1
+        error = self._check_model(int(status["result_version"]))
+        if error > MAX_ABS_ERROR:
+            raise RuntimeError(
+                f"round {round_number} of study {study} published a model that "
+                f"differs from base + mean delta by {error:.3g}, more than "
+                f"{MAX_ABS_ERROR}"
+            )
+        return {
+            "round": round_number,
+            "round_seconds": finished - started,
+            "sites_seconds": uploaded - started,
+            "finalize_seconds": finished - uploaded,
+            "load_average_1min": load,
+            "max_abs_error": error,
+            "site_results": [asdict(result) for result in results],
+            "decrypt": asdict(decrypted) if decrypted else None,
+        }
+
+    def _check_model(self, version: int) -> float:
+        """Return the largest error of the new model against base + mean delta."""
+        model = self.coordinator.client.download_model(self.config.study, version)
+        mean = {
+            name: np.mean([site.delta[name] for site in self.sites], axis=0)
+            for name in self.weights
+        }
+        error = max(
+            float(
+                np.max(np.abs(model.weights[name] - (self.weights[name] + mean[name])))
+            )
+            for name in self.weights
+        )
+        self.weights = model.weights
+        return error
+
+
+def fixed_delta(weights: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        name: rng.normal(0.0, DELTA_SCALE, value.shape).astype(np.float32)
+        for name, value in weights.items()
+    }
+
+
+def create_cell(
+    model: str, site_count: int, variant: str, service_url: str, work_dir: Path
+) -> Cell:
+    config = study_config(model, site_count, variant)
+    mode, poll_interval = VARIANTS[variant]
+    weights = initial_model_weights(config)
+    sites = [
+        BenchSite(
+            name=site.id,
+            config=config,
+            state_dir=work_dir / "sites" / site.id,
+            metered=MeteredClient(service_url),
+            delta=fixed_delta(weights, seed=index),
+            poll_interval=poll_interval,
+        )
+        for index, site in enumerate(config.sites)
+    ]
+    if mode == "ckks":
+        ensure_local_secret_contexts(config, [site.study_dir for site in sites])
+    coordinator = MeteredClient(service_url)
+    coordinator.client.create_study(config.study, initial_model(config))
+    return Cell(
+        model=model,
+        variant=variant,
+        config=config,
+        sites=sites,
+        coordinator=coordinator,
+        pool=ThreadPoolExecutor(max_workers=site_count),
+        weights=weights,
+    )
+
+
+# Summary
+
+
+def site_figures(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Return per-site bytes: the median over sites and rounds, and the largest."""
+    sent, heads, envelopes, received, requests = [], [], [], [], []
+    worst = 0
+    for record in rounds:
+        for site in record["site_results"]:
+            traffic = site["traffic"]
+            sent.append(traffic["body_bytes_sent"])
+            heads.append(traffic["head_bytes_sent"])
+            envelopes.append(site["envelope_bytes"])
+            received.append(traffic["body_bytes_received"])
+            requests.append(traffic["requests"])
+            extra = (
+                record["decrypt"]["traffic"]["body_bytes_sent"]
+                if (record["decrypt"] and record["decrypt"]["site"] == site["site"])
+                else 0
+            )
+            worst = max(worst, traffic["body_bytes_sent"] + extra)
+    return {
+        "envelope_bytes_per_site": int(statistics.median(envelopes)),
+        "bytes_sent_per_site": int(statistics.median(sent)),
+        "bytes_sent_max_site": worst,
+        "http_head_bytes_sent_per_site": int(statistics.median(heads)),
+        "requests_per_site": statistics.median(requests),
+        "bytes_received_per_site": int(statistics.median(received)),
+    }
+
+
+def summarize(cells: list[Cell], parameters: dict[str, int]) -> list[dict[str, Any]]:
+    rows = []
+    for cell in cells:
+        times = [record["round_seconds"] for record in cell.rounds]
+        row: dict[str, Any] = {
+            "model": cell.model,
+            "parameters": parameters[cell.model],
+            "sites": len(cell.sites),
+            "variant": cell.variant,
+            "mode": cell.mode,
+            "study": cell.config.study,
+            "rounds_timed": len(times),
+            "round_seconds_median": statistics.median(times),
+            "round_seconds_min": min(times),
+            "round_seconds_max": max(times),
+            "sites_seconds_median": statistics.median(
+                record["sites_seconds"] for record in cell.rounds
+            ),
+            "finalize_seconds_median": statistics.median(
+                record["finalize_seconds"] for record in cell.rounds
+            ),
+            "decrypt_seconds_median": (
+                statistics.median(
+                    record["decrypt"]["seconds"] for record in cell.rounds
+                )
+                if cell.mode == "ckks"
+                else None
+            ),
+            "load_average_1min_median": statistics.median(
+                record["load_average_1min"] for record in cell.rounds
+            ),
+            "max_abs_error": max(record["max_abs_error"] for record in cell.rounds),
+            **site_figures(cell.rounds),
+        }
+        rows.append(row)
+    plain = {
+        (row["model"], row["sites"]): row for row in rows if row["variant"] == "none"
+    }
+    for row in rows:
+        base = plain[(row["model"], row["sites"])]
+        for key in (
+            "envelope_bytes_per_site",
+            "bytes_sent_per_site",
+            "bytes_sent_max_site",
+        ):
+            row[f"{key}_vs_plain"] = row[key] / base["bytes_sent_per_site"]
+        row["round_seconds_vs_plain"] = (
+            row["round_seconds_median"] / base["round_seconds_median"]
+        )
+    return rows
+
+
+def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Return each target per model, with the measured ratio and whether it is met."""
+    checks = []
+    for row in rows:
+        if row["variant"] == "masking" and row["sites"] == TARGET_SITES:
+            checks.append(
+                _check(row, "bytes_sent_max_site_vs_plain", MASKING_BYTES_TARGET)
+            )
+            checks.append(_check(row, "round_seconds_vs_plain", MASKING_TIME_TARGET))
+        if row["variant"] == "ckks":
+            checks.append(
+                _check(row, "bytes_sent_max_site_vs_plain", CKKS_BYTES_TARGET)
+            )
+    return checks
+
+
+def _check(row: dict[str, Any], measure: str, target: float) -> dict[str, Any]:
+    return {
+        "model": row["model"],
+        "sites": row["sites"],
+        "variant": row["variant"],
+        "measure": measure,
+        "target_at_most": target,
+        "measured": row[measure],
+        "met": row[measure] <= target,
+    }
+
+
+# Main
+
+
+@contextmanager
+def running_cells(
+    service_url: str, work_dir: Path, models: list[str], site_counts: list[int]
+) -> Iterator[list[Cell]]:
+    cells = [
+        create_cell(model, site_count, variant, service_url, work_dir)
+        for model in models
+        for site_count in site_counts
+        for variant in VARIANTS
+    ]
+    try:
+        yield cells
+    finally:
+        for cell in cells:
+            cell.pool.shutdown()
+            cell.coordinator.client.close()
+            for site in cell.sites:
+                site.metered.client.close()
+
+
+def run(cells: list[Cell], repeats: int, groups: list[tuple[str, int]]) -> None:
+    """Run a warm-up round per cell, then ``repeats`` timed rounds, variants in turn."""
+    by_group = {
+        group: [cell for cell in cells if (cell.model, len(cell.sites)) == group]
+        for group in groups
+    }
+    for repeat in range(repeats + 1):
+        for group, members in by_group.items():
+            shift = repeat % len(members)
+            for cell in members[shift:] + members[:shift]:
+                record = cell.run_round()
+                if repeat > 0:
+                    cell.rounds.append(record)
+                print(
+                    f"{'warm-up' if repeat == 0 else f'repeat {repeat}':9s} "
+                    f"{group[0]:20s} {group[1]:3d} {cell.variant:18s} "
+                    f"{record['round_seconds']:7.3f} s "
+                    f"load {record['load_average_1min']:.2f}",
+                    flush=True,
+                )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--repeats", type=int, default=9, help="timed rounds per cell (median)"
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=list(MODELS),
+        choices=list(MODELS),
+        help="models to measure",
+    )
+    parser.add_argument(
+        "--sites",
+        nargs="+",
+        type=int,
+        default=list(SITE_COUNTS),
+        help="numbers of sites to measure",
+    )
+    parser.add_argument(
+        "--output", type=Path, default=RESULTS, help="path of the JSON results"
+    )
+    arguments = parser.parse_args()
+
+    started = time.monotonic()
+    load_before = os.getloadavg()
+    parameters = {
+        model: VectorLayout.of(
+            initial_model_weights(study_config(model, 4, "none"))
+        ).length
+        for model in arguments.models
+    }
+    groups = [(model, count) for model in arguments.models for count in arguments.sites]
+    with tempfile.TemporaryDirectory(prefix="secagg-rounds-") as folder:
+        work_dir = Path(folder)
+        with (
+            LocalAggregationService(
+                work_dir / "aggregation", max_upload_bytes=64 * 1024 * 1024
+            ) as service,
+            running_cells(
+                service.url, work_dir, arguments.models, arguments.sites
+            ) as cells,
+        ):
+            run(cells, arguments.repeats, groups)
+    rows = summarize(cells, parameters)
+    secure = cells[0].config.secure_aggregation
+    result = {
+        "script": "benchmarks/secagg_rounds.py",
+        "repeats": arguments.repeats,
+        "wall_seconds": time.monotonic() - started,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "service": "python -m medfed.aggregation on 127.0.0.1, local mode (plain HTTP, unsigned envelopes)",
+        "sites": "threads of the benchmark process, one httpx client each",
+        "sample_count_per_site": SAMPLE_COUNT,
+        "delta_scale": DELTA_SCALE,
+        "masking_poll_seconds": DEFAULT_POLL_SECONDS,
+        "secure_aggregation": secure.model_dump(mode="json", exclude={"mode"}),
+        "results": rows,
+        "targets": check_targets(rows),
+        "rounds": [
+            {
+                "model": cell.model,
+                "sites": len(cell.sites),
+                "variant": cell.variant,
+                **record,
+            }
+            for cell in cells
+            for record in cell.rounds
+        ],
+    }
+    for row in rows:
+        print(
+            f"{row['model']:20s} {row['sites']:3d} {row['variant']:18s} "
+            f"round {row['round_seconds_median']:7.3f} s "
+            f"({row['round_seconds_vs_plain']:5.2f}x) "
+            f"sent {row['bytes_sent_max_site']:>9d} B "
+            f"({row['bytes_sent_max_site_vs_plain']:7.2f}x)"
+        )
+    arguments.output.parent.mkdir(parents=True, exist_ok=True)
+    arguments.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {arguments.output} in {result['wall_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
