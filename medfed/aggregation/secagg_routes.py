@@ -93,6 +93,8 @@ _PREFIX = "/v1/studies/{study}/rounds/{round_number}/secagg"
 _ENVELOPE_PREFIX_BYTES = 9
 #: Default cap on ``wait``, in seconds. It stays below the 60 s that reverse
 #: proxies such as nginx (``proxy_read_timeout``) allow a response by default.
+#: NOTE: uvicorn waits for held requests at shutdown, so stopping the service
+#: can take this long.
 DEFAULT_MAX_WAIT_SECONDS = 30.0
 # A request held until the round's deadline wakes this much later, so that
 # ``close_overdue_phase``, which reads the wall clock, finds the deadline passed.

@@ -244,8 +244,9 @@ class MaskingClient:
                     f"returns 425 ({_detail(response)})",
                     status_code=_TOO_EARLY,
                 )
-            # A service that answered at once (it does not hold requests, or
-            # the round's deadline passed) is polled every poll_interval.
+            # A service that responded at once, because it does not hold
+            # requests or the round's deadline passed, is polled every
+            # poll_interval.
             time.sleep(max(0.0, started + self.poll_interval - time.monotonic()))
 
     def _timeout_with(self, wait: float) -> httpx.Timeout:
