@@ -32,9 +32,10 @@ request a site sends (its update envelope plus, under masking, the protocol
 messages as JSON, plus for the decrypting CKKS site the decrypted sum), and
 separately the request lines and headers including every poll.
 
-Besides the three modes, a fourth variant runs masking with sites that poll
-every 20 ms in place of ``MaskingClient``'s default of 0.2 s, to show how much
-of a masking round is spent between polls. Each (model, sites, variant) cell
+Under masking, ``MaskingClient`` asks the service to hold each GET until the
+round reaches its phase (``wait_per_poll``). A fourth variant runs masking
+with ``wait_per_poll=0``, so sites poll every 0.2 s (``poll_interval``) as
+they did before the service held requests. Each (model, sites, variant) cell
 is one study. It runs one warm-up round, then ``--repeats`` timed rounds. The
 variants take turns round by round, in an order that rotates each repeat, so
 that load on the shared machine affects them alike. Results go to
@@ -86,18 +87,18 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "secagg_rounds.json"
 SITE_COUNTS = (4, 10, 20)
 #: Variant name: the study's ``secure_aggregation.mode`` and the masking
-#: client's poll interval in seconds (None: ``MaskingClient``'s default, as
-#: ``SiteRunner`` uses it). The 20 ms variant shows how much of a masking
-#: round is spent waiting between polls.
+#: client's ``wait_per_poll`` in seconds (None: ``MaskingClient``'s default,
+#: as ``SiteRunner`` uses it). Under ``masking_polls`` the service responds
+#: to every poll at once, so sites poll every ``poll_interval``.
 VARIANTS: dict[str, tuple[str, float | None]] = {
     "none": ("none", None),
     "masking": ("masking", None),
-    "masking_poll_20ms": ("masking", 0.02),
+    "masking_polls": ("masking", 0.0),
     "ckks": ("ckks", None),
 }
-DEFAULT_POLL_SECONDS = (
-    inspect.signature(MaskingClient).parameters["poll_interval"].default
-)
+_CLIENT_DEFAULTS = inspect.signature(MaskingClient).parameters
+DEFAULT_POLL_SECONDS = _CLIENT_DEFAULTS["poll_interval"].default
+DEFAULT_WAIT_PER_POLL = _CLIENT_DEFAULTS["wait_per_poll"].default
 #: Model name in the results, and the study config whose model it is.
 MODELS = {
     "logistic_regression": REPO / "configs" / "heart_disease.yaml",
@@ -244,7 +245,7 @@ class BenchSite:
     state_dir: Path
     metered: MeteredClient
     delta: dict[str, np.ndarray]
-    poll_interval: float | None
+    wait_per_poll: float | None
 
     def run_round(self, round_number: int) -> SiteResult:
         """Download the base model and upload the update in the study's mode."""
@@ -337,7 +338,11 @@ class BenchSite:
         masking_client = MaskingClient(
             client.base_url,
             http_client=client.http_client,
-            poll_interval=self.poll_interval or DEFAULT_POLL_SECONDS,
+            wait_per_poll=(
+                DEFAULT_WAIT_PER_POLL
+                if self.wait_per_poll is None
+                else self.wait_per_poll
+            ),
         )
         cost = masking_client.run_round(
             site,
@@ -455,7 +460,7 @@ def create_cell(
     model: str, site_count: int, variant: str, service_url: str, work_dir: Path
 ) -> Cell:
     config = study_config(model, site_count, variant)
-    mode, poll_interval = VARIANTS[variant]
+    mode, wait_per_poll = VARIANTS[variant]
     weights = initial_model_weights(config)
     sites = [
         BenchSite(
@@ -464,7 +469,7 @@ def create_cell(
             state_dir=work_dir / "sites" / site.id,
             metered=MeteredClient(service_url),
             delta=fixed_delta(weights, seed=index),
-            poll_interval=poll_interval,
+            wait_per_poll=wait_per_poll,
         )
         for index, site in enumerate(config.sites)
     ]
@@ -702,6 +707,7 @@ def main() -> None:
         "sample_count_per_site": SAMPLE_COUNT,
         "delta_scale": DELTA_SCALE,
         "masking_poll_seconds": DEFAULT_POLL_SECONDS,
+        "masking_wait_per_poll_seconds": DEFAULT_WAIT_PER_POLL,
         "secure_aggregation": secure.model_dump(mode="json", exclude={"mode"}),
         "results": rows,
         "targets": check_targets(rows),
