@@ -150,9 +150,10 @@ TRAIN_VARIANTS = ("none", "masking", "ckks")
 TRAIN_KEY = "with_training"
 #: Local training of every site in every ``--train`` round.
 TRAINING_SETTINGS = LocalTrainingSettings(epochs=1, batch_size=64, learning_rate=0.1)
-#: Cap on a ``resnet_gn`` site's training images, so that 20 sites' training
-#: fits in a few seconds per round on two cores. The IID shares of the 4,708
-#: training images are 1,177 (4 sites), 470 (10) and 235 or 236 (20).
+#: Cap on a ``resnet_gn`` site's training images, which keeps each round's
+#: training to seconds on two shared cores. The IID shares of the 4,708
+#: training images are 1,177 (4 sites), 470 (10) and 235 or 236 (20), so the
+#: cap applies at 4 and 10 sites.
 MAX_IMAGES_PER_SITE = 400
 #: Targets against plain: masking bytes and round time at 10 sites, CKKS
 #: bytes at every number of sites.
@@ -322,6 +323,7 @@ class BenchSite:
             train_seconds, train_cpu_seconds = self._train(
                 self.training, base.weights, round_number
             )
+
         mode = self.config.secure_aggregation.mode
         cost = None
         if mode == "masking":
@@ -339,6 +341,7 @@ class BenchSite:
                 compression=self.config.compression.envelope_compression,
             )
             client.upload(study, round_number, self.name, envelope)
+
         return SiteResult(
             site=self.name,
             envelope_bytes=len(envelope),
@@ -649,8 +652,8 @@ def heart_shares(
 ) -> list[TrainingShare]:
     """Split the four hospitals' heart-disease training records IID across the sites.
 
-    Each hospital file is preprocessed as the product does (standardized with
-    its own training statistics); the pooled training records are then cut
+    Each hospital file is preprocessed as the product does, standardized with
+    its own training statistics. The pooled training records are then cut
     into one share per site.
     """
     features, labels = [], []
@@ -798,10 +801,11 @@ def deployment_estimates(
     """Derive each variant's round time if every site trained on its own machine.
 
     Derived, not measured: the median site training time of the ``--train``
-    rounds (CPU time of the site's thread, over every site and timed round of
-    the group's variants, which train alike) plus the variant's median round
-    time from ``protocol_rows``, the protocol-only run. The two come from
-    different runs, so machine load may differ between them.
+    rounds plus the variant's median round time from ``protocol_rows``, the
+    protocol-only run. The training time is the CPU time of the site's
+    thread, over every site and timed round of the group's variants, which
+    train alike. The two come from different runs, so machine load may
+    differ between them.
     """
     protocol = {
         (row["model"], row["sites"], row["variant"]): row["round_seconds_median"]
