@@ -32,18 +32,37 @@ request a site sends (its update envelope plus, under masking, the protocol
 messages as JSON, plus for the decrypting CKKS site the decrypted sum), and
 separately the request lines and headers including every poll.
 
-Besides the three modes, a fourth variant runs masking with sites that poll
-every 20 ms in place of ``MaskingClient``'s default of 0.2 s, to show how much
-of a masking round is spent between polls. Each (model, sites, variant) cell
+Under masking, ``MaskingClient`` asks the service to hold each GET until the
+round reaches its phase (``wait_per_poll``). A fourth variant runs masking
+with ``wait_per_poll=0``, so sites poll every 0.2 s (``poll_interval``) as
+they did before the service held requests. Each (model, sites, variant) cell
 is one study. It runs one warm-up round, then ``--repeats`` timed rounds. The
 variants take turns round by round, in an order that rotates each repeat, so
 that load on the shared machine affects them alike. Results go to
 ``benchmarks/results/secagg_rounds.json``; the figures are discussed on
 ``docs/benchmarks-secagg.md``.
 
+With ``--train`` each site instead trains before it uploads, with the
+product's ``train_locally`` (one epoch, batch 64, learning rate 0.1, no DP,
+one torch thread per site thread), on a real data share: for ``resnet_gn``
+its IID share of the PneumoniaMNIST training split scaled to [0, 1], at most
+``MAX_IMAGES_PER_SITE`` images; for the logistic regression its IID share of
+the four hospitals' preprocessed heart-disease training records. It uploads
+the trained weights minus the round's base model with its record count as
+the sample count. Every variant trains on the same shares with the same
+seeds, so variants differ only in the protocol. This run covers plain,
+masking (held GETs) and CKKS, and it writes its figures under the
+``with_training`` key of the same JSON file, next to the protocol-only ones.
+Its round time contains every site's training, which here shares two cores,
+where real sites would train in parallel on their own machines. It also
+stores each site's training time and, from the protocol-only figures
+already in the file, a derived deployment estimate: median site training
+time plus the protocol-only round time.
+
 Run from the repository root::
 
     PYTHONPATH=. python benchmarks/secagg_rounds.py [--repeats 9]
+    PYTHONPATH=. python benchmarks/secagg_rounds.py --train [--repeats 3]
 """
 
 import argparse
@@ -56,6 +75,7 @@ import statistics
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -65,39 +85,51 @@ from typing import Any
 
 import httpx
 import numpy as np
+import torch
 import yaml
 
 from medfed.contract.codecs.ckks import CkksEncryptor
 from medfed.contract.config import StudyConfig, parse_study_config
+from medfed.contract.models import build_model
 from medfed.contract.secagg import MaskingSite, VectorLayout
 from medfed.contract.wire import encode_envelope
 from medfed.flows.local import LocalAggregationService
 from medfed.sites.ckks_keys import ensure_local_secret_contexts, load_secret_context
 from medfed.sites.client import AggregationClient
 from medfed.sites.compression import build_update_encoder
+from medfed.sites.data.heart import (
+    HEART_FILES,
+    load_site_dataset,
+    preprocess_heart_site,
+)
+from medfed.sites.data.imaging import scale_to_unit
+from medfed.sites.data.partition import get_partitioner
+from medfed.sites.data.pneumonia import load_pneumoniamnist
+from medfed.sites.data.root import resolve_data_root, verified_file
 from medfed.sites.runner import (
     SiteRunner,
     initial_model_weights,
     weights_to_safetensors,
 )
 from medfed.sites.secagg_client import MaskingClient, MaskingRoundCost
+from medfed.sites.training import LocalTrainingSettings, train_locally
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "secagg_rounds.json"
 SITE_COUNTS = (4, 10, 20)
 #: Variant name: the study's ``secure_aggregation.mode`` and the masking
-#: client's poll interval in seconds (None: ``MaskingClient``'s default, as
-#: ``SiteRunner`` uses it). The 20 ms variant shows how much of a masking
-#: round is spent waiting between polls.
+#: client's ``wait_per_poll`` in seconds (None: ``MaskingClient``'s default,
+#: as ``SiteRunner`` uses it). Under ``masking_polls`` the service responds
+#: to every poll at once, so sites poll every ``poll_interval``.
 VARIANTS: dict[str, tuple[str, float | None]] = {
     "none": ("none", None),
     "masking": ("masking", None),
-    "masking_poll_20ms": ("masking", 0.02),
+    "masking_polls": ("masking", 0.0),
     "ckks": ("ckks", None),
 }
-DEFAULT_POLL_SECONDS = (
-    inspect.signature(MaskingClient).parameters["poll_interval"].default
-)
+_CLIENT_DEFAULTS = inspect.signature(MaskingClient).parameters
+DEFAULT_POLL_SECONDS = _CLIENT_DEFAULTS["poll_interval"].default
+DEFAULT_WAIT_PER_POLL = _CLIENT_DEFAULTS["wait_per_poll"].default
 #: Model name in the results, and the study config whose model it is.
 MODELS = {
     "logistic_regression": REPO / "configs" / "heart_disease.yaml",
@@ -107,11 +139,22 @@ SAMPLE_COUNT = 200
 #: Standard deviation of the random update values. It is far inside the
 #: default clip of 1.0, so no value is clipped.
 DELTA_SCALE = 0.01
-#: Largest error of a published weight against base + mean delta. Masking
-#: rounds each weighted value to the nearest 2^-10, and a CKKS sum leaves the
-#: decrypting site rounded to about 1e-3 (``round_for_release``). Divided by
-#: the total sample count (200 per site), both stay below 3e-6.
+#: Largest error of a published weight against base + the sample-weighted
+#: mean delta. Masking rounds each weighted value to the nearest 2^-10, and a
+#: CKKS sum leaves the decrypting site rounded to about 1e-3
+#: (``round_for_release``). Divided by the total sample count (at least 100
+#: in every study here), both stay below 1e-5.
 MAX_ABS_ERROR = 1e-4
+#: Variants of the ``--train`` run, and the JSON key of its figures.
+TRAIN_VARIANTS = ("none", "masking", "ckks")
+TRAIN_KEY = "with_training"
+#: Local training of every site in every ``--train`` round.
+TRAINING_SETTINGS = LocalTrainingSettings(epochs=1, batch_size=64, learning_rate=0.1)
+#: Cap on a ``resnet_gn`` site's training images, which keeps each round's
+#: training to seconds on two shared cores. The IID shares of the 4,708
+#: training images are 1,177 (4 sites), 470 (10) and 235 or 236 (20), so the
+#: cap applies at 4 and 10 sites.
+MAX_IMAGES_PER_SITE = 400
 #: Targets against plain: masking bytes and round time at 10 sites, CKKS
 #: bytes at every number of sites.
 TARGET_SITES = 10
@@ -125,7 +168,8 @@ def study_config(model: str, site_count: int, variant: str) -> StudyConfig:
 
     Only the sites, the study id and ``secure_aggregation.mode`` change, so
     the encoding and CKKS parameters are the schema's defaults that the
-    studies use. DP is off because no site trains.
+    studies use. DP is off, because sites either upload a fixed delta or
+    train without DP (``TRAINING_SETTINGS``).
     """
     raw = yaml.safe_load(MODELS[model].read_text(encoding="utf-8"))
     # Ids of equal length, because the envelope header carries the study id
@@ -133,7 +177,7 @@ def study_config(model: str, site_count: int, variant: str) -> StudyConfig:
     model_number = list(MODELS).index(model)
     variant_number = list(VARIANTS).index(variant)
     raw["study"] = f"bench-{model_number}-{site_count:02d}-{variant_number}"
-    # No site reads data, so the sites need only their ids.
+    # The benchmark gives each site its data itself, so sites need only ids.
     raw["sites"] = [{"id": f"site-{index:02d}"} for index in range(site_count)]
     raw["privacy"] = {"enabled": False}
     raw["secure_aggregation"] = {"mode": VARIANTS[variant][0]}
@@ -233,26 +277,53 @@ class SiteResult:
     #: revealing shares (wall) and in its own protocol steps (compute).
     masking_wall_seconds: float | None = None
     masking_compute_seconds: float | None = None
+    #: ``--train`` only: the site's ``train_locally`` call in wall time and in
+    #: the CPU time of its thread. The wall time includes waiting for the
+    #: cores that the other sites share; the CPU time approximates training
+    #: alone on one core.
+    train_seconds: float | None = None
+    train_cpu_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainingShare:
+    """A site's training records for ``--train`` rounds."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
 
 
 @dataclass
 class BenchSite:
-    """One site of a study: its client, state folder and fixed update."""
+    """One site of a study: its client, state folder and update.
+
+    Without ``training`` the site uploads the fixed ``delta`` every round.
+    With it, each round replaces ``delta`` by the trained weights minus the
+    round's base model and ``sample_count`` is the share's record count.
+    """
 
     name: str
     config: StudyConfig
     state_dir: Path
     metered: MeteredClient
     delta: dict[str, np.ndarray]
-    poll_interval: float | None
+    wait_per_poll: float | None
+    sample_count: int = SAMPLE_COUNT
+    training: TrainingShare | None = None
 
     def run_round(self, round_number: int) -> SiteResult:
-        """Download the base model and upload the update in the study's mode."""
+        """Download the base model, train if set, upload in the study's mode."""
         started = time.perf_counter()
         before = self.metered.snapshot()
         client = self.metered.client
         study = self.config.study
-        client.download_round_model(study, round_number)
+        base = client.download_round_model(study, round_number)
+        train_seconds = train_cpu_seconds = None
+        if self.training is not None:
+            train_seconds, train_cpu_seconds = self._train(
+                self.training, base.weights, round_number
+            )
+
         mode = self.config.secure_aggregation.mode
         cost = None
         if mode == "masking":
@@ -270,6 +341,7 @@ class BenchSite:
                 compression=self.config.compression.envelope_compression,
             )
             client.upload(study, round_number, self.name, envelope)
+
         return SiteResult(
             site=self.name,
             envelope_bytes=len(envelope),
@@ -277,7 +349,32 @@ class BenchSite:
             seconds=time.perf_counter() - started,
             masking_wall_seconds=cost.wall_seconds if cost else None,
             masking_compute_seconds=cost.compute_seconds if cost else None,
+            train_seconds=train_seconds,
+            train_cpu_seconds=train_cpu_seconds,
         )
+
+    def _train(
+        self, share: TrainingShare, base: dict[str, np.ndarray], round_number: int
+    ) -> tuple[float, float]:
+        """Train on the base model, set ``delta`` and return wall and CPU seconds."""
+        model = build_model(self.config.model.name, **self.config.model.params)
+        model.load_state_dict(
+            {key: torch.from_numpy(value.copy()) for key, value in base.items()}
+        )
+        # The seed depends on the site and round only, so every variant's
+        # site draws the same batches.
+        seed = zlib.crc32(f"{self.name}:{round_number}".encode())
+        wall_started = time.perf_counter()
+        cpu_started = time.thread_time()
+        train_locally(model, share.inputs, share.labels, TRAINING_SETTINGS, seed=seed)
+        cpu_seconds = time.thread_time() - cpu_started
+        wall_seconds = time.perf_counter() - wall_started
+        trained = model.state_dict()
+        self.delta = {
+            key: (trained[key].detach().numpy() - value).astype(np.float32)
+            for key, value in base.items()
+        }
+        return wall_seconds, cpu_seconds
 
     def decrypt(self, round_number: int) -> SiteResult:
         """Decrypt the round's sum with the product's ``site_decrypt`` code."""
@@ -302,7 +399,7 @@ class BenchSite:
             study=self.config.study,
             round_number=round_number,
             site=self.name,
-            sample_count=SAMPLE_COUNT,
+            sample_count=self.sample_count,
             nonce=secrets.token_hex(16),
             **codec,
         )
@@ -312,7 +409,7 @@ class BenchSite:
         context = load_secret_context(self.config, self.study_dir, None)
         return CkksEncryptor(
             context,
-            sample_count=SAMPLE_COUNT,
+            sample_count=self.sample_count,
             clip=self.config.secure_aggregation.clip,
         )
 
@@ -337,12 +434,16 @@ class BenchSite:
         masking_client = MaskingClient(
             client.base_url,
             http_client=client.http_client,
-            poll_interval=self.poll_interval or DEFAULT_POLL_SECONDS,
+            wait_per_poll=(
+                DEFAULT_WAIT_PER_POLL
+                if self.wait_per_poll is None
+                else self.wait_per_poll
+            ),
         )
         cost = masking_client.run_round(
             site,
             self.delta,
-            sample_count=SAMPLE_COUNT,
+            sample_count=self.sample_count,
             wait_seconds=self.config.round.deadline_seconds,
             upload=upload,
         )
@@ -415,22 +516,36 @@ class Cell:
                 f"differs from base + mean delta by {error:.3g}, more than "
                 f"{MAX_ABS_ERROR}"
             )
-        return {
+        record: dict[str, Any] = {
             "round": round_number,
             "round_seconds": finished - started,
             "sites_seconds": uploaded - started,
             "finalize_seconds": finished - uploaded,
             "load_average_1min": load,
             "max_abs_error": error,
-            "site_results": [asdict(result) for result in results],
-            "decrypt": asdict(decrypted) if decrypted else None,
         }
+        if self.sites[0].training is not None:
+            record["train_seconds_site_median"] = statistics.median(
+                result.train_seconds or 0.0 for result in results
+            )
+            record["train_cpu_seconds_site_median"] = statistics.median(
+                result.train_cpu_seconds or 0.0 for result in results
+            )
+        record["site_results"] = [asdict(result) for result in results]
+        record["decrypt"] = asdict(decrypted) if decrypted else None
+        return record
 
     def _check_model(self, version: int) -> float:
-        """Return the largest error of the new model against base + mean delta."""
+        """Return the largest error of the new model against base + mean delta.
+
+        The mean is weighted by each site's sample count, as FedAvg weighs it.
+        """
         model = self.coordinator.client.download_model(self.config.study, version)
+        counts = [site.sample_count for site in self.sites]
         mean = {
-            name: np.mean([site.delta[name] for site in self.sites], axis=0)
+            name: np.average(
+                [site.delta[name] for site in self.sites], axis=0, weights=counts
+            )
             for name in self.weights
         }
         error = max(
@@ -452,10 +567,16 @@ def fixed_delta(weights: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarr
 
 
 def create_cell(
-    model: str, site_count: int, variant: str, service_url: str, work_dir: Path
+    model: str,
+    site_count: int,
+    variant: str,
+    service_url: str,
+    work_dir: Path,
+    shares: list[TrainingShare] | None = None,
 ) -> Cell:
+    """Create the cell's study on the service; sites train on ``shares`` if given."""
     config = study_config(model, site_count, variant)
-    mode, poll_interval = VARIANTS[variant]
+    mode, wait_per_poll = VARIANTS[variant]
     weights = initial_model_weights(config)
     sites = [
         BenchSite(
@@ -464,7 +585,9 @@ def create_cell(
             state_dir=work_dir / "sites" / site.id,
             metered=MeteredClient(service_url),
             delta=fixed_delta(weights, seed=index),
-            poll_interval=poll_interval,
+            wait_per_poll=wait_per_poll,
+            sample_count=len(shares[index].labels) if shares else SAMPLE_COUNT,
+            training=shares[index] if shares else None,
         )
         for index, site in enumerate(config.sites)
     ]
@@ -478,9 +601,89 @@ def create_cell(
         config=config,
         sites=sites,
         coordinator=coordinator,
-        pool=ThreadPoolExecutor(max_workers=site_count),
+        # One torch thread per site thread, so that sites do not also compete
+        # through torch's own thread pool.
+        pool=ThreadPoolExecutor(
+            max_workers=site_count,
+            initializer=torch.set_num_threads,
+            initargs=(1,),
+        ),
         weights=weights,
     )
+
+
+# Training data
+
+
+def training_shares(
+    model: str, site_count: int, data_root: Path, work_dir: Path
+) -> list[TrainingShare]:
+    """Return each site's training share for ``--train`` rounds of ``model``."""
+    config = study_config(model, site_count, "none")
+    if config.data.dataset == "pneumoniamnist":
+        return pneumonia_shares(config, data_root)
+    return heart_shares(config, data_root, work_dir)
+
+
+def pneumonia_shares(config: StudyConfig, data_root: Path) -> list[TrainingShare]:
+    """Split the PneumoniaMNIST training split IID, capped at ``MAX_IMAGES_PER_SITE``.
+
+    A capped site keeps the first images of its share in file order. Images
+    are scaled to [0, 1] as the ``scale`` normalization of the product does.
+    """
+    images, labels = load_pneumoniamnist(data_root, download=False)["train"]
+    parts = get_partitioner("iid").split(
+        labels, sites=len(config.sites), seed=config.data.seed
+    )
+    shares = []
+    for part in parts:
+        kept = part[:MAX_IMAGES_PER_SITE]
+        shares.append(
+            TrainingShare(
+                inputs=torch.from_numpy(scale_to_unit(images[kept])).unsqueeze(1),
+                labels=torch.from_numpy(labels[kept].astype(np.float32)),
+            )
+        )
+    return shares
+
+
+def heart_shares(
+    config: StudyConfig, data_root: Path, work_dir: Path
+) -> list[TrainingShare]:
+    """Split the four hospitals' heart-disease training records IID across the sites.
+
+    Each hospital file is preprocessed as the product does, standardized with
+    its own training statistics. The pooled training records are then cut
+    into one share per site.
+    """
+    features, labels = [], []
+    for source, spec in HEART_FILES.items():
+        # Fails with the file's name when it is missing, instead of
+        # downloading it as ``preprocess_heart_site`` would.
+        verified_file(data_root, spec, download=False)
+        out_dir = work_dir / "heart-data" / source
+        preprocess_heart_site(
+            data_root,
+            source,
+            out_dir,
+            test_fraction=config.data.test_fraction,
+            seed=config.data.seed,
+        )
+        dataset = load_site_dataset(out_dir, "train")
+        features.append(dataset.features)
+        labels.append(dataset.labels)
+    pooled_features = np.concatenate(features)
+    pooled_labels = np.concatenate(labels)
+    parts = get_partitioner("iid").split(
+        pooled_labels.astype(np.int64), sites=len(config.sites), seed=config.data.seed
+    )
+    return [
+        TrainingShare(
+            inputs=torch.from_numpy(pooled_features[part]),
+            labels=torch.from_numpy(pooled_labels[part]),
+        )
+        for part in parts
+    ]
 
 
 # Summary
@@ -548,6 +751,16 @@ def summarize(cells: list[Cell], parameters: dict[str, int]) -> list[dict[str, A
             "max_abs_error": max(record["max_abs_error"] for record in cell.rounds),
             **site_figures(cell.rounds),
         }
+        if cell.sites[0].training is not None:
+            row["train_records_per_site_median"] = statistics.median(
+                site.sample_count for site in cell.sites
+            )
+            row["train_seconds_median"] = statistics.median(
+                record["train_seconds_site_median"] for record in cell.rounds
+            )
+            row["train_cpu_seconds_median"] = statistics.median(
+                record["train_cpu_seconds_site_median"] for record in cell.rounds
+            )
         rows.append(row)
     plain = {
         (row["model"], row["sites"]): row for row in rows if row["variant"] == "none"
@@ -582,6 +795,54 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return checks
 
 
+def deployment_estimates(
+    cells: list[Cell], protocol_rows: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Derive each variant's round time if every site trained on its own machine.
+
+    Derived, not measured: the median site training time of the ``--train``
+    rounds plus the variant's median round time from ``protocol_rows``, the
+    protocol-only run. The training time is the CPU time of the site's
+    thread, over every site and timed round of the group's variants, which
+    train alike. The two come from different runs, so machine load may
+    differ between them.
+    """
+    protocol = {
+        (row["model"], row["sites"], row["variant"]): row["round_seconds_median"]
+        for row in protocol_rows
+    }
+    groups = list(dict.fromkeys((cell.model, len(cell.sites)) for cell in cells))
+    estimates = []
+    for model, site_count in groups:
+        training = statistics.median(
+            site["train_cpu_seconds"]
+            for cell in cells
+            if (cell.model, len(cell.sites)) == (model, site_count)
+            for record in cell.rounds
+            for site in record["site_results"]
+        )
+        plain = protocol.get((model, site_count, "none"))
+        if plain is None:
+            continue
+        for variant in TRAIN_VARIANTS:
+            seconds = protocol.get((model, site_count, variant))
+            if seconds is None:
+                continue
+            estimates.append(
+                {
+                    "model": model,
+                    "sites": site_count,
+                    "variant": variant,
+                    "derived": True,
+                    "site_train_cpu_seconds_median": training,
+                    "protocol_round_seconds": seconds,
+                    "round_seconds": training + seconds,
+                    "round_seconds_vs_plain": (training + seconds) / (training + plain),
+                }
+            )
+    return estimates
+
+
 def _check(row: dict[str, Any], measure: str, target: float) -> dict[str, Any]:
     return {
         "model": row["model"],
@@ -599,13 +860,23 @@ def _check(row: dict[str, Any], measure: str, target: float) -> dict[str, Any]:
 
 @contextmanager
 def running_cells(
-    service_url: str, work_dir: Path, models: list[str], site_counts: list[int]
+    service_url: str,
+    work_dir: Path,
+    groups: list[tuple[str, int]],
+    variants: list[str],
+    shares: dict[tuple[str, int], list[TrainingShare]],
 ) -> Iterator[list[Cell]]:
     cells = [
-        create_cell(model, site_count, variant, service_url, work_dir)
-        for model in models
-        for site_count in site_counts
-        for variant in VARIANTS
+        create_cell(
+            model,
+            site_count,
+            variant,
+            service_url,
+            work_dir,
+            shares.get((model, site_count)),
+        )
+        for model, site_count in groups
+        for variant in variants
     ]
     try:
         yield cells
@@ -630,19 +901,27 @@ def run(cells: list[Cell], repeats: int, groups: list[tuple[str, int]]) -> None:
                 record = cell.run_round()
                 if repeat > 0:
                     cell.rounds.append(record)
+                training = (
+                    f" training {record['train_cpu_seconds_site_median']:.3f} s CPU"
+                    if "train_cpu_seconds_site_median" in record
+                    else ""
+                )
                 print(
                     f"{'warm-up' if repeat == 0 else f'repeat {repeat}':9s} "
                     f"{group[0]:20s} {group[1]:3d} {cell.variant:18s} "
-                    f"{record['round_seconds']:7.3f} s "
+                    f"{record['round_seconds']:7.3f} s{training} "
                     f"load {record['load_average_1min']:.2f}",
                     flush=True,
                 )
 
 
-def main() -> None:
+def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--repeats", type=int, default=9, help="timed rounds per cell (median)"
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed rounds per cell (median); default 9, or 3 with --train",
     )
     parser.add_argument(
         "--models",
@@ -659,12 +938,41 @@ def main() -> None:
         help="numbers of sites to measure",
     )
     parser.add_argument(
+        "--train",
+        action="store_true",
+        help=(
+            "train every site on a real data share before it uploads, and "
+            f"store the figures under the {TRAIN_KEY!r} key of the output"
+        ),
+    )
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help=(
+            "folder holding pneumoniamnist/ and heart-disease/ for --train; "
+            "default: MEDFED_DATA_DIR, then ../shared/data"
+        ),
+    )
+    parser.add_argument(
         "--output", type=Path, default=RESULTS, help="path of the JSON results"
     )
-    arguments = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    arguments = parse_arguments()
+    repeats = arguments.repeats or (3 if arguments.train else 9)
+    variants = list(TRAIN_VARIANTS if arguments.train else VARIANTS)
+    previous: dict[str, Any] = (
+        json.loads(arguments.output.read_text(encoding="utf-8"))
+        if arguments.output.exists()
+        else {}
+    )
 
     started = time.monotonic()
     load_before = os.getloadavg()
+    torch.set_num_threads(1)
     parameters = {
         model: VectorLayout.of(
             initial_model_weights(study_config(model, 4, "none"))
@@ -674,20 +982,27 @@ def main() -> None:
     groups = [(model, count) for model in arguments.models for count in arguments.sites]
     with tempfile.TemporaryDirectory(prefix="secagg-rounds-") as folder:
         work_dir = Path(folder)
+        shares = {}
+        if arguments.train:
+            data_root = resolve_data_root(
+                str(arguments.data_root) if arguments.data_root else None
+            )
+            shares = {
+                group: training_shares(*group, data_root, work_dir) for group in groups
+            }
         with (
             LocalAggregationService(
                 work_dir / "aggregation", max_upload_bytes=64 * 1024 * 1024
             ) as service,
-            running_cells(
-                service.url, work_dir, arguments.models, arguments.sites
-            ) as cells,
+            running_cells(service.url, work_dir, groups, variants, shares) as cells,
         ):
-            run(cells, arguments.repeats, groups)
+            run(cells, repeats, groups)
     rows = summarize(cells, parameters)
     secure = cells[0].config.secure_aggregation
-    result = {
-        "script": "benchmarks/secagg_rounds.py",
-        "repeats": arguments.repeats,
+    section: dict[str, Any] = {
+        "script": "benchmarks/secagg_rounds.py"
+        + (" --train" if arguments.train else ""),
+        "repeats": repeats,
         "wall_seconds": time.monotonic() - started,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
@@ -696,37 +1011,113 @@ def main() -> None:
             "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
             "python": platform.python_version(),
+            "torch": torch.__version__,
         },
         "service": "python -m medfed.aggregation on 127.0.0.1, local mode (plain HTTP, unsigned envelopes)",
         "sites": "threads of the benchmark process, one httpx client each",
-        "sample_count_per_site": SAMPLE_COUNT,
-        "delta_scale": DELTA_SCALE,
-        "masking_poll_seconds": DEFAULT_POLL_SECONDS,
-        "secure_aggregation": secure.model_dump(mode="json", exclude={"mode"}),
-        "results": rows,
-        "targets": check_targets(rows),
-        "rounds": [
-            {
-                "model": cell.model,
-                "sites": len(cell.sites),
-                "variant": cell.variant,
-                **record,
-            }
-            for cell in cells
-            for record in cell.rounds
-        ],
     }
+    if arguments.train:
+        section.update(training_description())
+    else:
+        section["sample_count_per_site"] = SAMPLE_COUNT
+        section["delta_scale"] = DELTA_SCALE
+    section.update(
+        {
+            "masking_poll_seconds": DEFAULT_POLL_SECONDS,
+            "masking_wait_per_poll_seconds": DEFAULT_WAIT_PER_POLL,
+            "secure_aggregation": secure.model_dump(mode="json", exclude={"mode"}),
+            "results": rows,
+            "targets": check_targets(rows),
+        }
+    )
+    if arguments.train:
+        estimates = deployment_estimates(cells, previous.get("results", []))
+        section["deployment_estimates"] = estimates
+        section["targets"] += [
+            {
+                **_check(estimate, "round_seconds_vs_plain", MASKING_TIME_TARGET),
+                "derived": True,
+            }
+            for estimate in estimates
+            if estimate["variant"] == "masking" and estimate["sites"] == TARGET_SITES
+        ]
+    section["rounds"] = [
+        {
+            "model": cell.model,
+            "sites": len(cell.sites),
+            "variant": cell.variant,
+            **record,
+        }
+        for cell in cells
+        for record in cell.rounds
+    ]
+
+    if arguments.train:
+        document = {**previous, TRAIN_KEY: section}
+    else:
+        document = section
+        if TRAIN_KEY in previous:
+            document[TRAIN_KEY] = previous[TRAIN_KEY]
+    print_rows(rows)
+    arguments.output.parent.mkdir(parents=True, exist_ok=True)
+    arguments.output.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"wrote {arguments.output} in {section['wall_seconds']:.0f} s")
+
+
+def training_description() -> dict[str, Any]:
+    """Return what the ``--train`` sites do, for the JSON results."""
+    pneumonia = study_config("resnet_gn", 4, "none").data
+    heart = study_config("logistic_regression", 4, "none").data
+    return {
+        "training": {
+            "function": "medfed.sites.training.train_locally",
+            "settings": {
+                "epochs": TRAINING_SETTINGS.epochs,
+                "batch_size": TRAINING_SETTINGS.batch_size,
+                "learning_rate": TRAINING_SETTINGS.learning_rate,
+                "dp": False,
+            },
+            "torch_threads_per_site": 1,
+            "seed": "crc32 of '<site id>:<round>', the same in every variant",
+            "data": {
+                "resnet_gn": (
+                    f"IID share (seed {pneumonia.seed}) of the PneumoniaMNIST "
+                    "training split, "
+                    f"first {MAX_IMAGES_PER_SITE} images at most, scaled to [0, 1]"
+                ),
+                "logistic_regression": (
+                    f"IID share (seed {heart.seed}) of the four hospitals' "
+                    "heart-disease training records, each hospital preprocessed "
+                    f"with preprocess_heart_site (test_fraction {heart.test_fraction}, "
+                    f"seed {heart.seed})"
+                ),
+            },
+            "sample_count": "the site's training records",
+            "train_seconds": "wall time of train_locally in the site thread",
+            "train_cpu_seconds": "CPU time of the site thread in train_locally",
+        },
+        "deployment_estimates_basis": (
+            "derived, not measured: median site train_cpu_seconds of this run "
+            "plus the variant's protocol-only median round time from the "
+            "top-level results of this file"
+        ),
+    }
+
+
+def print_rows(rows: list[dict[str, Any]]) -> None:
     for row in rows:
+        training = (
+            f" training {row['train_cpu_seconds_median']:.3f} s CPU"
+            if "train_cpu_seconds_median" in row
+            else ""
+        )
         print(
             f"{row['model']:20s} {row['sites']:3d} {row['variant']:18s} "
             f"round {row['round_seconds_median']:7.3f} s "
-            f"({row['round_seconds_vs_plain']:5.2f}x) "
+            f"({row['round_seconds_vs_plain']:5.2f}x){training} "
             f"sent {row['bytes_sent_max_site']:>9d} B "
             f"({row['bytes_sent_max_site_vs_plain']:7.2f}x)"
         )
-    arguments.output.parent.mkdir(parents=True, exist_ok=True)
-    arguments.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {arguments.output} in {result['wall_seconds']:.0f} s")
 
 
 if __name__ == "__main__":

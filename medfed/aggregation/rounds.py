@@ -714,6 +714,9 @@ class RoundService:
             logger.warning(
                 "aborted round %d of study %s: %s", round_number, study, reason
             )
+            if settings.secure_aggregation.mode == "masking":
+                # Sites waiting on the masking routes get the reason at once.
+                self.masking.abort(study, round_number, reason)
             return self.round(study, round_number)
 
         if settings.secure_aggregation.mode == "ckks":

@@ -4,7 +4,7 @@ All routes are under ``/v1/studies/{study}/rounds/{round}/secagg``:
 
 - ``POST /keys``: a site's ``KeyAdvertisement``. Advertising closes by itself
   once every site of the round has advertised, or by ``POST /keys/close``.
-- ``GET /roster``: the ``KeyRoster``, 409 until advertising closed.
+- ``GET /roster``: the ``KeyRoster``, 425 until advertising closed.
 - ``POST /shares``: a site's ``ShareUpload``. Sharing closes by itself once
   every roster site has uploaded, or by ``POST /shares/close``.
 - ``GET /shares/{site}``: the encrypted shares relayed to ``site``.
@@ -12,28 +12,40 @@ All routes are under ``/v1/studies/{study}/rounds/{round}/secagg``:
   service that does not take masked envelopes on its own upload route.
   Uploads close by themselves once every site that shared keys uploaded.
 - ``POST /uploads/close``: end uploads; returns the ``RevealRequest``.
-- ``GET /reveal-request``: the ``RevealRequest``, 409 until uploads closed.
+- ``GET /reveal-request``: the ``RevealRequest``, 425 until uploads closed.
 - ``POST /reveals``: a survivor's ``RevealedShares``.
 
 A message the round rejects gets a 409 JSON body ``{"detail": message}`` and
-changes nothing. A request that comes before its phase (the roster before
+changes nothing. Every request for a round that the service aborted gets 409
+with the reason. A request that comes before its phase (the roster before
 advertising closed) gets 425 Too Early, so sites poll. A poll after the
 round's deadline closes the pending phase. An unknown round gets 404. The routes never return a masked
 vector or a revealed share. The service unmasks with ``MaskingRounds.unmask``
 when it finalizes the round.
+
+The three GET routes take an optional query parameter ``wait`` (seconds, at
+least 0, capped at ``MaskingRounds.max_wait_seconds``). With it, a request
+that comes before its phase is held until the round changes phase, is
+aborted, or reaches its deadline, or until ``wait`` seconds pass, and only
+then gets 425. A held request waits on the event loop and occupies no
+threadpool thread. Without ``wait``, the request is answered at once.
 """
 
+import asyncio
+import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from medfed.aggregation.tls import peer_identity
 from medfed.contract.ids import IDENTIFIER_PATTERN, validate_identifier
@@ -54,7 +66,9 @@ from medfed.contract.wire import EnvelopeLimits, decode_envelope
 from medfed.errors import ConfigError, EnvelopeError, SecureAggregationError
 
 __all__ = [
+    "DEFAULT_MAX_WAIT_SECONDS",
     "MaskingRounds",
+    "RoundAbortedError",
     "UnknownRoundError",
     "create_masking_router",
     "install_error_handlers",
@@ -65,13 +79,61 @@ logger = logging.getLogger(__name__)
 StudyId = Annotated[str, PathParam(pattern=IDENTIFIER_PATTERN.pattern)]
 SiteId = Annotated[str, PathParam(pattern=IDENTIFIER_PATTERN.pattern)]
 RoundNumber = Annotated[int, PathParam(ge=0, le=1_000_000)]
+WaitSeconds = Annotated[
+    float | None,
+    Query(
+        ge=0,
+        allow_inf_nan=False,
+        description="seconds to hold the request while the round is not ready; "
+        "capped by the service",
+    ),
+]
 _PREFIX = "/v1/studies/{study}/rounds/{round_number}/secagg"
 # Magic, format version and header length in front of an envelope's header.
 _ENVELOPE_PREFIX_BYTES = 9
+#: Default cap on ``wait``, in seconds. It stays below the 60 s that reverse
+#: proxies such as nginx (``proxy_read_timeout``) allow a response by default.
+#: NOTE: uvicorn waits for held requests at shutdown, so stopping the service
+#: can take this long.
+DEFAULT_MAX_WAIT_SECONDS = 30.0
+# A request held until the round's deadline wakes this much later, so that
+# ``close_overdue_phase``, which reads the wall clock, finds the deadline passed.
+_DEADLINE_GRACE_SECONDS = 0.01
+# Aborted rounds whose reason a late request still receives; older ones get 404.
+_MAX_ABORTED_ROUNDS_KEPT = 1000
+
+_T = TypeVar("_T")
 
 
 class UnknownRoundError(SecureAggregationError):
     """No masking round is open for this study and round."""
+
+
+class RoundAbortedError(SecureAggregationError):
+    """The masking round was aborted; it takes no further messages."""
+
+
+class _Listener:
+    """Wakes one held request from whichever thread changes the round's phase."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._event = asyncio.Event()
+        #: The round's deadline (Unix time), stored when the listener is added.
+        self.deadline_at: float | None = None
+
+    def wake(self) -> None:
+        # A closed loop raises RuntimeError, and its held request is gone.
+        with suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._event.set)
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait until woken or ``timeout`` seconds pass; return True if woken."""
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
 
 @dataclass
@@ -84,6 +146,15 @@ class _OpenRound:
     #: sites that have sent their message, or None to close phases only
     #: explicitly.
     deadline_at: float | None = None
+    #: Held requests to wake when the phase changes or the round is aborted.
+    listeners: set[_Listener] = dataclasses.field(default_factory=set)
+    #: Why the round was aborted, once it was.
+    abort_reason: str | None = None
+
+    def wake_listeners(self) -> None:
+        for listener in self.listeners:
+            listener.wake()
+        self.listeners.clear()
 
     def close_overdue_phase(self) -> None:
         """Close the current phase if the deadline passed, so polls can go on.
@@ -110,9 +181,22 @@ class MaskingRounds:
     after every change and restores it with ``MaskingServer.restore``.
     """
 
-    def __init__(self, limits: EnvelopeLimits | None = None) -> None:
+    def __init__(
+        self,
+        limits: EnvelopeLimits | None = None,
+        *,
+        max_wait_seconds: float = DEFAULT_MAX_WAIT_SECONDS,
+    ) -> None:
+        if not 0 <= max_wait_seconds < float("inf"):
+            raise ConfigError(
+                "max_wait_seconds must be a finite number of seconds >= 0, got "
+                f"{max_wait_seconds!r}"
+            )
         self.limits = limits or EnvelopeLimits()
+        #: Max time in seconds that a GET route keeps a request for a later phase waiting.
+        self.max_wait_seconds = max_wait_seconds
         self._rounds: dict[tuple[str, int], _OpenRound] = {}
+        self._aborted: OrderedDict[tuple[str, int], str] = OrderedDict()
         self._lock = threading.Lock()
 
     def open(
@@ -151,6 +235,7 @@ class MaskingRounds:
             self._rounds[(study, round_number)] = _OpenRound(
                 server, tuple(sorted(sites)), layout, threading.Lock(), deadline_at
             )
+            self._aborted.pop((study, round_number), None)
         logger.info(
             "opened masking round %s of study %s for %s sites",
             round_number,
@@ -160,15 +245,126 @@ class MaskingRounds:
 
     @contextmanager
     def edit(self, study: str, round_number: int) -> Iterator[_OpenRound]:
-        """Hold a round's lock while a request reads or changes it."""
+        """Hold a round's lock while a request reads or changes it.
+
+        Held requests wake when the round leaves its phase inside the block,
+        even if the block then raises.
+
+        Raises:
+            UnknownRoundError: no such round is open.
+            RoundAbortedError: the round was aborted.
+        """
         with self._lock:
             entry = self._rounds.get((study, round_number))
+            aborted = self._aborted.get((study, round_number))
         if entry is None:
+            if aborted is not None:
+                raise _aborted_error(study, round_number, aborted)
             raise UnknownRoundError(
                 f"no masking round {round_number} is open for study {study!r}"
             )
         with entry.lock:
-            yield entry
+            if entry.abort_reason is not None:
+                raise _aborted_error(study, round_number, entry.abort_reason)
+            phase = entry.server.phase_name
+            try:
+                yield entry
+            finally:
+                if entry.server.phase_name != phase:
+                    entry.wake_listeners()
+
+    def abort(self, study: str, round_number: int, reason: str) -> bool:
+        """Abort an open round: wake its held requests and forget its state.
+
+        Later requests for the round get ``RoundAbortedError`` with ``reason``.
+        Returns False, and changes nothing, when no such round is open.
+        """
+        with self._lock:
+            entry = self._rounds.pop((study, round_number), None)
+            if entry is None:
+                return False
+            self._aborted[(study, round_number)] = reason
+            while len(self._aborted) > _MAX_ABORTED_ROUNDS_KEPT:
+                self._aborted.popitem(last=False)
+        with entry.lock:
+            entry.abort_reason = reason
+            entry.wake_listeners()
+        logger.info(
+            "aborted masking round %s of study %s: %s", round_number, study, reason
+        )
+        return True
+
+    async def read_when_ready(
+        self,
+        study: str,
+        round_number: int,
+        read: Callable[[_OpenRound], _T],
+        wait: float,
+    ) -> _T:
+        """Return ``read(round)`` once its phase has come, waiting up to ``wait`` s.
+
+        ``read`` raises ``RoundNotReadyError`` while the round is in an
+        earlier phase. The wait is capped at ``max_wait_seconds``. At the
+        round's deadline the request reads again, which closes the overdue
+        phase, and waits on if its phase has still not come. Each read runs
+        in the threadpool. Between reads the request only awaits an event,
+        so it blocks neither the event loop nor a thread.
+
+        Raises:
+            RoundNotReadyError: the phase did not come within the wait.
+            UnknownRoundError: no such round is open.
+            RoundAbortedError: the round was aborted, possibly while waiting.
+        """
+        loop = asyncio.get_running_loop()
+        hold_until = loop.time() + min(wait, self.max_wait_seconds)
+        stale: _Listener | None = None
+        while True:
+            if loop.time() >= hold_until:
+                return await run_in_threadpool(
+                    self._read_or_listen, study, round_number, read, None, stale
+                )
+            listener = _Listener(loop)
+            try:
+                return await run_in_threadpool(
+                    self._read_or_listen, study, round_number, read, listener, stale
+                )
+            except RoundNotReadyError:
+                pass
+            timeout = hold_until - loop.time()
+            if listener.deadline_at is not None:
+                until_deadline = listener.deadline_at - time.time()
+                if until_deadline > 0:
+                    timeout = min(timeout, until_deadline + _DEADLINE_GRACE_SECONDS)
+            # After the wait, whether woken or not, the next read returns the
+            # result, closes the phase that became overdue, or ends the hold.
+            await listener.wait(timeout)
+            stale = listener
+
+    def _read_or_listen(
+        self,
+        study: str,
+        round_number: int,
+        read: Callable[[_OpenRound], _T],
+        listener: _Listener | None,
+        stale: _Listener | None,
+    ) -> _T:
+        """Read the round; if it is not ready, add ``listener`` under the same lock.
+
+        Adding the listener under the lock that phase changes take means no
+        change between the read and the wait goes unnoticed. ``stale`` is
+        the caller's previous listener, removed in case it timed out.
+        """
+        with self.edit(study, round_number) as entry:
+            if stale is not None:
+                entry.listeners.discard(stale)
+            entry.close_overdue_phase()
+            try:
+                return read(entry)
+            except RoundNotReadyError:
+                if listener is not None:
+                    listener.deadline_at = entry.deadline_at
+                    entry.listeners.add(listener)
+                raise
 
     def unmask(self, study: str, round_number: int) -> UnmaskedSum:
         """Unmask the round's sum and forget the round.
@@ -180,8 +376,14 @@ class MaskingRounds:
         with self.edit(study, round_number) as entry:
             result = entry.server.unmask()
         with self._lock:
-            del self._rounds[(study, round_number)]
+            self._rounds.pop((study, round_number), None)
         return result
+
+
+def _aborted_error(study: str, round_number: int, reason: str) -> RoundAbortedError:
+    return RoundAbortedError(
+        f"masking round {round_number} of study {study!r} was aborted: {reason}"
+    )
 
 
 def _require_site(request: Request, claimed: str) -> None:
@@ -248,10 +450,12 @@ def create_masking_router(rounds: MaskingRounds) -> APIRouter:
             return entry.server.close_advertising()
 
     @router.get("/roster")
-    def roster(study: StudyId, round_number: RoundNumber) -> KeyRoster:
-        with rounds.edit(study, round_number) as entry:
-            entry.close_overdue_phase()
-            return entry.server.roster
+    async def roster(
+        study: StudyId, round_number: RoundNumber, wait: WaitSeconds = None
+    ) -> KeyRoster:
+        return await rounds.read_when_ready(
+            study, round_number, lambda entry: entry.server.roster, wait or 0.0
+        )
 
     @router.post("/shares")
     def upload_shares(
@@ -274,13 +478,20 @@ def create_masking_router(rounds: MaskingRounds) -> APIRouter:
             return {"sites": entry.server.sharing_sites}
 
     @router.get("/shares/{site}")
-    def relayed_shares(
-        study: StudyId, round_number: RoundNumber, site: SiteId, request: Request
+    async def relayed_shares(
+        study: StudyId,
+        round_number: RoundNumber,
+        site: SiteId,
+        request: Request,
+        wait: WaitSeconds = None,
     ) -> list[EncryptedShare]:
         _require_site(request, site)
-        with rounds.edit(study, round_number) as entry:
-            entry.close_overdue_phase()
-            return entry.server.shares_for(site)
+        return await rounds.read_when_ready(
+            study,
+            round_number,
+            lambda entry: entry.server.shares_for(site),
+            wait or 0.0,
+        )
 
     @router.put("/masked/{site}")
     async def upload_masked(
@@ -293,13 +504,11 @@ def create_masking_router(rounds: MaskingRounds) -> APIRouter:
             + rounds.limits.max_payload_bytes
         )
         body = await _read_limited_body(request, limit)
-        with rounds.edit(study, round_number) as entry:
-            vector, sample_count = _read_masked_envelope(
-                body, entry, study, round_number, site, rounds.limits
-            )
-            entry.server.add_masked_update(site, vector, sample_count=sample_count)
-            if entry.server.uploaded_sites == entry.server.sharing_sites:
-                entry.server.close_uploads()
+        # Decoding and the round's lock stay off the event loop, where
+        # requests held by ``read_when_ready`` wait.
+        await run_in_threadpool(
+            _add_masked_envelope, rounds, body, study, round_number, site
+        )
         return {"site": site}
 
     @router.post("/uploads/close")
@@ -311,10 +520,15 @@ def create_masking_router(rounds: MaskingRounds) -> APIRouter:
             return entry.server.close_uploads()
 
     @router.get("/reveal-request")
-    def reveal_request(study: StudyId, round_number: RoundNumber) -> RevealRequest:
-        with rounds.edit(study, round_number) as entry:
-            entry.close_overdue_phase()
-            return entry.server.reveal_request
+    async def reveal_request(
+        study: StudyId, round_number: RoundNumber, wait: WaitSeconds = None
+    ) -> RevealRequest:
+        return await rounds.read_when_ready(
+            study,
+            round_number,
+            lambda entry: entry.server.reveal_request,
+            wait or 0.0,
+        )
 
     @router.post("/reveals")
     def reveal(
@@ -359,6 +573,18 @@ async def _read_limited_body(request: Request, limit: int) -> bytes:
             )
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _add_masked_envelope(
+    rounds: MaskingRounds, body: bytes, study: str, round_number: int, site: str
+) -> None:
+    with rounds.edit(study, round_number) as entry:
+        vector, sample_count = _read_masked_envelope(
+            body, entry, study, round_number, site, rounds.limits
+        )
+        entry.server.add_masked_update(site, vector, sample_count=sample_count)
+        if entry.server.uploaded_sites == entry.server.sharing_sites:
+            entry.server.close_uploads()
 
 
 def _read_masked_envelope(

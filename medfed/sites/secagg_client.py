@@ -2,9 +2,12 @@
 
 ``MaskingClient.run_round`` drives a ``MaskingSite`` through the routes of
 ``medfed.aggregation.secagg_routes``: advertise keys, upload encrypted
-shares, upload the masked envelope, reveal shares. While the service has not
-reached the next phase it returns 425 Too Early and the client polls. It
-returns what the round cost the site (``MaskingRoundCost``).
+shares, upload the masked envelope, reveal shares. Each GET for the next
+phase asks the service to hold it until the phase comes (query parameter
+``wait``). When the service answers 425 Too Early, because the wait ended or
+it does not hold requests, the client polls again, at most every
+``poll_interval``. It returns what the round cost the site
+(``MaskingRoundCost``).
 """
 
 import logging
@@ -27,7 +30,7 @@ from medfed.contract.secagg import (
     parse_message,
 )
 from medfed.contract.wire import encode_envelope
-from medfed.errors import ServiceError
+from medfed.errors import ConfigError, ServiceError
 from medfed.sites.client import is_loopback_url
 
 __all__ = ["MaskingClient", "MaskingRoundCost"]
@@ -100,8 +103,13 @@ class MaskingClient:
 
     Args:
         base_url: the service's URL, e.g. ``http://127.0.0.1:8765``.
-        timeout: seconds to wait for each request.
-        poll_interval: seconds between polls while the round is not ready.
+        timeout: seconds to wait for each request. A held GET gets its
+            ``wait`` on top of the read timeout.
+        poll_interval: shortest time in seconds between the starts of two
+            polls for the same phase.
+        wait_per_poll: seconds the service may hold each GET until the round
+            reaches its phase (the service caps it, 30 s by default); 0 polls
+            without holding.
         http_client: an ``httpx.Client`` to use (for TLS settings); one is
             created when omitted.
     """
@@ -112,10 +120,17 @@ class MaskingClient:
         *,
         timeout: float = 60.0,
         poll_interval: float = 0.2,
+        wait_per_poll: float = 20.0,
         http_client: httpx.Client | None = None,
     ) -> None:
+        if not 0 <= wait_per_poll < float("inf"):
+            raise ConfigError(
+                "wait_per_poll must be a finite number of seconds >= 0, got "
+                f"{wait_per_poll!r}"
+            )
         self.base_url = base_url.rstrip("/")
         self.poll_interval = poll_interval
+        self.wait_per_poll = wait_per_poll
         self._owns_http = http_client is None
         self._http = http_client or httpx.Client(
             base_url=self.base_url,
@@ -213,7 +228,14 @@ class MaskingClient:
 
     def _poll(self, path: str, deadline: float) -> httpx.Response:
         while True:
-            response = self._request("GET", path)
+            started = time.monotonic()
+            wait = round(max(0.0, min(self.wait_per_poll, deadline - started)), 3)
+            response = self._request(
+                "GET",
+                path,
+                params={"wait": wait} if wait > 0 else None,
+                timeout=self._timeout_with(wait),
+            )
             if response.status_code != _TOO_EARLY:
                 return self._checked(response, "GET", path)
             if time.monotonic() >= deadline:
@@ -222,7 +244,21 @@ class MaskingClient:
                     f"returns 425 ({_detail(response)})",
                     status_code=_TOO_EARLY,
                 )
-            time.sleep(self.poll_interval)
+            # A service that responded at once, because it does not hold
+            # requests or the round's deadline passed, is polled every
+            # poll_interval.
+            time.sleep(max(0.0, started + self.poll_interval - time.monotonic()))
+
+    def _timeout_with(self, wait: float) -> httpx.Timeout:
+        timeout = self._http.timeout
+        if timeout.read is None:
+            return timeout
+        return httpx.Timeout(
+            connect=timeout.connect,
+            read=timeout.read + wait,
+            write=timeout.write,
+            pool=timeout.pool,
+        )
 
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         return self._checked(self._request(method, path, **kwargs), method, path)

@@ -3,6 +3,9 @@
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import numpy as np
@@ -28,9 +31,9 @@ ENCODING = FixedPointEncoding(
 )
 
 
-@pytest.fixture
-def service():
-    rounds = MaskingRounds()
+@contextmanager
+def serve(rounds: MaskingRounds) -> Iterator[str]:
+    """Serve the masking routes of ``rounds`` on 127.0.0.1; yield the URL."""
     app = FastAPI()
     app.include_router(create_masking_router(rounds))
     install_error_handlers(app)
@@ -42,10 +45,19 @@ def service():
     while not server.started:
         time.sleep(0.01)
     host, port = sock.getsockname()
-    yield rounds, f"http://{host}:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@pytest.fixture
+def service():
+    rounds = MaskingRounds()
+    with serve(rounds) as url:
+        yield rounds, url
 
 
 def open_round(rounds, round_number):
@@ -66,14 +78,16 @@ def site_update(index):
     }
 
 
-def test_round_with_dropout_over_http(service):
+# wait_per_poll 0 is the polling fallback for a service without held requests.
+@pytest.mark.parametrize("wait_per_poll", [0.0, 20.0])
+def test_round_with_dropout_over_http(service, wait_per_poll):
     rounds, url = service
     open_round(rounds, 0)
     errors = []
     costs = {}
 
     def run_site(index, name):
-        client = MaskingClient(url, poll_interval=0.05)
+        client = MaskingClient(url, poll_interval=0.05, wait_per_poll=wait_per_poll)
         site = MaskingSite(site=name, study=STUDY, round_number=0, encoding=ENCODING)
         try:
             costs[name] = client.run_round(
@@ -199,3 +213,191 @@ def test_client_reports_rejection(service):
         "aggregation service rejected POST /v1/studies/heart/rounds/3/secagg/keys "
         "with 409: site 'site-z' does not take part in round 3"
     )
+
+
+# Held requests (query parameter ``wait``)
+
+
+def prefix_of(url, round_number):
+    return f"{url}/v1/studies/{STUDY}/rounds/{round_number}/secagg"
+
+
+def advertise(url, round_number, names):
+    for name in names:
+        site = MaskingSite(
+            site=name, study=STUDY, round_number=round_number, encoding=ENCODING
+        )
+        response = httpx.post(
+            f"{prefix_of(url, round_number)}/keys",
+            json=site.advertise().model_dump(mode="json"),
+        )
+        assert response.status_code == 200, response.text
+
+
+def timed_get(url, **params):
+    """GET ``url``; return the response and the monotonic time it arrived."""
+    response = httpx.get(url, params=params, timeout=120)
+    return response, time.monotonic()
+
+
+def wait_until_held(rounds, round_number, count):
+    """Wait until ``count`` requests are held on the round, so none races ahead."""
+    deadline = time.monotonic() + 30
+    while True:
+        with rounds.edit(STUDY, round_number) as entry:
+            if len(entry.listeners) >= count:
+                return
+        assert time.monotonic() < deadline, f"{count} requests were not held"
+        time.sleep(0.01)
+
+
+def test_held_roster_returns_when_keys_close(service):
+    rounds, url = service
+    open_round(rounds, 10)
+
+    with ThreadPoolExecutor(1) as pool:
+        held_request = pool.submit(timed_get, f"{prefix_of(url, 10)}/roster", wait=10)
+        wait_until_held(rounds, 10, 1)
+        # The fifth advertisement closes advertising.
+        advertise(url, 10, SITES)
+        closed_at = time.monotonic()
+        response, returned_at = held_request.result(timeout=60)
+
+    assert response.status_code == 200
+    assert [item["site"] for item in response.json()["advertisements"]] == SITES
+    # The bound is far below wait=10 but generous for a loaded machine.
+    assert returned_at - closed_at < 5
+
+
+def test_held_requests_use_no_threads(service):
+    # More held requests than the threadpool's 40 threads, so a hold that
+    # occupied a thread would leave none for the advertisements.
+    rounds, url = service
+    open_round(rounds, 11)
+    count = 45
+
+    with ThreadPoolExecutor(count) as pool:
+        held_requests = [
+            pool.submit(timed_get, f"{prefix_of(url, 11)}/roster", wait=20)
+            for _ in range(count)
+        ]
+        wait_until_held(rounds, 11, count)
+        advertise(url, 11, SITES)
+        responses = [future.result(timeout=60)[0] for future in held_requests]
+
+    assert [response.status_code for response in responses] == [200] * count
+
+
+def test_wait_clamped_to_maximum():
+    rounds = MaskingRounds(max_wait_seconds=1.0)
+    open_round(rounds, 12)
+
+    with serve(rounds) as url:
+        started = time.monotonic()
+        response, returned_at = timed_get(f"{prefix_of(url, 12)}/roster", wait=600)
+
+    assert response.status_code == 425
+    assert response.json() == {"detail": "the round's roster is not closed yet"}
+    assert returned_at - started >= 0.9
+    assert returned_at - started < 30
+
+
+@pytest.mark.parametrize("route", ["roster", "shares/site-a", "reveal-request"])
+@pytest.mark.parametrize("value", ["-1", "abc", "nan", "inf", ""])
+def test_invalid_wait_rejected(service, route, value):
+    rounds, url = service
+    open_round(rounds, 13)
+
+    response = httpx.get(f"{prefix_of(url, 13)}/{route}", params={"wait": value})
+
+    assert response.status_code == 422
+    assert [error["loc"] for error in response.json()["detail"]] == [["query", "wait"]]
+    with rounds.edit(STUDY, 13) as entry:
+        assert entry.server.phase_name == "advertising"
+        assert entry.listeners == set()
+
+
+def test_abort_wakes_held_request(service):
+    rounds, url = service
+    open_round(rounds, 14)
+    expected = {
+        "detail": "masking round 14 of study 'heart' was aborted: too few updates"
+    }
+
+    with ThreadPoolExecutor(1) as pool:
+        held_request = pool.submit(timed_get, f"{prefix_of(url, 14)}/roster", wait=10)
+        wait_until_held(rounds, 14, 1)
+        aborted = rounds.abort(STUDY, 14, "too few updates")
+        aborted_at = time.monotonic()
+        response, returned_at = held_request.result(timeout=60)
+    later = httpx.get(f"{prefix_of(url, 14)}/reveal-request", params={"wait": 5})
+
+    assert aborted is True
+    assert response.status_code == 409
+    assert response.json() == expected
+    assert returned_at - aborted_at < 5
+    assert later.status_code == 409
+    assert later.json() == expected
+    assert rounds.abort(STUDY, 14, "again") is False
+
+
+def test_deadline_ends_wait(service):
+    rounds, url = service
+    deadline_at = time.time() + 1.0
+    rounds.open(
+        STUDY,
+        15,
+        sites=SITES,
+        threshold=3,
+        encoding=ENCODING,
+        layout=VectorLayout.from_shapes(SHAPES),
+        deadline_at=deadline_at,
+    )
+    advertise(url, 15, SITES[:3])
+
+    response, _ = timed_get(f"{prefix_of(url, 15)}/roster", wait=20)
+    returned_at = time.time()
+
+    # The held request closed the overdue phase with the three sites.
+    assert response.status_code == 200
+    assert [item["site"] for item in response.json()["advertisements"]] == SITES[:3]
+    assert returned_at >= deadline_at
+    assert returned_at - deadline_at < 10
+
+
+def test_client_sends_one_get_per_phase(service):
+    rounds, url = service
+    open_round(rounds, 16)
+    gets: dict[str, int] = {}
+    errors = []
+
+    def run_site(index, name):
+        def count(request):
+            if request.method == "GET":
+                gets[name] = gets.get(name, 0) + 1
+
+        http = httpx.Client(base_url=url, event_hooks={"request": [count]})
+        # Polls that the service answered at once would be 5 s apart, so a
+        # site would need more than three GETs unless its GETs were held.
+        client = MaskingClient(url, poll_interval=5.0, http_client=http)
+        site = MaskingSite(site=name, study=STUDY, round_number=16, encoding=ENCODING)
+        try:
+            client.run_round(site, site_update(index), sample_count=10, wait_seconds=60)
+        except Exception as error:  # reported by the assert below
+            errors.append(error)
+        finally:
+            http.close()
+
+    threads = [
+        threading.Thread(target=run_site, args=(index, name))
+        for index, name in enumerate(SITES)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    result = rounds.unmask(STUDY, 16)
+
+    assert errors == []
+    assert gets == dict.fromkeys(SITES, 3)
+    assert result.survivors == tuple(SITES)

@@ -3,8 +3,11 @@
 import itertools
 import json
 import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
 import pytest
 from safetensors.numpy import save as save_safetensors
@@ -286,3 +289,28 @@ def test_int8_chunks_rejected_in_masking_study(
     message = str(error.value)
     assert "invalid compression study setting" in message
     assert "set the shared scale instead" in message
+
+
+def test_quorum_abort_wakes_held_request(service: LocalAggregationService) -> None:
+    with AggregationClient(service.url) as client:
+        study = create_study(client, "masking")
+        roster_url = f"{service.url}/v1/studies/{study}/rounds/0/secagg/roster"
+        with ThreadPoolExecutor(1) as pool:
+            held_request = pool.submit(
+                httpx.get, roster_url, params={"wait": 20}, timeout=60
+            )
+            time.sleep(1.0)
+            was_held = not held_request.done()
+            # No site uploaded and all are absent, so the quorum of 3 fails.
+            status = client.finalize(study, 0, absent=SITES)
+            aborted_at = time.monotonic()
+            response = held_request.result(timeout=60)
+            returned_at = time.monotonic()
+
+    assert was_held
+    assert status["state"] == "aborted"
+    assert response.status_code == 409
+    assert response.json() == {
+        "detail": f"masking round 0 of study {study!r} was aborted: {status['reason']}"
+    }
+    assert returned_at - aborted_at < 5
