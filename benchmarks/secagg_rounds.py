@@ -1041,12 +1041,14 @@ def main() -> None:
             for estimate in estimates
             if estimate["variant"] == "masking" and estimate["sites"] == TARGET_SITES
         ]
+    # Per-site records of every round would make the file megabytes long, so
+    # each round keeps only its round-level figures.
     section["rounds"] = [
         {
             "model": cell.model,
             "sites": len(cell.sites),
             "variant": cell.variant,
-            **record,
+            **{key: value for key, value in record.items() if key != "site_results"},
         }
         for cell in cells
         for record in cell.rounds
