@@ -3,10 +3,11 @@
 Runs a study config (by default ``configs/pneumonia_nodp.yaml``) once with
 ``secure_aggregation`` set to none, to masking and to CKKS, each a real
 ``medfed run`` (Prefect flow, aggregation service on 127.0.0.1, MLflow).
-Every run uses the config's seeds, so the runs differ only in the mode. For
-each run it records the pooled test AUC and accuracy, the bytes each site
-uploaded, the summed round time and the wall time, and the AUC difference
-from the run without secure aggregation. Results go to
+Every run keeps the config's study name and seeds, so the runs draw the
+same initial model and batches and differ only in the mode. Their MLflow
+runs share the study's experiment. For each run it records the pooled test
+AUC and accuracy, the bytes each site uploaded, the wall time, and the AUC
+difference from the run without secure aggregation. Results go to
 ``benchmarks/results/secagg_studies.json``; the figures are discussed on
 ``docs/benchmarks-secagg.md``.
 
@@ -40,7 +41,8 @@ TARGET_AUC_DIFFERENCE = 0.01
 def run_one(config: Path, mode: str, work_root: Path) -> dict[str, Any]:
     """Run the study once with ``mode`` and return its figures."""
     raw = yaml.safe_load(config.read_text(encoding="utf-8"))
-    raw["study"] = f"{raw['study']}-{mode}"
+    # The study name stays: sites derive their batch-sampling seeds from it,
+    # so another name would change the batches as well as the mode.
     settings = MODES[mode]
     if settings is not None:
         raw["secure_aggregation"] = settings
