@@ -14,8 +14,12 @@ aggregate weight gradients that DP-SGD throws away, and then compute the
 per-sample gradients. Here forward hooks keep each layer's input and output,
 one ``torch.autograd.grad`` call returns only the gradients with respect to
 the layer outputs (autograd skips the aggregate weight gradients because no
-parameter is requested), and the per-sample gradients are formed from those
-with batched matrix products. Their cost matches the weight-gradient pass
+parameter is requested), and the per-sample gradients are formed from those.
+A linear layer's per-sample gradients come from one batched matrix product.
+A convolution's come from patches and a batched product, or from the weight
+gradient of one grouped convolution with a group per sample. Each layer and
+input shape uses whichever of the two ran faster on first use
+(``_conv_method``). Their cost is close to that of the weight-gradient pass
 they replace. The per-sample gradients are materialized rather than computed
 as "ghost" norms because at 28 x 28 the ghost norm of a convolution costs
 time proportional to the square of its output area.
@@ -28,6 +32,7 @@ captured output would no longer match its gradient.
 """
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -174,17 +179,99 @@ def _im2col(layer: nn.Conv2d, activation: torch.Tensor) -> torch.Tensor:
     return patches.reshape(batch, channels * kernel_h * kernel_w, out_h * out_w)
 
 
-def _conv_grads(
+def _conv_weight_grads_im2col(
     layer: nn.Conv2d, activation: torch.Tensor, backprop: torch.Tensor
-) -> list[torch.Tensor]:
+) -> torch.Tensor:
+    """Return per-sample weight gradients from patches and one batched product."""
     batch = activation.shape[0]
     columns = _im2col(layer, activation)
     backprop = backprop.reshape(batch, layer.out_channels, -1)
     # (batch, out, positions) @ (batch, positions, in * kh * kw)
     weight = torch.bmm(backprop, columns.transpose(1, 2))
-    grads = [weight.view(batch, *layer.weight.shape)]
+    return weight.view(batch, *layer.weight.shape)
+
+
+def _conv_weight_grads_grouped(
+    layer: nn.Conv2d, activation: torch.Tensor, backprop: torch.Tensor
+) -> torch.Tensor:
+    """Return per-sample weight gradients from one grouped convolution's gradient.
+
+    Stacking the batch along the channels turns sample i into group i of a
+    convolution with ``groups=batch``, whose weight gradient contains every
+    sample's gradient. The CPU convolution kernels compute it without
+    building patches. For a 16-channel 3 x 3 convolution at 28 x 28 and batch
+    64 it took about a quarter of the time of ``_conv_weight_grads_im2col``
+    (torch 2.13, 2-core x86 CPU), but it was slower for one input channel.
+    """
+    batch, channels = activation.shape[:2]
+    grouped_shape = (batch * layer.out_channels, channels, *layer.kernel_size)
+    _, weight, _ = torch.ops.aten.convolution_backward(
+        backprop.reshape(1, batch * layer.out_channels, *backprop.shape[2:]),
+        activation.reshape(1, batch * channels, *activation.shape[2:]),
+        activation.new_empty(grouped_shape),
+        None,
+        list(layer.stride),
+        [int(value) for value in layer.padding],
+        list(layer.dilation),
+        False,
+        [0, 0],
+        batch,
+        [False, True, False],
+    )
+    return weight.view(batch, *layer.weight.shape)
+
+
+_CONV_METHODS = {
+    "im2col": _conv_weight_grads_im2col,
+    "grouped": _conv_weight_grads_grouped,
+}
+#: Fastest method per convolution and input shape, measured on first use.
+_conv_choice: dict[tuple[object, ...], str] = {}
+
+
+def _conv_method(
+    layer: nn.Conv2d, activation: torch.Tensor, backprop: torch.Tensor
+) -> str:
+    """Return the faster per-sample method for this convolution and input shape.
+
+    The first call for a shape times both methods twice and keeps the faster.
+    Both compute the same gradients, so the choice changes speed only. Which
+    one wins depends on the channels, the image size and the CPU: patches
+    win for a single input channel, the grouped convolution for wider layers.
+    """
+    key = (
+        layer.in_channels,
+        layer.out_channels,
+        layer.kernel_size,
+        layer.stride,
+        layer.padding,
+        layer.dilation,
+        tuple(activation.shape),
+    )
+    choice = _conv_choice.get(key)
+    if choice is None:
+        timings = {}
+        for name, method in _CONV_METHODS.items():
+            best = float("inf")
+            for _ in range(2):
+                started = time.perf_counter()
+                method(layer, activation, backprop)
+                best = min(best, time.perf_counter() - started)
+            timings[name] = best
+        choice = min(timings, key=timings.__getitem__)
+        _conv_choice[key] = choice
+        logger.debug("per-sample gradients of convolution %s: %s", key, choice)
+    return choice
+
+
+def _conv_grads(
+    layer: nn.Conv2d, activation: torch.Tensor, backprop: torch.Tensor
+) -> list[torch.Tensor]:
+    batch = activation.shape[0]
+    method = _CONV_METHODS[_conv_method(layer, activation, backprop)]
+    grads = [method(layer, activation, backprop)]
     if layer.bias is not None:
-        grads.append(backprop.sum(dim=2))
+        grads.append(backprop.reshape(batch, layer.out_channels, -1).sum(dim=2))
     return grads
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from medfed.contract.models import build_model
 from medfed.errors import ConfigError
+from medfed.sites import fastdp
 from medfed.sites.fastdp import check_supported, poisson_batches, private_gradient
 
 
@@ -189,6 +190,41 @@ def test_fastdp_clipped_sum_matches_per_sample_backward():
     )
     for parameter, total in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(parameter.grad, total, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", sorted(fastdp._CONV_METHODS))
+@pytest.mark.parametrize(
+    ("in_channels", "out_channels", "kernel", "stride", "padding", "dilation"),
+    [
+        (1, 4, 3, 1, 1, 1),
+        (3, 5, 3, 2, 1, 1),
+        (4, 6, 1, 2, 0, 1),
+        (2, 3, (3, 2), (1, 2), (2, 0), (2, 1)),
+    ],
+)
+def test_conv_per_sample_methods_match_per_sample_backward(
+    method, in_channels, out_channels, kernel, stride, padding, dilation
+):
+    layer = nn.Conv2d(
+        in_channels,
+        out_channels,
+        kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        bias=False,
+    )
+    generator = torch.Generator().manual_seed(3)
+    activation = torch.randn(5, in_channels, 11, 9, generator=generator)
+    backprop = torch.randn(layer(activation).shape, generator=generator)
+
+    per_sample = fastdp._CONV_METHODS[method](layer, activation, backprop)
+
+    for index in range(len(activation)):
+        layer.zero_grad()
+        output = layer(activation[index : index + 1])
+        (output * backprop[index : index + 1]).sum().backward()
+        assert torch.allclose(per_sample[index], layer.weight.grad, atol=1e-5)
 
 
 def test_fastdp_every_sample_norm_is_clipped():
