@@ -156,7 +156,6 @@ def run(
             f"no earlier run of study {config.study!r} in {work_dir}; pass the "
             "--work-dir of that run, or leave out --resume to start a new one"
         )
-    work_dir.mkdir(parents=True, exist_ok=True)
 
     from medfed.flows.training import run_study
 
