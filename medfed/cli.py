@@ -10,11 +10,13 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any
 
 import typer
@@ -156,10 +158,14 @@ def run(
             f"no earlier run of study {config.study!r} in {work_dir}; pass the "
             "--work-dir of that run, or leave out --resume to start a new one"
         )
-    work_dir.mkdir(parents=True, exist_ok=True)
 
     from medfed.flows.training import run_study
+    from medfed.reaper import start_reaper
 
+    _exit_on_sigterm()
+    # Kept for the life of the process: the watchdog stops this command's
+    # children if it is killed without a chance to stop them itself.
+    _watchdogs.append(start_reaper())
     started = time.monotonic()
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -210,6 +216,21 @@ def run(
             json.dumps(_without_nan(summary), indent=2, sort_keys=True),
             encoding="utf-8",
         )
+
+
+_watchdogs: list[Any] = []
+
+
+def _exit_on_sigterm() -> None:
+    """Make SIGTERM exit like Ctrl-C does, so the study stops its services."""
+
+    def handle(number: int, frame: FrameType | None) -> None:
+        # A second SIGTERM during the cleanup ends the process at once, and
+        # the watchdog then stops the children.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise SystemExit(128 + number)
+
+    signal.signal(signal.SIGTERM, handle)
 
 
 def _without_nan(value: Any) -> Any:

@@ -76,6 +76,61 @@ def test_altered_data_exits_with_data_code(tmp_path: Path, data_root: Path) -> N
     assert "Traceback" not in result.stderr
 
 
+def test_unknown_model_fails_before_services(tmp_path: Path) -> None:
+    config = tmp_path / "study.yaml"
+    config.write_text(
+        (CONFIGS / "heart_disease_nodp.yaml")
+        .read_text()
+        .replace("name: logistic_regression", "name: resnet_gnn")
+    )
+
+    result = run_medfed("run", str(config), cwd=tmp_path)
+
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert (
+        "model.name: unknown model; choose one of logistic_regression, resnet_gn "
+        "(got 'resnet_gnn')" in result.stderr
+    )
+    assert not (tmp_path / ".medfed").exists()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_configured_root_without_data_fails_before_services(tmp_path: Path) -> None:
+    empty = tmp_path / "data"
+    empty.mkdir()
+    config = tmp_path / "study.yaml"
+    config.write_text(
+        (CONFIGS / "heart_disease_nodp.yaml")
+        .read_text()
+        .replace("  seed: 42\n", f"  seed: 42\n  root: {empty}\n")
+    )
+
+    # A download attempt would go to this closed local port, never outside.
+    closed = "http://127.0.0.1:9"
+    result = run_medfed(
+        "run",
+        str(config),
+        cwd=tmp_path,
+        env={"http_proxy": closed, "https_proxy": closed, "no_proxy": "127.0.0.1"},
+    )
+
+    assert result.returncode == 3
+    assert result.stderr.count("\n") == 1
+    assert (
+        "site cleveland: data file heart-disease/processed.cleveland.data not "
+        f"found in data root {empty}" in result.stderr
+    )
+    assert (
+        "SHA-256 a74b7efa387bc9d108d7d0115d831fe9b414b29ae7124f331b622b4efa0427c8"
+        in result.stderr
+    )
+    assert "download from" not in result.stderr
+    assert list(empty.iterdir()) == []
+    assert list(tmp_path.glob(".medfed/runs/*/aggregation")) == []
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 @pytest.mark.slow
 def test_run_prints_table_and_summary(tmp_path: Path) -> None:
     import json

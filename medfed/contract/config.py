@@ -14,6 +14,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -74,7 +75,8 @@ class PartitionConfig(_Strict):
 
 class DataConfig(_Strict):
     dataset: Literal["heart_disease", "pneumoniamnist"]
-    #: Data root; when unset, ``MEDFED_DATA_DIR``, then ``../shared/data``.
+    #: Data root; when unset, ``MEDFED_DATA_DIR``, then ``../shared/data``,
+    #: then the download cache (see ``medfed.sites.data.root``).
     root: str | None = None
     test_fraction: float = Field(default=0.34, gt=0, lt=1)
     seed: int = 42
@@ -90,8 +92,49 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
+    """A registered model architecture and its constructor's keyword arguments.
+
+    Both are checked at load time by building the model once, so a misspelled
+    name or parameter fails before any service starts.
+    """
+
     name: str = Field(min_length=1)
-    params: dict[str, Any] = Field(default_factory=dict)
+    # Validated when absent too, because a model may require parameters.
+    params: dict[str, Any] = Field(default_factory=dict, validate_default=True)
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        # Imported here because the registry loads torch, which the
+        # aggregation service does not install.
+        from medfed.contract.models import model_names
+
+        names = model_names()
+        if name not in names:
+            raise ValueError(f"unknown model; choose one of {', '.join(names)}")
+        return name
+
+    @field_validator("params")
+    @classmethod
+    def _params_fit(
+        cls, params: dict[str, Any], info: ValidationInfo
+    ) -> dict[str, Any]:
+        name = info.data.get("name")
+        if name is None:
+            # The name was invalid, and that error is reported instead.
+            return params
+        import torch
+
+        from medfed.contract.models import build_model
+
+        try:
+            # Building draws initial weights; fork_rng keeps the caller's
+            # torch random state as it was.
+            with torch.random.fork_rng(devices=[]):
+                build_model(name, **params)
+        except ConfigError as error:
+            raise ValueError(str(error)) from None
+        return params
 
 
 class TrainingConfig(_Strict):
@@ -252,6 +295,29 @@ class StudyConfig(_Strict):
     def _mode_shorthand(cls, value: object) -> object:
         # ``secure_aggregation: masking`` is short for ``{mode: masking}``.
         return {"mode": value} if isinstance(value, str) else value
+
+    @field_validator("sites")
+    @classmethod
+    def _known_sources(
+        cls, sites: list[SiteConfig], info: ValidationInfo
+    ) -> list[SiteConfig]:
+        # Only the file name is checked here, because the file lives at the
+        # site, which may be another machine. ``check_local_data`` checks the
+        # file itself when the sites run on this machine.
+        data = info.data.get("data")
+        if data is None or data.dataset != "heart_disease":
+            return sites
+        # Imported here because the dataset catalog sits with the site code.
+        from medfed.sites.data.heart import HEART_FILES
+
+        for site in sites:
+            if site.source is not None and site.source not in HEART_FILES:
+                raise ValueError(
+                    f"source {site.source!r} of site {site.id!r} is not a "
+                    "heart-disease file; choose one of "
+                    + ", ".join(sorted(HEART_FILES))
+                )
+        return sites
 
     @model_validator(mode="after")
     def _check_sites(self) -> "StudyConfig":

@@ -113,12 +113,17 @@ def site_evaluation(
 
 
 def prepare_site(runner: SiteRunner) -> dict[str, Any]:
-    """Preprocess a site's data and calibrate its DP noise.
+    """Preprocess a site's data, check the model fits it, calibrate DP noise.
 
     Returns the site's training record count, dataset fingerprint and DP
     parameters: nothing about any single record.
+
+    Raises:
+        ConfigError: the study's model does not accept the site's records,
+            so every round would fail at this site.
     """
     manifest = runner.prepare()
+    runner.check_model_input()
     records = manifest["splits"]["train"]["rows"]
     ledger = runner.ledger(records)
     privacy = {}

@@ -47,7 +47,7 @@ from medfed.sites.runner import (
     weights_to_safetensors,
 )
 
-__all__ = ["RoundListener", "federated_training", "run_study"]
+__all__ = ["RoundListener", "check_local_data", "federated_training", "run_study"]
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +214,8 @@ class _Coordinator:
         #: Score from which a record counts as positive in reported accuracy.
         self.threshold = 0.5
         self.refusals: list[dict[str, Any]] = []
+        #: Per site that raised in a round: the round and the error as one line.
+        self.failures: list[dict[str, Any]] = []
         self.round_seconds: list[float] = []
         self.last_round = -1
         #: Sites whose data preparation failed; they are absent from every
@@ -315,12 +317,26 @@ class _Coordinator:
                 })  # fmt: skip
 
         if version == 0:
-            recent = "; ".join(r["message"] for r in self.refusals[-len(self.sites) :])
             raise QuorumError(
                 f"study {self.config.study!r} finished no round; "
-                + (recent or "see the aggregation service log")
+                + (self._last_round_reasons() or "see the aggregation service log")
             )
         return self._finish(client, tracker, prepared, version)
+
+    def _last_round_reasons(self) -> str:
+        """Return the reason each site of the last round did not upload, in one line."""
+        if not self.participants:
+            return ""
+        last = self.participants[-1]["round"]
+        reasons = [
+            f"site {failure['site']} failed: {failure['message']}"
+            for failure in self.failures
+            if failure["round"] == last
+        ]
+        reasons += [
+            refusal["message"] for refusal in self.refusals if refusal["round"] == last
+        ]
+        return "; ".join(reasons)
 
     def _prepare_sites(self, tracker: StudyTracker) -> dict[str, Any]:
         """Prepare every site's data; return the reports of the sites that did.
@@ -450,6 +466,13 @@ class _Coordinator:
                     "site %s failed in round %d: %s", site, round_number, outcome
                 )
                 tracker.log_event(f"failure.{site}.round{round_number}", str(outcome))
+                self.failures.append(
+                    {
+                        "round": round_number,
+                        "site": site,
+                        "message": _failure_reason(outcome),
+                    }
+                )
                 absent.append(site)
             elif outcome["status"] != "uploaded":
                 self.refusals.append(
@@ -678,6 +701,21 @@ def _lineage(
     return tags
 
 
+def _failure_reason(error: BaseException) -> str:
+    """Return a site's error as one line of at most 300 characters.
+
+    Errors from outside medfed (torch, for example) keep their type name in
+    front, because their message alone can be ambiguous.
+    """
+    # NOTE: the text is the one already logged and tagged in MLflow. A
+    # library's message could quote a value from the data, and the cut to
+    # 300 characters only limits how much of it reaches the study error.
+    text = " ".join(str(error).split()) or "no message"
+    if not isinstance(error, MedfedError):
+        text = f"{type(error).__name__}: {text}"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def _gather(
     futures: dict[str, PrefectFuture[Any]], timeout: float | None = None
 ) -> dict[str, Any]:
@@ -702,6 +740,31 @@ def _gather(
     return results
 
 
+def check_local_data(config: StudyConfig, work_dir: Path) -> None:
+    """Check that every site of a local study can read its raw data file.
+
+    It runs before any service starts, so a missing or altered file fails in
+    seconds. Sites whose data is already preprocessed in ``work_dir`` pass.
+    Sites deployed in their own containers hold their own data and are not
+    checked here.
+
+    Raises:
+        ConfigError, DataError: naming each site's problem, one site after
+            the other.
+    """
+    problems: list[str] = []
+    first: MedfedError | None = None
+    for site in config.sites:
+        runner = SiteRunner(config, site.id, work_dir / "sites" / site.id)
+        try:
+            runner.check_source()
+        except MedfedError as error:
+            problems.append(f"site {site.id}: {error}")
+            first = first or error
+    if first is not None:
+        raise type(first)("; ".join(problems))
+
+
 def run_study(
     config: StudyConfig,
     config_text: str,
@@ -717,10 +780,14 @@ def run_study(
     The service keeps its state in ``work_dir/aggregation``, so a resumed
     study finds its rounds and uploads there. With ``aggregation.url`` set
     the flow uses that service instead, authenticated with the coordinator
-    kit ``kit_dir`` when one is given.
+    kit ``kit_dir`` when one is given. Unless ``deployed_sites``, the sites'
+    data files are checked first (``check_local_data``), before any service
+    starts.
     """
     from medfed.flows.local import LocalAggregationService
 
+    if not deployed_sites:
+        check_local_data(config, work_dir)
     # Local mode trains every site at once in this process, so each site gets
     # an equal share of the cores instead of every torch op spawning threads
     # that contend for all of them.

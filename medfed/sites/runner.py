@@ -36,11 +36,11 @@ from medfed.contract.secagg import MaskingSite, VectorLayout
 from medfed.contract.secagg.ckks import CkksSiteContext, round_for_release
 from medfed.contract.signing import Ed25519Signer
 from medfed.contract.wire import encode_envelope
-from medfed.errors import BudgetExceededError, SecureAggregationError
+from medfed.errors import BudgetExceededError, ConfigError, SecureAggregationError
 from medfed.sites.ckks_keys import load_secret_context
 from medfed.sites.client import AggregationClient, DownloadedModel
 from medfed.sites.compression import build_update_encoder
-from medfed.sites.data import load_split, prepare_site_data
+from medfed.sites.data import check_site_source, load_split, prepare_site_data
 from medfed.sites.data.augment import RandomAffine
 from medfed.sites.data.root import resolve_data_root
 from medfed.sites.error_feedback import ErrorFeedback
@@ -183,10 +183,53 @@ class SiteRunner:
             self.config, self.site_id, self.data_root, self.data_dir
         )
 
+    def check_source(self) -> None:
+        """Check the site's raw data file unless its data is already preprocessed.
+
+        Raises:
+            ConfigError, DataError: as ``check_site_source``.
+        """
+        if (self.data_dir / "manifest.json").exists():
+            return
+        check_site_source(self.config, self.site_id, self.data_root)
+
     def dataset_fingerprint(self) -> str:
         """Return a SHA-256 over the manifest: identifies the data, reveals none of it."""
         manifest = self.prepare()
         return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+    def check_model_input(self) -> None:
+        """Check that the study's model accepts the shape of the site's records.
+
+        The model runs on one all-zero record with the training split's
+        shape, so only the shape of the site's data is used, and the error
+        names only that shape.
+
+        Raises:
+            ConfigError: the model rejects records of that shape.
+        """
+        inputs, _ = load_split(self.config, self.data_dir, "train")
+        shape = tuple(inputs.shape[1:])
+        model_config = self.config.model
+        # Building draws initial weights; fork_rng keeps the torch random
+        # state of the site's training as it was.
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(model_config.name, **model_config.params)
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(torch.zeros((1, *shape), dtype=inputs.dtype))
+        except (RuntimeError, ValueError) as error:
+            hint = "fix model.params for this data"
+            if len(shape) == 1 and "in_features" in model_config.params:
+                hint = f"set model.params.in_features to {shape[0]}"
+            reason = " ".join(str(error).split())
+            # The coordinator prefixes the site id when it reports the error.
+            raise ConfigError(
+                f"model {model_config.name!r} does not accept the records of this "
+                f"site, which have shape {shape} after preprocessing ({reason}); "
+                f"{hint}"
+            ) from None
 
     # Privacy
 

@@ -12,7 +12,7 @@ STUDY = {
     "study": "heart",
     "data": {"dataset": "heart_disease"},
     "sites": [{"id": f"site-{index}"} for index in range(4)],
-    "model": {"name": "logistic_regression"},
+    "model": {"name": "logistic_regression", "params": {"in_features": 15}},
     "training": {"rounds": 1, "learning_rate": 0.1},
 }
 

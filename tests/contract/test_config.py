@@ -144,3 +144,87 @@ def test_youden_rejected_without_validation_split() -> None:
         parse_study_config(raw)
 
     assert "heart_disease sites keep only train and test splits" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        (
+            {"name": "resnet_gnn", "params": {"in_features": 15}},
+            "model.name: unknown model; choose one of logistic_regression, "
+            "resnet_gn (got 'resnet_gnn')",
+        ),
+        (
+            {"name": "logistic_regression", "params": {"in_features": 15, "hidden": 3}},
+            "model.params: invalid parameters for model 'logistic_regression': "
+            "unexpected keyword argument 'hidden'; it accepts in_features",
+        ),
+        (
+            {"name": "logistic_regression"},
+            "model.params: invalid parameters for model 'logistic_regression': "
+            "missing required parameter 'in_features'; set it in model.params",
+        ),
+        (
+            {"name": "logistic_regression", "params": {"in_features": 0}},
+            "model.params: invalid parameters for model 'logistic_regression': "
+            "in_features must be positive, got 0",
+        ),
+        (
+            {"name": "resnet_gn", "params": {"depth": 3}},
+            "model.params: invalid parameters for model 'resnet_gn': unexpected "
+            "keyword argument 'depth'; it accepts in_channels, widths, groups",
+        ),
+    ],
+)
+def test_invalid_model_rejected_at_load(
+    model: dict[str, object], expected: str
+) -> None:
+    raw = minimal()
+    raw["model"] = model
+
+    with pytest.raises(ConfigError) as raised:
+        parse_study_config(raw)
+
+    assert expected in str(raised.value)
+
+
+def test_model_check_keeps_torch_random_state() -> None:
+    import torch
+
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+
+    parse_study_config(minimal())
+
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_unknown_heart_source_rejected_at_load() -> None:
+    raw = minimal()
+    raw["sites"] = [
+        {"id": "a", "source": "processed.va.data"},
+        {"id": "long-beach", "source": "processed.lb.data"},
+    ]
+
+    with pytest.raises(ConfigError) as raised:
+        parse_study_config(raw)
+
+    message = str(raised.value)
+    assert "source 'processed.lb.data' of site 'long-beach'" in message
+    assert "is not a heart-disease file" in message
+    assert (
+        "choose one of processed.cleveland.data, processed.hungarian.data, "
+        "processed.switzerland.data, processed.va.data" in message
+    )
+
+
+def test_missing_source_file_passes_config_check(tmp_path: Path) -> None:
+    # The file lives at the site, which may be another machine, so loading
+    # the config checks only its name.
+    raw = minimal()
+    raw["data"] = {"dataset": "heart_disease", "root": str(tmp_path / "absent")}
+
+    config = parse_study_config(raw)
+
+    assert config.sites[0].source == "processed.va.data"

@@ -4,6 +4,7 @@ Architectures import torch, which the aggregation service does not need, so
 this package is imported only by sites and the coordinator.
 """
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from medfed.errors import ConfigError
 
-__all__ = ["MODELS", "build_model", "register_model"]
+__all__ = ["MODELS", "build_model", "model_names", "register_model"]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -28,22 +29,72 @@ def register_model(
     return decorator
 
 
+def model_names() -> list[str]:
+    """Return the names of the registered models, sorted."""
+    _register_builtins()
+    return sorted(MODELS)
+
+
 def build_model(name: str, **params: Any) -> nn.Module:
     """Build the model registered as ``name`` with ``params``.
 
     Raises:
-        ConfigError: no model has that name, or a parameter is invalid.
+        ConfigError: no model has that name, or a parameter is unknown,
+            missing or invalid.
     """
+    _register_builtins()
+    if name not in MODELS:
+        raise ConfigError(
+            f"unknown model {name!r}: choose one of {', '.join(sorted(MODELS))}"
+        )
+    factory = MODELS[name]
+    _check_parameter_names(name, factory, params)
+    try:
+        return factory(**params)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"invalid parameters for model {name!r}: {error}") from None
+
+
+def _register_builtins() -> None:
     from medfed.contract.models import (  # noqa: F401  (registers built-ins)
         logistic,
         resnet,
     )
 
-    if name not in MODELS:
+
+def _check_parameter_names(
+    name: str, factory: Callable[..., nn.Module], params: dict[str, Any]
+) -> None:
+    """Raise ConfigError for a keyword that ``factory`` lacks or requires.
+
+    A factory that takes ``**kwargs`` accepts every keyword, so only its
+    required parameters are checked.
+    """
+    signature = inspect.signature(factory)
+    keywords = {
+        parameter.name: parameter
+        for parameter in signature.parameters.values()
+        if parameter.kind
+        in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    accepts_any = any(
+        parameter.kind is inspect.Parameter.VAR_KEYWORD
+        for parameter in signature.parameters.values()
+    )
+    accepted = ", ".join(keywords) or "no parameters"
+    unknown = sorted(set(params) - set(keywords))
+    if unknown and not accepts_any:
         raise ConfigError(
-            f"unknown model {name!r}: choose one of {', '.join(sorted(MODELS))}"
+            f"invalid parameters for model {name!r}: unexpected keyword argument "
+            f"{unknown[0]!r}; it accepts {accepted}"
         )
-    try:
-        return MODELS[name](**params)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"invalid parameters for model {name!r}: {error}") from None
+    missing = [
+        keyword
+        for keyword, parameter in keywords.items()
+        if parameter.default is inspect.Parameter.empty and keyword not in params
+    ]
+    if missing:
+        raise ConfigError(
+            f"invalid parameters for model {name!r}: missing required parameter "
+            f"{missing[0]!r}; set it in model.params"
+        )

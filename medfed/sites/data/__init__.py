@@ -2,7 +2,8 @@
 
 ``prepare_site_data`` turns the site's raw data into Parquet splits with a
 manifest, once; ``load_split`` reads a split back as tensors for training and
-evaluation.
+evaluation. ``check_site_source`` checks the raw data file before a study
+starts.
 """
 
 from functools import lru_cache
@@ -13,26 +14,21 @@ import torch
 
 from medfed.contract.config import StudyConfig
 from medfed.errors import ConfigError, DataError
+from medfed.sites.data.root import DatasetFile, is_download_cache, verified_file
 
-__all__ = ["load_split", "prepare_site_data"]
+__all__ = ["check_site_source", "load_split", "prepare_site_data"]
 
 
 def prepare_site_data(
     config: StudyConfig, site_id: str, data_root: Path, out_dir: Path
 ) -> dict[str, Any]:
     """Preprocess ``site_id``'s data into ``out_dir``; return the manifest."""
-    site = next(s for s in config.sites if s.id == site_id)
     if config.data.dataset == "heart_disease":
         from medfed.sites.data.heart import preprocess_heart_site
 
-        if site.source is None:
-            raise ConfigError(
-                f"site {site_id!r} has no 'source'; name its heart-disease file, "
-                "e.g. processed.cleveland.data"
-            )
         return preprocess_heart_site(
             data_root,
-            site.source,
+            _heart_source(config, site_id),
             out_dir,
             test_fraction=config.data.test_fraction,
             seed=config.data.seed,
@@ -56,6 +52,51 @@ def prepare_site_data(
             include_test=True,
         )
     raise DataError(f"dataset {config.data.dataset!r} has no site preprocessing yet")
+
+
+def check_site_source(config: StudyConfig, site_id: str, data_root: Path) -> None:
+    """Check that ``site_id``'s raw data file is in ``data_root``, unaltered.
+
+    A file absent from the download cache passes, because preprocessing
+    downloads it there.
+
+    Raises:
+        ConfigError: a heart-disease site has no ``source``.
+        DataError: the file is missing from a configured data root, or its
+            SHA-256 differs from the published one.
+    """
+    spec = _source_file(config, site_id)
+    path = data_root / spec.folder / spec.name
+    if path.exists() or not is_download_cache(data_root):
+        verified_file(data_root, spec, download=False)
+
+
+def _source_file(config: StudyConfig, site_id: str) -> DatasetFile:
+    if config.data.dataset == "heart_disease":
+        from medfed.sites.data.heart import HEART_FILES
+
+        source = _heart_source(config, site_id)
+        if source not in HEART_FILES:
+            raise DataError(
+                f"unknown heart-disease source {source!r}; expected one of "
+                f"{', '.join(sorted(HEART_FILES))}"
+            )
+        return HEART_FILES[source]
+    if config.data.dataset == "pneumoniamnist":
+        from medfed.sites.data.pneumonia import PNEUMONIA_FILE
+
+        return PNEUMONIA_FILE
+    raise DataError(f"dataset {config.data.dataset!r} has no site preprocessing yet")
+
+
+def _heart_source(config: StudyConfig, site_id: str) -> str:
+    site = next(s for s in config.sites if s.id == site_id)
+    if site.source is None:
+        raise ConfigError(
+            f"site {site_id!r} has no 'source'; name its heart-disease file, "
+            "e.g. processed.cleveland.data"
+        )
+    return site.source
 
 
 def load_split(

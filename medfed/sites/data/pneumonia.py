@@ -53,11 +53,13 @@ IMAGE_SHAPE = (28, 28)
 
 
 def load_pneumoniamnist(
-    data_root: Path, *, download: bool = True
+    data_root: Path, *, download: bool | None = None
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Return ``{split: (images, labels)}`` of the three official splits.
 
     Images are uint8 of shape (n, 28, 28); labels are int64 of shape (n,).
+    ``download`` is passed to ``verified_file``: None downloads a missing file
+    only into the download cache.
 
     Raises:
         DataError: the file is missing and cannot be downloaded, its SHA-256

@@ -1,9 +1,12 @@
 """Resolution of the data root and checksum-verified downloads.
 
-The data root is, in order: the path in the study config, the environment
-variable ``MEDFED_DATA_DIR``, ``../shared/data`` beside the working directory
-or the repository when it exists; otherwise the dataset is downloaded from its
-official source into ``~/.cache/medfed/data`` and checked against its SHA-256.
+The data root is, in order: the path in the study config (``data.root``), the
+environment variable ``MEDFED_DATA_DIR``, ``../shared/data`` beside the
+working directory or the repository when it exists; otherwise the download
+cache ``~/.cache/medfed/data``. Files are downloaded from their official
+source, and checked against their SHA-256, only into the download cache. A
+file missing from any other root is an error that names the file, its SHA-256
+and its source, because that root is the user's choice.
 """
 
 import hashlib
@@ -16,7 +19,14 @@ from pathlib import Path
 
 from medfed.errors import DataError
 
-__all__ = ["DatasetFile", "file_sha256", "resolve_data_root", "verified_file"]
+__all__ = [
+    "DatasetFile",
+    "download_cache",
+    "file_sha256",
+    "is_download_cache",
+    "resolve_data_root",
+    "verified_file",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +61,11 @@ def resolve_data_root(configured: str | None = None) -> Path:
     ):
         if candidate.is_dir():
             return candidate.resolve()
+    return download_cache()
+
+
+def download_cache() -> Path:
+    """Return the folder that downloads go to, the data root of last resort."""
     return Path.home() / ".cache" / "medfed" / "data"
 
 
@@ -62,19 +77,28 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verified_file(root: Path, spec: DatasetFile, *, download: bool = True) -> Path:
-    """Return the path of ``spec`` under ``root``, downloading it when absent.
+def verified_file(
+    root: Path, spec: DatasetFile, *, download: bool | None = None
+) -> Path:
+    """Return the path of ``spec`` under ``root``, downloading it when allowed.
+
+    ``download`` None allows a download only when ``root`` is the download
+    cache; True allows it into any root and False never.
 
     Raises:
-        DataError: the file is absent and cannot be downloaded, or its SHA-256
-            differs from the published one.
+        DataError: the file is absent and may not or cannot be downloaded, or
+            its SHA-256 differs from the published one.
     """
     path = root / spec.folder / spec.name
+    if download is None:
+        download = is_download_cache(root)
     if not path.exists():
         if not download:
             raise DataError(
-                f"data file {path} not found; set {ENV_VAR} or data.root to the folder "
-                f"that contains {spec.folder}/"
+                f"data file {spec.folder}/{spec.name} not found in data root {root}; "
+                f"download it from {spec.url} into {root / spec.folder}/ (SHA-256 "
+                f"{spec.sha256}), or set data.root or {ENV_VAR} to a folder that "
+                f"contains {spec.folder}/{spec.name}"
             )
         _download(spec, path)
     actual = file_sha256(path)
@@ -84,6 +108,11 @@ def verified_file(root: Path, spec: DatasetFile, *, download: bool = True) -> Pa
             "replace it with the original file"
         )
     return path
+
+
+def is_download_cache(root: Path) -> bool:
+    """Return whether ``root`` is the download cache, the only root downloads go to."""
+    return root.expanduser().resolve() == download_cache().resolve()
 
 
 def _download(spec: DatasetFile, path: Path) -> None:

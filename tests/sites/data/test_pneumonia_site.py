@@ -10,6 +10,7 @@ import torch
 from medfed.errors import DataError
 from medfed.sites.data.imaging import content_sha256, load_image_split
 from medfed.sites.data.pneumonia import (
+    PNEUMONIA_FILE,
     load_pneumoniamnist,
     preprocess_pneumonia_site,
     preprocess_pneumonia_test,
@@ -177,6 +178,7 @@ def test_stratified_holdout_keeps_both_labels():
 
 
 def test_missing_dataset_names_remedy(tmp_path):
-    with pytest.raises(DataError, match="not found; set MEDFED_DATA_DIR") as caught:
+    with pytest.raises(DataError, match=r"set data\.root or MEDFED_DATA_DIR") as caught:
         load_pneumoniamnist(tmp_path, download=False)
-    assert "pneumoniamnist/" in str(caught.value)
+    assert "pneumoniamnist/pneumoniamnist.npz not found" in str(caught.value)
+    assert PNEUMONIA_FILE.sha256 in str(caught.value)
