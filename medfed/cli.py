@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 import warnings
 from datetime import UTC, datetime
@@ -162,7 +163,7 @@ def run(
     from medfed.flows.training import run_study
     from medfed.reaper import start_reaper
 
-    _exit_on_sigterm()
+    _exit_on_signals()
     # Kept for the life of the process: the watchdog stops this command's
     # children if it is killed without a chance to stop them itself.
     _watchdogs.append(start_reaper())
@@ -221,16 +222,33 @@ def run(
 _watchdogs: list[Any] = []
 
 
-def _exit_on_sigterm() -> None:
-    """Make SIGTERM exit like Ctrl-C does, so the study stops its services."""
+def _exit_on_signals() -> None:
+    """Make SIGTERM and Ctrl-C exit through the study's cleanup, within a bound.
+
+    The handler raises SystemExit, so ``run_study`` stops the services it
+    started. The exception lands wherever the main thread is at that moment,
+    and a cleanup interrupted there can hang. So a timer ends the process after
+    ``SHUTDOWN_GRACE_SECONDS``, and the watchdog then stops the children.
+    """
 
     def handle(number: int, frame: FrameType | None) -> None:
-        # A second SIGTERM during the cleanup ends the process at once, and
-        # the watchdog then stops the children.
+        # A second signal during the cleanup ends the process at once.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        deadline = threading.Timer(
+            SHUTDOWN_GRACE_SECONDS, os._exit, args=(128 + number,)
+        )
+        deadline.daemon = True
+        deadline.start()
         raise SystemExit(128 + number)
 
     signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
+#: Seconds that ``medfed run`` gets to stop its services after SIGTERM or
+#: Ctrl-C before it exits without finishing the cleanup.
+SHUTDOWN_GRACE_SECONDS = 30.0
 
 
 def _without_nan(value: Any) -> Any:
