@@ -18,13 +18,11 @@ Run: ``python benchmarks/compression_pneumonia.py [--privacy off on]
 
 import argparse
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
+from study_run import run_study_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "compression_pneumonia.json"
@@ -78,24 +76,7 @@ def run_one(
     config_path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     summary_path = work / "summary.json"
 
-    started = time.monotonic()
-    subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from medfed.cli import main; main()",
-            "run",
-            str(config_path),
-            "--summary-json",
-            str(summary_path),
-            "--work-dir",
-            str(work / "state"),
-        ],
-        cwd=ROOT,
-        check=True,
-    )
-    wall = time.monotonic() - started
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    summary, wall = run_study_cli(config_path, summary_path, work / "state")
     sites = summary["sites"]
     return {
         "config": CONFIGS[privacy],

@@ -20,10 +20,10 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
+from study_run import run_study_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -54,25 +54,7 @@ def run_study(
         config_path = work_root / f"{name}-{rounds}-rounds.yaml"
         config_path.write_text(yaml.safe_dump(raw), encoding="utf-8")
 
-    started = time.monotonic()
-    subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from medfed.cli import main; main()",
-            "run",
-            str(config_path),
-            "--summary-json",
-            str(summary_path),
-            "--work-dir",
-            str(work_root / name),
-        ],
-        cwd=ROOT,
-        check=True,
-    )
-    wall = time.monotonic() - started
-
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    summary, wall = run_study_cli(config_path, summary_path, work_root / name)
     sites = summary["sites"]
     epsilons = [v.get("epsilon_spent") for v in sites.values()]
     auc = summary["pooled_test_auc"]

@@ -6,11 +6,11 @@ whole rounds over HTTP with 4, 10 and 20 sites for two models: the
 heart-disease logistic regression (``configs/heart_disease.yaml``, 16
 parameters) and the pneumonia GroupNorm ResNet (``configs/pneumonia.yaml``,
 ``resnet_gn`` widths 16/32/64, 77,169 parameters). Each site runs in its own
-thread of this process and uses the product's site code: ``AggregationClient``
-for every request, ``MaskingSite`` and ``MaskingClient`` for masking, the
-``ckks`` codec with the secret context from ``load_secret_context`` for
-CKKS, and ``SiteRunner.decrypt_sum`` (the flow's ``site_decrypt`` task) for
-the decrypting site. The coordinator's part (open, finalize, have the first
+thread of this process and uses the product's site code. Every request goes
+through ``AggregationClient``. Masking uses ``MaskingSite`` and
+``MaskingClient``, and CKKS the ``ckks`` codec with the secret context from
+``load_secret_context``. The decrypting site calls ``SiteRunner.decrypt_sum``
+(the flow's ``site_decrypt`` task). The coordinator's part (open, finalize, have the first
 contributor decrypt, finalize again) follows the ``federated_training`` flow.
 
 Each site uploads a fixed random delta of the model's exact tensor shapes,

@@ -28,7 +28,7 @@ least 0, capped at ``MaskingRounds.max_wait_seconds``). With it, a request
 that comes before its phase is held until the round changes phase, is
 aborted, or reaches its deadline, or until ``wait`` seconds pass, and only
 then gets 425. A held request waits on the event loop and occupies no
-threadpool thread. Without ``wait``, the request is answered at once.
+threadpool thread. Without ``wait``, the service responds at once.
 """
 
 import asyncio

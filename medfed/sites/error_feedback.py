@@ -5,7 +5,7 @@ keeps ``residual = (update + residual) - decode(encode(update + residual))``,
 computed in float32, for the next round. So every coordinate that topk,
 randk, int8 or lowbit dropped or rounded is sent in a later round instead of
 being lost, which matters most for biased codecs such as topk. Because the
-residual comes from decoding the payload itself, it also holds the rounding
+residual comes from decoding the payload itself, it also contains the rounding
 error of the values that topk kept (float16 or int8 values).
 
 The residual is computed from the update that DP-SGD produced, so it is

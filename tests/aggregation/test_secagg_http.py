@@ -377,7 +377,7 @@ def test_client_sends_one_get_per_phase(service):
                 gets[name] = gets.get(name, 0) + 1
 
         http = httpx.Client(base_url=url, event_hooks={"request": [count]})
-        # Polls that the service answered at once would be 5 s apart, so a
+        # Polls that the service did not hold would be 5 s apart, so a
         # site would need more than three GETs unless its GETs were held.
         client = MaskingClient(url, poll_interval=5.0, http_client=http)
         site = MaskingSite(site=name, study=STUDY, round_number=16, encoding=ENCODING)
