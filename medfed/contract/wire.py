@@ -148,12 +148,15 @@ def encode_envelope(
     codec_name: str = "fp32",
     codec_params: Mapping[str, Any] | None = None,
     compression: Literal["none", "zstd"] = "none",
+    zstd_level: int = 3,
     signer: Any = None,
     codec: Encoder | None = None,
 ) -> bytes:
     """Encode ``update`` (tensor name to float32 array) as an envelope.
 
     Args:
+        zstd_level: zstd's compression level (1 to 22) when ``compression``
+            is "zstd". The decoder does not depend on it.
         signer: an object with ``key_id`` and ``sign(bytes) -> str`` (base64),
             or None for an unsigned envelope.
         codec: a codec already built, or a wrapper around one such as the
@@ -168,7 +171,7 @@ def encode_envelope(
         {key: np.asarray(value, order="C") for key, value in arrays.items()}
     )
     payload = (
-        zstandard.ZstdCompressor(level=3).compress(raw)
+        zstandard.ZstdCompressor(level=zstd_level).compress(raw)
         if compression == "zstd"
         else raw
     )

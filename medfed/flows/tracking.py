@@ -124,6 +124,7 @@ class StudyTracker:
                 self.config.compression.params, sort_keys=True
             ),
             "compression_zstd": self.config.compression.zstd,
+            "compression_zstd_level": self.config.compression.envelope_zstd_level,
             "compression_error_feedback": self.config.compression.error_feedback,
             **secure_aggregation_params(
                 self.config.secure_aggregation,

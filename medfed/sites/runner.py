@@ -479,6 +479,7 @@ class SiteRunner:
             signer=self.signer,
             codec=encoder,
             compression=compression.envelope_compression,
+            zstd_level=compression.envelope_zstd_level,
         )
         receipt = client.upload(self.config.study, round_number, self.site_id, envelope)
         if isinstance(encoder, ErrorFeedback):

@@ -98,6 +98,74 @@ def test_int8_round_trip_within_scale(chunk_size, update, seed):
         assert scales.size == (1 if chunk_size == 0 else math.ceil(value.size / chunk))
 
 
+@pytest.mark.parametrize("step_rms", [0.5, 1.0, 4.0])
+@pytest.mark.parametrize("chunk_size", [0, 3, 64])
+@given(update=updates(), seed=st.integers(0, 2**32))
+@settings(max_examples=40)
+def test_int8_step_rms_round_trip_within_scale(step_rms, chunk_size, update, seed):
+    params = {"chunk_size": chunk_size, "step_rms": step_rms, "seed": seed}
+    codec = get_codec("int8", params)
+    payload = codec.encode(update)
+    specs = [(key, np.shape(value), "float32") for key, value in update.items()]
+    decoded = get_codec("int8", codec.params).decode(payload, specs)
+    for key, value in update.items():
+        exact = value.reshape(-1).astype(np.float64)
+        chunk = chunk_size or max(value.size, 1)
+        scales = payload[f"{key}.scale"].astype(np.float64)
+        for index, scale in enumerate(scales):
+            part = exact[index * chunk : (index + 1) * chunk]
+            if part.size:
+                rms = math.sqrt(np.mean(np.square(part)))
+                # The step is at least step_rms * rms and never clips.
+                assert scale >= step_rms * rms * (1 - 2.0**-23)
+                assert scale * 127 >= np.abs(part).max()
+        per_element = np.repeat(scales, chunk)[: value.size]
+        error = np.abs(decoded[key].reshape(-1).astype(np.float64) - exact)
+        assert (error <= per_element + np.abs(exact) * 2.0**-23).all()
+
+
+def test_int8_step_rms_gaussian_takes_few_levels():
+    values = np.random.default_rng(3).standard_normal(50_000).astype(np.float32)
+    codec = get_codec("int8", {"chunk_size": 4096, "step_rms": 1.0, "seed": 1})
+
+    levels = codec.encode({"w": values})["w.q"]
+
+    # At a step of one standard deviation, |level| > 5 needs a value beyond
+    # 5 standard deviations (probability 6e-7 each).
+    assert int(np.abs(levels).max()) <= 5
+    assert codec.params == {"chunk_size": 4096, "step_rms": 1.0}
+
+
+def test_int8_step_rms_with_zstd_sends_tenth_of_fp32():
+    # A DP-noised update is close to Gaussian; this is the setting the DP
+    # pneumonia study uses (docs/benchmarks-compression.md).
+    rng = np.random.default_rng(5)
+    update = {
+        f"layer{index}.weight": rng.standard_normal(shape).astype(np.float32) * 0.01
+        for index, shape in enumerate([(64, 64, 3, 3), (32, 32, 3, 3), (64,), (2, 64)])
+    }
+    common = {
+        "study": "study",
+        "round_number": 1,
+        "site": "site-a",
+        "sample_count": 10,
+        "nonce": "ab" * 8,
+    }
+    fp32 = encode_envelope(update, **common)
+    int8 = encode_envelope(
+        update,
+        **common,
+        codec_name="int8",
+        codec_params={"chunk_size": 4096, "step_rms": 1.0, "seed": 2},
+        compression="zstd",
+        zstd_level=19,
+    )
+
+    assert len(fp32) / len(int8) >= 10
+    decoded = decode_envelope(int8)
+    assert decoded.header.codec.params == {"chunk_size": 4096, "step_rms": 1.0}
+
+
 @given(update=updates(max_magnitude=1.0), seed=st.integers(0, 2**32))
 @settings(max_examples=60)
 def test_int8_shared_scale_within_scale(update, seed):
@@ -330,6 +398,7 @@ def test_randk_decoder_requires_seed():
         ("fp16", {}),
         ("int8", {"chunk_size": 4}),
         ("int8", {"scale": 0.5}),
+        ("int8", {"chunk_size": 16, "step_rms": 1.0}),
         ("topk", {"fraction": 0.3, "value_dtype": "float16"}),
         ("topk", {"fraction": 0.3, "index_encoding": "bitmap", "value_dtype": "int8"}),
         ("randk", {"fraction": 0.3}),
@@ -398,6 +467,14 @@ INVALID_PARAMS = [
         "chunk_size and scale exclude each other",
     ),
     ("int8", {"seed": -3}, "parameter seed must be between 0 and"),
+    ("int8", {"step_rms": 0}, "parameter step_rms must be greater than 0.0"),
+    ("int8", {"step_rms": 200}, "step_rms must be greater than 0.0 and at most 127"),
+    ("int8", {"step_rms": True}, "parameter step_rms must be a number, got True"),
+    (
+        "int8",
+        {"step_rms": 1.0, "scale": 0.01},
+        "parameters step_rms and scale exclude each other",
+    ),
     ("int8", {"bits": 4}, "codec 'int8' has no parameter 'bits'"),
     ("topk", {}, "codec 'topk' requires parameter fraction"),
     (

@@ -40,6 +40,18 @@ def test_yaml_section_loads():
     assert config.error_feedback is True
 
 
+def test_zstd_level_defaults_to_3():
+    assert CompressionConfig(zstd=True).envelope_zstd_level == 3
+    assert CompressionConfig(zstd=True, zstd_level=19).envelope_zstd_level == 19
+
+
+def test_int8_step_rms_rejected_under_masking():
+    config = CompressionConfig(codec="int8", params={"step_rms": 1.0})
+
+    with pytest.raises(ConfigError, match="cannot be summed"):
+        config.check("masking")
+
+
 def test_topk_bitmap_int8_section_loads():
     section = yaml.safe_load(
         """
@@ -114,6 +126,9 @@ def test_study_rejects_lowbit_under_masking():
         ),
         ({"codec": "fp16", "level": 3}, "level"),
         ({"zstd": "maybe"}, "zstd"),
+        ({"zstd": True, "zstd_level": 23}, "less than or equal to 22"),
+        ({"zstd": True, "zstd_level": 0}, "greater than or equal to 1"),
+        ({"zstd_level": 19}, "zstd_level 19 is set but zstd is false: set zstd"),
     ],
 )
 def test_invalid_section_rejected(section, message):

@@ -50,6 +50,21 @@ def test_int8_per_tensor_scale_unbiased():
     assert (bias <= 5 * (scale / 2) / np.sqrt(TRIALS)).all()
 
 
+def test_int8_step_rms_unbiased():
+    # rms is about 0.54, so the step is about 0.54 and 0.3 sits between the
+    # levels 0 and 1: rounding to nearest would be off by about 15 standard
+    # errors.
+    values = np.array([0.3, -0.7, 0.5, 1.0, -1.0, 0.0, 0.05], dtype=np.float32)
+    specs = [("w", (values.size,), "float32")]
+    total = np.zeros(values.size)
+    for seed in range(TRIALS):
+        codec = get_codec("int8", {"step_rms": 1.0, "seed": seed})
+        total += codec.decode(codec.encode({"w": values}), specs)["w"]
+    scale = float(np.sqrt(np.mean(values.astype(np.float64) ** 2)))
+    bias = np.abs(total / TRIALS - values.astype(np.float64))
+    assert (bias <= 5 * (scale / 2) / np.sqrt(TRIALS)).all()
+
+
 def test_lowbit_two_bits_unbiased():
     # The scale is max|x| = 1, so the levels are -1, 0 and 1 and rounding to
     # nearest would be off by 0.3 on 0.3 and -0.7, 27 standard errors.

@@ -6,6 +6,7 @@ Example (YAML)::
       codec: topk
       params: {fraction: 0.01, value_dtype: float16}
       zstd: true
+      zstd_level: 19
       error_feedback: true
 
 The codec and its parameters are validated when the section is loaded, and
@@ -23,6 +24,8 @@ from medfed.errors import ConfigError
 
 __all__ = ["CompressionConfig"]
 
+DEFAULT_ZSTD_LEVEL = 3
+
 
 class CompressionConfig(BaseModel):
     """Compression settings of a study, applied by every site to its update.
@@ -32,6 +35,11 @@ class CompressionConfig(BaseModel):
             randk).
         params: the codec's parameters; see each codec's docstring.
         zstd: compress the envelope payload with zstd as well.
+        zstd_level: zstd's compression level, 1 to 22 (default 3). Levels
+            15 and above entropy-code small-alphabet payloads such as
+            ``int8`` with ``step_rms`` close to their entropy, where level 3
+            leaves about 0.6 bits per value on the table; they take about
+            0.3 s per million values. The decoder does not depend on it.
         error_feedback: carry each lossy codec's error into the next round
             at the site. Ignored for fp32, which loses nothing, and under
             masking secure aggregation, whose ring encoder does the int8
@@ -43,6 +51,7 @@ class CompressionConfig(BaseModel):
     codec: str = "fp32"
     params: dict[str, int | float | str | bool] = Field(default_factory=dict)
     zstd: bool = False
+    zstd_level: int | None = Field(default=None, ge=1, le=22)
     error_feedback: bool = True
 
     @model_validator(mode="after")
@@ -50,12 +59,22 @@ class CompressionConfig(BaseModel):
         # ConfigError is a ValueError, so pydantic reports it under this
         # section with the codec's own message.
         self.build_codec()
+        if self.zstd_level is not None and not self.zstd:
+            raise ConfigError(
+                f"zstd_level {self.zstd_level} is set but zstd is false: set "
+                "zstd: true to compress the payload, or remove zstd_level"
+            )
         return self
 
     @property
     def envelope_compression(self) -> Literal["none", "zstd"]:
         """The ``compression`` argument of ``encode_envelope``."""
         return "zstd" if self.zstd else "none"
+
+    @property
+    def envelope_zstd_level(self) -> int:
+        """The ``zstd_level`` argument of ``encode_envelope``."""
+        return self.zstd_level or DEFAULT_ZSTD_LEVEL
 
     def build_codec(self) -> Codec:
         """Return a new codec instance for one site's encoding."""

@@ -5,12 +5,21 @@ Rounding is stochastic: ``q = floor(x / scale + u)`` with u uniform on [0, 1),
 so ``E[q * scale] = x`` (unbiased) and ``|q * scale - x| < scale`` per element,
 up to the float32 rounding of the decoded product (relative 2**-24).
 
-Two ways to choose ``scale``:
+Three ways to choose ``scale``:
 
 - data-dependent (``chunk_size``): each tensor, or each run of ``chunk_size``
   elements of the flattened tensor, gets ``scale = max|x| / 127``, sent as a
   float32 array beside the integers. No value is clipped, but every site
   chooses its own scales, so integers from different sites cannot be summed.
+- coarse data-dependent (``step_rms``, with or without ``chunk_size``):
+  ``scale = max(step_rms * rms, max|x| / 127)`` per tensor or chunk, rms being
+  its root mean square. The wire form is the same; the encoder only picks a
+  coarser step. With ``step_rms`` 1, Gaussian values (such as a DP-noised
+  update) take about 9 distinct levels, whose entropy is about 2.2 bits, so
+  the envelope's zstd (``compression.zstd``, best at ``zstd_level`` 19) sends
+  about 2.3 bits per value: about 12x fewer payload bytes than fp32, at an
+  added rounding variance of at most ``scale**2 / 4`` and about
+  ``scale**2 / 6`` on average, 17% of a Gaussian's variance.
 - shared (``scale``): one scale fixed in the study config for every site and
   round. Values are clipped to ``[-127 * scale, 127 * scale]`` first, which
   biases any value beyond that range. With DP clipping at norm C, a scale of
@@ -70,6 +79,7 @@ class Int8Codec(Codec):
         *,
         chunk_size: int = 0,
         scale: float | None = None,
+        step_rms: float | None = None,
         seed: int | None = None,
     ) -> None:
         """Validate the parameters.
@@ -80,6 +90,10 @@ class Int8Codec(Codec):
                 0 with ``scale``.
             scale: a positive scale shared by every site. When set, the codec
                 sends no scales and its decoding is linear across sites.
+            step_rms: None for the scale ``max|x| / 127``, or a positive
+                step in units of each tensor's or chunk's root mean square
+                (at most 127), for ``max(step_rms * rms, max|x| / 127)``. It
+                cannot be combined with ``scale``.
             seed: seed of the stochastic rounding, for reproducible tests.
                 None draws fresh randomness from the operating system. It is
                 not part of ``params`` because the decoder does not need it.
@@ -104,6 +118,17 @@ class Int8Codec(Codec):
                     f"chunk_size {chunk_size!r}"
                 )
             self.linear = True
+        self.step_rms = 0.0
+        if step_rms is not None:
+            self.step_rms = check_number(
+                self.name, "step_rms", step_rms, above=0.0, at_most=float(QUANT_MAX)
+            )
+            if self.scale is not None:
+                raise ConfigError(
+                    "codec 'int8' parameters step_rms and scale exclude each "
+                    "other: step_rms picks each site's scale from its data, "
+                    "scale fixes one for all sites; remove one of them"
+                )
         if seed is not None:
             check_integer(self.name, "seed", seed, minimum=0, maximum=MAX_SEED)
         self._rng = np.random.default_rng(seed)
@@ -112,6 +137,8 @@ class Int8Codec(Codec):
     def params(self) -> dict[str, Any]:
         if self.scale is not None:
             return {"scale": self.scale}
+        if self.step_rms:
+            return {"chunk_size": self.chunk_size, "step_rms": self.step_rms}
         return {"chunk_size": self.chunk_size}
 
     def encode(self, update: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -129,7 +156,7 @@ class Int8Codec(Codec):
                 levels = stochastic_levels(steps, self._rng, QUANT_MAX)
             else:
                 levels, scales = quantize_chunks(
-                    flat, self.chunk_size, QUANT_MAX, self._rng
+                    flat, self.chunk_size, QUANT_MAX, self._rng, self.step_rms
                 )
                 arrays[f"{key}.scale"] = scales
             arrays[f"{key}.q"] = levels.astype(np.int8).reshape(np.shape(value))
