@@ -10,6 +10,11 @@
 - The number of concurrent connections and tasks is capped by uvicorn's
   ``limit_concurrency``, which responds with 503 beyond it
   (``uvicorn_limit_options``).
+- On SIGTERM or Ctrl-C uvicorn stops accepting connections and lets the
+  open requests finish for at most ``SHUTDOWN_GRACE_SECONDS``, then cancels
+  them. Without that bound a held masking poll (up to 30 s) keeps a stopping
+  service alive. A site whose request is cancelled sees the connection
+  close and reports the service as unreachable.
 
 Both middlewares are pure ASGI, so they run before FastAPI routes and
 dependencies see the request.
@@ -31,6 +36,7 @@ from medfed.aggregation.tls import peer_identity
 from medfed.errors import ConfigError
 
 __all__ = [
+    "SHUTDOWN_GRACE_SECONDS",
     "BodySizeLimitMiddleware",
     "RateLimitMiddleware",
     "ServiceLimits",
@@ -88,9 +94,19 @@ class ServiceLimits:
             )
 
 
+#: Seconds a stopping service gives its open requests before it cancels them.
+SHUTDOWN_GRACE_SECONDS = 5
+
+
 def uvicorn_limit_options(limits: ServiceLimits) -> dict[str, Any]:
-    """Return ``uvicorn.Config`` keyword arguments that enforce ``limits``."""
-    return {"limit_concurrency": limits.max_concurrency}
+    """Return ``uvicorn.Config`` keyword arguments that enforce ``limits``.
+
+    They also bound a graceful shutdown to ``SHUTDOWN_GRACE_SECONDS``.
+    """
+    return {
+        "limit_concurrency": limits.max_concurrency,
+        "timeout_graceful_shutdown": SHUTDOWN_GRACE_SECONDS,
+    }
 
 
 def install_limits(

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save as save_safetensors
 
+from medfed.aggregation.limits import SHUTDOWN_GRACE_SECONDS
 from medfed.contract.codecs import get_codec
 from medfed.contract.secagg import Int8RingEncoding, MaskingSite
 from medfed.contract.secagg.config import SecureAggregationConfig
@@ -314,3 +316,31 @@ def test_quorum_abort_wakes_held_request(service: LocalAggregationService) -> No
         "detail": f"masking round 0 of study {study!r} was aborted: {status['reason']}"
     }
     assert returned_at - aborted_at < 5
+
+
+def test_stopping_service_cuts_held_request(tmp_path) -> None:
+    # A held poll may wait 30 s, and a stopping service must not wait with it.
+    with LocalAggregationService(tmp_path, max_upload_bytes=1_000_000) as running:
+        with AggregationClient(running.url) as client:
+            study = create_study(client, "masking")
+        roster_url = f"{running.url}/v1/studies/{study}/rounds/0/secagg/roster"
+        with ThreadPoolExecutor(1) as pool:
+            held_request = pool.submit(
+                httpx.get, roster_url, params={"wait": 30}, timeout=60
+            )
+            time.sleep(1.0)
+            was_held = not held_request.done()
+            assert running.process is not None
+            running.process.terminate()
+            stopped_at = time.monotonic()
+            returncode = running.process.wait(timeout=25)
+            exited_after = time.monotonic() - stopped_at
+            with pytest.raises(httpx.HTTPError):
+                held_request.result(timeout=60).raise_for_status()
+
+    assert was_held
+    # uvicorn shuts down, then raises the SIGTERM it caught again.
+    assert returncode == -signal.SIGTERM
+    assert exited_after < SHUTDOWN_GRACE_SECONDS + 10
+    log = (tmp_path / "service.log").read_text(encoding="utf-8")
+    assert "timeout graceful shutdown exceeded" in log

@@ -102,7 +102,7 @@ def test_int8_round_trip_within_scale(chunk_size, update, seed):
 @pytest.mark.parametrize("chunk_size", [0, 3, 64])
 @given(update=updates(), seed=st.integers(0, 2**32))
 @settings(max_examples=40)
-def test_int8_step_rms_round_trip_within_scale(step_rms, chunk_size, update, seed):
+def test_int8_step_rms_within_scale(step_rms, chunk_size, update, seed):
     params = {"chunk_size": chunk_size, "step_rms": step_rms, "seed": seed}
     codec = get_codec("int8", params)
     payload = codec.encode(update)
@@ -124,7 +124,7 @@ def test_int8_step_rms_round_trip_within_scale(step_rms, chunk_size, update, see
         assert (error <= per_element + np.abs(exact) * 2.0**-23).all()
 
 
-def test_int8_step_rms_gaussian_takes_few_levels():
+def test_int8_step_rms_gaussian_levels():
     values = np.random.default_rng(3).standard_normal(50_000).astype(np.float32)
     codec = get_codec("int8", {"chunk_size": 4096, "step_rms": 1.0, "seed": 1})
 
@@ -136,9 +136,9 @@ def test_int8_step_rms_gaussian_takes_few_levels():
     assert codec.params == {"chunk_size": 4096, "step_rms": 1.0}
 
 
-def test_int8_step_rms_with_zstd_sends_tenth_of_fp32():
-    # A DP-noised update is close to Gaussian; this is the setting the DP
-    # pneumonia study uses (docs/benchmarks-compression.md).
+def test_int8_step_rms_zstd_bytes():
+    # A DP-noised update is close to Gaussian. These are the settings of the
+    # DP pneumonia study in docs/benchmarks-compression.md.
     rng = np.random.default_rng(5)
     update = {
         f"layer{index}.weight": rng.standard_normal(shape).astype(np.float32) * 0.01

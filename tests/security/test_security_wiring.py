@@ -8,6 +8,7 @@ import pytest
 from fastapi import FastAPI
 
 from medfed.aggregation.audit import verify
+from medfed.aggregation.limits import SHUTDOWN_GRACE_SECONDS
 from medfed.aggregation.security import SecuritySettings, install_security
 from medfed.contract.kits import KitFiles
 from medfed.contract.signing import public_key_from_base64
@@ -54,7 +55,10 @@ def test_local_mode_has_no_verifier(tmp_path: Path) -> None:
     )
     try:
         assert security.verifier is None
-        assert security.uvicorn_options() == {"limit_concurrency": 256}
+        assert security.uvicorn_options() == {
+            "limit_concurrency": 256,
+            "timeout_graceful_shutdown": SHUTDOWN_GRACE_SECONDS,
+        }
         assert not (tmp_path / "a.jsonl.head.json").exists()
         first = json.loads((tmp_path / "a.jsonl").read_text().splitlines()[0])
         assert first["event"] == "service.started"

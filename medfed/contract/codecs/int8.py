@@ -13,8 +13,8 @@ Three ways to choose ``scale``:
   chooses its own scales, so integers from different sites cannot be summed.
 - coarse data-dependent (``step_rms``, with or without ``chunk_size``):
   ``scale = max(step_rms * rms, max|x| / 127)`` per tensor or chunk, rms being
-  its root mean square. The wire form is the same; the encoder only picks a
-  coarser step. With ``step_rms`` 1, Gaussian values (such as a DP-noised
+  its root mean square. The wire form is the same, because only the encoder
+  picks the coarser step. With ``step_rms`` 1, Gaussian values (such as a DP-noised
   update) take about 9 distinct levels, whose entropy is about 2.2 bits, so
   the envelope's zstd (``compression.zstd``, best at ``zstd_level`` 19) sends
   about 2.3 bits per value: about 12x fewer payload bytes than fp32, at an
