@@ -4,7 +4,7 @@ The script starts the aggregation service as ``medfed run`` does in local
 mode (``python -m medfed.aggregation`` on 127.0.0.1, plain HTTP). It drives
 whole rounds over HTTP with 4, 10 and 20 sites for two models: the
 heart-disease logistic regression (``configs/heart_disease.yaml``, 16
-parameters) and the pneumonia GroupNorm ResNet (``configs/pneumonia.yaml``,
+parameters) and the pneumonia GroupNorm ResNet (``configs/pneumonia_nodp.yaml``,
 ``resnet_gn`` widths 16/32/64, 77,169 parameters). Each site runs in its own
 thread of this process and uses the product's site code. Every request goes
 through ``AggregationClient``. Masking uses ``MaskingSite`` and
@@ -133,7 +133,7 @@ DEFAULT_WAIT_PER_POLL = _CLIENT_DEFAULTS["wait_per_poll"].default
 #: Model name in the results, and the study config whose model it is.
 MODELS = {
     "logistic_regression": REPO / "configs" / "heart_disease.yaml",
-    "resnet_gn": REPO / "configs" / "pneumonia.yaml",
+    "resnet_gn": REPO / "configs" / "pneumonia_nodp.yaml",
 }
 SAMPLE_COUNT = 200
 #: Standard deviation of the random update values. It is far inside the

@@ -89,8 +89,8 @@ def test_unknown_model_fails_before_services(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
     assert (
-        "model.name: unknown model; choose one of logistic_regression, resnet_gn "
-        "(got 'resnet_gnn')" in result.stderr
+        "model.name: unknown model; choose one of logistic_regression, resnet_gn, "
+        "scatter_gn (got 'resnet_gnn')" in result.stderr
     )
     assert not (tmp_path / ".medfed").exists()
     assert not (tmp_path / "mlflow.db").exists()

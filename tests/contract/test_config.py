@@ -152,7 +152,7 @@ def test_youden_rejected_without_validation_split() -> None:
         (
             {"name": "resnet_gnn", "params": {"in_features": 15}},
             "model.name: unknown model; choose one of logistic_regression, "
-            "resnet_gn (got 'resnet_gnn')",
+            "resnet_gn, scatter_gn (got 'resnet_gnn')",
         ),
         (
             {"name": "logistic_regression", "params": {"in_features": 15, "hidden": 3}},

@@ -17,7 +17,6 @@ def test_pneumonia_dp_study_end_to_end(tmp_path: Path, pneumonia_root: Path) -> 
     raw: dict[str, Any] = yaml.safe_load((CONFIGS / "pneumonia.yaml").read_text())
     raw["study"] = "e2e-pneumonia"
     raw["training"]["rounds"] = 2
-    raw["model"]["params"] = {"widths": [8, 16]}
     raw["data"]["root"] = str(pneumonia_root)
     raw["data"]["augment"] = True
     raw["data"]["feature_skew"] = 0.5

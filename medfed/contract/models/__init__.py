@@ -59,6 +59,7 @@ def _register_builtins() -> None:
     from medfed.contract.models import (  # noqa: F401  (registers built-ins)
         logistic,
         resnet,
+        scatter,
     )
 
 
