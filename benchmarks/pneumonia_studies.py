@@ -3,17 +3,19 @@
 Runs, one after the other in local mode (``medfed run``), the centralized
 baseline (``configs/pneumonia_central.yaml``), federated training without DP
 (``configs/pneumonia_nodp.yaml``) and federated training with DP-SGD at
-epsilon 8 per site (``configs/pneumonia.yaml``). Each study's summary is kept
+epsilon 8 per site (``configs/pneumonia.yaml``, ``scatter_gn``). The first
+two train ``resnet_gn``; ``dp_resnet`` (``configs/pneumonia_dp_resnet.yaml``)
+trains it with DP as well, so all three ways compare on one model. Each study's summary is kept
 in ``benchmarks/results/pneumonia_<name>.json``; the figures that matter are
 collected in ``benchmarks/results/pneumonia_studies.json``. The test metrics
 are pooled over the sites' shares of the official test split, which together
 are the whole split (624 images). After the studies it runs
-``benchmarks/dp_step_time.py`` and records the DP step time over the
-non-private step time of the studies' model, batch 64, both measured in that
-one run.
+``benchmarks/dp_step_time.py`` once per model (``resnet_gn`` and
+``scatter_gn``) and records the DP step time over the non-private step time,
+batch 64, both measured in that one run.
 
-Run: ``python benchmarks/pneumonia_studies.py [--only central nodp dp step]
-[--rounds N]``
+Run: ``python benchmarks/pneumonia_studies.py [--only central nodp dp dp_resnet
+step] [--rounds N]``
 """
 
 import argparse
@@ -31,12 +33,16 @@ STUDIES = {
     "central": "configs/pneumonia_central.yaml",
     "nodp": "configs/pneumonia_nodp.yaml",
     "dp": "configs/pneumonia.yaml",
+    "dp_resnet": "configs/pneumonia_dp_resnet.yaml",
 }
 TARGETS = {
     "central": {"auc": 0.944, "accuracy": 0.854},
     "nodp": {"auc": 0.94},
     "dp": {"auc": 0.93, "accuracy": 0.85},
+    "dp_resnet": {"auc": 0.93, "accuracy": 0.85},
 }
+#: The models whose DP step time the "step" entry measures, by results key.
+STEP_MODELS = {"dp_step_time": "resnet_gn", "dp_step_time_scatter_gn": "scatter_gn"}
 MAX_WALL_SECONDS = 20 * 60
 #: The DP step may take at most this many times the non-private step.
 MAX_DP_STEP_RATIO = 1.5
@@ -77,13 +83,16 @@ def run_study(
     }
 
 
-def measure_step_time() -> dict[str, object]:
-    """Run ``dp_step_time.py`` and return the fast DP path's step-time ratio."""
-    output = RESULTS / "dp_step_time.json"
+def measure_step_time(model: str) -> dict[str, object]:
+    """Run ``dp_step_time.py`` on ``model``; return the fast DP path's ratio."""
+    suffix = "" if model == "resnet_gn" else f"_{model}"
+    output = RESULTS / f"dp_step_time{suffix}.json"
     subprocess.run(
         [
             sys.executable,
             str(ROOT / "benchmarks" / "dp_step_time.py"),
+            "--model",
+            model,
             "--repeats",
             "40",
             "--output",
@@ -95,6 +104,7 @@ def measure_step_time() -> dict[str, object]:
     measured = json.loads(output.read_text(encoding="utf-8"))
     ratios = measured["ratio_to_nonprivate"]
     return {
+        "model": model,
         "result_file": str(output.relative_to(ROOT)),
         "load_average_1min": measured["load_average_1min"],
         "ratio_to_nonprivate": ratios,
@@ -126,12 +136,14 @@ def main() -> None:
     results = json.loads(output.read_text()) if output.exists() else {}
     for name in args.only or [*STUDIES, "step"]:
         if name == "step":
-            results["dp_step_time"] = measure_step_time()
-        else:
-            results[name] = run_study(name, args.work_root, args.rounds)
+            for key, model in STEP_MODELS.items():
+                results[key] = measure_step_time(model)
+                output.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+                print(json.dumps({key: results[key]}, indent=2))
+            continue
+        results[name] = run_study(name, args.work_root, args.rounds)
         output.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-        key = "dp_step_time" if name == "step" else name
-        print(json.dumps({key: results[key]}, indent=2))
+        print(json.dumps({name: results[name]}, indent=2))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,15 @@ def test_shipped_configs_validate(name: str) -> None:
     assert len(config.sites) == 4
 
 
+@pytest.mark.parametrize(
+    "name", sorted(path.name for path in CONFIGS.glob("pneumonia*.yaml"))
+)
+def test_pneumonia_configs_validate(name: str) -> None:
+    config = load_study_config(CONFIGS / name)
+
+    assert config.data.dataset == "pneumoniamnist"
+
+
 def test_defaults_and_quorum() -> None:
     config = parse_study_config(minimal())
 
