@@ -17,7 +17,7 @@ With ``--study NAME`` every run of a privacy setting takes that study name,
 so all codecs see the same batches and the same DP noise (sites derive their
 seeds from the study name) and differ only in their rounding: a paired
 comparison. Results then go under ``<privacy>-<codec>@<NAME>``. Without it
-each codec runs under its own study name, as the earlier figures did.
+each codec runs under its own study name.
 
 Run: ``python benchmarks/compression_pneumonia.py [--privacy off on]
 [--codecs fp32 topk1] [--rounds N] [--study NAME]``
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from study_run import run_study_cli
+from study_run import run_study_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "compression_pneumonia.json"
@@ -93,12 +93,7 @@ def run_one(
     if rounds is not None:
         raw["training"]["rounds"] = rounds
     work = work_root / result_key(privacy, codec, study)
-    work.mkdir(parents=True, exist_ok=True)
-    config_path = work / "config.yaml"
-    config_path.write_text(yaml.safe_dump(raw), encoding="utf-8")
-    summary_path = work / "summary.json"
-
-    summary, wall = run_study_cli(config_path, summary_path, work / "state")
+    summary, wall = run_study_config(raw, work)
     sites = summary["sites"]
     return {
         "config": CONFIGS[privacy],
@@ -125,8 +120,8 @@ def result_key(privacy: str, codec: str, study: str | None) -> str:
 def compare(results: dict[str, dict[str, Any]]) -> None:
     """Add each codec's byte ratio and AUC loss against fp32 of the same run set.
 
-    A run under ``--study NAME`` is compared with fp32 under the same name;
-    the others with fp32 under its own name.
+    A run under ``--study NAME`` is compared with fp32 under the same name.
+    Other runs are compared with fp32 under its own study name.
     """
     for key, result in results.items():
         privacy, _, rest = key.partition("-")

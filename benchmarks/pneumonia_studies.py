@@ -84,7 +84,7 @@ def run_study(
 
 
 def measure_step_time(model: str) -> dict[str, object]:
-    """Run ``dp_step_time.py`` on ``model``; return the fast DP path's ratio."""
+    """Run ``dp_step_time.py`` on ``model`` and return the fast DP path's ratio."""
     suffix = "" if model == "resnet_gn" else f"_{model}"
     output = RESULTS / f"dp_step_time{suffix}.json"
     subprocess.run(

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from study_run import run_study_cli
+from study_run import run_study_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "secagg_studies.json"
@@ -44,13 +44,7 @@ def run_one(config: Path, mode: str, work_root: Path) -> dict[str, Any]:
     settings = MODES[mode]
     if settings is not None:
         raw["secure_aggregation"] = settings
-    work = work_root / f"{config.stem}-{mode}"
-    work.mkdir(parents=True, exist_ok=True)
-    config_path = work / "config.yaml"
-    config_path.write_text(yaml.safe_dump(raw), encoding="utf-8")
-    summary_path = work / "summary.json"
-
-    summary, wall = run_study_cli(config_path, summary_path, work / "state")
+    summary, wall = run_study_config(raw, work_root / f"{config.stem}-{mode}")
     sites = summary["sites"]
     return {
         "config": str(config.relative_to(ROOT))

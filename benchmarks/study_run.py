@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,3 +39,17 @@ def run_study_cli(
     )
     wall = time.monotonic() - started
     return json.loads(summary_path.read_text(encoding="utf-8")), wall
+
+
+def run_study_config(
+    raw: dict[str, Any], work_dir: Path
+) -> tuple[dict[str, Any], float]:
+    """Write the config ``raw`` into ``work_dir`` and run it with ``run_study_cli``.
+
+    The config goes to ``config.yaml``, the summary to ``summary.json`` and the
+    study's state to ``state/``, all in ``work_dir``.
+    """
+    work_dir.mkdir(parents=True, exist_ok=True)
+    config_path = work_dir / "config.yaml"
+    config_path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return run_study_cli(config_path, work_dir / "summary.json", work_dir / "state")

@@ -6,7 +6,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -293,16 +293,24 @@ def test_int8_chunks_rejected_in_masking_study(
     assert "set the shared scale instead" in message
 
 
+def hold_roster_request(
+    pool: ThreadPoolExecutor, url: str, study: str, wait: float
+) -> tuple[Future[httpx.Response], bool]:
+    """Send a roster request that waits up to ``wait`` s, and return it after 1 s.
+
+    Also return whether it was still held then.
+    """
+    roster_url = f"{url}/v1/studies/{study}/rounds/0/secagg/roster"
+    held_request = pool.submit(httpx.get, roster_url, params={"wait": wait}, timeout=60)
+    time.sleep(1.0)
+    return held_request, not held_request.done()
+
+
 def test_quorum_abort_wakes_held_request(service: LocalAggregationService) -> None:
     with AggregationClient(service.url) as client:
         study = create_study(client, "masking")
-        roster_url = f"{service.url}/v1/studies/{study}/rounds/0/secagg/roster"
         with ThreadPoolExecutor(1) as pool:
-            held_request = pool.submit(
-                httpx.get, roster_url, params={"wait": 20}, timeout=60
-            )
-            time.sleep(1.0)
-            was_held = not held_request.done()
+            held_request, was_held = hold_roster_request(pool, service.url, study, 20)
             # No site uploaded and all are absent, so the quorum of 3 fails.
             status = client.finalize(study, 0, absent=SITES)
             aborted_at = time.monotonic()
@@ -323,13 +331,8 @@ def test_stopping_service_cuts_held_request(tmp_path) -> None:
     with LocalAggregationService(tmp_path, max_upload_bytes=1_000_000) as running:
         with AggregationClient(running.url) as client:
             study = create_study(client, "masking")
-        roster_url = f"{running.url}/v1/studies/{study}/rounds/0/secagg/roster"
         with ThreadPoolExecutor(1) as pool:
-            held_request = pool.submit(
-                httpx.get, roster_url, params={"wait": 30}, timeout=60
-            )
-            time.sleep(1.0)
-            was_held = not held_request.done()
+            held_request, was_held = hold_roster_request(pool, running.url, study, 30)
             assert running.process is not None
             running.process.terminate()
             stopped_at = time.monotonic()

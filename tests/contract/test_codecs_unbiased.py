@@ -24,6 +24,16 @@ VALUES = (
 )
 
 
+def mean_decoded(name: str, params: dict, values: np.ndarray) -> np.ndarray:
+    """Return the mean over TRIALS seeds of ``values`` encoded and decoded."""
+    specs = [("w", (values.size,), "float32")]
+    total = np.zeros(values.size)
+    for seed in range(TRIALS):
+        codec = get_codec(name, {**params, "seed": seed})
+        total += codec.decode(codec.encode({"w": values}), specs)["w"]
+    return total / TRIALS
+
+
 def test_int8_stochastic_rounding_unbiased():
     update = {"w": VALUES.astype(np.float32)}
     specs = [("w", (VALUES.size,), "float32")]
@@ -40,28 +50,19 @@ def test_int8_stochastic_rounding_unbiased():
 
 def test_int8_per_tensor_scale_unbiased():
     values = np.array([0.003, -0.4, 0.51, 1.0, -0.99], dtype=np.float32)
-    specs = [("w", (values.size,), "float32")]
     scale = 1.0 / 127
-    total = np.zeros(values.size)
-    for seed in range(TRIALS):
-        codec = get_codec("int8", {"seed": seed})
-        total += codec.decode(codec.encode({"w": values}), specs)["w"]
-    bias = np.abs(total / TRIALS - values.astype(np.float64))
+    bias = np.abs(mean_decoded("int8", {}, values) - values.astype(np.float64))
     assert (bias <= 5 * (scale / 2) / np.sqrt(TRIALS)).all()
 
 
 def test_int8_step_rms_unbiased():
-    # rms is about 0.54, so the step is about 0.54 and 0.3 sits between the
-    # levels 0 and 1: rounding to nearest would be off by about 15 standard
-    # errors.
+    # The rms is about 0.64, so the step is about 0.64 and 0.3 falls between
+    # the levels 0 and 1. Rounding to nearest would be off by 0.3, about 40
+    # standard errors.
     values = np.array([0.3, -0.7, 0.5, 1.0, -1.0, 0.0, 0.05], dtype=np.float32)
-    specs = [("w", (values.size,), "float32")]
-    total = np.zeros(values.size)
-    for seed in range(TRIALS):
-        codec = get_codec("int8", {"step_rms": 1.0, "seed": seed})
-        total += codec.decode(codec.encode({"w": values}), specs)["w"]
     scale = float(np.sqrt(np.mean(values.astype(np.float64) ** 2)))
-    bias = np.abs(total / TRIALS - values.astype(np.float64))
+    mean = mean_decoded("int8", {"step_rms": 1.0}, values)
+    bias = np.abs(mean - values.astype(np.float64))
     assert (bias <= 5 * (scale / 2) / np.sqrt(TRIALS)).all()
 
 
@@ -69,12 +70,8 @@ def test_lowbit_two_bits_unbiased():
     # The scale is max|x| = 1, so the levels are -1, 0 and 1 and rounding to
     # nearest would be off by 0.3 on 0.3 and -0.7, 27 standard errors.
     values = np.array([0.3, -0.7, 0.5, 1.0, -1.0, 0.0, 0.05], dtype=np.float32)
-    specs = [("w", (values.size,), "float32")]
-    total = np.zeros(values.size)
-    for seed in range(TRIALS):
-        codec = get_codec("lowbit", {"bits": 2, "seed": seed})
-        total += codec.decode(codec.encode({"w": values}), specs)["w"]
-    bias = np.abs(total / TRIALS - values.astype(np.float64))
+    mean = mean_decoded("lowbit", {"bits": 2}, values)
+    bias = np.abs(mean - values.astype(np.float64))
     assert (bias <= 5 * (1.0 / 2) / np.sqrt(TRIALS)).all()
 
 
