@@ -59,10 +59,19 @@ stores each site's training time and, from the protocol-only figures
 already in the file, a derived deployment estimate: median site training
 time plus the protocol-only round time.
 
+With ``--site-wait`` each site sleeps, where it would train, for the median
+training CPU time of its model and number of sites in the ``--train``
+figures, so sites "train" at once as they would on their own machines.
+Under masking a site starts its key setup with the round, as ``SiteRunner``
+does, so the setup overlaps the sleep. For comparison, the
+``masking_setup_after`` variant starts it after the sleep. The figures go under the
+``with_site_wait`` key.
+
 Run from the repository root::
 
     PYTHONPATH=. python benchmarks/secagg_rounds.py [--repeats 9]
     PYTHONPATH=. python benchmarks/secagg_rounds.py --train [--repeats 3]
+    PYTHONPATH=. python benchmarks/secagg_rounds.py --site-wait [--repeats 9]
 """
 
 import argparse
@@ -111,7 +120,11 @@ from medfed.sites.runner import (
     initial_model_weights,
     weights_to_safetensors,
 )
-from medfed.sites.secagg_client import MaskingClient, MaskingRoundCost
+from medfed.sites.secagg_client import (
+    BackgroundMaskingRound,
+    MaskingClient,
+    MaskingRoundCost,
+)
 from medfed.sites.training import LocalTrainingSettings, train_locally
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,7 +139,13 @@ VARIANTS: dict[str, tuple[str, float | None]] = {
     "masking": ("masking", None),
     "masking_polls": ("masking", 0.0),
     "ckks": ("ckks", None),
+    "masking_setup_after": ("masking", None),
 }
+#: Variants of the protocol-only run.
+PROTOCOL_VARIANTS = ("none", "masking", "masking_polls", "ckks")
+#: Under this variant a masking site exchanges keys only after its training
+#: (or wait), as ``SiteRunner`` did before it overlapped the two.
+SETUP_AFTER_VARIANTS = {"masking_setup_after"}
 _CLIENT_DEFAULTS = inspect.signature(MaskingClient).parameters
 DEFAULT_POLL_SECONDS = _CLIENT_DEFAULTS["poll_interval"].default
 DEFAULT_WAIT_PER_POLL = _CLIENT_DEFAULTS["wait_per_poll"].default
@@ -148,6 +167,9 @@ MAX_ABS_ERROR = 1e-4
 #: Variants of the ``--train`` run, and the JSON key of its figures.
 TRAIN_VARIANTS = ("none", "masking", "ckks")
 TRAIN_KEY = "with_training"
+#: Variants of the ``--site-wait`` run, and the JSON key of its figures.
+WAIT_VARIANTS = ("none", "masking", "masking_setup_after", "ckks")
+WAIT_KEY = "with_site_wait"
 #: Local training of every site in every ``--train`` round.
 TRAINING_SETTINGS = LocalTrainingSettings(epochs=1, batch_size=64, learning_rate=0.1)
 #: Cap on a ``resnet_gn`` site's training images, which keeps each round's
@@ -310,6 +332,10 @@ class BenchSite:
     wait_per_poll: float | None
     sample_count: int = SAMPLE_COUNT
     training: TrainingShare | None = None
+    #: ``--site-wait`` only: seconds the site sleeps in place of training.
+    wait_seconds: float | None = None
+    #: Exchange masking keys only after training, not during it.
+    setup_after: bool = False
 
     def run_round(self, round_number: int) -> SiteResult:
         """Download the base model, train if set, upload in the study's mode."""
@@ -317,17 +343,29 @@ class BenchSite:
         before = self.metered.snapshot()
         client = self.metered.client
         study = self.config.study
+        mode = self.config.secure_aggregation.mode
+        # As in SiteRunner.train_round, the key setup starts with the round.
+        masking = (
+            self._start_masking(round_number)
+            if mode == "masking" and not self.setup_after
+            else None
+        )
         base = client.download_round_model(study, round_number)
         train_seconds = train_cpu_seconds = None
         if self.training is not None:
             train_seconds, train_cpu_seconds = self._train(
                 self.training, base.weights, round_number
             )
+        elif self.wait_seconds is not None:
+            # Replaces training on the site's own machine, which would use no
+            # CPU of the other sites or of the service.
+            time.sleep(self.wait_seconds)
 
-        mode = self.config.secure_aggregation.mode
         cost = None
         if mode == "masking":
-            envelope, cost = self._upload_masked(round_number)
+            if masking is None:
+                masking = self._start_masking(round_number)
+            envelope, cost = self._finish_masked(masking, round_number)
         elif mode == "ckks":
             envelope = self._envelope(round_number, codec=self._encryptor())
             client.upload(study, round_number, self.name, envelope)
@@ -413,8 +451,8 @@ class BenchSite:
             clip=self.config.secure_aggregation.clip,
         )
 
-    def _upload_masked(self, round_number: int) -> tuple[bytes, MaskingRoundCost]:
-        """Run the masking protocol as ``SiteRunner`` does, with its defaults."""
+    def _start_masking(self, round_number: int) -> BackgroundMaskingRound:
+        """Start the round's masking key setup as ``SiteRunner`` does."""
         secure = self.config.secure_aggregation
         site = MaskingSite(
             site=self.name,
@@ -425,12 +463,6 @@ class BenchSite:
             ),
         )
         client = self.metered.client
-        sent: dict[str, bytes] = {}
-
-        def upload(envelope: bytes) -> None:
-            sent["envelope"] = envelope
-            client.upload(self.config.study, round_number, self.name, envelope)
-
         masking_client = MaskingClient(
             client.base_url,
             http_client=client.http_client,
@@ -440,13 +472,27 @@ class BenchSite:
                 else self.wait_per_poll
             ),
         )
-        cost = masking_client.run_round(
-            site,
-            self.delta,
-            sample_count=self.sample_count,
-            wait_seconds=self.config.round.deadline_seconds,
-            upload=upload,
+        return BackgroundMaskingRound(
+            masking_client, site, wait_seconds=self.config.round.deadline_seconds
         )
+
+    def _finish_masked(
+        self, masking: BackgroundMaskingRound, round_number: int
+    ) -> tuple[bytes, MaskingRoundCost]:
+        """Mask, upload and reveal as ``SiteRunner`` does, with its defaults."""
+        client = self.metered.client
+        sent: dict[str, bytes] = {}
+
+        def upload(envelope: bytes) -> None:
+            sent["envelope"] = envelope
+            client.upload(self.config.study, round_number, self.name, envelope)
+
+        try:
+            cost = masking.finish(
+                self.delta, sample_count=self.sample_count, upload=upload
+            )
+        finally:
+            masking.close()
         return sent["envelope"], cost
 
 
@@ -573,8 +619,13 @@ def create_cell(
     service_url: str,
     work_dir: Path,
     shares: list[TrainingShare] | None = None,
+    wait_seconds: float | None = None,
 ) -> Cell:
-    """Create the cell's study on the service; sites train on ``shares`` if given."""
+    """Create the cell's study on the service.
+
+    Sites train on ``shares`` if given, or else sleep ``wait_seconds`` if
+    given, before they upload.
+    """
     config = study_config(model, site_count, variant)
     mode, wait_per_poll = VARIANTS[variant]
     weights = initial_model_weights(config)
@@ -588,6 +639,8 @@ def create_cell(
             wait_per_poll=wait_per_poll,
             sample_count=len(shares[index].labels) if shares else SAMPLE_COUNT,
             training=shares[index] if shares else None,
+            wait_seconds=wait_seconds,
+            setup_after=variant in SETUP_AFTER_VARIANTS,
         )
         for index, site in enumerate(config.sites)
     ]
@@ -865,6 +918,7 @@ def running_cells(
     groups: list[tuple[str, int]],
     variants: list[str],
     shares: dict[tuple[str, int], list[TrainingShare]],
+    waits: dict[tuple[str, int], float],
 ) -> Iterator[list[Cell]]:
     cells = [
         create_cell(
@@ -874,6 +928,7 @@ def running_cells(
             service_url,
             work_dir,
             shares.get((model, site_count)),
+            waits.get((model, site_count)),
         )
         for model, site_count in groups
         for variant in variants
@@ -946,6 +1001,15 @@ def parse_arguments() -> argparse.Namespace:
         ),
     )
     parser.add_argument(
+        "--site-wait",
+        action="store_true",
+        help=(
+            "have every site sleep, before it uploads, for the median training "
+            f"CPU time of the --train run, and store the figures under the "
+            f"{WAIT_KEY!r} key of the output"
+        ),
+    )
+    parser.add_argument(
         "--data-root",
         type=Path,
         default=None,
@@ -962,8 +1026,15 @@ def parse_arguments() -> argparse.Namespace:
 
 def main() -> None:
     arguments = parse_arguments()
+    if arguments.train and arguments.site_wait:
+        raise SystemExit("choose one of --train and --site-wait")
     repeats = arguments.repeats or (3 if arguments.train else 9)
-    variants = list(TRAIN_VARIANTS if arguments.train else VARIANTS)
+    if arguments.train:
+        variants = list(TRAIN_VARIANTS)
+    elif arguments.site_wait:
+        variants = list(WAIT_VARIANTS)
+    else:
+        variants = list(PROTOCOL_VARIANTS)
     previous: dict[str, Any] = (
         json.loads(arguments.output.read_text(encoding="utf-8"))
         if arguments.output.exists()
@@ -980,6 +1051,7 @@ def main() -> None:
         for model in arguments.models
     }
     groups = [(model, count) for model in arguments.models for count in arguments.sites]
+    waits = site_waits(previous, groups) if arguments.site_wait else {}
     with tempfile.TemporaryDirectory(prefix="secagg-rounds-") as folder:
         work_dir = Path(folder)
         shares = {}
@@ -994,7 +1066,9 @@ def main() -> None:
             LocalAggregationService(
                 work_dir / "aggregation", max_upload_bytes=64 * 1024 * 1024
             ) as service,
-            running_cells(service.url, work_dir, groups, variants, shares) as cells,
+            running_cells(
+                service.url, work_dir, groups, variants, shares, waits
+            ) as cells,
         ):
             run(cells, repeats, groups)
     rows = summarize(cells, parameters)
@@ -1018,6 +1092,18 @@ def main() -> None:
     }
     if arguments.train:
         section.update(training_description())
+    elif arguments.site_wait:
+        section["site_wait_seconds"] = [
+            {"model": model, "sites": count, "seconds": seconds}
+            for (model, count), seconds in waits.items()
+        ]
+        section["site_wait_basis"] = (
+            "each site sleeps, before it uploads, for the median train_cpu_seconds "
+            f"of its model and number of sites in the {TRAIN_KEY!r} results: "
+            "sites that train at once on their own machines. Under masking "
+            "the key setup runs during the sleep, as in SiteRunner, except "
+            "in masking_setup_after, where it starts after it"
+        )
     else:
         section["sample_count_per_site"] = SAMPLE_COUNT
         section["delta_scale"] = DELTA_SCALE
@@ -1056,14 +1142,42 @@ def main() -> None:
 
     if arguments.train:
         document = {**previous, TRAIN_KEY: section}
+    elif arguments.site_wait:
+        document = {**previous, WAIT_KEY: section}
     else:
         document = section
-        if TRAIN_KEY in previous:
-            document[TRAIN_KEY] = previous[TRAIN_KEY]
+        for key in (TRAIN_KEY, WAIT_KEY):
+            if key in previous:
+                document[key] = previous[key]
     print_rows(rows)
     arguments.output.parent.mkdir(parents=True, exist_ok=True)
     arguments.output.write_text(json.dumps(document, indent=2) + "\n")
     print(f"wrote {arguments.output} in {section['wall_seconds']:.0f} s")
+
+
+def site_waits(
+    previous: dict[str, Any], groups: list[tuple[str, int]]
+) -> dict[tuple[str, int], float]:
+    """Return each group's median site training CPU time from the ``--train`` run.
+
+    Raises:
+        SystemExit: the output file has no ``--train`` figures for a group.
+    """
+    rows = previous.get(TRAIN_KEY, {}).get("results", [])
+    waits = {}
+    for model, count in groups:
+        times = [
+            row["train_cpu_seconds_median"]
+            for row in rows
+            if (row["model"], row["sites"]) == (model, count)
+        ]
+        if not times:
+            raise SystemExit(
+                f"no --train figures for {model} at {count} sites in the output "
+                "file; run this script with --train first"
+            )
+        waits[(model, count)] = statistics.median(times)
+    return waits
 
 
 def training_description() -> dict[str, Any]:

@@ -47,7 +47,11 @@ from medfed.sites.error_feedback import ErrorFeedback
 from medfed.sites.personalization import LocalLayerStore, merge_global
 from medfed.sites.privacy import PrivacyLedger
 from medfed.sites.scaffold import ScaffoldSite
-from medfed.sites.secagg_client import MaskingClient, MaskingRoundCost
+from medfed.sites.secagg_client import (
+    BackgroundMaskingRound,
+    MaskingClient,
+    MaskingRoundCost,
+)
 from medfed.sites.training import (
     LocalTrainingSettings,
     dp_sample_rate,
@@ -304,53 +308,60 @@ class SiteRunner:
                     bytes_downloaded=0,
                 )
 
-        base = client.download_round_model(self.config.study, round_number)
-        shared = self._shared_names(base.weights)
-        scaffold = self._scaffold(client, base, shared)
-        model = self._model_with(self._merged_weights(base.weights))
-        result = train_locally(
-            model,
-            inputs,
-            labels,
-            self._training_settings(ledger, round_number),
-            seed=self._seed(round_number),
-            correct_gradients=scaffold.correct_gradients if scaffold else None,
-        )
-        epsilon = None
-        if ledger is not None:
-            epsilon = ledger.record_round(round_number, result.steps)
-            ledger.save(self.ledger_path)
-
-        trained = {
-            key: value.detach().numpy() for key, value in model.state_dict().items()
-        }
-        delta = {
-            key: (trained[key] - base.weights[key]).astype(np.float32) for key in shared
-        }
-        extras: dict[str, dict[str, np.ndarray]] = {}
-        new_control = None
-        if scaffold is not None:
-            training = self.config.training
-            new_control, extras[CONTROL_DELTA] = scaffold.control_update(
-                {key: trained[key] for key in shared},
-                local_steps=max(result.steps, 1),
-                learning_rate=training.round_learning_rate(round_number),
-                momentum=training.momentum,
+        # Under masking the key setup starts now, so it overlaps training.
+        masking = self._start_masking(client, round_number)
+        try:
+            base = client.download_round_model(self.config.study, round_number)
+            shared = self._shared_names(base.weights)
+            scaffold = self._scaffold(client, base, shared)
+            model = self._model_with(self._merged_weights(base.weights))
+            result = train_locally(
+                model,
+                inputs,
+                labels,
+                self._training_settings(ledger, round_number),
+                seed=self._seed(round_number),
+                correct_gradients=scaffold.correct_gradients if scaffold else None,
             )
+            epsilon = None
+            if ledger is not None:
+                epsilon = ledger.record_round(round_number, result.steps)
+                ledger.save(self.ledger_path)
 
-        def commit_site_state() -> None:
-            # Runs only once the service accepted the upload, so a rejected
-            # upload changes nothing and a retried round starts again from
-            # the state of the last accepted one.
-            if scaffold is not None and new_control is not None:
-                scaffold.commit(new_control)
-            if self.config.strategy.local_layers:
-                local = {key: trained[key] for key in trained if key not in shared}
-                LocalLayerStore(self.local_layers_path).save(local)
+            trained = {
+                key: value.detach().numpy() for key, value in model.state_dict().items()
+            }
+            delta = {
+                key: (trained[key] - base.weights[key]).astype(np.float32)
+                for key in shared
+            }
+            extras: dict[str, dict[str, np.ndarray]] = {}
+            new_control = None
+            if scaffold is not None:
+                training = self.config.training
+                new_control, extras[CONTROL_DELTA] = scaffold.control_update(
+                    {key: trained[key] for key in shared},
+                    local_steps=max(result.steps, 1),
+                    learning_rate=training.round_learning_rate(round_number),
+                    momentum=training.momentum,
+                )
 
-        envelope, receipt, cost = self._upload(
-            client, round_number, delta, extras, records, commit_site_state
-        )
+            def commit_site_state() -> None:
+                # Runs only once the service accepted the upload, so a rejected
+                # upload changes nothing and a retried round starts again from
+                # the state of the last accepted one.
+                if scaffold is not None and new_control is not None:
+                    scaffold.commit(new_control)
+                if self.config.strategy.local_layers:
+                    local = {key: trained[key] for key in trained if key not in shared}
+                    LocalLayerStore(self.local_layers_path).save(local)
+
+            envelope, receipt, cost = self._upload(
+                client, round_number, delta, extras, records, commit_site_state, masking
+            )
+        finally:
+            if masking is not None:
+                masking.close()
         if ledger is not None:
             client.report_privacy(
                 self.config.study,
@@ -440,6 +451,7 @@ class SiteRunner:
         extras: dict[str, dict[str, np.ndarray]],
         records: int,
         on_accepted: Callable[[], None],
+        masking: BackgroundMaskingRound | None = None,
     ) -> tuple[bytes, dict[str, Any], MaskingRoundCost | None]:
         """Send the delta and its extras groups in one envelope.
 
@@ -455,10 +467,10 @@ class SiteRunner:
         """
         mode = self.config.secure_aggregation.mode
         if mode == "masking":
+            # train_round starts the key setup of every masking round.
+            assert masking is not None
             tensors = pack_extras(delta, scale_extras_for_masking(extras, records))
-            return self._upload_masked(
-                client, round_number, tensors, records, on_accepted
-            )
+            return self._upload_masked(client, masking, tensors, records, on_accepted)
         if mode == "ckks":
             # The config rejects CKKS with strategies that send extras.
             assert not extras
@@ -591,52 +603,54 @@ class SiteRunner:
                 self.site_id, clipped, clip,
             )  # fmt: skip
 
-    def _upload_masked(
-        self,
-        client: AggregationClient,
-        round_number: int,
-        tensors: dict[str, np.ndarray],
-        records: int,
-        on_accepted: Callable[[], None],
-    ) -> tuple[bytes, dict[str, Any], MaskingRoundCost]:
-        """Take part in the round's masking protocol.
-
-        Returns:
-            The envelope sent, the service's receipt and the protocol's cost.
-        """
-        secure = self.config.secure_aggregation
-        self._warn_clipped(tensors)
-        # NOTE: error feedback does not apply under masking, because the int8
-        # ring encoder rounds stochastically and keeps no residual.
+    def _start_masking(
+        self, client: AggregationClient, round_number: int
+    ) -> BackgroundMaskingRound | None:
+        """Start the round's masking key setup in the background, under masking."""
+        if self.config.secure_aggregation.mode != "masking":
+            return None
         site = MaskingSite(
             site=self.site_id,
             study=self.config.study,
             round_number=round_number,
-            encoding=secure.encoding(
+            encoding=self.config.secure_aggregation.encoding(
                 len(self.config.sites), self.config.compression.build_codec()
             ),
         )
+        return BackgroundMaskingRound(
+            MaskingClient(client.base_url, http_client=client.http_client),
+            site,
+            wait_seconds=self.config.round.deadline_seconds,
+        )
+
+    def _upload_masked(
+        self,
+        client: AggregationClient,
+        masking: BackgroundMaskingRound,
+        tensors: dict[str, np.ndarray],
+        records: int,
+        on_accepted: Callable[[], None],
+    ) -> tuple[bytes, dict[str, Any], MaskingRoundCost]:
+        """Finish the round's masking protocol with the site's update.
+
+        Returns:
+            The envelope sent, the service's receipt and the protocol's cost.
+        """
+        self._warn_clipped(tensors)
+        # NOTE: error feedback does not apply under masking, because the int8
+        # ring encoder rounds stochastically and keeps no residual.
         sent: dict[str, Any] = {}
 
         def upload(envelope: bytes) -> None:
             sent["envelope"] = envelope
             sent["receipt"] = client.upload(
-                self.config.study, round_number, self.site_id, envelope
+                self.config.study, masking.round_number, self.site_id, envelope
             )
             on_accepted()
 
-        masking_client = MaskingClient(client.base_url, http_client=client.http_client)
-        try:
-            cost = masking_client.run_round(
-                site,
-                tensors,
-                sample_count=records,
-                wait_seconds=self.config.round.deadline_seconds,
-                upload=upload,
-                signer=self.signer,
-            )
-        finally:
-            masking_client.close()
+        cost = masking.finish(
+            tensors, sample_count=records, upload=upload, signer=self.signer
+        )
         return sent["envelope"], sent["receipt"], cost
 
     def _model_with(self, weights: dict[str, np.ndarray]) -> torch.nn.Module:

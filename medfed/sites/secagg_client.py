@@ -2,7 +2,8 @@
 
 ``MaskingClient.run_round`` drives a ``MaskingSite`` through the routes of
 ``medfed.aggregation.secagg_routes``: advertise keys, upload encrypted
-shares, upload the masked envelope, reveal shares. Each GET for the next
+shares, upload the masked envelope, reveal shares. ``set_up`` and ``finish``
+split it before the upload, so a site can exchange keys while it trains. Each GET for the next
 phase asks the service to hold it until the phase comes (query parameter
 ``wait``). When the service answers 425 Too Early, because the wait ended or
 it does not hold requests, the client polls again, at most every
@@ -12,6 +13,7 @@ it does not hold requests, the client polls again, at most every
 
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -33,7 +35,12 @@ from medfed.contract.wire import encode_envelope
 from medfed.errors import ConfigError, ServiceError
 from medfed.sites.client import is_loopback_url
 
-__all__ = ["MaskingClient", "MaskingRoundCost"]
+__all__ = [
+    "BackgroundMaskingRound",
+    "MaskingClient",
+    "MaskingRoundCost",
+    "MaskingSetup",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +62,8 @@ class MaskingRoundCost:
             round (roster, relayed shares, reveal request) and of the
             service's acknowledgements. 425 responses to polls are not counted.
         wall_seconds: time from advertising to revealing, waits for the
-            other sites included.
+            other sites included, less any time between ``set_up`` and
+            ``finish``.
         compute_seconds: time in the site's own protocol steps: secret
             sharing and share encryption, share decryption, encoding and
             masking, envelope encoding and revealing. Key generation happens
@@ -71,10 +79,22 @@ class MaskingRoundCost:
 
 class _CostMeter:
     def __init__(self) -> None:
-        self.started = time.monotonic()
+        self.started: float | None = time.monotonic()
+        self.wall = 0.0
         self.sent = 0
         self.received = 0
         self.compute = 0.0
+
+    def pause(self) -> None:
+        """Stop counting wall time, while the site trains between phases."""
+        if self.started is not None:
+            self.wall += time.monotonic() - self.started
+            self.started = None
+
+    def resume(self) -> None:
+        """Count wall time again from now."""
+        if self.started is None:
+            self.started = time.monotonic()
 
     def record(self, response: httpx.Response) -> httpx.Response:
         self.sent += len(response.request.content)
@@ -90,12 +110,28 @@ class _CostMeter:
             self.compute += time.perf_counter() - start
 
     def cost(self) -> MaskingRoundCost:
+        running = 0.0 if self.started is None else time.monotonic() - self.started
         return MaskingRoundCost(
             message_bytes_sent=self.sent,
             message_bytes_received=self.received,
-            wall_seconds=time.monotonic() - self.started,
+            wall_seconds=self.wall + running,
             compute_seconds=self.compute,
         )
+
+
+@dataclass(frozen=True)
+class MaskingSetup:
+    """A site's round after ``MaskingClient.set_up``, ready for its update.
+
+    Attributes:
+        site: the site's protocol state, with the shares it received.
+        deadline: ``time.monotonic()`` by which the round must be done.
+        meter: the protocol's cost so far.
+    """
+
+    site: MaskingSite
+    deadline: float
+    meter: "_CostMeter"
 
 
 class MaskingClient:
@@ -131,6 +167,7 @@ class MaskingClient:
         self.base_url = base_url.rstrip("/")
         self.poll_interval = poll_interval
         self.wait_per_poll = wait_per_poll
+        self._stopped = threading.Event()
         self._owns_http = http_client is None
         self._http = http_client or httpx.Client(
             base_url=self.base_url,
@@ -139,7 +176,11 @@ class MaskingClient:
         )
 
     def close(self) -> None:
-        """Close the HTTP client, unless the caller passed it in."""
+        """Stop polling and close the HTTP client, unless the caller passed it in.
+
+        A poll in another thread ends once its current request returns.
+        """
+        self._stopped.set()
         if self._owns_http:
             self._http.close()
 
@@ -154,6 +195,8 @@ class MaskingClient:
         signer: Any = None,
     ) -> MaskingRoundCost:
         """Take part in ``site``'s round from advertising to revealing shares.
+
+        The same as ``set_up`` followed by ``finish``.
 
         Args:
             site: the site's protocol state, fresh for this round.
@@ -174,10 +217,37 @@ class MaskingClient:
             SecureAggregationError: a message from the service failed the
                 site's checks; the site then reveals nothing.
         """
+        return self.finish(
+            self.set_up(site, wait_seconds=wait_seconds),
+            update,
+            sample_count=sample_count,
+            upload=upload,
+            signer=signer,
+        )
+
+    def set_up(self, site: MaskingSite, *, wait_seconds: float) -> "MaskingSetup":
+        """Advertise keys and exchange shares: the phases before the upload.
+
+        None of it depends on the update, so a site can run it while it
+        trains, and the round then waits after training only for the upload
+        and the reveal. A site that sets up and never calls ``finish`` counts
+        as dropped out: the others reveal what the service needs to remove
+        its pairwise masks.
+
+        Args:
+            site: the site's protocol state, fresh for this round.
+            wait_seconds: how long to wait, in total, for the other sites,
+                ``finish`` included.
+
+        Raises:
+            ServiceError: a request failed or the round did not advance in
+                time.
+            SecureAggregationError: a message from the service failed the
+                site's checks.
+        """
         deadline = time.monotonic() + wait_seconds
         meter = _CostMeter()
-        study, round_number = site.context.study, site.context.round_number
-        prefix = f"/v1/studies/{study}/rounds/{round_number}/secagg"
+        prefix = self._prefix(site)
         with meter.computing():
             advertisement = _json(site.advertise())
         meter.record(self._send("POST", f"{prefix}/keys", json=advertisement))
@@ -191,6 +261,32 @@ class MaskingClient:
         )
         with meter.computing():
             site.receive_shares(_SHARE_LIST.validate_json(shares_response.content))
+        meter.pause()
+        return MaskingSetup(site=site, deadline=deadline, meter=meter)
+
+    def finish(
+        self,
+        setup: "MaskingSetup",
+        update: Mapping[str, np.ndarray],
+        *,
+        sample_count: int,
+        upload: Callable[[bytes], object] | None = None,
+        signer: Any = None,
+    ) -> MaskingRoundCost:
+        """Mask and upload ``update``, then reveal the shares the service requests.
+
+        Args:
+            setup: what ``set_up`` returned for this round.
+            update, sample_count, upload, signer: as for ``run_round``.
+
+        Returns:
+            The bytes and time the whole protocol cost this site. Its wall
+            time leaves out the time between ``set_up`` and ``finish``.
+        """
+        site, deadline, meter = setup.site, setup.deadline, setup.meter
+        meter.resume()
+        prefix = self._prefix(site)
+        with meter.computing():
             masked = site.mask_update(update, sample_count=sample_count)
             envelope = encode_envelope(
                 masked,
@@ -226,6 +322,11 @@ class MaskingClient:
         )
         return meter.cost()
 
+    @staticmethod
+    def _prefix(site: MaskingSite) -> str:
+        study, round_number = site.context.study, site.context.round_number
+        return f"/v1/studies/{study}/rounds/{round_number}/secagg"
+
     def _poll(self, path: str, deadline: float) -> httpx.Response:
         while True:
             started = time.monotonic()
@@ -238,6 +339,10 @@ class MaskingClient:
             )
             if response.status_code != _TOO_EARLY:
                 return self._checked(response, "GET", path)
+            if self._stopped.is_set():
+                raise ServiceError(
+                    f"masking round closed by the site while GET {path} waited for its phase"
+                )
             if time.monotonic() >= deadline:
                 raise ServiceError(
                     f"masking round did not advance in time: GET {path} still "
@@ -293,3 +398,70 @@ def _detail(response: httpx.Response) -> str:
         return str(response.json().get("detail", response.text))
     except ValueError:
         return response.text
+
+
+class BackgroundMaskingRound:
+    """A masking round whose key setup runs in a thread while the site trains.
+
+    The setup phases (``MaskingClient.set_up``) wait for every other site
+    twice, and need nothing from the update. Started with the round, they
+    overlap local training, so after training the round waits only for the
+    upload and the reveal. Call ``close`` when done, also after a failure:
+    a site that set up and never finishes counts as dropped out.
+
+    Args:
+        client: the client for the service; ``close`` closes it.
+        site: the site's protocol state, fresh for this round.
+        wait_seconds: how long to wait, in total, for the other sites.
+    """
+
+    def __init__(
+        self, client: MaskingClient, site: MaskingSite, *, wait_seconds: float
+    ) -> None:
+        self._client = client
+        self.round_number = site.context.round_number
+        self._setup: MaskingSetup | None = None
+        self._error: Exception | None = None
+        # A daemon thread, so that a held poll never keeps the process alive.
+        self._thread = threading.Thread(
+            target=self._set_up,
+            args=(site, wait_seconds),
+            name=f"masking-setup-{site.site}",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def _set_up(self, site: MaskingSite, wait_seconds: float) -> None:
+        try:
+            self._setup = self._client.set_up(site, wait_seconds=wait_seconds)
+        except Exception as error:  # finish raises it in the site's thread
+            self._error = error
+
+    def finish(
+        self,
+        update: Mapping[str, np.ndarray],
+        *,
+        sample_count: int,
+        upload: Callable[[bytes], object] | None = None,
+        signer: Any = None,
+    ) -> MaskingRoundCost:
+        """Wait for the setup, then mask, upload and reveal as ``finish`` does.
+
+        Raises:
+            The setup's error, if it failed, or ``finish``'s.
+        """
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._setup is not None
+        return self._client.finish(
+            self._setup,
+            update,
+            sample_count=sample_count,
+            upload=upload,
+            signer=signer,
+        )
+
+    def close(self) -> None:
+        """Stop the setup if it still runs and close the client."""
+        self._client.close()

@@ -21,7 +21,7 @@ from medfed.aggregation.secagg_routes import (
 from medfed.contract.secagg import FixedPointEncoding, MaskingSite, VectorLayout
 from medfed.contract.wire import encode_envelope
 from medfed.errors import ServiceError
-from medfed.sites.secagg_client import MaskingClient
+from medfed.sites.secagg_client import BackgroundMaskingRound, MaskingClient
 
 STUDY = "heart"
 SITES = ["site-a", "site-b", "site-c", "site-d", "site-e"]
@@ -401,3 +401,78 @@ def test_client_sends_one_get_per_phase(service):
     assert errors == []
     assert gets == dict.fromkeys(SITES, 3)
     assert result.survivors == tuple(SITES)
+
+
+def test_background_setup_needs_no_update(service):
+    rounds, url = service
+    open_round(rounds, 17)
+    background = {
+        name: BackgroundMaskingRound(
+            MaskingClient(url, poll_interval=0.05),
+            MaskingSite(site=name, study=STUDY, round_number=17, encoding=ENCODING),
+            wait_seconds=30,
+        )
+        for name in SITES
+    }
+    prefix = f"{url}/v1/studies/{STUDY}/rounds/17/secagg"
+    # The service relays shares only once every site has sent its own, so
+    # this returns 200 only after all five setups ran, before any update.
+    relayed = httpx.get(f"{prefix}/shares/site-a", params={"wait": 20}, timeout=30)
+    assert relayed.status_code == 200
+    # site-e's training fails: it closes its round without an update.
+    background["site-e"].close()
+    errors = []
+
+    def finish(index, name):
+        try:
+            background[name].finish(site_update(index), sample_count=10 + index)
+        except Exception as error:  # reported by the assert below
+            errors.append(error)
+        finally:
+            background[name].close()
+
+    threads = [
+        threading.Thread(target=finish, args=(index, name))
+        for index, name in enumerate(SITES[:4])
+    ]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while True:
+        with rounds.edit(STUDY, 17) as entry:
+            if len(entry.server.uploaded_sites) == 4:
+                break
+        assert time.monotonic() < deadline, "sites did not upload in time"
+        time.sleep(0.05)
+    closed = httpx.post(f"{prefix}/uploads/close")
+    for thread in threads:
+        thread.join(timeout=30)
+    result = rounds.unmask(STUDY, 17)
+
+    assert errors == []
+    assert closed.json()["dropped"] == ["site-e"]
+    expected_bias = sum((0.25 * index - 0.5) * (10 + index) for index in range(4))
+    np.testing.assert_array_equal(result.weighted_sum, np.full(8, expected_bias))
+
+
+def test_closing_background_round_stops_its_polls(service):
+    rounds, url = service
+    open_round(rounds, 18)
+    # As in SiteRunner, the HTTP client belongs to the caller and stays open.
+    http = httpx.Client(base_url=url)
+    # The other four sites never advertise, so the roster never comes.
+    background = BackgroundMaskingRound(
+        MaskingClient(url, wait_per_poll=0.5, http_client=http),
+        MaskingSite(site="site-a", study=STUDY, round_number=18, encoding=ENCODING),
+        wait_seconds=5,
+    )
+    time.sleep(0.2)
+    background.close()
+    started = time.monotonic()
+
+    try:
+        with pytest.raises(ServiceError, match="closed by the site"):
+            background.finish(site_update(0), sample_count=10)
+    finally:
+        http.close()
+    assert time.monotonic() - started < 3
