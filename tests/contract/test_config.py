@@ -176,7 +176,17 @@ def test_youden_rejected_without_validation_split() -> None:
         (
             {"name": "logistic_regression", "params": {"in_features": 0}},
             "model.params: invalid parameters for model 'logistic_regression': "
-            "in_features must be positive, got 0",
+            "in_features must be a positive integer, got 0",
+        ),
+        (
+            {"name": "logistic_regression", "params": {"in_features": 15.0}},
+            "model.params: invalid parameters for model 'logistic_regression': "
+            "in_features must be a positive integer, got 15.0",
+        ),
+        (
+            {"name": "scatter_gn", "params": {"groups": True}},
+            "model.params: invalid parameters for model 'scatter_gn': "
+            "groups must be a positive integer, got True",
         ),
         (
             {"name": "resnet_gn", "params": {"depth": 3}},
