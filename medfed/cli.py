@@ -495,3 +495,9 @@ def main() -> None:
         # A plain print: a rich console would wrap the line at terminal width.
         print(f"medfed: error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
+
+
+# ``python -m medfed.cli`` would otherwise import the commands and exit 0
+# without running any of them.
+if __name__ == "__main__":
+    main()

@@ -96,6 +96,54 @@ def test_unknown_model_fails_before_services(tmp_path: Path) -> None:
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.parametrize(
+    ("compression", "message"),
+    [
+        (
+            # An integer of 400 digits is valid YAML but beyond the float range.
+            "{codec: int8, params: {step_rms: 1" + "0" * 400 + "}}",
+            "compression: codec 'int8' parameter step_rms must be greater than "
+            "0.0 and at most 127.0",
+        ),
+        (
+            "{codec: int8, params: {step_rms: 1.0}, zstd: true, zstd_level: true}",
+            "compression.zstd_level: Input should be a valid integer (got True)",
+        ),
+    ],
+    ids=["step_rms beyond float", "zstd_level true"],
+)
+def test_bad_compression_is_one_line(
+    tmp_path: Path, compression: str, message: str
+) -> None:
+    config = tmp_path / "study.yaml"
+    config.write_text(
+        (CONFIGS / "heart_disease_nodp.yaml").read_text()
+        + f"compression: {compression}\n"
+    )
+
+    result = run_medfed("run", str(config), cwd=tmp_path)
+
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / ".medfed").exists()
+
+
+def test_cli_module_runs_commands(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "medfed.cli", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert result.returncode == 0
+    assert "serve-aggregator" in result.stdout
+
+
 def test_configured_root_without_data_fails_before_services(tmp_path: Path) -> None:
     empty = tmp_path / "data"
     empty.mkdir()

@@ -471,7 +471,9 @@ def load_study_config(path: str | Path) -> StudyConfig:
         raise ConfigError(f"cannot read study config {str(path)!r}: {error}") from None
     try:
         raw = yaml.safe_load(text)
-    except yaml.YAMLError as error:
+    # PyYAML raises ValueError for an integer longer than Python's
+    # int_max_str_digits (4300 by default) and RecursionError for deep nesting.
+    except (yaml.YAMLError, ValueError, RecursionError) as error:
         raise ConfigError(
             f"study config {str(path)!r} is not valid YAML: {error}"
         ) from None

@@ -166,6 +166,32 @@ def test_int8_step_rms_zstd_bytes():
     assert decoded.header.codec.params == {"chunk_size": 4096, "step_rms": 1.0}
 
 
+@pytest.mark.parametrize("chunk_size", [0, 4])
+def test_int8_step_rms_near_float32_max(chunk_size):
+    """At step_rms 127, values above 2.7e36 would need a scale past the
+    largest float32; the scale is capped there, so the envelope decodes."""
+    largest = float(np.finfo(np.float32).max)
+    values = np.array([3e38, -3e38, largest, 1e37, 0.0, 1.0, 2e36, -1e38], "f4")
+    params = {"chunk_size": chunk_size, "step_rms": 127.0, "seed": 4}
+
+    payload = get_codec("int8", params).encode({"w": values})
+    envelope = encode_envelope(
+        {"w": values},
+        study="study",
+        round_number=1,
+        site="site-a",
+        sample_count=10,
+        nonce="ab" * 8,
+        codec_name="int8",
+        codec_params=params,
+    )
+
+    assert np.isfinite(payload["w.scale"]).all()
+    assert (payload["w.scale"] <= largest).all()
+    decoded = decode_envelope(envelope).tensors["w"]
+    assert np.isfinite(decoded).all()
+
+
 @given(update=updates(max_magnitude=1.0), seed=st.integers(0, 2**32))
 @settings(max_examples=60)
 def test_int8_shared_scale_within_scale(update, seed):

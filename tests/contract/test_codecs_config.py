@@ -129,6 +129,30 @@ def test_study_rejects_lowbit_under_masking():
         ({"zstd": True, "zstd_level": 23}, "less than or equal to 22"),
         ({"zstd": True, "zstd_level": 0}, "greater than or equal to 1"),
         ({"zstd_level": 19}, "zstd_level 19 is set but zstd is false: set zstd"),
+        (
+            {"zstd": True, "zstd_level": True},
+            "zstd_level\n  Input should be a valid integer",
+        ),
+        (
+            {"zstd": True, "zstd_level": "19"},
+            "zstd_level\n  Input should be a valid integer",
+        ),
+        (
+            {"zstd": True, "zstd_level": 3.0},
+            "zstd_level\n  Input should be a valid integer",
+        ),
+        ({"zstd": "yes"}, "zstd\n  Input should be a valid boolean"),
+        ({"zstd": 1}, "zstd\n  Input should be a valid boolean"),
+        ({"error_feedback": "no"}, "error_feedback\n  Input should be a valid boolean"),
+        (
+            {"codec": "int8", "params": {"step_rms": 10**400}},
+            "parameter step_rms must be greater than 0.0 and at most 127.0",
+        ),
+        (
+            {"codec": "int8", "params": {"scale": "1e-3"}},
+            "got '1e-3'; YAML reads a number in exponent form without a decimal "
+            "point, such as 1e-3, as a string, so write 1.0e-3",
+        ),
     ],
 )
 def test_invalid_section_rejected(section, message):
@@ -136,6 +160,17 @@ def test_invalid_section_rejected(section, message):
         CompressionConfig.model_validate(section)
 
     assert message in str(caught.value)
+
+
+def test_quoted_decimal_has_no_yaml_hint():
+    # Only an exponent without a decimal point is a number YAML reads as a
+    # string; a quoted "0.1" was quoted on purpose.
+    with pytest.raises(ValidationError) as caught:
+        CompressionConfig(codec="int8", params={"scale": "0.1"})
+
+    message = str(caught.value)
+    assert "parameter scale must be a number, got '0.1'" in message
+    assert "YAML" not in message
 
 
 def test_masking_check_names_section():
@@ -150,7 +185,26 @@ def test_masking_check_names_section():
 
 
 def test_check_accepts_fp32_with_masking():
-    CompressionConfig(zstd=True).check("masking")
+    CompressionConfig().check("masking")
+
+
+@pytest.mark.parametrize("mode", ["masking", "ckks"])
+@pytest.mark.parametrize("level", [None, 19])
+def test_zstd_with_secure_aggregation_rejected(mode, level):
+    # The masked and encrypted uploads skip zstd, so the setting would be
+    # ignored without a word.
+    config = CompressionConfig(zstd=True, zstd_level=level)
+
+    with pytest.raises(ConfigError) as caught:
+        config.check(mode)
+
+    message = str(caught.value)
+    assert f"compression.zstd is true, but secure_aggregation {mode!r}" in message
+    assert "remove zstd and zstd_level" in message
+
+
+def test_check_accepts_zstd_without_secure_aggregation():
+    CompressionConfig(codec="int8", zstd=True, zstd_level=19).check("none")
 
 
 def test_check_accepts_int8_without_secure_aggregation():

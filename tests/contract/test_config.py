@@ -124,6 +124,24 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
         load_study_config(broken)
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        # Python's int parser rejects more than 4300 digits with ValueError.
+        "study: s\ntraining: {rounds: " + "9" * 5000 + "}\n",
+        # Deep nesting exhausts PyYAML's recursive constructor.
+        "study: " + "[" * 100_000 + "]" * 100_000 + "\n",
+    ],
+    ids=["long integer", "deep nesting"],
+)
+def test_unparsable_yaml_is_config_error(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+
+    with pytest.raises(ConfigError, match=r"study\.yaml' is not valid YAML"):
+        load_study_config(path)
+
+
 def test_cosine_schedule_per_round() -> None:
     raw = minimal()
     raw["training"] = {
@@ -176,7 +194,17 @@ def test_youden_rejected_without_validation_split() -> None:
         (
             {"name": "logistic_regression", "params": {"in_features": 0}},
             "model.params: invalid parameters for model 'logistic_regression': "
-            "in_features must be positive, got 0",
+            "in_features must be a positive integer, got 0",
+        ),
+        (
+            {"name": "logistic_regression", "params": {"in_features": 15.0}},
+            "model.params: invalid parameters for model 'logistic_regression': "
+            "in_features must be a positive integer, got 15.0",
+        ),
+        (
+            {"name": "scatter_gn", "params": {"groups": True}},
+            "model.params: invalid parameters for model 'scatter_gn': "
+            "groups must be a positive integer, got True",
         ),
         (
             {"name": "resnet_gn", "params": {"depth": 3}},

@@ -45,6 +45,7 @@ CODECS = [
     ("fp16", {}),
     ("int8", {"chunk_size": 8}),
     ("int8", {"scale": 0.01}),
+    ("int8", {"chunk_size": 8, "step_rms": 1.0}),
     ("topk", {"fraction": 0.2}),
     ("topk", {"fraction": 0.2, "index_encoding": "bitmap"}),
     ("topk", {"fraction": 0.2, "index_encoding": "bitmap", "value_dtype": "int8"}),
@@ -229,6 +230,12 @@ MISLABELS = [
         "unknown param",
         lambda h: h["codec"]["params"].update(level=3),
         "has no parameter 'level'",
+    ),
+    (
+        # JSON allows integers beyond the float range, which float() rejects.
+        "param beyond float",
+        lambda h: h["codec"]["params"].update(step_rms=10**400),
+        "parameter step_rms must be greater than 0.0 and at most 127.0",
     ),
     ("negative dim", lambda h: h["tensors"][0].update(shape=[-4, -6]), "negative size"),
     ("sample_count", lambda h: h.update(sample_count=0), "sample_count"),
@@ -504,6 +511,7 @@ HEADER_PATHS = [
     ("codec", "name"),
     ("codec", "params"),
     ("codec", "params", "chunk_size"),
+    ("codec", "params", "step_rms"),
     ("codec", "params", "bits"),
     ("codec", "params", "index_encoding"),
     ("codec", "params", "value_dtype"),

@@ -37,9 +37,22 @@ def test_resnet_gn_widths_change_size():
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"widths": []}, "widths must be positive channel counts"),
+        ({"widths": []}, "widths must be a non-empty list of channel counts"),
+        (
+            {"widths": "16"},
+            "widths must be a non-empty list of channel counts, got '16'",
+        ),
+        (
+            {"widths": [16, 32.5]},
+            "each entry of widths must be a positive integer, got 32.5",
+        ),
+        ({"widths": [16, 0]}, "each entry of widths must be a positive integer, got 0"),
         ({"widths": [12, 24]}, "divisible by groups=8"),
-        ({"groups": 0}, "groups must be positive, got 0"),
+        ({"groups": 0}, "groups must be a positive integer, got 0"),
+        ({"groups": 8.0}, "groups must be a positive integer, got 8.0"),
+        ({"groups": True}, "groups must be a positive integer, got True"),
+        ({"in_channels": True}, "in_channels must be a positive integer, got True"),
+        ({"in_channels": "1"}, "in_channels must be a positive integer, got '1'"),
         ({"depth": 3}, "unexpected keyword argument 'depth'"),
     ],
 )

@@ -34,7 +34,8 @@ class CompressionConfig(BaseModel):
         codec: a registered codec name (fp32, fp16, int8, lowbit, topk,
             randk).
         params: the codec's parameters; see each codec's docstring.
-        zstd: compress the envelope payload with zstd as well.
+        zstd: compress the envelope payload with zstd as well. Only
+            without secure aggregation, which ``check`` enforces.
         zstd_level: zstd's compression level, 1 to 22 (default 3). Levels
             15 and above entropy-code small-alphabet payloads such as
             ``int8`` with ``step_rms`` close to their entropy, where level 3
@@ -50,9 +51,11 @@ class CompressionConfig(BaseModel):
 
     codec: str = "fp32"
     params: dict[str, int | float | str | bool] = Field(default_factory=dict)
-    zstd: bool = False
-    zstd_level: int | None = Field(default=None, ge=1, le=22)
-    error_feedback: bool = True
+    # Strict, so that a quoted "yes", a 1 or a level of true is an error
+    # instead of a silent conversion.
+    zstd: bool = Field(default=False, strict=True)
+    zstd_level: int | None = Field(default=None, ge=1, le=22, strict=True)
+    error_feedback: bool = Field(default=True, strict=True)
 
     @model_validator(mode="after")
     def _check_codec(self) -> "CompressionConfig":
@@ -81,7 +84,7 @@ class CompressionConfig(BaseModel):
         return get_codec(self.codec, self.params)
 
     def check(self, secure_aggregation: str) -> None:
-        """Check the codec against the study's secure aggregation mode.
+        """Check the codec and zstd against the study's secure aggregation mode.
 
         Raises:
             ConfigError: the message names the ``compression`` section, the
@@ -91,3 +94,12 @@ class CompressionConfig(BaseModel):
             check_codec_compatibility(self.codec, secure_aggregation, self.params)
         except ConfigError as error:
             raise ConfigError(f"compression (codec {self.codec!r}): {error}") from None
+        if self.zstd and secure_aggregation != "none":
+            # The masking and CKKS uploads are built without the envelope's
+            # zstd. A masked value is uniform over the ring, so zstd could
+            # not shrink it anyway.
+            raise ConfigError(
+                f"compression.zstd is true, but secure_aggregation "
+                f"{secure_aggregation!r} sends its uploads without zstd; remove "
+                "zstd and zstd_level from the compression section"
+            )

@@ -7,6 +7,7 @@ parameter, the rule and the received value.
 """
 
 import math
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,6 +26,7 @@ __all__ = [
 
 #: Seeds are non-negative and fit in a signed 64-bit integer.
 MAX_SEED = 2**63 - 1
+_EXPONENT_WITHOUT_POINT = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
 
 
 def check_integer(
@@ -50,14 +52,30 @@ def check_number(
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(
             f"codec {codec!r} parameter {param} must be a number, got {value!r}"
+            + _exponent_hint(value)
         )
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        # An integer beyond the float range, which YAML and JSON both allow.
+        number = math.inf
     if not math.isfinite(number) or not above < number <= at_most:
         raise ConfigError(
             f"codec {codec!r} parameter {param} must be greater than {above} and "
             f"at most {at_most}, got {value!r}"
         )
     return number
+
+
+def _exponent_hint(value: object) -> str:
+    """Return a hint for a number that YAML read as a string, else ""."""
+    # PyYAML follows YAML 1.1, whose float pattern needs a decimal point.
+    if not isinstance(value, str) or not _EXPONENT_WITHOUT_POINT.fullmatch(value):
+        return ""
+    return (
+        "; YAML reads a number in exponent form without a decimal point, such "
+        "as 1e-3, as a string, so write 1.0e-3"
+    )
 
 
 def check_choice(codec: str, param: str, value: object, choices: Sequence[str]) -> str:

@@ -29,6 +29,8 @@ __all__ = [
     "stochastic_levels",
 ]
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 def chunk_count(size: int, chunk_size: int) -> int:
     """Return the number of scales of a tensor of ``size`` elements.
@@ -60,7 +62,11 @@ def chunk_scales(
         lengths = np.full(count, chunk, dtype=np.float64)
         lengths[-1] = flat.size - chunk * (count - 1) or 1
         rms = np.sqrt(np.square(rows).sum(axis=1) / lengths)
-        targets = np.maximum(targets, step_rms * rms)
+        # step_rms * rms passes the largest float32 when rms is above
+        # 3.4e38 / step_rms (2.7e36 at step_rms 127), and an infinite scale
+        # decodes to NaN. max|x| / level_max stays below the cap, so the
+        # capped scale still clips nothing.
+        targets = np.minimum(np.maximum(targets, step_rms * rms), _FLOAT32_MAX)
     scales = targets.astype(np.float32)
     # Rounding to float32 may land one step below the target, which for the
     # max|x| / level_max target would push x / scale past level_max and into

@@ -12,7 +12,13 @@ from torch import nn
 
 from medfed.errors import ConfigError
 
-__all__ = ["MODELS", "build_model", "model_names", "register_model"]
+__all__ = [
+    "MODELS",
+    "build_model",
+    "check_positive_int",
+    "model_names",
+    "register_model",
+]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -27,6 +33,20 @@ def register_model(
         return factory
 
     return decorator
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """Return ``value`` if it is a positive integer, or raise ValueError naming it.
+
+    Booleans and integral floats such as 9.0 are rejected too, because torch
+    layers such as GroupNorm accept True and 9.0 as 1 and 9 without complaint.
+    ``build_model`` reports the ValueError as a ConfigError.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value}")
+    return value
 
 
 def model_names() -> list[str]:

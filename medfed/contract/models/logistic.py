@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from medfed.contract.models import register_model
+from medfed.contract.models import check_positive_int, register_model
 
 __all__ = ["LogisticRegression"]
 
@@ -18,8 +18,7 @@ class LogisticRegression(nn.Module):
 
     def __init__(self, *, in_features: int) -> None:
         super().__init__()
-        if in_features <= 0:
-            raise ValueError(f"in_features must be positive, got {in_features}")
+        check_positive_int("in_features", in_features)
         self.linear = nn.Linear(in_features, 1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ cost of per-sample gradients of a convolution grows with its output area.
 import torch
 from torch import nn
 
-from medfed.contract.models import register_model
+from medfed.contract.models import check_positive_int, register_model
 
 __all__ = ["BasicBlock", "ResNetGN"]
 
@@ -73,13 +73,16 @@ class ResNetGN(nn.Module):
         groups: int = 8,
     ) -> None:
         super().__init__()
+        check_positive_int("in_channels", in_channels)
+        # A string is a sequence too, and tuple("16") would be ("1", "6").
+        if not isinstance(widths, tuple | list) or not widths:
+            raise ValueError(
+                f"widths must be a non-empty list of channel counts, got {widths!r}"
+            )
         widths = tuple(widths)
-        if in_channels <= 0:
-            raise ValueError(f"in_channels must be positive, got {in_channels}")
-        if not widths or any(width <= 0 for width in widths):
-            raise ValueError(f"widths must be positive channel counts, got {widths}")
-        if groups <= 0:
-            raise ValueError(f"groups must be positive, got {groups}")
+        for width in widths:
+            check_positive_int("each entry of widths", width)
+        check_positive_int("groups", groups)
         for width in widths:
             if width % min(groups, width):
                 raise ValueError(

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medfed.contract.models import register_model
+from medfed.contract.models import check_positive_int, register_model
 
 __all__ = ["ScatterLinear", "Scattering2D", "scattering_channels"]
 
@@ -123,12 +123,18 @@ class Scattering2D(nn.Module):
         self, shape: tuple[int, int], *, scales: int = 2, orientations: int = 8
     ) -> None:
         super().__init__()
-        if scales < 1:
-            raise ValueError(f"scales must be >= 1, got {scales}")
-        if orientations < 1:
-            raise ValueError(f"orientations must be >= 1, got {orientations}")
-
-        height, width = shape
+        check_positive_int("scales", scales)
+        check_positive_int("orientations", orientations)
+        height = check_positive_int("image height", shape[0])
+        width = check_positive_int("image width", shape[1])
+        # 2**scales exceeds the smaller side exactly when scales reaches the
+        # side's bit length. Checked first, so a huge scales never computes
+        # 2**scales.
+        if scales >= min(height, width).bit_length():
+            raise ValueError(
+                f"image shape {tuple(shape)} is smaller than 2**scales = "
+                f"2**{scales} pixels per side; lower scales"
+            )
         factor = 2**scales
         if height % factor or width % factor or height < factor or width < factor:
             raise ValueError(
@@ -277,13 +283,14 @@ class ScatterLinear(nn.Module):
         groups: int = 9,
     ) -> None:
         super().__init__()
-        if in_channels <= 0:
-            raise ValueError(f"in_channels must be positive, got {in_channels}")
+        check_positive_int("in_channels", in_channels)
+        check_positive_int("image_size", image_size)
+        check_positive_int("groups", groups)
         self.scattering = Scattering2D(
             (image_size, image_size), scales=scales, orientations=orientations
         )
         channels = in_channels * scattering_channels(scales, orientations)
-        if groups <= 0 or channels % groups:
+        if channels % groups:
             raise ValueError(
                 f"groups must be a positive divisor of the {channels} scattering "
                 f"channels, got {groups}"
