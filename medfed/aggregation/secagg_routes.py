@@ -511,6 +511,23 @@ def create_masking_router(rounds: MaskingRounds) -> APIRouter:
         )
         return {"site": site}
 
+    @router.post("/withdrawals/{site}")
+    def withdraw(
+        study: StudyId, round_number: RoundNumber, site: SiteId, request: Request
+    ) -> dict[str, Any]:
+        _require_site(request, site)
+        with rounds.edit(study, round_number) as entry:
+            entry.server.withdraw(site)
+            if entry.server.uploads_complete:
+                entry.server.close_uploads()
+        logger.info(
+            "site %s withdrew from masking round %s of study %s",
+            site,
+            round_number,
+            study,
+        )
+        return {"site": site}
+
     @router.post("/uploads/close")
     def close_uploads(
         study: StudyId, round_number: RoundNumber, request: Request
@@ -583,7 +600,7 @@ def _add_masked_envelope(
             body, entry, study, round_number, site, rounds.limits
         )
         entry.server.add_masked_update(site, vector, sample_count=sample_count)
-        if entry.server.uploaded_sites == entry.server.sharing_sites:
+        if entry.server.uploads_complete:
             entry.server.close_uploads()
 
 

@@ -118,7 +118,7 @@ def accept_masked_upload(
         entry.server.add_masked_update(
             header.site, vector, sample_count=header.sample_count
         )
-        if entry.server.uploaded_sites == entry.server.sharing_sites:
+        if entry.server.uploads_complete:
             entry.server.close_uploads()
 
 

@@ -175,11 +175,12 @@ class MaskingClient:
             trust_env=not is_loopback_url(self.base_url),
         )
 
-    def close(self) -> None:
-        """Stop polling and close the HTTP client, unless the caller passed it in.
+    def stop(self) -> None:
+        """Stop polling. A poll in another thread ends once its request returns."""
+        self._stopped.set()
 
-        A poll in another thread ends once its current request returns.
-        """
+    def close(self) -> None:
+        """Stop polling and close the HTTP client, unless the caller passed it in."""
         self._stopped.set()
         if self._owns_http:
             self._http.close()
@@ -322,6 +323,17 @@ class MaskingClient:
         )
         return meter.cost()
 
+    def withdraw(self, site: MaskingSite) -> None:
+        """Tell the service that ``site``, which shared keys, will not upload.
+
+        The service then drops it at once instead of waiting for the round's
+        deadline, and the other sites reveal what removes its masks.
+
+        Raises:
+            ServiceError: the service rejected the withdrawal or is unreachable.
+        """
+        self._send("POST", f"{self._prefix(site)}/withdrawals/{site.site}")
+
     @staticmethod
     def _prefix(site: MaskingSite) -> str:
         study, round_number = site.context.study, site.context.round_number
@@ -407,7 +419,8 @@ class BackgroundMaskingRound:
     twice, and need nothing from the update. Started with the round, they
     overlap local training, so after training the round waits only for the
     upload and the reveal. Call ``close`` when done, also after a failure:
-    a site that set up and never finishes counts as dropped out.
+    a site that set up and never finishes then withdraws, and the service
+    drops it without waiting for the round's deadline.
 
     Args:
         client: the client for the service; ``close`` closes it.
@@ -422,6 +435,12 @@ class BackgroundMaskingRound:
         self.round_number = site.context.round_number
         self._setup: MaskingSetup | None = None
         self._error: Exception | None = None
+        # Guards the hand-over between the setup thread and close: whichever
+        # comes second withdraws a site that set up but will not finish.
+        self._lock = threading.Lock()
+        self._closed = False
+        self._set_up_done = False
+        self._finished = False
         # A daemon thread, so that a held poll never keeps the process alive.
         self._thread = threading.Thread(
             target=self._set_up,
@@ -432,10 +451,38 @@ class BackgroundMaskingRound:
         self._thread.start()
 
     def _set_up(self, site: MaskingSite, wait_seconds: float) -> None:
+        setup = None
         try:
-            self._setup = self._client.set_up(site, wait_seconds=wait_seconds)
+            setup = self._client.set_up(site, wait_seconds=wait_seconds)
         except Exception as error:  # finish raises it in the site's thread
             self._error = error
+        with self._lock:
+            self._setup = setup
+            self._set_up_done = True
+            closed = self._closed
+        if closed:
+            # close came first and left the withdrawal and the client to this
+            # thread. A stopped setup may have sent its shares already.
+            self._withdraw(site)
+            self._client.close()
+
+    def _withdraw(self, site: MaskingSite) -> None:
+        try:
+            self._client.withdraw(site)
+        except ServiceError as error:
+            # The round then drops the site at its deadline instead.
+            logger.warning(
+                "site %s could not withdraw from masking round %s: %s",
+                site.site,
+                site.context.round_number,
+                error,
+            )
+        else:
+            logger.info(
+                "site %s withdrew from masking round %s",
+                site.site,
+                site.context.round_number,
+            )
 
     def finish(
         self,
@@ -454,6 +501,7 @@ class BackgroundMaskingRound:
         if self._error is not None:
             raise self._error
         assert self._setup is not None
+        self._finished = True
         return self._client.finish(
             self._setup,
             update,
@@ -463,5 +511,17 @@ class BackgroundMaskingRound:
         )
 
     def close(self) -> None:
-        """Stop the setup if it still runs and close the client."""
+        """Withdraw if the site set up but did not finish, then close the client.
+
+        A setup that still runs is stopped at its next poll. Its thread then
+        withdraws the site and closes the client.
+        """
+        with self._lock:
+            self._closed = True
+            if not self._set_up_done:
+                self._client.stop()
+                return
+            setup = None if self._finished else self._setup
+        if setup is not None:
+            self._withdraw(setup.site)
         self._client.close()

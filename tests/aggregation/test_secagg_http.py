@@ -419,7 +419,7 @@ def test_background_setup_needs_no_update(service):
     # this returns 200 only after all five setups ran, before any update.
     relayed = httpx.get(f"{prefix}/shares/site-a", params={"wait": 20}, timeout=30)
     assert relayed.status_code == 200
-    # site-e's training fails: it closes its round without an update.
+    # site-e's training fails: closing its round withdraws it.
     background["site-e"].close()
     errors = []
 
@@ -435,24 +435,37 @@ def test_background_setup_needs_no_update(service):
         threading.Thread(target=finish, args=(index, name))
         for index, name in enumerate(SITES[:4])
     ]
+    started = time.monotonic()
     for thread in threads:
         thread.start()
-    deadline = time.monotonic() + 30
-    while True:
-        with rounds.edit(STUDY, 17) as entry:
-            if len(entry.server.uploaded_sites) == 4:
-                break
-        assert time.monotonic() < deadline, "sites did not upload in time"
-        time.sleep(0.05)
-    closed = httpx.post(f"{prefix}/uploads/close")
+    # No coordinator call: the four uploads close the round by themselves.
     for thread in threads:
         thread.join(timeout=30)
+    finished_in = time.monotonic() - started
+    with rounds.edit(STUDY, 17) as entry:
+        request = entry.server.reveal_request
+        withdrawn = entry.server.withdrawn_sites
     result = rounds.unmask(STUDY, 17)
 
     assert errors == []
-    assert closed.json()["dropped"] == ["site-e"]
+    assert finished_in < 25
+    assert withdrawn == ["site-e"]
+    assert request.dropped == ["site-e"]
     expected_bias = sum((0.25 * index - 0.5) * (10 + index) for index in range(4))
     np.testing.assert_array_equal(result.weighted_sum, np.full(8, expected_bias))
+
+
+def test_withdrawal_before_sharing_rejected(service):
+    rounds, url = service
+    open_round(rounds, 19)
+    prefix = f"{url}/v1/studies/{STUDY}/rounds/19/secagg"
+
+    response = httpx.post(f"{prefix}/withdrawals/site-a")
+
+    assert response.status_code == 409
+    assert "expected phase sharing or uploading" in response.text
+    with rounds.edit(STUDY, 19) as entry:
+        assert entry.server.withdrawn_sites == []
 
 
 def test_closing_background_round_stops_its_polls(service):

@@ -466,6 +466,7 @@ ADVERTISEMENT = {
         ("POST", "/keys", ADVERTISEMENT),
         ("GET", "/shares/beta", None),
         ("PUT", "/masked/beta", None),
+        ("POST", "/withdrawals/beta", None),
         (
             "POST",
             "/reveals",

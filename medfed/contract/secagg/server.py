@@ -132,6 +132,7 @@ class MaskingServer:
         self._share_uploads: dict[str, ShareUpload] = {}
         self._masked: dict[str, np.ndarray] = {}
         self._sample_counts: dict[str, int] = {}
+        self._withdrawn: set[str] = set()
         self._request: RevealRequest | None = None
         self._reveals: dict[str, RevealedShares] = {}
 
@@ -273,6 +274,53 @@ class MaskingServer:
         """The sites that uploaded shares, sorted: the only ones that may upload."""
         return sorted(self._share_uploads)
 
+    @property
+    def withdrawn_sites(self) -> list[str]:
+        """The sites that shared keys and then withdrew, sorted."""
+        return sorted(self._withdrawn)
+
+    @property
+    def uploads_complete(self) -> bool:
+        """Whether uploads can close now, with no site left to wait for.
+
+        True in the upload phase once every site that shared keys has
+        uploaded or withdrawn, and at least ``threshold`` sites uploaded.
+        """
+        awaited = set(self._share_uploads) - set(self._masked) - self._withdrawn
+        return (
+            self._phase is _Phase.UPLOADING
+            and not awaited
+            and len(self._masked) >= self.threshold
+        )
+
+    def withdraw(self, site: str) -> None:
+        """Record that ``site``, which shared keys, will not upload this round.
+
+        It is then dropped like a site that went silent, but uploads close as
+        soon as the other sites have uploaded, not at the round's deadline.
+        Withdrawing again changes nothing.
+
+        Raises:
+            SecureAggregationError: the site did not share keys, it already
+                uploaded, or uploads are closed.
+        """
+        if self._phase not in (_Phase.SHARING, _Phase.UPLOADING):
+            raise SecureAggregationError(
+                f"round {self.context.round_number} cannot accept a withdrawal in "
+                f"phase {self._phase.name.lower()}; expected phase sharing or "
+                "uploading"
+            )
+        if site not in self._share_uploads:
+            raise SecureAggregationError(
+                f"site {site!r} did not upload shares, so it has nothing to "
+                "withdraw from"
+            )
+        if site in self._masked:
+            raise SecureAggregationError(
+                f"site {site!r} already uploaded this round, so it cannot withdraw"
+            )
+        self._withdrawn.add(site)
+
     def shares_for(self, site: str) -> list[EncryptedShare]:
         """Return the encrypted shares addressed to ``site`` from sharing sites."""
         self._require(_Phase.UPLOADING, "relay shares")
@@ -306,6 +354,11 @@ class MaskingServer:
             )
         if site in self._masked:
             raise SecureAggregationError(f"site {site!r} already uploaded this round")
+        if site in self._withdrawn:
+            raise SecureAggregationError(
+                f"site {site!r} withdrew from this round, so its update is not "
+                "accepted; it can take part again in the next round"
+            )
         array = np.asarray(vector)
         if array.shape != (self.vector_length,) or array.dtype != self.encoding.dtype:
             raise SecureAggregationError(
@@ -489,6 +542,7 @@ class MaskingServer:
                 item.model_dump(mode="json") for item in self._share_uploads.values()
             ],
             "sample_counts": dict(self._sample_counts),
+            "withdrawn": sorted(self._withdrawn),
             "reveals": [
                 item.model_dump(mode="json") for item in self._reveals.values()
             ],
@@ -538,8 +592,11 @@ class MaskingServer:
                 server.close_advertising()
             for raw in state["share_uploads"]:
                 server.add_share_upload(parse_message(ShareUpload, raw))
+            withdrawn = state.get("withdrawn", [])
             if phase.value >= _Phase.UPLOADING.value:
                 server.close_sharing()
+            for site in withdrawn:
+                server.withdraw(site)
             if set(masked_vectors) != set(sample_counts):
                 raise SecureAggregationError(
                     f"masked vectors are given for sites {sorted(masked_vectors)} "

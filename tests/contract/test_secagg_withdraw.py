@@ -1,0 +1,147 @@
+"""A site that shared keys withdraws from a masking round before uploading."""
+
+import json
+
+import numpy as np
+import pytest
+
+from medfed.contract.secagg import FixedPointEncoding, MaskingServer, MaskingSite
+from medfed.errors import SecureAggregationError
+
+NAMES = ["site-a", "site-b", "site-c", "site-d"]
+ENCODING = FixedPointEncoding(fractional_bits=8, clip=4.0, max_weight=10, site_count=4)
+
+
+class Round:
+    """A masking round with every site past the share phase."""
+
+    def __init__(self, threshold: int = 3) -> None:
+        self.sites = {
+            name: MaskingSite(
+                site=name, study="heart", round_number=2, encoding=ENCODING
+            )
+            for name in NAMES
+        }
+        self.server = MaskingServer(
+            study="heart",
+            round_number=2,
+            threshold=threshold,
+            encoding=ENCODING,
+            vector_length=2,
+        )
+        for site in self.sites.values():
+            self.server.add_advertisement(site.advertise())
+        roster = self.server.close_advertising()
+        for site in self.sites.values():
+            self.server.add_share_upload(site.share_keys(roster))
+        self.masked: dict[str, np.ndarray] = {}
+
+    def upload(self, name: str, value: float) -> None:
+        site = self.sites[name]
+        site.receive_shares(self.server.shares_for(name))
+        update = {"w": np.array([value, -value])}
+        vector = site.mask_update(update, sample_count=2)["w"]
+        self.server.add_masked_update(name, vector, sample_count=2)
+        self.masked[name] = vector
+
+
+def test_withdrawn_site_dropped_without_deadline():
+    round_ = Round()
+    round_.server.close_sharing()
+    round_.server.withdraw("site-d")
+    for index, name in enumerate(NAMES[:3]):
+        round_.upload(name, float(index + 1))
+
+    assert round_.server.uploads_complete
+    request = round_.server.close_uploads()
+    assert request.dropped == ["site-d"]
+    for name in NAMES[:3]:
+        round_.server.add_reveal(round_.sites[name].reveal(request))
+    result = round_.server.unmask()
+    np.testing.assert_array_equal(result.weighted_sum, [12.0, -12.0])
+
+
+def test_uploads_wait_for_sites_not_withdrawn():
+    round_ = Round()
+    round_.server.close_sharing()
+    round_.server.withdraw("site-d")
+    round_.upload("site-a", 1.0)
+    round_.upload("site-b", 2.0)
+
+    assert not round_.server.uploads_complete
+
+
+def test_uploads_incomplete_below_threshold():
+    round_ = Round(threshold=3)
+    round_.server.close_sharing()
+    round_.server.withdraw("site-c")
+    round_.server.withdraw("site-d")
+    round_.upload("site-a", 1.0)
+    round_.upload("site-b", 2.0)
+
+    # Closing would raise, so the round waits for its deadline as before.
+    assert not round_.server.uploads_complete
+
+
+def test_withdrawal_during_sharing_kept():
+    round_ = Round()
+    round_.server.withdraw("site-d")
+    round_.server.close_sharing()
+
+    assert round_.server.withdrawn_sites == ["site-d"]
+
+
+def test_withdrawn_site_upload_rejected():
+    round_ = Round()
+    round_.server.close_sharing()
+    round_.server.withdraw("site-d")
+
+    with pytest.raises(SecureAggregationError, match="withdrew from this round"):
+        round_.upload("site-d", 4.0)
+    assert round_.server.uploaded_sites == []
+
+
+def test_withdrawal_after_upload_rejected():
+    round_ = Round()
+    round_.server.close_sharing()
+    round_.upload("site-a", 1.0)
+
+    with pytest.raises(SecureAggregationError, match="already uploaded"):
+        round_.server.withdraw("site-a")
+    assert round_.server.withdrawn_sites == []
+
+
+def test_withdrawal_without_shares_rejected():
+    server = MaskingServer(
+        study="heart", round_number=2, threshold=3, encoding=ENCODING, vector_length=2
+    )
+    site = MaskingSite(site="site-a", study="heart", round_number=2, encoding=ENCODING)
+    server.add_advertisement(site.advertise())
+
+    with pytest.raises(SecureAggregationError, match="expected phase sharing"):
+        server.withdraw("site-a")
+    assert server.withdrawn_sites == []
+
+
+def test_withdrawal_twice_changes_nothing():
+    round_ = Round()
+    round_.server.close_sharing()
+    round_.server.withdraw("site-d")
+    round_.server.withdraw("site-d")
+
+    assert round_.server.withdrawn_sites == ["site-d"]
+
+
+def test_withdrawal_survives_restore():
+    round_ = Round()
+    round_.server.close_sharing()
+    round_.server.withdraw("site-d")
+    round_.upload("site-a", 1.0)
+    state = json.loads(json.dumps(round_.server.export_state()))
+
+    restored = MaskingServer.restore(
+        state, encoding=ENCODING, masked_vectors=round_.masked
+    )
+
+    assert restored.withdrawn_sites == ["site-d"]
+    assert restored.uploaded_sites == ["site-a"]
