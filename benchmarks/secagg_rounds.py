@@ -155,6 +155,10 @@ MODELS = {
     "resnet_gn": REPO / "configs" / "pneumonia_nodp.yaml",
 }
 SAMPLE_COUNT = 200
+#: The service's limit on open connections and requests. Above it uvicorn
+#: answers 503, and a masking site whose key advertisement gets 503 holds
+#: the other sites until the round's deadline.
+MAX_CONCURRENCY = 2048
 #: Standard deviation of the random update values. It is far inside the
 #: default clip of 1.0, so no value is clipped.
 DELTA_SCALE = 0.01
@@ -1063,8 +1067,12 @@ def main() -> None:
                 group: training_shares(*group, data_root, work_dir) for group in groups
             }
         with (
+            # Every site of every cell keeps its own keep-alive connections,
+            # more than the default limit of 256 once the cells add up.
             LocalAggregationService(
-                work_dir / "aggregation", max_upload_bytes=64 * 1024 * 1024
+                work_dir / "aggregation",
+                max_upload_bytes=64 * 1024 * 1024,
+                max_concurrency=MAX_CONCURRENCY,
             ) as service,
             running_cells(
                 service.url, work_dir, groups, variants, shares, waits
@@ -1087,7 +1095,10 @@ def main() -> None:
             "python": platform.python_version(),
             "torch": torch.__version__,
         },
-        "service": "python -m medfed.aggregation on 127.0.0.1, local mode (plain HTTP, unsigned envelopes)",
+        "service": (
+            "python -m medfed.aggregation on 127.0.0.1, local mode (plain HTTP, "
+            f"unsigned envelopes), --max-concurrency {MAX_CONCURRENCY}"
+        ),
         "sites": "threads of the benchmark process, one httpx client each",
     }
     if arguments.train:
