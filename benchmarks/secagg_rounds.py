@@ -104,7 +104,7 @@ from medfed.contract.secagg import MaskingSite, VectorLayout
 from medfed.contract.wire import encode_envelope
 from medfed.flows.local import LocalAggregationService
 from medfed.sites.ckks_keys import ensure_local_secret_contexts, load_secret_context
-from medfed.sites.client import AggregationClient
+from medfed.sites.client import AggregationClient, connection_limits
 from medfed.sites.compression import build_update_encoder
 from medfed.sites.data.heart import (
     HEART_FILES,
@@ -264,6 +264,7 @@ class MeteredClient:
         http = httpx.Client(
             base_url=base_url,
             timeout=120.0,
+            limits=connection_limits(),
             trust_env=False,
             event_hooks={
                 "request": [self._on_request],

@@ -36,6 +36,7 @@ from medfed.aggregation.tls import peer_identity
 from medfed.errors import ConfigError
 
 __all__ = [
+    "KEEP_ALIVE_SECONDS",
     "SHUTDOWN_GRACE_SECONDS",
     "BodySizeLimitMiddleware",
     "RateLimitMiddleware",
@@ -96,6 +97,9 @@ class ServiceLimits:
 
 #: Seconds a stopping service gives its open requests before it cancels them.
 SHUTDOWN_GRACE_SECONDS = 5
+#: Seconds the service keeps an idle keep-alive connection open. Clients drop
+#: idle connections sooner (``medfed.sites.client.KEEPALIVE_EXPIRY_SECONDS``).
+KEEP_ALIVE_SECONDS = 5
 
 
 def uvicorn_limit_options(limits: ServiceLimits) -> dict[str, Any]:
@@ -106,6 +110,7 @@ def uvicorn_limit_options(limits: ServiceLimits) -> dict[str, Any]:
     return {
         "limit_concurrency": limits.max_concurrency,
         "timeout_graceful_shutdown": SHUTDOWN_GRACE_SECONDS,
+        "timeout_keep_alive": KEEP_ALIVE_SECONDS,
     }
 
 

@@ -56,6 +56,17 @@ def is_loopback_url(url: str) -> bool:
         return False
 
 
+#: Seconds a client keeps an idle connection for reuse. It is below the
+#: service's ``KEEP_ALIVE_SECONDS``: a request sent on a connection that the
+#: service is closing at that moment fails with "connection reset by peer".
+KEEPALIVE_EXPIRY_SECONDS = 2.0
+
+
+def connection_limits() -> httpx.Limits:
+    """Return the connection limits of every client of the aggregation service."""
+    return httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS)
+
+
 class AggregationClient:
     """Calls the aggregation service's ``/v1`` API.
 
@@ -77,6 +88,7 @@ class AggregationClient:
         self._http = http_client or httpx.Client(
             base_url=self.base_url,
             timeout=timeout,
+            limits=connection_limits(),
             trust_env=not is_loopback_url(self.base_url),
         )
 
@@ -93,6 +105,7 @@ class AggregationClient:
             base_url=base_url.rstrip("/"),
             timeout=timeout,
             verify=client_ssl_context(kit_dir),
+            limits=connection_limits(),
             trust_env=not is_loopback_url(base_url),
         )
         return cls(base_url, timeout=timeout, http_client=http_client)

@@ -33,7 +33,7 @@ from medfed.contract.secagg import (
 )
 from medfed.contract.wire import encode_envelope
 from medfed.errors import ConfigError, ServiceError
-from medfed.sites.client import is_loopback_url
+from medfed.sites.client import connection_limits, is_loopback_url
 
 __all__ = [
     "BackgroundMaskingRound",
@@ -172,6 +172,7 @@ class MaskingClient:
         self._http = http_client or httpx.Client(
             base_url=self.base_url,
             timeout=timeout,
+            limits=connection_limits(),
             trust_env=not is_loopback_url(self.base_url),
         )
 

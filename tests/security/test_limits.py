@@ -10,12 +10,14 @@ import pytest
 from fastapi import FastAPI, Request
 
 from medfed.aggregation.limits import (
+    KEEP_ALIVE_SECONDS,
     ServiceLimits,
     TokenBucket,
     install_limits,
     uvicorn_limit_options,
 )
 from medfed.errors import ConfigError
+from medfed.sites.client import connection_limits
 
 from .servers import raw_http, serve
 
@@ -184,3 +186,11 @@ def test_rate_limit_per_site_over_tls(kits, received) -> None:
         "rate limit of 0.5 requests per second exceeded for site alpha"
     )
     assert beta_status == 200
+
+
+def test_clients_drop_idle_connections_first() -> None:
+    """Clients must not reuse a connection that the service may be closing."""
+    options = uvicorn_limit_options(ServiceLimits())
+
+    assert options["timeout_keep_alive"] == KEEP_ALIVE_SECONDS
+    assert connection_limits().keepalive_expiry < KEEP_ALIVE_SECONDS
