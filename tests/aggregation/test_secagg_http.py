@@ -489,3 +489,56 @@ def test_closing_background_round_stops_its_polls(service):
     finally:
         http.close()
     assert time.monotonic() - started < 3
+
+
+def refuse_upload(envelope):
+    raise ServiceError("aggregation service at 127.0.0.1 is unreachable (PUT)")
+
+
+@pytest.mark.parametrize("failure", ["nan_update", "upload_fails"])
+def test_failed_upload_withdraws_site(service, failure):
+    rounds, url = service
+    open_round(rounds, 20)
+    background = {
+        name: BackgroundMaskingRound(
+            MaskingClient(url, poll_interval=0.05),
+            MaskingSite(site=name, study=STUDY, round_number=20, encoding=ENCODING),
+            wait_seconds=20,
+        )
+        for name in SITES
+    }
+    errors = {}
+
+    def finish(index, name):
+        update = site_update(index)
+        upload = None
+        if name == "site-e" and failure == "nan_update":
+            # Training diverged: the update cannot be encoded for masking.
+            update["bias"][0] = np.nan
+        if name == "site-e" and failure == "upload_fails":
+            upload = refuse_upload
+        try:
+            background[name].finish(update, sample_count=10 + index, upload=upload)
+        except Exception as error:  # checked by the asserts below
+            errors[name] = error
+        finally:
+            background[name].close()
+
+    threads = [
+        threading.Thread(target=finish, args=(index, name))
+        for index, name in enumerate(SITES)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    with rounds.edit(STUDY, 20) as entry:
+        withdrawn = entry.server.withdrawn_sites
+        request = entry.server.reveal_request
+    result = rounds.unmask(STUDY, 20)
+
+    assert sorted(errors) == ["site-e"]
+    assert withdrawn == ["site-e"]
+    assert request.dropped == ["site-e"]
+    expected_bias = sum((0.25 * index - 0.5) * (10 + index) for index in range(4))
+    np.testing.assert_array_equal(result.weighted_sum, np.full(8, expected_bias))
