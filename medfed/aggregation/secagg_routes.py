@@ -366,6 +366,11 @@ class MaskingRounds:
                     entry.listeners.add(listener)
                 raise
 
+    def abort_reason(self, study: str, round_number: int) -> str | None:
+        """Return why the round was aborted, or None if it was not (or is forgotten)."""
+        with self._lock:
+            return self._aborted.get((study, round_number))
+
     def unmask(self, study: str, round_number: int) -> UnmaskedSum:
         """Unmask the round's sum and forget the round.
 
@@ -517,15 +522,28 @@ def create_masking_router(rounds: MaskingRounds) -> APIRouter:
     ) -> dict[str, Any]:
         _require_site(request, site)
         with rounds.edit(study, round_number) as entry:
-            entry.server.withdraw(site)
-            if entry.server.uploads_complete:
-                entry.server.close_uploads()
+            server = entry.server
+            server.withdraw(site)
+            reachable = server.threshold_reachable
+            if reachable and server.uploads_complete:
+                server.close_uploads()
+            remaining = len(server.upload_candidates)
         logger.info(
             "site %s withdrew from masking round %s of study %s",
             site,
             round_number,
             study,
         )
+        if not reachable:
+            # Waiting for the deadline could not save the round, so the sites
+            # held on its routes get the reason now.
+            rounds.abort(
+                study,
+                round_number,
+                f"after site {site!r} withdrew, at most {remaining} sites can "
+                f"upload, fewer than the threshold {server.threshold}; nothing "
+                "is unmasked",
+            )
         return {"site": site}
 
     @router.post("/uploads/close")

@@ -1,5 +1,6 @@
 """Masking rounds over HTTP: real uvicorn on 127.0.0.1, real httpx clients."""
 
+import re
 import socket
 import threading
 import time
@@ -542,3 +543,51 @@ def test_failed_upload_withdraws_site(service, failure):
     assert request.dropped == ["site-e"]
     expected_bias = sum((0.25 * index - 0.5) * (10 + index) for index in range(4))
     np.testing.assert_array_equal(result.weighted_sum, np.full(8, expected_bias))
+
+
+def test_withdrawals_below_threshold_abort_round(service):
+    rounds, url = service
+    open_round(rounds, 21)
+    background = {
+        name: BackgroundMaskingRound(
+            MaskingClient(url, poll_interval=0.05),
+            MaskingSite(site=name, study=STUDY, round_number=21, encoding=ENCODING),
+            wait_seconds=20,
+        )
+        for name in SITES
+    }
+    prefix = f"{url}/v1/studies/{STUDY}/rounds/21/secagg"
+    relayed = httpx.get(f"{prefix}/shares/site-a", params={"wait": 20}, timeout=30)
+    assert relayed.status_code == 200
+    errors = {}
+
+    def finish(index, name):
+        try:
+            background[name].finish(site_update(index), sample_count=10 + index)
+        except ServiceError as error:
+            errors[name] = error
+        finally:
+            background[name].close()
+
+    threads = [
+        threading.Thread(target=finish, args=(index, name))
+        for index, name in enumerate(SITES[:2])
+    ]
+    for thread in threads:
+        thread.start()
+    # Three of five sites fail, so at most two can upload, below threshold 3.
+    for name in SITES[2:]:
+        background[name].close()
+    for thread in threads:
+        thread.join(timeout=30)
+    later = httpx.get(f"{prefix}/reveal-request")
+
+    assert sorted(errors) == ["site-a", "site-b"]
+    for error in errors.values():
+        assert error.status_code == 409
+        message = str(error)
+        assert re.search(r"was aborted: after site 'site-[cde]' withdrew", message)
+        assert "at most 2 sites can upload, fewer than the threshold 3" in message
+    assert later.status_code == 409
+    assert "was aborted" in later.json()["detail"]
+

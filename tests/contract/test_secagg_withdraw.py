@@ -79,8 +79,10 @@ def test_uploads_incomplete_below_threshold():
     round_.upload("site-a", 1.0)
     round_.upload("site-b", 2.0)
 
-    # Closing would raise, so the round waits for its deadline as before.
+    # Closing would raise, so uploads stay open and the service aborts the
+    # round because the threshold is out of reach.
     assert not round_.server.uploads_complete
+    assert not round_.server.threshold_reachable
 
 
 def test_withdrawal_during_sharing_kept():
@@ -145,3 +147,36 @@ def test_withdrawal_survives_restore():
 
     assert restored.withdrawn_sites == ["site-d"]
     assert restored.uploaded_sites == ["site-a"]
+
+
+def test_threshold_unreachable_after_withdrawals():
+    round_ = Round(threshold=3)
+    round_.server.close_sharing()
+    round_.server.withdraw("site-c")
+
+    assert round_.server.threshold_reachable
+    round_.server.withdraw("site-d")
+    assert round_.server.upload_candidates == ["site-a", "site-b"]
+    assert not round_.server.threshold_reachable
+
+
+def test_threshold_unreachable_during_sharing():
+    server = MaskingServer(
+        study="heart", round_number=2, threshold=3, encoding=ENCODING, vector_length=2
+    )
+    sites = [
+        MaskingSite(site=name, study="heart", round_number=2, encoding=ENCODING)
+        for name in NAMES
+    ]
+    for site in sites:
+        server.add_advertisement(site.advertise())
+    roster = server.close_advertising()
+    server.add_share_upload(sites[0].share_keys(roster))
+    server.add_share_upload(sites[1].share_keys(roster))
+    server.withdraw("site-a")
+
+    # site-c and site-d have not shared yet but still may.
+    assert server.upload_candidates == ["site-b", "site-c", "site-d"]
+    assert server.threshold_reachable
+    server.withdraw("site-b")
+    assert not server.threshold_reachable

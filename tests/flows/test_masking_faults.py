@@ -31,7 +31,9 @@ SURVIVORS = ["cleveland", "long-beach", "switzerland"]
 DEADLINE_SECONDS = 60
 
 
-def heart_study(study: str, secure_aggregation: Any) -> tuple[StudyConfig, str]:
+def heart_study(
+    study: str, secure_aggregation: Any, quorum: int | None = None
+) -> tuple[StudyConfig, str]:
     raw: dict[str, Any] = yaml.safe_load(
         (CONFIGS / "heart_disease_nodp.yaml").read_text()
     )
@@ -39,15 +41,23 @@ def heart_study(study: str, secure_aggregation: Any) -> tuple[StudyConfig, str]:
     raw["training"]["rounds"] = 2
     raw["round"]["deadline_seconds"] = DEADLINE_SECONDS
     raw["secure_aggregation"] = secure_aggregation
+    if quorum is not None:
+        raw["round"]["quorum"] = quorum
     return parse_study_config(raw), yaml.safe_dump(raw)
 
 
 MASKING = {"mode": "masking", "clip": 10.0, "max_weight": 1000, "fractional_bits": 14}
 
 
-def fail_hungary_once(monkeypatch: pytest.MonkeyPatch, failure: str) -> list[int]:
-    """Make hungary's first round fail; return the list of rounds it failed."""
+def fail_once(
+    monkeypatch: pytest.MonkeyPatch,
+    failure: str,
+    sites: tuple[str, ...] = ("hungary",),
+    in_round: int = 0,
+) -> list[int]:
+    """Make round ``in_round`` of ``sites`` fail; return the rounds that failed."""
     failed_in: list[int] = []
+    failed_sites: set[str] = set()
     training_site = threading.local()
     train_round = site_runner.SiteRunner.train_round
 
@@ -57,8 +67,10 @@ def fail_hungary_once(monkeypatch: pytest.MonkeyPatch, failure: str) -> list[int
         return train_round(runner, client, round_number)
 
     def train_failing_once(*args: Any, **kwargs: Any) -> Any:
-        if getattr(training_site, "name", None) != "hungary" or failed_in:
+        site = getattr(training_site, "name", None)
+        if site not in sites or site in failed_sites or training_site.round != in_round:
             return train_locally(*args, **kwargs)
+        failed_sites.add(site)
         failed_in.append(training_site.round)
         if failure == "before_training":
             raise RuntimeError("CUDA error: device lost")
@@ -80,7 +92,7 @@ def fail_hungary_once(monkeypatch: pytest.MonkeyPatch, failure: str) -> list[int
 def test_failed_site_withdraws_from_round(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
 ) -> None:
-    failed_in = fail_hungary_once(monkeypatch, failure)
+    failed_in = fail_once(monkeypatch, failure)
     config, text = heart_study(f"mask-fault-{failure.replace('_', '-')}", MASKING)
 
     started = time.monotonic()
@@ -106,9 +118,9 @@ def test_survivors_sum_matches_plain(
     plain_config, plain_text = heart_study(name, "none")
     masked_config, masked_text = heart_study(name, MASKING)
 
-    fail_hungary_once(monkeypatch, "after_training")
+    fail_once(monkeypatch, "after_training")
     plain = run_study(plain_config, plain_text, work_dir=tmp_path / "plain")
-    fail_hungary_once(monkeypatch, "after_training")
+    fail_once(monkeypatch, "after_training")
     masked = run_study(masked_config, masked_text, work_dir=tmp_path / "masked")
 
     inputs = np.random.default_rng(0).normal(size=(50, 15)).tolist()
@@ -121,3 +133,27 @@ def test_survivors_sum_matches_plain(
     assert masked["participants"] == plain["participants"]
     assert masked["participants"][0]["uploaded"] == SURVIVORS
     assert np.max(np.abs(masked_scores - plain_scores)) < 1e-4
+
+
+@pytest.mark.parametrize("quorum", [2, 3])
+def test_round_below_threshold_aborts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quorum: int
+) -> None:
+    # Two of four sites fail in round 1, so at most two upload: below the
+    # threshold of 3. With quorum 2 the service round has its quorum but
+    # cannot be unmasked.
+    failed_in = fail_once(
+        monkeypatch, "after_training", ("hungary", "long-beach"), in_round=1
+    )
+    config, text = heart_study(f"mask-fault-quorum{quorum}", MASKING, quorum=quorum)
+
+    started = time.monotonic()
+    summary = run_study(config, text, work_dir=tmp_path)
+    elapsed = time.monotonic() - started
+
+    assert failed_in == [1, 1]
+    first, second = summary["participants"]
+    assert first["state"] == "finalized"
+    assert second["state"] == "aborted"
+    assert summary["model_version"] == 1
+    assert elapsed < DEADLINE_SECONDS

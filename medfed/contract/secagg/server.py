@@ -293,6 +293,33 @@ class MaskingServer:
             and len(self._masked) >= self.threshold
         )
 
+    @property
+    def upload_candidates(self) -> list[str]:
+        """The sites that uploaded or may still upload, sorted.
+
+        Before sharing closes, these are the roster sites that did not
+        withdraw; during uploads, the sites that shared keys and did not
+        withdraw; after uploads close, the sites that uploaded.
+        """
+        if self._phase is _Phase.ADVERTISING:
+            candidates = set(self._advertisements)
+        elif self._phase is _Phase.SHARING:
+            candidates = set(self._current_roster().sites)
+        elif self._phase is _Phase.UPLOADING:
+            candidates = set(self._share_uploads)
+        else:
+            candidates = set(self._masked)
+        return sorted(candidates - self._withdrawn)
+
+    @property
+    def threshold_reachable(self) -> bool:
+        """Whether enough sites can still upload for the round to be unmasked.
+
+        False once withdrawals leave fewer than ``threshold`` upload
+        candidates; such a round can only be aborted.
+        """
+        return len(self.upload_candidates) >= self.threshold
+
     def withdraw(self, site: str) -> None:
         """Record that ``site``, which shared keys, will not upload this round.
 
