@@ -422,6 +422,14 @@ class MaskingClient:
                 f"aggregation service at {self.base_url} is unreachable "
                 f"({method} {path}): {error}"
             ) from None
+        except RuntimeError:
+            # httpx raises RuntimeError for a client its owner closed, which a
+            # setup thread that outlives its site's round can meet.
+            if not self._http.is_closed:
+                raise
+            raise ServiceError(
+                f"cannot send {method} {path}: the site's HTTP client is closed"
+            ) from None
 
     def _checked(
         self, response: httpx.Response, method: str, path: str

@@ -591,3 +591,24 @@ def test_withdrawals_below_threshold_abort_round(service):
     assert later.status_code == 409
     assert "was aborted" in later.json()["detail"]
 
+
+def test_withdrawal_after_caller_closed_client(service, caplog):
+    rounds, url = service
+    open_round(rounds, 22)
+    http = httpx.Client(base_url=url)
+    background = BackgroundMaskingRound(
+        MaskingClient(url, wait_per_poll=0.5, http_client=http),
+        MaskingSite(site="site-a", study=STUDY, round_number=22, encoding=ENCODING),
+        wait_seconds=5,
+    )
+    time.sleep(0.2)
+    # The round fails and its caller closes the shared client while the
+    # setup thread still waits for the roster.
+    background.close()
+    http.close()
+
+    # The held poll fails on the closed client, or ends at its wait.
+    with pytest.raises(ServiceError, match=r"unreachable|closed by the site"):
+        background.finish(site_update(0), sample_count=10)
+    # finish joined the setup thread, which then tried to withdraw.
+    assert "the site's HTTP client is closed" in caplog.text
