@@ -456,7 +456,7 @@ def test_background_setup_needs_no_update(service):
     np.testing.assert_array_equal(result.weighted_sum, np.full(8, expected_bias))
 
 
-def test_withdrawal_before_sharing_rejected(service):
+def test_withdrawal_without_keys_rejected(service):
     rounds, url = service
     open_round(rounds, 19)
     prefix = f"{url}/v1/studies/{STUDY}/rounds/19/secagg"
@@ -464,7 +464,10 @@ def test_withdrawal_before_sharing_rejected(service):
     response = httpx.post(f"{prefix}/withdrawals/site-a")
 
     assert response.status_code == 409
-    assert "expected phase sharing or uploading" in response.text
+    assert response.json() == {
+        "detail": "site 'site-a' did not advertise keys, so it has nothing to "
+        "withdraw from"
+    }
     with rounds.edit(STUDY, 19) as entry:
         assert entry.server.withdrawn_sites == []
 
@@ -612,3 +615,54 @@ def test_withdrawal_after_caller_closed_client(service, caplog):
         background.finish(site_update(0), sample_count=10)
     # finish joined the setup thread, which then tried to withdraw.
     assert "the site's HTTP client is closed" in caplog.text
+
+
+def test_site_closed_before_roster_leaves_it(service):
+    rounds, url = service
+    open_round(rounds, 23)
+    # site-e's training fails before any other site has advertised, and its
+    # setup gives up at its next poll, still before the roster.
+    early = BackgroundMaskingRound(
+        MaskingClient(url, wait_per_poll=0.5),
+        MaskingSite(site="site-e", study=STUDY, round_number=23, encoding=ENCODING),
+        wait_seconds=20,
+    )
+    early.close()
+    with pytest.raises(ServiceError, match="closed by the site"):
+        early.finish(site_update(4), sample_count=14)  # joins the setup thread
+    background = {
+        name: BackgroundMaskingRound(
+            MaskingClient(url, poll_interval=0.05),
+            MaskingSite(site=name, study=STUDY, round_number=23, encoding=ENCODING),
+            wait_seconds=20,
+        )
+        for name in SITES[:4]
+    }
+    errors = {}
+
+    def finish(index, name):
+        try:
+            background[name].finish(site_update(index), sample_count=10 + index)
+        except ServiceError as error:
+            errors[name] = error
+        finally:
+            background[name].close()
+
+    threads = [
+        threading.Thread(target=finish, args=(index, name))
+        for index, name in enumerate(SITES[:4])
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    with rounds.edit(STUDY, 23) as entry:
+        roster = entry.server.roster
+        withdrawn = entry.server.withdrawn_sites
+    result = rounds.unmask(STUDY, 23)
+
+    assert errors == {}
+    assert withdrawn == ["site-e"]
+    assert roster.sites == SITES[:4]
+    expected_bias = sum((0.25 * index - 0.5) * (10 + index) for index in range(4))
+    np.testing.assert_array_equal(result.weighted_sum, np.full(8, expected_bias))
