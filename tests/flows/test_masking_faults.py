@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from medfed.contract.config import StudyConfig, parse_study_config
+from medfed.flows import training as training_flow
 from medfed.flows.training import run_study
 from medfed.sites import runner as site_runner
 from medfed.sites.training import train_locally
@@ -156,4 +157,29 @@ def test_round_below_threshold_aborts(
     assert first["state"] == "finalized"
     assert second["state"] == "aborted"
     assert summary["model_version"] == 1
+    assert elapsed < DEADLINE_SECONDS
+
+
+def test_unprepared_site_skipped_by_masking(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prepare_site = training_flow.prepare_site
+
+    def prepare_failing_hungary(runner: Any) -> Any:
+        if runner.site_id == "hungary":
+            # Not a data error, so the study goes on without the site.
+            raise RuntimeError("site container is not running")
+        return prepare_site(runner)
+
+    monkeypatch.setattr(training_flow, "prepare_site", prepare_failing_hungary)
+    config, text = heart_study("mask-fault-unprepared", MASKING)
+
+    started = time.monotonic()
+    summary = run_study(config, text, work_dir=tmp_path)
+    elapsed = time.monotonic() - started
+
+    for participation in summary["participants"]:
+        assert participation["state"] == "finalized"
+        assert participation["uploaded"] == SURVIVORS
+    assert summary["model_version"] == 2
     assert elapsed < DEADLINE_SECONDS
