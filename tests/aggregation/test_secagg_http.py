@@ -666,3 +666,33 @@ def test_site_closed_before_roster_leaves_it(service):
     assert roster.sites == SITES[:4]
     expected_bias = sum((0.25 * index - 0.5) * (10 + index) for index in range(4))
     np.testing.assert_array_equal(result.weighted_sum, np.full(8, expected_bias))
+
+
+def test_withdrawal_closes_sharing(service):
+    rounds, url = service
+    open_round(rounds, 24)
+    prefix = prefix_of(url, 24)
+    sites = {
+        name: MaskingSite(site=name, study=STUDY, round_number=24, encoding=ENCODING)
+        for name in SITES
+    }
+    for site in sites.values():
+        httpx.post(f"{prefix}/keys", json=site.advertise().model_dump(mode="json"))
+    roster = httpx.get(f"{prefix}/roster").json()
+    for name in SITES[:4]:
+        upload = sites[name].share_keys(roster)
+        httpx.post(f"{prefix}/shares", json=upload.model_dump(mode="json"))
+    held = ThreadPoolExecutor(1).submit(
+        httpx.get, f"{prefix}/shares/site-a", params={"wait": 20}, timeout=30
+    )
+
+    # site-e fails before it shares keys, so nobody waits for its shares.
+    withdrawn = httpx.post(f"{prefix}/withdrawals/site-e")
+    relayed = held.result(timeout=30)
+
+    assert withdrawn.status_code == 200
+    assert relayed.status_code == 200
+    assert sorted(share["sender"] for share in relayed.json()) == SITES[1:4]
+    with rounds.edit(STUDY, 24) as entry:
+        assert entry.server.phase_name == "uploading"
+        assert entry.server.sharing_sites == SITES[:4]
