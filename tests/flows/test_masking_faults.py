@@ -1,8 +1,8 @@
-"""Masking studies in which one site fails mid-round, through the real flow.
+"""Masking studies in which sites fail, through the real flow.
 
-The failing site has already shared its keys when its training raises, so
-the study goes on only if the site withdraws and the others unmask without it
-before the round's deadline.
+A site whose training fails has already shared its keys, so the study goes
+on only if the site withdraws and the others unmask without it before the
+round's deadline. A site that could not prepare must not be waited for.
 """
 
 import threading
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("prefect_api", "mlflow_uri")
 
 ALL_SITES = ["cleveland", "hungary", "long-beach", "switzerland"]
 SURVIVORS = ["cleveland", "long-beach", "switzerland"]
-# A round that waited for its deadline would take this long; the rounds
+# A round that waited for its deadline would take this long, and the rounds
 # here take a few seconds.
 DEADLINE_SECONDS = 60
 
