@@ -31,6 +31,7 @@ from medfed.aggregation.secagg_routes import MaskingRounds
 from medfed.aggregation.secure_rounds import (
     accept_masked_upload,
     finalize_masking,
+    masking_abort_reason,
     open_masking_round,
     parse_secure_aggregation,
 )
@@ -718,6 +719,22 @@ class RoundService:
                 # Sites waiting on the masking routes get the reason at once.
                 self.masking.abort(study, round_number, reason)
             return self.round(study, round_number)
+
+        if settings.secure_aggregation.mode == "masking":
+            masking_reason = masking_abort_reason(self.masking, study, round_number)
+            if masking_reason is not None:
+                reason = (
+                    f"round {round_number} of study {study!r} cannot be unmasked: "
+                    f"{masking_reason}; the global model stays at version "
+                    f"{record.base_version}"
+                )
+                self.store.close_round(
+                    study, round_number, state="aborted", reason=reason
+                )
+                logger.warning(
+                    "aborted round %d of study %s: %s", round_number, study, reason
+                )
+                return self.round(study, round_number)
 
         if settings.secure_aggregation.mode == "ckks":
             closed = self._close_encrypted_uploads(settings, record)

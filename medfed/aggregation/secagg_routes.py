@@ -3,14 +3,19 @@
 All routes are under ``/v1/studies/{study}/rounds/{round}/secagg``:
 
 - ``POST /keys``: a site's ``KeyAdvertisement``. Advertising closes by itself
-  once every site of the round has advertised, or by ``POST /keys/close``.
+  once every site of the round has advertised or withdrawn, or by
+  ``POST /keys/close``.
 - ``GET /roster``: the ``KeyRoster``, 425 until advertising closed.
 - ``POST /shares``: a site's ``ShareUpload``. Sharing closes by itself once
-  every roster site has uploaded, or by ``POST /shares/close``.
+  every roster site has uploaded or withdrawn, or by ``POST /shares/close``.
 - ``GET /shares/{site}``: the encrypted shares relayed to ``site``.
 - ``PUT /masked/{site}``: a site's envelope with the ``masked`` codec, for a
   service that does not take masked envelopes on its own upload route.
-  Uploads close by themselves once every site that shared keys uploaded.
+  Uploads close by themselves once every site that shared keys uploaded or
+  withdrew.
+- ``POST /withdrawals/{site}``: ``site`` will not upload this round. The
+  current phase then closes without waiting for it, and a withdrawal that
+  leaves fewer than ``threshold`` sites able to upload aborts the round.
 - ``POST /uploads/close``: end uploads; returns the ``RevealRequest``.
 - ``GET /reveal-request``: the ``RevealRequest``, 425 until uploads closed.
 - ``POST /reveals``: a survivor's ``RevealedShares``.
@@ -155,6 +160,33 @@ class _OpenRound:
         for listener in self.listeners:
             listener.wake()
         self.listeners.clear()
+
+    def upload_candidates(self) -> list[str]:
+        """The sites that uploaded or may still upload, sorted.
+
+        While advertising, these are the round's sites that did not withdraw;
+        later, ``MaskingServer.upload_candidates``.
+        """
+        if self.server.phase_name == "advertising":
+            return sorted(set(self.sites) - set(self.server.withdrawn_sites))
+        return self.server.upload_candidates
+
+    def close_complete_phase(self) -> None:
+        """Close the current phase once no site is left to wait for.
+
+        A phase waits for every site that did not withdraw: the round's
+        sites to advertise, the roster to share, those that shared to upload.
+        """
+        server = self.server
+        phase = server.phase_name
+        if phase == "advertising":
+            answered = set(server.advertised_sites) | set(server.withdrawn_sites)
+            if answered >= set(self.sites):
+                server.close_advertising()
+        elif phase == "sharing" and server.sharing_complete:
+            server.close_sharing()
+        elif phase == "uploading" and server.uploads_complete:
+            server.close_uploads()
 
     def close_overdue_phase(self) -> None:
         """Close the current phase if the deadline passed, so polls can go on.
@@ -366,6 +398,11 @@ class MaskingRounds:
                     entry.listeners.add(listener)
                 raise
 
+    def abort_reason(self, study: str, round_number: int) -> str | None:
+        """Return why the round was aborted, or None if it was not (or is forgotten)."""
+        with self._lock:
+            return self._aborted.get((study, round_number))
+
     def unmask(self, study: str, round_number: int) -> UnmaskedSum:
         """Unmask the round's sum and forget the round.
 
@@ -437,8 +474,7 @@ def create_masking_router(rounds: MaskingRounds) -> APIRouter:
                     f"{round_number}"
                 )
             entry.server.add_advertisement(advertisement)
-            if set(entry.server.advertised_sites) == set(entry.sites):
-                entry.server.close_advertising()
+            entry.close_complete_phase()
         return {"site": advertisement.site}
 
     @router.post("/keys/close")
@@ -464,8 +500,7 @@ def create_masking_router(rounds: MaskingRounds) -> APIRouter:
         _require_site(request, upload.sender)
         with rounds.edit(study, round_number) as entry:
             entry.server.add_share_upload(upload)
-            if entry.server.sharing_sites == entry.server.roster.sites:
-                entry.server.close_sharing()
+            entry.close_complete_phase()
         return {"site": upload.sender}
 
     @router.post("/shares/close")
@@ -517,15 +552,28 @@ def create_masking_router(rounds: MaskingRounds) -> APIRouter:
     ) -> dict[str, Any]:
         _require_site(request, site)
         with rounds.edit(study, round_number) as entry:
-            entry.server.withdraw(site)
-            if entry.server.uploads_complete:
-                entry.server.close_uploads()
+            server = entry.server
+            server.withdraw(site)
+            remaining = len(entry.upload_candidates())
+            reachable = remaining >= server.threshold
+            if reachable:
+                entry.close_complete_phase()
         logger.info(
             "site %s withdrew from masking round %s of study %s",
             site,
             round_number,
             study,
         )
+        if not reachable:
+            # Waiting for the deadline could not save the round, so the sites
+            # held on its routes get the reason now.
+            rounds.abort(
+                study,
+                round_number,
+                f"after site {site!r} withdrew, at most {remaining} sites can "
+                f"upload, fewer than the threshold {server.threshold}; nothing "
+                "is unmasked",
+            )
         return {"site": site}
 
     @router.post("/uploads/close")

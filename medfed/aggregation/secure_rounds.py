@@ -27,6 +27,7 @@ from medfed.errors import SecureAggregationError
 __all__ = [
     "accept_masked_upload",
     "finalize_masking",
+    "masking_abort_reason",
     "open_masking_round",
     "parse_secure_aggregation",
 ]
@@ -120,6 +121,36 @@ def accept_masked_upload(
         )
         if entry.server.uploads_complete:
             entry.server.close_uploads()
+
+
+def masking_abort_reason(
+    rounds: MaskingRounds, study: str, round_number: int
+) -> str | None:
+    """Return why the round's masking round cannot be unmasked, or None.
+
+    A masking round that was aborted, or whose uploads are still open with
+    fewer than ``threshold`` uploads, can never be unmasked. The second kind
+    is aborted here, so that the sites held on its routes get the reason.
+    """
+    reason = rounds.abort_reason(study, round_number)
+    if reason is not None:
+        return reason
+    try:
+        with rounds.edit(study, round_number) as entry:
+            server = entry.server
+            uploaded = len(server.uploaded_sites)
+            short = server.phase_name == "uploading" and uploaded < server.threshold
+            threshold = server.threshold
+    except UnknownRoundError:
+        return None
+    if not short:
+        return None
+    reason = (
+        f"only {uploaded} sites uploaded masked updates, fewer than the "
+        f"threshold {threshold}; nothing is unmasked"
+    )
+    rounds.abort(study, round_number, reason)
+    return reason
 
 
 def finalize_masking(

@@ -435,10 +435,16 @@ class _Coordinator:
         """Run one round: open it, train the sites, finalize or abort it."""
         deadline = self.config.round.deadline_seconds
         chosen = self._choose_sites(round_number)
+        opened = chosen
+        if self.config.secure_aggregation.mode == "masking":
+            # A masking round waits for each of its sites to advertise keys,
+            # and a site that could not prepare never does, so every round
+            # would last until its deadline.
+            opened = [site for site in chosen if site not in self.unprepared]
         client.open_round(
             self.config.study,
             round_number,
-            sites=chosen,
+            sites=opened,
             quorum=self.config.quorum,
             deadline_seconds=deadline,
         )

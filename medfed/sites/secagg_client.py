@@ -277,6 +277,8 @@ class MaskingClient:
     ) -> MaskingRoundCost:
         """Mask and upload ``update``, then reveal the shares the service requests.
 
+        The same as ``upload_masked`` followed by ``reveal``.
+
         Args:
             setup: what ``set_up`` returned for this round.
             update, sample_count, upload, signer: as for ``run_round``.
@@ -285,7 +287,29 @@ class MaskingClient:
             The bytes and time the whole protocol cost this site. Its wall
             time leaves out the time between ``set_up`` and ``finish``.
         """
-        site, deadline, meter = setup.site, setup.deadline, setup.meter
+        self.upload_masked(
+            setup, update, sample_count=sample_count, upload=upload, signer=signer
+        )
+        return self.reveal(setup)
+
+    def upload_masked(
+        self,
+        setup: "MaskingSetup",
+        update: Mapping[str, np.ndarray],
+        *,
+        sample_count: int,
+        upload: Callable[[bytes], object] | None = None,
+        signer: Any = None,
+    ) -> None:
+        """Mask ``update`` and upload it as an envelope with codec ``masked``.
+
+        Raises:
+            SecureAggregationError: the update cannot be encoded (NaN or
+                infinite values, or a sample count outside 1 to
+                ``max_weight``); nothing is sent.
+            ServiceError: the service rejected the upload or is unreachable.
+        """
+        site, meter = setup.site, setup.meter
         meter.resume()
         prefix = self._prefix(site)
         with meter.computing():
@@ -305,6 +329,16 @@ class MaskingClient:
             self._send("PUT", f"{prefix}/masked/{site.site}", content=envelope)
         else:
             upload(envelope)
+
+    def reveal(self, setup: "MaskingSetup") -> MaskingRoundCost:
+        """Wait for uploads to close, then reveal the shares the service requests.
+
+        Returns:
+            The bytes and time the whole protocol cost this site, as for
+            ``finish``.
+        """
+        site, deadline, meter = setup.site, setup.deadline, setup.meter
+        prefix = self._prefix(site)
         request = parse_message(
             RevealRequest,
             meter.record(self._poll(f"{prefix}/reveal-request", deadline)).content,
@@ -389,6 +423,14 @@ class MaskingClient:
                 f"aggregation service at {self.base_url} is unreachable "
                 f"({method} {path}): {error}"
             ) from None
+        except RuntimeError:
+            # httpx raises RuntimeError for a client its owner closed, which a
+            # setup thread that outlives its site's round can meet.
+            if not self._http.is_closed:
+                raise
+            raise ServiceError(
+                f"cannot send {method} {path}: the site's HTTP client is closed"
+            ) from None
 
     def _checked(
         self, response: httpx.Response, method: str, path: str
@@ -420,7 +462,8 @@ class BackgroundMaskingRound:
     twice, and need nothing from the update. Started with the round, they
     overlap local training, so after training the round waits only for the
     upload and the reveal. Call ``close`` when done, also after a failure:
-    a site that set up and never finishes then withdraws, and the service
+    a site that set up and did not upload, because its training failed or
+    its update could not be masked or sent, then withdraws, and the service
     drops it without waiting for the round's deadline.
 
     Args:
@@ -441,7 +484,9 @@ class BackgroundMaskingRound:
         self._lock = threading.Lock()
         self._closed = False
         self._set_up_done = False
-        self._finished = False
+        # Set once the masked update was sent: from then on the site must not
+        # withdraw, because the service counts its upload.
+        self._uploaded = False
         # A daemon thread, so that a held poll never keeps the process alive.
         self._thread = threading.Thread(
             target=self._set_up,
@@ -502,17 +547,20 @@ class BackgroundMaskingRound:
         if self._error is not None:
             raise self._error
         assert self._setup is not None
-        self._finished = True
-        return self._client.finish(
+        # An update that cannot be masked or an upload that fails leaves
+        # ``_uploaded`` False, so ``close`` withdraws the site.
+        self._client.upload_masked(
             self._setup,
             update,
             sample_count=sample_count,
             upload=upload,
             signer=signer,
         )
+        self._uploaded = True
+        return self._client.reveal(self._setup)
 
     def close(self) -> None:
-        """Withdraw if the site set up but did not finish, then close the client.
+        """Withdraw if the site set up but did not upload, then close the client.
 
         A setup that still runs is stopped at its next poll. Its thread then
         withdraws the site and closes the client.
@@ -522,7 +570,7 @@ class BackgroundMaskingRound:
             if not self._set_up_done:
                 self._client.stop()
                 return
-            setup = None if self._finished else self._setup
+            setup = None if self._uploaded else self._setup
         if setup is not None:
             self._withdraw(setup.site)
         self._client.close()

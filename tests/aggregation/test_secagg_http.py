@@ -1,5 +1,6 @@
 """Masking rounds over HTTP: real uvicorn on 127.0.0.1, real httpx clients."""
 
+import re
 import socket
 import threading
 import time
@@ -455,7 +456,7 @@ def test_background_setup_needs_no_update(service):
     np.testing.assert_array_equal(result.weighted_sum, np.full(8, expected_bias))
 
 
-def test_withdrawal_before_sharing_rejected(service):
+def test_withdrawal_without_keys_rejected(service):
     rounds, url = service
     open_round(rounds, 19)
     prefix = f"{url}/v1/studies/{STUDY}/rounds/19/secagg"
@@ -463,7 +464,10 @@ def test_withdrawal_before_sharing_rejected(service):
     response = httpx.post(f"{prefix}/withdrawals/site-a")
 
     assert response.status_code == 409
-    assert "expected phase sharing or uploading" in response.text
+    assert response.json() == {
+        "detail": "site 'site-a' did not advertise keys, so it has nothing to "
+        "withdraw from"
+    }
     with rounds.edit(STUDY, 19) as entry:
         assert entry.server.withdrawn_sites == []
 
@@ -489,3 +493,206 @@ def test_closing_background_round_stops_its_polls(service):
     finally:
         http.close()
     assert time.monotonic() - started < 3
+
+
+def refuse_upload(envelope):
+    raise ServiceError("aggregation service at 127.0.0.1 is unreachable (PUT)")
+
+
+@pytest.mark.parametrize("failure", ["nan_update", "upload_fails"])
+def test_failed_upload_withdraws_site(service, failure):
+    rounds, url = service
+    open_round(rounds, 20)
+    background = {
+        name: BackgroundMaskingRound(
+            MaskingClient(url, poll_interval=0.05),
+            MaskingSite(site=name, study=STUDY, round_number=20, encoding=ENCODING),
+            wait_seconds=20,
+        )
+        for name in SITES
+    }
+    errors = {}
+
+    def finish(index, name):
+        update = site_update(index)
+        upload = None
+        if name == "site-e" and failure == "nan_update":
+            # Training diverged: the update cannot be encoded for masking.
+            update["bias"][0] = np.nan
+        if name == "site-e" and failure == "upload_fails":
+            upload = refuse_upload
+        try:
+            background[name].finish(update, sample_count=10 + index, upload=upload)
+        except Exception as error:  # checked by the asserts below
+            errors[name] = error
+        finally:
+            background[name].close()
+
+    threads = [
+        threading.Thread(target=finish, args=(index, name))
+        for index, name in enumerate(SITES)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    with rounds.edit(STUDY, 20) as entry:
+        withdrawn = entry.server.withdrawn_sites
+        request = entry.server.reveal_request
+    result = rounds.unmask(STUDY, 20)
+
+    assert sorted(errors) == ["site-e"]
+    assert withdrawn == ["site-e"]
+    assert request.dropped == ["site-e"]
+    expected_bias = sum((0.25 * index - 0.5) * (10 + index) for index in range(4))
+    np.testing.assert_array_equal(result.weighted_sum, np.full(8, expected_bias))
+
+
+def test_withdrawals_below_threshold_abort_round(service):
+    rounds, url = service
+    open_round(rounds, 21)
+    background = {
+        name: BackgroundMaskingRound(
+            MaskingClient(url, poll_interval=0.05),
+            MaskingSite(site=name, study=STUDY, round_number=21, encoding=ENCODING),
+            wait_seconds=20,
+        )
+        for name in SITES
+    }
+    prefix = f"{url}/v1/studies/{STUDY}/rounds/21/secagg"
+    relayed = httpx.get(f"{prefix}/shares/site-a", params={"wait": 20}, timeout=30)
+    assert relayed.status_code == 200
+    errors = {}
+
+    def finish(index, name):
+        try:
+            background[name].finish(site_update(index), sample_count=10 + index)
+        except ServiceError as error:
+            errors[name] = error
+        finally:
+            background[name].close()
+
+    threads = [
+        threading.Thread(target=finish, args=(index, name))
+        for index, name in enumerate(SITES[:2])
+    ]
+    for thread in threads:
+        thread.start()
+    # Three of five sites fail, so at most two can upload, below threshold 3.
+    for name in SITES[2:]:
+        background[name].close()
+    for thread in threads:
+        thread.join(timeout=30)
+    later = httpx.get(f"{prefix}/reveal-request")
+
+    assert sorted(errors) == ["site-a", "site-b"]
+    for error in errors.values():
+        assert error.status_code == 409
+        message = str(error)
+        assert re.search(r"was aborted: after site 'site-[cde]' withdrew", message)
+        assert "at most 2 sites can upload, fewer than the threshold 3" in message
+    assert later.status_code == 409
+    assert "was aborted" in later.json()["detail"]
+
+
+def test_withdrawal_after_caller_closed_client(service, caplog):
+    rounds, url = service
+    open_round(rounds, 22)
+    http = httpx.Client(base_url=url)
+    background = BackgroundMaskingRound(
+        MaskingClient(url, wait_per_poll=0.5, http_client=http),
+        MaskingSite(site="site-a", study=STUDY, round_number=22, encoding=ENCODING),
+        wait_seconds=5,
+    )
+    time.sleep(0.2)
+    # The round fails and its caller closes the shared client while the
+    # setup thread still waits for the roster.
+    background.close()
+    http.close()
+
+    # The held poll fails on the closed client, or ends at its wait.
+    with pytest.raises(ServiceError, match=r"unreachable|closed by the site"):
+        background.finish(site_update(0), sample_count=10)
+    # finish joined the setup thread, which then tried to withdraw.
+    assert "the site's HTTP client is closed" in caplog.text
+
+
+def test_site_closed_before_roster_leaves_it(service):
+    rounds, url = service
+    open_round(rounds, 23)
+    # site-e's training fails before any other site has advertised, and its
+    # setup gives up at its next poll, still before the roster.
+    early = BackgroundMaskingRound(
+        MaskingClient(url, wait_per_poll=0.5),
+        MaskingSite(site="site-e", study=STUDY, round_number=23, encoding=ENCODING),
+        wait_seconds=20,
+    )
+    early.close()
+    with pytest.raises(ServiceError, match="closed by the site"):
+        early.finish(site_update(4), sample_count=14)  # joins the setup thread
+    background = {
+        name: BackgroundMaskingRound(
+            MaskingClient(url, poll_interval=0.05),
+            MaskingSite(site=name, study=STUDY, round_number=23, encoding=ENCODING),
+            wait_seconds=20,
+        )
+        for name in SITES[:4]
+    }
+    errors = {}
+
+    def finish(index, name):
+        try:
+            background[name].finish(site_update(index), sample_count=10 + index)
+        except ServiceError as error:
+            errors[name] = error
+        finally:
+            background[name].close()
+
+    threads = [
+        threading.Thread(target=finish, args=(index, name))
+        for index, name in enumerate(SITES[:4])
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    with rounds.edit(STUDY, 23) as entry:
+        roster = entry.server.roster
+        withdrawn = entry.server.withdrawn_sites
+    result = rounds.unmask(STUDY, 23)
+
+    assert errors == {}
+    assert withdrawn == ["site-e"]
+    assert roster.sites == SITES[:4]
+    expected_bias = sum((0.25 * index - 0.5) * (10 + index) for index in range(4))
+    np.testing.assert_array_equal(result.weighted_sum, np.full(8, expected_bias))
+
+
+def test_withdrawal_closes_sharing(service):
+    rounds, url = service
+    open_round(rounds, 24)
+    prefix = prefix_of(url, 24)
+    sites = {
+        name: MaskingSite(site=name, study=STUDY, round_number=24, encoding=ENCODING)
+        for name in SITES
+    }
+    for site in sites.values():
+        httpx.post(f"{prefix}/keys", json=site.advertise().model_dump(mode="json"))
+    roster = httpx.get(f"{prefix}/roster").json()
+    for name in SITES[:4]:
+        upload = sites[name].share_keys(roster)
+        httpx.post(f"{prefix}/shares", json=upload.model_dump(mode="json"))
+    held = ThreadPoolExecutor(1).submit(
+        httpx.get, f"{prefix}/shares/site-a", params={"wait": 20}, timeout=30
+    )
+
+    # site-e fails before it shares keys, so nobody waits for its shares.
+    withdrawn = httpx.post(f"{prefix}/withdrawals/site-e")
+    relayed = held.result(timeout=30)
+
+    assert withdrawn.status_code == 200
+    assert relayed.status_code == 200
+    assert sorted(share["sender"] for share in relayed.json()) == SITES[1:4]
+    with rounds.edit(STUDY, 24) as entry:
+        assert entry.server.phase_name == "uploading"
+        assert entry.server.sharing_sites == SITES[:4]

@@ -152,6 +152,11 @@ class MaskingServer:
                     f"site {advertisement.site!r} has no known verify key in this study"
                 )
             verify_advertisement(advertisement, verify_key, self.context)
+        if advertisement.site in self._withdrawn:
+            raise SecureAggregationError(
+                f"site {advertisement.site!r} withdrew from this round; it can "
+                "take part again in the next round"
+            )
         if advertisement.site in self._advertisements:
             raise SecureAggregationError(
                 f"site {advertisement.site!r} already advertised its keys this round"
@@ -216,6 +221,11 @@ class MaskingServer:
             raise SecureAggregationError(
                 f"site {upload.sender!r} already uploaded its shares"
             )
+        if upload.sender in self._withdrawn:
+            raise SecureAggregationError(
+                f"site {upload.sender!r} withdrew from this round; it can take "
+                "part again in the next round"
+            )
         if any(share.sender != upload.sender for share in upload.shares):
             raise SecureAggregationError(
                 f"share upload from {upload.sender!r} contains another site's share"
@@ -276,8 +286,16 @@ class MaskingServer:
 
     @property
     def withdrawn_sites(self) -> list[str]:
-        """The sites that shared keys and then withdrew, sorted."""
+        """The sites that withdrew from the round, sorted."""
         return sorted(self._withdrawn)
+
+    @property
+    def sharing_complete(self) -> bool:
+        """Whether every roster site has uploaded shares or withdrawn."""
+        if self._phase is not _Phase.SHARING:
+            return False
+        roster = set(self._current_roster().sites)
+        return roster <= set(self._share_uploads) | self._withdrawn
 
     @property
     def uploads_complete(self) -> bool:
@@ -293,31 +311,77 @@ class MaskingServer:
             and len(self._masked) >= self.threshold
         )
 
-    def withdraw(self, site: str) -> None:
-        """Record that ``site``, which shared keys, will not upload this round.
+    @property
+    def upload_candidates(self) -> list[str]:
+        """The sites that uploaded or may still upload, sorted.
 
-        It is then dropped like a site that went silent, but uploads close as
-        soon as the other sites have uploaded, not at the round's deadline.
-        Withdrawing again changes nothing.
+        These are the sites that advertised keys while advertising, the
+        roster while sharing, the sites that shared keys during uploads, and
+        the sites that uploaded after uploads closed. Withdrawn sites are
+        left out.
+        """
+        if self._phase is _Phase.ADVERTISING:
+            candidates = set(self._advertisements)
+        elif self._phase is _Phase.SHARING:
+            candidates = set(self._current_roster().sites)
+        elif self._phase is _Phase.UPLOADING:
+            candidates = set(self._share_uploads)
+        else:
+            candidates = set(self._masked)
+        return sorted(candidates - self._withdrawn)
+
+    @property
+    def threshold_reachable(self) -> bool:
+        """Whether enough sites can still upload for the round to be unmasked.
+
+        False once withdrawals leave fewer than ``threshold`` upload
+        candidates, so the round can only be aborted.
+        """
+        return len(self.upload_candidates) >= self.threshold
+
+    def withdraw(self, site: str) -> None:
+        """Record that ``site`` will not upload this round.
+
+        A site that withdraws while advertising leaves the roster. One that
+        withdraws later is dropped like a site that went silent: the share
+        phase and the upload phase close without waiting for it, not at the
+        round's deadline. Withdrawing again changes nothing.
 
         Raises:
-            SecureAggregationError: the site did not share keys, it already
-                uploaded, or uploads are closed.
+            SecureAggregationError: the site did not advertise keys (while
+                advertising) or is not in the roster (while sharing), did not
+                share keys (while uploading), already uploaded, or uploads are
+                closed.
         """
-        if self._phase not in (_Phase.SHARING, _Phase.UPLOADING):
+        if site in self._withdrawn:
+            return
+        if self._phase is _Phase.ADVERTISING:
+            if site not in self._advertisements:
+                raise SecureAggregationError(
+                    f"site {site!r} did not advertise keys, so it has nothing to "
+                    "withdraw from"
+                )
+            del self._advertisements[site]
+        elif self._phase is _Phase.SHARING:
+            if site not in self._current_roster().sites:
+                raise SecureAggregationError(
+                    f"site {site!r} is not in the round's roster, so it has "
+                    "nothing to withdraw from"
+                )
+        elif self._phase is _Phase.UPLOADING:
+            if site not in self._share_uploads:
+                raise SecureAggregationError(
+                    f"site {site!r} did not upload shares, so it has nothing to "
+                    "withdraw from"
+                )
+            if site in self._masked:
+                raise SecureAggregationError(
+                    f"site {site!r} already uploaded this round, so it cannot withdraw"
+                )
+        else:
             raise SecureAggregationError(
                 f"round {self.context.round_number} cannot accept a withdrawal in "
-                f"phase {self._phase.name.lower()}; expected phase sharing or "
-                "uploading"
-            )
-        if site not in self._share_uploads:
-            raise SecureAggregationError(
-                f"site {site!r} did not upload shares, so it has nothing to "
-                "withdraw from"
-            )
-        if site in self._masked:
-            raise SecureAggregationError(
-                f"site {site!r} already uploaded this round, so it cannot withdraw"
+                f"phase {self._phase.name.lower()}; uploads are closed"
             )
         self._withdrawn.add(site)
 
@@ -588,15 +652,22 @@ class MaskingServer:
             sample_counts = dict(state["sample_counts"])
             for raw in state["advertisements"]:
                 server.add_advertisement(parse_message(KeyAdvertisement, raw))
+            withdrawn = list(state.get("withdrawn", []))
+            # A site that withdrew while advertising has no advertisement
+            # left, so replaying its withdrawal in a later phase would fail.
+            left_before_roster = set(withdrawn) - set(server._advertisements)
+            server._withdrawn.update(left_before_roster)
             if phase.value >= _Phase.SHARING.value:
                 server.close_advertising()
             for raw in state["share_uploads"]:
                 server.add_share_upload(parse_message(ShareUpload, raw))
-            withdrawn = state.get("withdrawn", [])
-            if phase.value >= _Phase.UPLOADING.value:
-                server.close_sharing()
+            # Withdrawals replay in the share phase, which accepts every
+            # roster site, before the upload phase, which accepts only sites
+            # that shared keys.
             for site in withdrawn:
                 server.withdraw(site)
+            if phase.value >= _Phase.UPLOADING.value:
+                server.close_sharing()
             if set(masked_vectors) != set(sample_counts):
                 raise SecureAggregationError(
                     f"masked vectors are given for sites {sorted(masked_vectors)} "
