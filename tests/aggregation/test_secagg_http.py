@@ -404,51 +404,79 @@ def test_client_sends_one_get_per_phase(service):
     assert result.survivors == tuple(SITES)
 
 
-def test_background_setup_needs_no_update(service):
-    rounds, url = service
-    open_round(rounds, 17)
-    background = {
+def start_background_rounds(url, round_number, wait_seconds):
+    """Start every site's key setup in the background; return them by site."""
+    return {
         name: BackgroundMaskingRound(
             MaskingClient(url, poll_interval=0.05),
-            MaskingSite(site=name, study=STUDY, round_number=17, encoding=ENCODING),
-            wait_seconds=30,
+            MaskingSite(
+                site=name, study=STUDY, round_number=round_number, encoding=ENCODING
+            ),
+            wait_seconds=wait_seconds,
         )
         for name in SITES
     }
-    prefix = f"{url}/v1/studies/{STUDY}/rounds/17/secagg"
-    # The service relays shares only once every site has sent its own, so
-    # this returns 200 only after all five setups ran, before any update.
-    relayed = httpx.get(f"{prefix}/shares/site-a", params={"wait": 20}, timeout=30)
+
+
+def wait_for_shares(url, round_number):
+    """Return once the service relays shares, so every site has sent its own."""
+    relayed = httpx.get(
+        f"{prefix_of(url, round_number)}/shares/site-a",
+        params={"wait": 20},
+        timeout=30,
+    )
     assert relayed.status_code == 200
-    # site-e's training fails: closing its round withdraws it.
-    background["site-e"].close()
-    errors = []
+
+
+def finish_sites(background, names, *, updates=None, uploads=None):
+    """Finish and close the named sites' rounds at once; return their errors."""
+    updates = updates or {}
+    uploads = uploads or {}
+    errors = {}
 
     def finish(index, name):
         try:
-            background[name].finish(site_update(index), sample_count=10 + index)
-        except Exception as error:  # reported by the assert below
-            errors.append(error)
+            background[name].finish(
+                updates.get(name, site_update(index)),
+                sample_count=10 + index,
+                upload=uploads.get(name),
+            )
+        except Exception as error:  # returned to the test
+            errors[name] = error
         finally:
             background[name].close()
 
     threads = [
-        threading.Thread(target=finish, args=(index, name))
-        for index, name in enumerate(SITES[:4])
+        threading.Thread(target=finish, args=(SITES.index(name), name))
+        for name in names
     ]
-    started = time.monotonic()
     for thread in threads:
         thread.start()
-    # No coordinator call: the four uploads close the round by themselves.
     for thread in threads:
         thread.join(timeout=30)
+    return errors
+
+
+def test_background_setup_needs_no_update(service):
+    rounds, url = service
+    open_round(rounds, 17)
+    background = start_background_rounds(url, 17, wait_seconds=30)
+    # The service relays shares only once every site has sent its own, so
+    # this returns only after all five setups ran, before any update.
+    wait_for_shares(url, 17)
+    # site-e's training fails: closing its round withdraws it.
+    background["site-e"].close()
+    started = time.monotonic()
+
+    # No coordinator call: the four uploads close the round by themselves.
+    errors = finish_sites(background, SITES[:4])
     finished_in = time.monotonic() - started
     with rounds.edit(STUDY, 17) as entry:
         request = entry.server.reveal_request
         withdrawn = entry.server.withdrawn_sites
     result = rounds.unmask(STUDY, 17)
 
-    assert errors == []
+    assert errors == {}
     assert finished_in < 25
     assert withdrawn == ["site-e"]
     assert request.dropped == ["site-e"]
@@ -503,39 +531,16 @@ def refuse_upload(envelope):
 def test_failed_upload_withdraws_site(service, failure):
     rounds, url = service
     open_round(rounds, 20)
-    background = {
-        name: BackgroundMaskingRound(
-            MaskingClient(url, poll_interval=0.05),
-            MaskingSite(site=name, study=STUDY, round_number=20, encoding=ENCODING),
-            wait_seconds=20,
-        )
-        for name in SITES
-    }
-    errors = {}
+    background = start_background_rounds(url, 20, wait_seconds=20)
+    updates, uploads = {}, {}
+    if failure == "nan_update":
+        # Training diverged: the update cannot be encoded for masking.
+        updates["site-e"] = site_update(4)
+        updates["site-e"]["bias"][0] = np.nan
+    else:
+        uploads["site-e"] = refuse_upload
 
-    def finish(index, name):
-        update = site_update(index)
-        upload = None
-        if name == "site-e" and failure == "nan_update":
-            # Training diverged: the update cannot be encoded for masking.
-            update["bias"][0] = np.nan
-        if name == "site-e" and failure == "upload_fails":
-            upload = refuse_upload
-        try:
-            background[name].finish(update, sample_count=10 + index, upload=upload)
-        except Exception as error:  # checked by the asserts below
-            errors[name] = error
-        finally:
-            background[name].close()
-
-    threads = [
-        threading.Thread(target=finish, args=(index, name))
-        for index, name in enumerate(SITES)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
+    errors = finish_sites(background, SITES, updates=updates, uploads=uploads)
     with rounds.edit(STUDY, 20) as entry:
         withdrawn = entry.server.withdrawn_sites
         request = entry.server.reveal_request
@@ -551,38 +556,14 @@ def test_failed_upload_withdraws_site(service, failure):
 def test_withdrawals_below_threshold_abort_round(service):
     rounds, url = service
     open_round(rounds, 21)
-    background = {
-        name: BackgroundMaskingRound(
-            MaskingClient(url, poll_interval=0.05),
-            MaskingSite(site=name, study=STUDY, round_number=21, encoding=ENCODING),
-            wait_seconds=20,
-        )
-        for name in SITES
-    }
-    prefix = f"{url}/v1/studies/{STUDY}/rounds/21/secagg"
-    relayed = httpx.get(f"{prefix}/shares/site-a", params={"wait": 20}, timeout=30)
-    assert relayed.status_code == 200
-    errors = {}
-
-    def finish(index, name):
-        try:
-            background[name].finish(site_update(index), sample_count=10 + index)
-        except ServiceError as error:
-            errors[name] = error
-        finally:
-            background[name].close()
-
-    threads = [
-        threading.Thread(target=finish, args=(index, name))
-        for index, name in enumerate(SITES[:2])
-    ]
-    for thread in threads:
-        thread.start()
+    background = start_background_rounds(url, 21, wait_seconds=20)
+    wait_for_shares(url, 21)
     # Three of five sites fail, so at most two can upload, below threshold 3.
     for name in SITES[2:]:
         background[name].close()
-    for thread in threads:
-        thread.join(timeout=30)
+
+    errors = finish_sites(background, SITES[:2])
+    prefix = prefix_of(url, 21)
     later = httpx.get(f"{prefix}/reveal-request")
 
     assert sorted(errors) == ["site-a", "site-b"]
