@@ -8,7 +8,7 @@ import pytest
 from fastapi import FastAPI
 
 from medfed.aggregation.audit import verify
-from medfed.aggregation.limits import SHUTDOWN_GRACE_SECONDS
+from medfed.aggregation.limits import KEEP_ALIVE_SECONDS, SHUTDOWN_GRACE_SECONDS
 from medfed.aggregation.security import SecuritySettings, install_security
 from medfed.contract.kits import KitFiles
 from medfed.contract.signing import public_key_from_base64
@@ -58,6 +58,7 @@ def test_local_mode_has_no_verifier(tmp_path: Path) -> None:
         assert security.uvicorn_options() == {
             "limit_concurrency": 256,
             "timeout_graceful_shutdown": SHUTDOWN_GRACE_SECONDS,
+            "timeout_keep_alive": KEEP_ALIVE_SECONDS,
         }
         assert not (tmp_path / "a.jsonl.head.json").exists()
         first = json.loads((tmp_path / "a.jsonl").read_text().splitlines()[0])
