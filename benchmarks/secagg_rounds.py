@@ -156,8 +156,8 @@ MODELS = {
 }
 SAMPLE_COUNT = 200
 #: The service's limit on open connections and requests. Above it uvicorn
-#: answers 503, and a masking site whose key advertisement gets 503 holds
-#: the other sites until the round's deadline.
+#: responds 503, and a masking site whose key advertisement gets 503 makes
+#: the other sites wait until the round's deadline.
 MAX_CONCURRENCY = 2048
 #: Standard deviation of the random update values. It is far inside the
 #: default clip of 1.0, so no value is clipped.

@@ -162,10 +162,10 @@ class _OpenRound:
         self.listeners.clear()
 
     def upload_candidates(self) -> list[str]:
-        """The sites that uploaded or may still upload, sorted.
+        """Return the sites that uploaded or may still upload, sorted.
 
-        While advertising, these are the round's sites that did not withdraw;
-        later, ``MaskingServer.upload_candidates``.
+        While advertising, these are the round's sites that did not withdraw.
+        Later, they are ``MaskingServer.upload_candidates``.
         """
         if self.server.phase_name == "advertising":
             return sorted(set(self.sites) - set(self.server.withdrawn_sites))

@@ -461,10 +461,10 @@ class BackgroundMaskingRound:
     The setup phases (``MaskingClient.set_up``) wait for every other site
     twice, and need nothing from the update. Started with the round, they
     overlap local training, so after training the round waits only for the
-    upload and the reveal. Call ``close`` when done, also after a failure:
-    a site that set up and did not upload, because its training failed or
-    its update could not be masked or sent, then withdraws, and the service
-    drops it without waiting for the round's deadline.
+    upload and the reveal. Call ``close`` when done, also after a failure.
+    A site that set up and did not upload (its training failed, or its update
+    could not be masked or sent) then withdraws. The service drops it without
+    waiting for the round's deadline.
 
     Args:
         client: the client for the service; ``close`` closes it.

@@ -663,13 +663,13 @@ def test_withdrawal_closes_sharing(service):
     for name in SITES[:4]:
         upload = sites[name].share_keys(roster)
         httpx.post(f"{prefix}/shares", json=upload.model_dump(mode="json"))
-    held = ThreadPoolExecutor(1).submit(
+    pending = ThreadPoolExecutor(1).submit(
         httpx.get, f"{prefix}/shares/site-a", params={"wait": 20}, timeout=30
     )
 
-    # site-e fails before it shares keys, so nobody waits for its shares.
+    # site-e fails before it shares keys, so no site waits for its shares.
     withdrawn = httpx.post(f"{prefix}/withdrawals/site-e")
-    relayed = held.result(timeout=30)
+    relayed = pending.result(timeout=30)
 
     assert withdrawn.status_code == 200
     assert relayed.status_code == 200
