@@ -6,7 +6,11 @@
   trusts and whose private key stays in the coordinator's kit;
 - per site, a TLS client certificate with the site id as common name and as
   the URI ``medfed://site/<id>`` in its subject alternative names, and an
-  Ed25519 key that signs the site's update envelopes;
+  Ed25519 key that signs the site's update envelopes and its masking key
+  advertisements;
+- the site registry of every site's Ed25519 public key, which the
+  aggregation, coordinator and site kits contain; sites check the other
+  sites' key advertisements against it;
 - a TLS client certificate for the coordinator (URI ``medfed://coordinator``);
 - a TLS server certificate for the aggregation service, valid for
   ``127.0.0.1``, ``localhost`` and the study config's
@@ -151,6 +155,7 @@ def provision(
         kit = _Kit(out / site_kit_name(site), issuer, role="site", name=site)
         kit.write_tls(tls)
         kit.write_private_key(KitFiles.SIGNING_KEY, signing_key)
+        kit.write_public(KitFiles.SITE_REGISTRY, registry)
         if ckks_secret is not None:
             kit.write_secret(KitFiles.CKKS_SECRET_CONTEXT, ckks_secret)
         kits[site_kit_name(site)] = kit.close()

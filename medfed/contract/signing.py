@@ -38,6 +38,7 @@ __all__ = [
     "SignatureVerifier",
     "key_id_for",
     "load_private_key",
+    "load_site_registry",
     "public_key_from_base64",
     "public_key_to_base64",
     "render_site_registry",
@@ -134,35 +135,9 @@ class SignatureVerifier:
         """Load the site registry JSON that ``render_site_registry`` renders.
 
         Raises:
-            ConfigError: the file is missing, malformed, or a stored key_id
-                does not match its public key.
+            ConfigError: as ``load_site_registry``.
         """
-        try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-            version = document.get("format")
-            entries = {
-                site: (entry["key_id"], entry["public_key"])
-                for site, entry in document["sites"].items()
-            }
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            raise ConfigError(
-                f"cannot read the site registry {path}: {error}"
-            ) from None
-        if version != REGISTRY_FORMAT:
-            raise ConfigError(
-                f"site registry {path} has format {version!r}, expected "
-                f"{REGISTRY_FORMAT}"
-            )
-        keys = {}
-        for site, (key_id, encoded_key) in entries.items():
-            key = public_key_from_base64(encoded_key)
-            if key_id != key_id_for(key):
-                raise ConfigError(
-                    f"site registry {path}: key_id {key_id!r} of site {site!r} "
-                    "does not match its public key"
-                )
-            keys[site] = key
-        return cls(keys)
+        return cls(load_site_registry(path))
 
     @property
     def sites(self) -> list[str]:
@@ -209,10 +184,54 @@ class SignatureVerifier:
             ) from None
 
 
+def load_site_registry(
+    path: Path, *, study: str | None = None
+) -> dict[str, Ed25519PublicKey]:
+    """Load each site's Ed25519 public key from a registry ``render_site_registry`` wrote.
+
+    Args:
+        path: the registry file.
+        study: when set, the study the registry must be for.
+
+    Raises:
+        ConfigError: the file is missing or malformed, a stored key_id does
+            not match its public key, or the registry is for another study.
+    """
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        version = document.get("format")
+        registry_study = document.get("study")
+        entries = {
+            site: (entry["key_id"], entry["public_key"])
+            for site, entry in document["sites"].items()
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ConfigError(f"cannot read the site registry {path}: {error}") from None
+    if version != REGISTRY_FORMAT:
+        raise ConfigError(
+            f"site registry {path} has format {version!r}, expected {REGISTRY_FORMAT}"
+        )
+    if study is not None and registry_study != study:
+        raise ConfigError(
+            f"site registry {path} is for study {registry_study!r}, not {study!r}: "
+            "use the startup kit provisioned for this study"
+        )
+    keys = {}
+    for site, (key_id, encoded_key) in entries.items():
+        key = public_key_from_base64(encoded_key)
+        if key_id != key_id_for(key):
+            raise ConfigError(
+                f"site registry {path}: key_id {key_id!r} of site {site!r} "
+                "does not match its public key"
+            )
+        keys[site] = key
+    return keys
+
+
 def render_site_registry(
     *, study: str, site_keys: Mapping[str, Ed25519PublicKey]
 ) -> bytes:
-    """Return the JSON registry of site public keys that the service loads."""
+    """Return the JSON registry of site public keys that the service and sites load."""
     document = {
         "format": REGISTRY_FORMAT,
         "study": validate_identifier(study, kind="study"),

@@ -37,6 +37,7 @@ from medfed.contract.secagg.ckks import CkksSiteContext, round_for_release
 from medfed.contract.signing import Ed25519Signer
 from medfed.contract.wire import encode_envelope
 from medfed.errors import BudgetExceededError, ConfigError, SecureAggregationError
+from medfed.sites.advertisement_keys import load_advertisement_keys
 from medfed.sites.ckks_keys import load_secret_context
 from medfed.sites.client import AggregationClient, DownloadedModel
 from medfed.sites.compression import build_update_encoder
@@ -149,6 +150,9 @@ class SiteRunner:
             ``medfed.sites.data.root`` when None.
         signer: signs every upload with the site's Ed25519 key from its
             startup kit; None sends unsigned envelopes (local mode).
+        kit_dir: the site's startup kit, for its CKKS secret context and its
+            masking key advertisements; ``MEDFED_KIT_DIR`` when None, and no
+            kit (local mode) when that is unset too.
     """
 
     def __init__(
@@ -158,12 +162,16 @@ class SiteRunner:
         state_dir: Path,
         data_root: Path | None = None,
         signer: Ed25519Signer | None = None,
+        kit_dir: Path | None = None,
     ) -> None:
         if site_id not in {site.id for site in config.sites}:
             raise ValueError(f"site {site_id!r} is not part of study {config.study!r}")
         self.config = config
         self.site_id = site_id
         self.signer = signer
+        if kit_dir is None and os.environ.get(KIT_ENV_VAR):
+            kit_dir = Path(os.environ[KIT_ENV_VAR])
+        self.kit_dir = kit_dir
         self.study_dir = state_dir / "studies" / config.study
         self.data_dir = self.study_dir / "data"
         self.ledger_path = self.study_dir / "privacy-ledger.json"
@@ -562,10 +570,7 @@ class SiteRunner:
         }
 
     def _ckks_context(self) -> CkksSiteContext:
-        kit = os.environ.get(KIT_ENV_VAR) or None
-        return load_secret_context(
-            self.config, self.study_dir, Path(kit) if kit else None
-        )
+        return load_secret_context(self.config, self.study_dir, self.kit_dir)
 
     def _upload_encrypted(
         self,
@@ -609,18 +614,38 @@ class SiteRunner:
         """Start the round's masking key setup in the background, under masking."""
         if self.config.secure_aggregation.mode != "masking":
             return None
-        site = MaskingSite(
+        site = self.masking_site(round_number)
+        return BackgroundMaskingRound(
+            MaskingClient(client.base_url, http_client=client.http_client),
+            site,
+            wait_seconds=self.config.round.deadline_seconds,
+        )
+
+    def masking_site(self, round_number: int) -> MaskingSite:
+        """Build the site's protocol state for a masking round.
+
+        With a kit, the site signs its key advertisement and rejects a roster
+        with an advertisement that does not verify against the kit's site
+        registry. Without one (local mode), advertisements are unsigned and
+        unchecked, so nothing stops a service that swaps public keys.
+
+        Raises:
+            ConfigError: as ``load_advertisement_keys``.
+        """
+        keys = None
+        if self.kit_dir is not None:
+            keys = load_advertisement_keys(
+                self.kit_dir, study=self.config.study, site=self.site_id
+            )
+        return MaskingSite(
             site=self.site_id,
             study=self.config.study,
             round_number=round_number,
             encoding=self.config.secure_aggregation.encoding(
                 len(self.config.sites), self.config.compression.build_codec()
             ),
-        )
-        return BackgroundMaskingRound(
-            MaskingClient(client.base_url, http_client=client.http_client),
-            site,
-            wait_seconds=self.config.round.deadline_seconds,
+            signing_key=keys.signing_key if keys else None,
+            peer_verify_keys=keys.verify_keys if keys else None,
         )
 
     def _upload_masked(

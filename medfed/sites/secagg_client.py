@@ -32,7 +32,7 @@ from medfed.contract.secagg import (
     parse_message,
 )
 from medfed.contract.wire import encode_envelope
-from medfed.errors import ConfigError, ServiceError
+from medfed.errors import ConfigError, SecureAggregationError, ServiceError
 from medfed.sites.client import connection_limits, is_loopback_url
 
 __all__ = [
@@ -245,7 +245,9 @@ class MaskingClient:
             ServiceError: a request failed or the round did not advance in
                 time.
             SecureAggregationError: a message from the service failed the
-                site's checks.
+                site's checks. A site that rejects the roster, for example
+                because an advertisement's signature does not verify,
+                withdraws before it raises and shares no keys.
         """
         deadline = time.monotonic() + wait_seconds
         meter = _CostMeter()
@@ -254,9 +256,13 @@ class MaskingClient:
             advertisement = _json(site.advertise())
         meter.record(self._send("POST", f"{prefix}/keys", json=advertisement))
         roster_response = meter.record(self._poll(f"{prefix}/roster", deadline))
-        with meter.computing():
-            roster = parse_message(KeyRoster, roster_response.content)
-            share_upload = _json(site.share_keys(roster))
+        try:
+            with meter.computing():
+                roster = parse_message(KeyRoster, roster_response.content)
+                share_upload = _json(site.share_keys(roster))
+        except SecureAggregationError as error:
+            self._withdraw_after_rejected_roster(site, error)
+            raise
         meter.record(self._send("POST", f"{prefix}/shares", json=share_upload))
         shares_response = meter.record(
             self._poll(f"{prefix}/shares/{site.site}", deadline)
@@ -368,6 +374,27 @@ class MaskingClient:
             ServiceError: the service rejected the withdrawal or is unreachable.
         """
         self._send("POST", f"{self._prefix(site)}/withdrawals/{site.site}")
+
+    def _withdraw_after_rejected_roster(
+        self, site: MaskingSite, error: SecureAggregationError
+    ) -> None:
+        # The message names sites and the round only, never a key or share.
+        logger.warning(
+            "site %s rejected the roster of masking round %s and withdraws: %s",
+            site.site,
+            site.context.round_number,
+            error,
+        )
+        try:
+            self.withdraw(site)
+        except ServiceError as withdraw_error:
+            # The round then drops the site at its deadline instead.
+            logger.warning(
+                "site %s could not withdraw from masking round %s: %s",
+                site.site,
+                site.context.round_number,
+                withdraw_error,
+            )
 
     @staticmethod
     def _prefix(site: MaskingSite) -> str:

@@ -410,7 +410,9 @@ def test_site_rejects_roster_with_foreign_keys():
         victim.share_keys(donor.roster)
 
     assert str(error.value) == (
-        "roster carries keys for site 'site-00' that are not its own"
+        "roster carries keys for site 'site-00' that are not its own; the "
+        "aggregation service may be tampering with the sites' public keys "
+        "(a man in the middle)"
     )
 
 

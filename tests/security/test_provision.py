@@ -1,5 +1,7 @@
 """Provisioning: certificates, key modes and what each kit contains."""
 
+import base64
+import hashlib
 import json
 import re
 import stat
@@ -8,10 +10,16 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from medfed.contract.kits import KitFiles
-from medfed.contract.signing import SignatureVerifier, load_private_key
+from medfed.contract.signing import (
+    SignatureVerifier,
+    load_private_key,
+    load_site_registry,
+    public_key_to_base64,
+)
 from medfed.errors import ConfigError
 from medfed.provision import provision
 
@@ -75,6 +83,7 @@ def test_kit_contents_minimal(kits: dict[str, Path]) -> None:
         "ca.crt",
         "manifest.json",
         "signing.key",
+        "site-registry.json",
         "tls.crt",
         "tls.key",
     ]
@@ -165,6 +174,50 @@ def test_registry_holds_site_public_keys(kits: dict[str, Path]) -> None:
     )
     assert verifier.sites == ["alpha", "beta"]
     load_private_key(kits["site-beta"] / KitFiles.SIGNING_KEY)
+
+
+def test_site_kits_hold_registry(kits: dict[str, Path]) -> None:
+    registry = (kits["aggregation"] / KitFiles.SITE_REGISTRY).read_bytes()
+    for site in ("alpha", "beta"):
+        kit = kits[f"site-{site}"]
+        path = kit / KitFiles.SITE_REGISTRY
+        manifest = json.loads((kit / KitFiles.MANIFEST).read_text())
+
+        assert path.read_bytes() == registry, site
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, site
+        assert manifest["files"][KitFiles.SITE_REGISTRY] == (
+            hashlib.sha256(registry).hexdigest()
+        ), site
+        with tarfile.open(kit.with_name(kit.name + ".tar.gz")) as tar:
+            extracted = tar.extractfile(f"{kit.name}/{KitFiles.SITE_REGISTRY}")
+            assert extracted is not None
+            assert extracted.read() == registry, site
+
+
+def test_site_registry_holds_no_secret(kits: dict[str, Path]) -> None:
+    registry = (kits["site-alpha"] / KitFiles.SITE_REGISTRY).read_text()
+    document = json.loads(registry)
+    beta_key = load_private_key(kits["site-beta"] / KitFiles.SIGNING_KEY)
+    beta_private = base64.b64encode(
+        beta_key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+    ).decode()
+
+    assert sorted(document) == ["format", "sites", "study"]
+    assert sorted(document["sites"]) == ["alpha", "beta"]
+    for entry in document["sites"].values():
+        assert sorted(entry) == ["key_id", "public_key"]
+    assert "PRIVATE KEY" not in registry
+    assert beta_private not in registry
+    assert document["sites"]["beta"]["public_key"] == public_key_to_base64(
+        beta_key.public_key()
+    )
+    assert load_site_registry(
+        kits["site-alpha"] / KitFiles.SITE_REGISTRY, study="heart"
+    ).keys() == {"alpha", "beta"}
 
 
 def test_archive_matches_directory(kits: dict[str, Path]) -> None:

@@ -67,6 +67,10 @@ __all__ = ["SHARE_ENCRYPTION_PURPOSE", "MaskingSite", "share_associated_data"]
 logger = logging.getLogger(__name__)
 
 SHARE_ENCRYPTION_PURPOSE = "share-encryption"
+_TAMPERING_HINT = (
+    "the aggregation service may be tampering with the sites' public keys "
+    "(a man in the middle)"
+)
 _NONCE_BYTES = 12
 
 
@@ -97,7 +101,8 @@ class MaskingSite:
             signed.
         peer_verify_keys: the Ed25519 verify key of every site of the study.
             When set, the site rejects a roster with an advertisement that is
-            unsigned, signed with another key, or from a site not listed.
+            unsigned, signed with another key or for another round, or from a
+            site not listed, and shares no keys.
     """
 
     def __init__(
@@ -136,8 +141,9 @@ class MaskingSite:
 
         Raises:
             SecureAggregationError: the roster is for another round, omits or
-                alters this site's advertisement, or has more sites than the
-                encoding allows.
+                alters this site's advertisement, has an advertisement that
+                fails the signature check (with ``peer_verify_keys``), or has
+                more sites than the encoding allows.
         """
         self._require(_Phase.SHARE, "share keys")
         if not isinstance(roster, KeyRoster):
@@ -336,22 +342,39 @@ class MaskingSite:
             raise SecureAggregationError(f"roster does not list site {self.site!r}")
         if roster.advertisement(self.site) != self._advertisement():
             raise SecureAggregationError(
-                f"roster carries keys for site {self.site!r} that are not its own"
+                f"roster carries keys for site {self.site!r} that are not its own; "
+                f"{_TAMPERING_HINT}"
             )
         if self._peer_verify_keys is not None:
-            for advertisement in roster.advertisements:
-                verify_key = self._peer_verify_keys.get(advertisement.site)
-                if verify_key is None:
-                    raise SecureAggregationError(
-                        f"roster lists site {advertisement.site!r}, which has no "
-                        "known verify key in this study"
-                    )
-                verify_advertisement(advertisement, verify_key, self.context)
+            self._verify_roster_signatures(roster)
         if len(roster.sites) > self.encoding.site_count:
             raise SecureAggregationError(
                 f"roster lists {len(roster.sites)} sites but the encoding is sized "
                 f"for at most {self.encoding.site_count}; the sum could wrap around"
             )
+
+    def _verify_roster_signatures(self, roster: KeyRoster) -> None:
+        """Check every advertisement's signature against its site's verify key.
+
+        Only public keys, site ids and the round appear in the error, so a
+        caller may log it.
+        """
+        assert self._peer_verify_keys is not None
+        for advertisement in roster.advertisements:
+            verify_key = self._peer_verify_keys.get(advertisement.site)
+            try:
+                if verify_key is None:
+                    raise SecureAggregationError(
+                        f"roster lists site {advertisement.site!r}, which has no "
+                        "verify key in this site's registry"
+                    )
+                verify_advertisement(advertisement, verify_key, self.context)
+            except SecureAggregationError as error:
+                raise SecureAggregationError(
+                    f"site {self.site!r} rejected the roster of round "
+                    f"{self.context.round_number} and shares no keys: {error}; "
+                    f"{_TAMPERING_HINT}"
+                ) from None
 
     def _check_reveal_request(self, request: RevealRequest) -> None:
         roster = self._current_roster()
