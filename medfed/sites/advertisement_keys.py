@@ -5,8 +5,8 @@ Ed25519 signing key, the one that also signs its update envelopes. It checks
 every advertisement of the roster against the site registry in its kit, so
 an aggregation service that swaps a peer's public keys for its own is
 caught before the site shares any secret. The registry is trusted as
-provisioning wrote it: whoever can change a site's kit can also change the
-keys it trusts. Local mode has no kit, and its advertisements are unsigned.
+provisioning wrote it, so an attacker who can change a site's kit can also
+change the keys it trusts. Local mode has no kit, and its advertisements are unsigned.
 """
 
 from collections.abc import Mapping

@@ -220,7 +220,7 @@ def test_site_rejects_own_keys_swapped(signing_keys, verify_keys):
 
 
 def test_unsigned_sites_accept_unsigned_roster():
-    # Local mode: no kit, so no signatures and no check.
+    # Local mode has no kit, so advertisements are unsigned and unchecked.
     sites = {
         name: MaskingSite(site=name, study="heart", round_number=1, encoding=ENCODING)
         for name in NAMES

@@ -2,8 +2,8 @@
 
 Three heart-disease sites with kits from ``medfed provision`` run masking
 rounds through ``SiteRunner`` against the aggregation service on 127.0.0.1.
-An ASGI middleware that this test wraps around the service stands in for a
-malicious aggregation service: it swaps one site's public keys in the
+An ASGI middleware that this test wraps around the service acts as a
+malicious aggregation service. It swaps one site's public keys in the
 roster that the sites download. The honest sites must then reject the
 roster and share no keys, so the service can unmask nothing.
 """
@@ -54,7 +54,7 @@ FORGED_ENCODING = FixedPointEncoding(
 
 
 class KeySwappingService:
-    """ASGI middleware: a malicious service that swaps a site's roster keys.
+    """ASGI middleware that acts as a service swapping a site's roster keys.
 
     With ``victim`` set, every roster the service sends carries other X25519
     public keys for ``victim``, signed with an Ed25519 key that the service
@@ -176,7 +176,12 @@ def service(
 def run_round(
     study, url: str, round_number: int, tmp_path: Path, data_root: Path
 ) -> dict[str, Any]:
-    """Open a round for every site, train them in parallel; return each outcome."""
+    """Open a round for every site and train them in parallel.
+
+    Returns:
+        Each site's ``SiteRoundReport``, or the ``SecureAggregationError`` its
+        round raised.
+    """
     config, kits = study
     with AggregationClient.with_kit(url, kits["coordinator"]) as coordinator:
         coordinator.open_round(

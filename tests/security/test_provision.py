@@ -176,7 +176,7 @@ def test_registry_holds_site_public_keys(kits: dict[str, Path]) -> None:
     load_private_key(kits["site-beta"] / KitFiles.SIGNING_KEY)
 
 
-def test_site_kits_hold_registry(kits: dict[str, Path]) -> None:
+def test_site_kits_contain_registry(kits: dict[str, Path]) -> None:
     registry = (kits["aggregation"] / KitFiles.SITE_REGISTRY).read_bytes()
     for site in ("alpha", "beta"):
         kit = kits[f"site-{site}"]
@@ -194,7 +194,7 @@ def test_site_kits_hold_registry(kits: dict[str, Path]) -> None:
             assert extracted.read() == registry, site
 
 
-def test_site_registry_holds_no_secret(kits: dict[str, Path]) -> None:
+def test_site_registry_contains_no_secret(kits: dict[str, Path]) -> None:
     registry = (kits["site-alpha"] / KitFiles.SITE_REGISTRY).read_text()
     document = json.loads(registry)
     beta_key = load_private_key(kits["site-beta"] / KitFiles.SIGNING_KEY)
