@@ -69,7 +69,5 @@ def test_local_mode_has_no_verifier(tmp_path: Path) -> None:
 
 
 def test_incomplete_kit_rejected(kits, tmp_path) -> None:
-    with pytest.raises(
-        ConfigError, match=r"is missing \['site-registry\.json', 'audit-signing\.key'\]"
-    ):
+    with pytest.raises(ConfigError, match=r"is missing \['audit-signing\.key'\]"):
         SecuritySettings(audit_log=tmp_path / "a.jsonl", kit_dir=kits["site-alpha"])
