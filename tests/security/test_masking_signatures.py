@@ -254,6 +254,9 @@ def test_swapped_key_rejected_by_sites(
     caplog.set_level(logging.WARNING, logger="medfed.sites.secagg_client")
 
     outcomes = run_round(study, url, 0, tmp_path, data_root)
+    with client(url, study[1]["coordinator"]) as coordinator:
+        # The sites withdrew below the threshold, so the masking round was aborted.
+        roster = coordinator.get(f"/v1/studies/{config.study}/rounds/0/secagg/roster")
     status = finalize(study, url, 0, absent=list(SITES))
     with AggregationClient.with_kit(url, study[1]["coordinator"]) as coordinator:
         model = coordinator.download_model(config.study)
@@ -272,6 +275,9 @@ def test_swapped_key_rejected_by_sites(
     )
     assert len(middleware.rosters) == len(SITES)
     assert middleware.share_uploads == 0
+    assert roster.status_code == 409
+    assert "was aborted" in roster.json()["detail"]
+    assert "withdrew" in roster.json()["detail"]
     for site in SITES:
         assert f"site {site} rejected the roster of masking round 0 and withdraws" in (
             caplog.text
