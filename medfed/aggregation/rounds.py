@@ -20,6 +20,11 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
+from medfed.aggregation.async_rounds import (
+    AsyncRounds,
+    AsyncSettings,
+    parse_async_settings,
+)
 from medfed.aggregation.ckks_rounds import (
     apply_decrypted_sum,
     check_encrypted_upload,
@@ -107,6 +112,8 @@ class StudySettings:
     #: ``fnmatch`` patterns of the model tensors each site keeps local; sites
     #: never upload them and the service never changes them.
     local_layers: list[str] = dataclasses.field(default_factory=list)
+    #: Buffered asynchronous aggregation in place of rounds; None for rounds.
+    asynchronous: AsyncSettings | None = None
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> "StudySettings":
@@ -139,6 +146,16 @@ class StudySettings:
             local_layers = list(validate_local_patterns(raw.get("local_layers", [])))
         except ConfigError as error:
             raise Rejected(422, f"invalid study settings: {error}") from None
+        try:
+            asynchronous = parse_async_settings(
+                raw.get("asynchronous"),
+                sites=len(sites),
+                strategy=strategy,
+                wrappers=[str(wrapper[0]) for wrapper in wrappers],
+                secure_mode=secure.mode,
+            )
+        except ValueError as error:
+            raise Rejected(422, str(error)) from None
         return cls(
             sites=sites,
             strategy=strategy,
@@ -147,6 +164,7 @@ class StudySettings:
             secure_aggregation=secure,
             compression=compression,
             local_layers=local_layers,
+            asynchronous=asynchronous,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -161,6 +179,9 @@ class StudySettings:
                 "params": self.compression.params,
             },
             "local_layers": self.local_layers,
+            "asynchronous": None
+            if self.asynchronous is None
+            else self.asynchronous.model_dump(mode="json"),
         }
 
     def build_strategy(self) -> Strategy:
@@ -215,6 +236,8 @@ class RoundService:
         # Called on each new upload's header before its payload is decoded;
         # None (local mode) accepts unsigned envelopes.
         self.verify_signature = verify_signature
+        #: Arrivals and publications of studies with ``asynchronous`` settings.
+        self.asynchronous = AsyncRounds(self)
 
     # Studies
 
@@ -273,6 +296,7 @@ class RoundService:
             "study": study,
             "sites": settings.sites,
             "strategy": settings.strategy,
+            "asynchronous": settings.asynchronous is not None,
             "latest_version": latest_model.version,
             "latest_round": None
             if latest_round is None
@@ -299,6 +323,12 @@ class RoundService:
     ) -> RoundRecord:
         """Open a round for ``sites``; reopening an identical open round is a no-op."""
         settings = self.settings(study)
+        if settings.asynchronous is not None:
+            raise Rejected(
+                409,
+                f"study {study!r} is asynchronous and has no rounds; sites upload "
+                "to /asynchronous/{base_version}/updates/{site}",
+            )
         unknown = sorted(set(sites) - set(settings.sites))
         if unknown:
             raise Rejected(

@@ -18,6 +18,14 @@ Routes, all under ``/v1/studies/{study}``:
 - ``POST /rounds/{round}/finalize``: aggregate the round or abort it.
 - ``/rounds/{round}/secagg/...``: the masking messages of studies with
   ``secure_aggregation: masking`` (see ``secagg_routes``).
+- ``GET /asynchronous``: in a study with ``asynchronous`` settings, its
+  latest version, buffer and every accepted arrival (site, base version,
+  staleness), never an update's content.
+- ``PUT /asynchronous/{base_version}/updates/{site}``: upload a site's
+  envelope trained from global version ``base_version``; every
+  ``buffer_size`` arrivals publish a new version (see ``async_rounds``).
+- ``POST /asynchronous/privacy/{site}``: a site's privacy spent or its
+  refusal of another update, recorded in the audit log only.
 - ``GET /rounds/{round}/ckks/sum``: in a study with ``secure_aggregation:
   ckks``, the encrypted sum of the round's contributors as safetensors of
   ``uint8`` ciphertexts; 425 Too Early until finalize closed uploads.
@@ -49,6 +57,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from medfed.aggregation.async_rounds import AsyncAccepted
 from medfed.aggregation.limits import ServiceLimits
 from medfed.aggregation.rounds import Rejected, RoundService
 from medfed.aggregation.secagg_routes import (
@@ -76,6 +85,7 @@ logger = logging.getLogger(__name__)
 StudyId = Annotated[str, PathParam(pattern=IDENTIFIER_PATTERN.pattern)]
 SiteId = Annotated[str, PathParam(pattern=IDENTIFIER_PATTERN.pattern)]
 RoundNumber = Annotated[int, PathParam(ge=0, le=1_000_000)]
+Version = Annotated[int, PathParam(ge=0, le=1_000_000)]
 
 
 @dataclass(frozen=True)
@@ -126,6 +136,8 @@ class PrivacyReport(BaseModel):
     #: "spent": the site trained and reports its cumulative epsilon.
     #: "refused": the site rejected the round to stay within its budget.
     status: Literal["spent", "refused"]
+    #: In an asynchronous study: the site's update number, counted from 0.
+    update: int | None = Field(default=None, ge=0)
     epsilon_spent: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     delta: float | None = Field(default=None, gt=0, lt=1)
     message: str = Field(default="", max_length=500)
@@ -308,6 +320,53 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         security.record(f"privacy.{body.status}", site, details)
         return {"study": study, "round": round_number, "site": site, "recorded": True}
 
+    @app.get(
+        "/v1/studies/{study}/asynchronous",
+        dependencies=[Depends(authenticated_participant)],
+    )
+    def asynchronous_status(study: StudyId) -> dict[str, Any]:
+        return service.asynchronous.status(study)
+
+    @app.put(
+        "/v1/studies/{study}/asynchronous/{base_version}/updates/{site}",
+        dependencies=[Depends(authenticated_site)],
+    )
+    async def asynchronous_upload(
+        study: StudyId, base_version: Version, site: SiteId, request: Request
+    ) -> dict[str, Any]:
+        where = {"study": study, "base_version": base_version}
+        try:
+            body = await _read_body(request, settings.max_upload_bytes)
+            accepted = await run_in_threadpool(
+                service.asynchronous.accept, study, base_version, site, body
+            )
+        except Rejected as error:
+            details = {**where, "status": error.status_code, "reason": error.message}
+            await run_in_threadpool(security.record, "update.rejected", site, details)
+            raise
+        await run_in_threadpool(_record_arrival, security, study, accepted)
+        return accepted.to_json(study)
+
+    @app.post(
+        "/v1/studies/{study}/asynchronous/privacy/{site}",
+        dependencies=[Depends(authenticated_site)],
+    )
+    def report_asynchronous_privacy(
+        study: StudyId, site: SiteId, body: PrivacyReport
+    ) -> dict[str, Any]:
+        study_settings, _ = service.asynchronous.settings(study)
+        if site not in study_settings.sites:
+            raise Rejected(403, f"site {site!r} does not take part in study {study!r}")
+        details = {
+            "study": study,
+            "update": body.update,
+            "epsilon_spent": body.epsilon_spent,
+            "delta": body.delta,
+            "message": body.message,
+        }
+        security.record(f"privacy.{body.status}", site, details)
+        return {"study": study, "site": site, "recorded": True}
+
     @app.get("/v1/studies/{study}/rounds/{round_number}/ckks/sum")
     def encrypted_sum(
         study: StudyId, round_number: RoundNumber, actor: Participant
@@ -375,6 +434,37 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
 
 Participant = Annotated[str, Depends(authenticated_participant)]
+
+
+def _record_arrival(
+    security: ServiceSecurity, study: str, accepted: AsyncAccepted
+) -> None:
+    arrival = accepted.arrival
+    security.record(
+        "update.accepted",
+        arrival.site,
+        {
+            "study": study,
+            "base_version": arrival.base_version,
+            "staleness": arrival.staleness,
+            "receipt": arrival.receipt,
+            "sha256": arrival.upload.sha256,
+            "sample_count": arrival.upload.sample_count,
+            "duplicate": accepted.duplicate,
+        },
+    )
+    published = accepted.published
+    if published is not None:
+        security.record(
+            "model.registered",
+            "aggregation",
+            {
+                "study": study,
+                "version": published.version,
+                "sha256": published.sha256,
+                "sites": published.participants,
+            },
+        )
 
 
 def _record_closed_round(

@@ -7,7 +7,9 @@ version with its SHA-256), published (the tensors a strategy publishes to
 sites with a model version, such as SCAFFOLD's control variate), rounds
 (state, participants, quorum, deadline), uploads (the accepted envelopes) and
 ckks_sums (for studies with ``secure_aggregation: ckks``, the encrypted sum of
-a round whose uploads have closed, and the sum a site decrypted from it).
+a round whose uploads have closed, and the sum a site decrypted from it) and
+arrivals (for asynchronous studies, every accepted update with the version it
+was trained from; those not yet aggregated form the buffer).
 """
 
 import hashlib
@@ -22,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "Arrival",
+    "AsyncPublication",
     "EncryptedSum",
     "ModelVersion",
     "RoundRecord",
@@ -79,6 +83,20 @@ CREATE TABLE IF NOT EXISTS uploads (
     envelope BLOB NOT NULL,
     received_at REAL NOT NULL,
     PRIMARY KEY (study, round, site)
+);
+CREATE TABLE IF NOT EXISTS arrivals (
+    study TEXT NOT NULL,
+    site TEXT NOT NULL,
+    base_version INTEGER NOT NULL,
+    staleness INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    nonce TEXT NOT NULL,
+    sample_count INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    envelope BLOB NOT NULL,
+    received_at REAL NOT NULL,
+    aggregated_version INTEGER,
+    PRIMARY KEY (study, site, base_version)
 );
 CREATE TABLE IF NOT EXISTS ckks_sums (
     study TEXT NOT NULL,
@@ -139,6 +157,29 @@ class StoredUpload:
     def receipt(self) -> str:
         """An identifier of the accepted upload, stable across retries."""
         return self.sha256[:32]
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """An accepted update of an asynchronous study.
+
+    Attributes:
+        base_version: the global version the site trained from.
+        staleness: versions published between ``base_version`` and the
+            update's arrival.
+        aggregated_version: the version the update went into; None while it
+            waits in the buffer.
+    """
+
+    site: str
+    base_version: int
+    staleness: int
+    upload: StoredUpload
+    aggregated_version: int | None
+
+    @property
+    def receipt(self) -> str:
+        return self.upload.receipt
 
 
 @dataclass(frozen=True)
@@ -482,3 +523,114 @@ class Store:
                 (envelope, sha256, site, study, round_number),
             )
         return cursor.rowcount == 1
+
+    # Arrivals of asynchronous studies
+
+    def get_arrival(self, study: str, site: str, base_version: int) -> Arrival | None:
+        with self._lock:
+            row = self._connection.execute(
+                _ARRIVAL_QUERY + " AND site = ? AND base_version = ?",
+                (study, site, base_version),
+            ).fetchone()
+        return None if row is None else _arrival(row)
+
+    def list_arrivals(
+        self, study: str, *, buffered_only: bool = False
+    ) -> list[Arrival]:
+        """Return the study's arrivals in the order they were accepted."""
+        query = _ARRIVAL_QUERY
+        if buffered_only:
+            query += " AND aggregated_version IS NULL"
+        with self._lock:
+            rows = self._connection.execute(
+                query + " ORDER BY received_at, rowid", (study,)
+            ).fetchall()
+        return [_arrival(row) for row in rows]
+
+    def add_arrival(
+        self,
+        study: str,
+        arrival: Arrival,
+        *,
+        publish: "AsyncPublication | None" = None,
+    ) -> ModelVersion | None:
+        """Store an accepted arrival and, with ``publish``, the version it completes.
+
+        Publishing marks every buffered arrival, this one included, as
+        aggregated into the new version, in the same transaction, so a crash
+        leaves either the arrival buffered or the version published with its
+        whole buffer, never a buffer counted twice.
+        """
+        upload = arrival.upload
+        published = None
+        with self.transaction() as connection:
+            connection.execute(
+                "INSERT INTO arrivals (study, site, base_version, staleness, sha256,"
+                " nonce, sample_count, size, envelope, received_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (study, arrival.site, arrival.base_version, arrival.staleness,
+                 upload.sha256, upload.nonce, upload.sample_count, upload.size,
+                 upload.envelope, upload.received_at),
+            )  # fmt: skip
+            if publish is not None:
+                version = (
+                    connection.execute(
+                        "SELECT MAX(version) FROM models WHERE study = ?", (study,)
+                    ).fetchone()[0]
+                    + 1
+                )
+                if version != publish.version:
+                    raise RuntimeError(
+                        f"study {study!r} is at version {version - 1}, but the "
+                        f"aggregation computed version {publish.version}"
+                    )
+                sha256 = hashlib.sha256(publish.weights).hexdigest()
+                connection.execute(
+                    "INSERT INTO models (study, version, sha256, weights, round,"
+                    " participants, created_at) VALUES (?, ?, ?, ?, NULL, ?, ?)",
+                    (study, version, sha256, publish.weights,
+                     json.dumps(publish.contributors), time.time()),
+                )  # fmt: skip
+                if publish.published_tensors is not None:
+                    connection.execute(
+                        "INSERT INTO published (study, version, tensors)"
+                        " VALUES (?, ?, ?)",
+                        (study, version, publish.published_tensors),
+                    )
+                if publish.strategy_state is not None:
+                    connection.execute(
+                        "UPDATE studies SET strategy_state = ? WHERE study = ?",
+                        (publish.strategy_state, study),
+                    )
+                connection.execute(
+                    "UPDATE arrivals SET aggregated_version = ?"
+                    " WHERE study = ? AND aggregated_version IS NULL",
+                    (version, study),
+                )
+                published = ModelVersion(
+                    study, version, sha256, publish.weights, None, publish.contributors
+                )
+        return published
+
+
+@dataclass(frozen=True)
+class AsyncPublication:
+    """A version that an arrival completes, as safetensors bytes."""
+
+    version: int
+    weights: bytes
+    contributors: list[str]
+    strategy_state: bytes | None
+    published_tensors: bytes | None
+
+
+_ARRIVAL_QUERY = (
+    "SELECT site, base_version, staleness, sha256, nonce, sample_count, size,"
+    " envelope, received_at, aggregated_version FROM arrivals WHERE study = ?"
+)
+
+
+def _arrival(row: tuple[Any, ...]) -> Arrival:
+    site, base_version, staleness = row[0], row[1], row[2]
+    upload = StoredUpload(site, *row[3:9])
+    return Arrival(site, base_version, staleness, upload, row[9])

@@ -27,6 +27,7 @@ from medfed.errors import ConfigError
 
 __all__ = [
     "AggregationConfig",
+    "AsynchronousConfig",
     "CompressionConfig",
     "DataConfig",
     "ModelConfig",
@@ -39,6 +40,7 @@ __all__ = [
     "TrackingConfig",
     "TrainingConfig",
     "WrapperConfig",
+    "asynchronous_conflict",
     "load_study_config",
     "parse_study_config",
 ]
@@ -226,13 +228,35 @@ class ParticipationConfig(_Strict):
         return min(site_count, max(self.minimum, math.ceil(self.fraction * site_count)))
 
 
+class AsynchronousConfig(_Strict):
+    """Buffered asynchronous aggregation (FedBuff) in place of synchronous rounds.
+
+    Each site trains from the latest global version it downloads and uploads
+    when done. The service scales each update by ``(1 + staleness) **
+    -staleness_exponent``, where staleness is the number of versions published
+    since the one the site trained from, and publishes a new version from
+    every ``buffer_size`` arrivals. ``training.rounds`` is then the number of
+    versions the service publishes, and each site trains at most that often.
+    """
+
+    #: Arrivals per published version (K); at most the number of sites.
+    buffer_size: int = Field(ge=1, strict=True)
+    staleness_exponent: float = Field(default=0.5, ge=0, le=10)
+    #: Updates staler than this many versions are rejected; None keeps all.
+    max_staleness: int | None = Field(default=None, ge=0, strict=True)
+
+
 class RoundConfig(_Strict):
-    #: Seconds a round waits for uploads before it closes with the quorum.
+    #: Seconds a round waits for uploads before it closes with the quorum. In
+    #: asynchronous mode, the seconds one site update (download, training,
+    #: upload) may take before the site counts as failed.
     deadline_seconds: float = Field(default=600.0, gt=0)
     #: Minimum number of uploads to finalize a round; default: a majority of
     #: the sites chosen for the round.
     quorum: int | None = Field(default=None, ge=1)
     participation: ParticipationConfig = ParticipationConfig()
+    #: Set to aggregate asynchronously instead of in synchronous rounds.
+    asynchronous: AsynchronousConfig | None = None
 
 
 class AggregationConfig(_Strict):
@@ -372,6 +396,16 @@ class StudyConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _check_asynchronous(self) -> "StudyConfig":
+        asynchronous = self.round.asynchronous
+        if asynchronous is None:
+            return self
+        problem = asynchronous_conflict(self)
+        if problem is not None:
+            raise ValueError(f"round.asynchronous: {problem}")
+        return self
+
+    @model_validator(mode="after")
     def _check_strategy(self) -> "StudyConfig":
         # Imported here because the aggregation package pulls in Opacus for
         # central DP, which configs that never aggregate should not load.
@@ -434,6 +468,55 @@ class StudyConfig(_Strict):
         delta = site.delta if site.delta is not None else self.privacy.delta
         assert epsilon is not None and delta is not None
         return epsilon, delta
+
+
+def asynchronous_conflict(config: StudyConfig) -> str | None:
+    """Return why ``config`` cannot run in asynchronous mode, or None.
+
+    The conflicts are the settings that assume every site trains from the
+    same global version in each round.
+    """
+    asynchronous = config.round.asynchronous
+    assert asynchronous is not None
+    sites = len(config.sites)
+    if asynchronous.buffer_size > sites:
+        return (
+            f"buffer_size {asynchronous.buffer_size} exceeds the {sites} sites of "
+            f"the study, so no version could be published; set it to at most {sites}"
+        )
+    mode = config.secure_aggregation.mode
+    if mode != "none":
+        return (
+            f"{mode} secure aggregation sums a fixed cohort of sites per round, "
+            "and asynchronous updates arrive one at a time from different "
+            "versions; set secure_aggregation: none or remove round.asynchronous"
+        )
+    if config.strategy.name == "scaffold":
+        return (
+            "scaffold updates its control variates once per synchronous round "
+            "from every participant; use fedavg, fedprox or a server optimizer "
+            "(fedadam, fedyogi, fedadagrad), or remove round.asynchronous"
+        )
+    wrappers = [wrapper.name for wrapper in config.strategy.wrappers]
+    if "central_dp" in wrappers:
+        return (
+            "central_dp accounts for a sample of sites per round, and a buffer "
+            "may hold two updates of one site, so its noise would not match the "
+            "sensitivity; use record-level DP at the sites (privacy.enabled) "
+            "or remove round.asynchronous"
+        )
+    if config.round.participation.round_size(sites) < sites:
+        return (
+            "round.participation chooses sites per synchronous round, and in "
+            "asynchronous mode every site trains whenever it is ready; set "
+            "participation.fraction: 1 or remove round.asynchronous"
+        )
+    if config.round.quorum is not None:
+        return (
+            "round.quorum applies to synchronous rounds; remove it, because "
+            "buffer_size sets how many updates make a version"
+        )
+    return None
 
 
 def parse_study_config(raw: object, *, source: str = "study config") -> StudyConfig:

@@ -176,6 +176,28 @@ class StudyTracker:
         # round's critical path; ``finish`` waits for them.
         mlflow.log_metrics(finite, step=step, synchronous=False)
 
+    def log_asynchronous(
+        self, sites: Mapping[str, Mapping[str, Any]], version_seconds: list[float]
+    ) -> None:
+        """Log an asynchronous study's updates per site and its version times.
+
+        Per site: ``<site>.asynchronous_updates`` and the mean and maximum
+        staleness of its updates. ``asynchronous.version_seconds`` has one
+        step per version published in this run.
+        """
+        metrics: dict[str, float] = {}
+        for site, entry in sites.items():
+            staleness = list(entry["staleness"])
+            metrics[f"{site}.asynchronous_updates"] = float(entry["updates"])
+            if staleness:
+                metrics[f"{site}.mean_staleness"] = sum(staleness) / len(staleness)
+                metrics[f"{site}.max_staleness"] = float(max(staleness))
+        mlflow.log_metrics(metrics, synchronous=False)
+        for step, seconds in enumerate(version_seconds, start=1):
+            mlflow.log_metric(
+                "asynchronous.version_seconds", seconds, step=step, synchronous=False
+            )
+
     def log_event(self, name: str, text: str) -> None:
         mlflow.set_tag(f"medfed.event.{name}", text[:5000])
 

@@ -36,6 +36,11 @@ from medfed.errors import (
     QuorumError,
     SiteRunError,
 )
+from medfed.flows.async_training import (
+    asynchronous_summary,
+    run_asynchronous,
+    site_asynchronous_update,
+)
 from medfed.flows.site_round import prepare_site
 from medfed.flows.tracking import StudyTracker
 from medfed.sites.ckks_keys import ensure_local_secret_contexts
@@ -191,8 +196,10 @@ class _Coordinator:
         self.round_task: Any = site_round
         self.evaluation_task: Any = site_evaluation
         self.decrypt_task: Any = site_decrypt
+        self.asynchronous_task: Any = site_asynchronous_update
         self.deployed_sites = deployed_sites
         if deployed_sites:
+            _check_deployable(config)
             from medfed.flows import deployments
 
             self.prepare_task = deployments.deployed_site_prepare
@@ -217,6 +224,9 @@ class _Coordinator:
         #: Per site that raised in a round: the round and the error as one line.
         self.failures: list[dict[str, Any]] = []
         self.round_seconds: list[float] = []
+        #: Asynchronous mode: seconds from the start of training to each
+        #: version published in this run.
+        self.version_seconds: list[float] = []
         self.last_round = -1
         #: Sites whose data preparation failed; they are absent from every
         #: round of this run.
@@ -288,6 +298,8 @@ class _Coordinator:
                 f"{self.config.training.rounds} rounds in {self.work_dir}; there is "
                 "nothing to resume, so leave out --resume to start a new run"
             )
+        if self.config.round.asynchronous is not None:
+            return self._train_asynchronously(client, tracker, prepared)
         if first_round > 0:
             logger.info("resuming study %s at round %d", self.config.study, first_round)
 
@@ -322,6 +334,40 @@ class _Coordinator:
                 + (self._last_round_reasons() or "see the aggregation service log")
             )
         return self._finish(client, tracker, prepared, version)
+
+    def _train_asynchronously(
+        self,
+        client: AggregationClient,
+        tracker: StudyTracker,
+        prepared: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Run the sites' asynchronous update loops, then evaluate the final version."""
+        version = run_asynchronous(self, client, tracker)
+        self.last_round = version
+        self._evaluate(version)
+        pooled = pool(list(self.evaluations.values()))
+        tracker.log_round(
+            version,
+            self.evaluations,
+            pooled,
+            self.last_reports,
+            threshold=self.threshold,
+        )
+        per_site = asynchronous_summary(client.asynchronous_status(self.config.study))
+        tracker.log_asynchronous(per_site, self.version_seconds)
+        summary = self._finish(client, tracker, prepared, version)
+        summary["asynchronous"] = {
+            "versions": version,
+            "version_seconds": self.version_seconds,
+            "failures": self.failures,
+        }
+        for site, entry in summary["sites"].items():
+            entry.update(
+                per_site.get(
+                    site, {"updates": 0, "aggregated_updates": 0, "staleness": []}
+                )
+            )
+        return summary
 
     def _last_round_reasons(self) -> str:
         """Return the reason each site of the last round did not upload, in one line."""
@@ -403,7 +449,7 @@ class _Coordinator:
 
     def _initial_model(self) -> bytes:
         strategy = self.config.strategy
-        settings = {
+        settings: dict[str, Any] = {
             "sites": self.sites,
             "strategy": strategy.name,
             "strategy_params": strategy.params,
@@ -419,6 +465,12 @@ class _Coordinator:
             },
             "local_layers": list(strategy.local_layers),
         }
+        asynchronous = self.config.round.asynchronous
+        if asynchronous is not None:
+            settings["asynchronous"] = {
+                **asynchronous.model_dump(mode="json"),
+                "max_versions": self.config.training.rounds,
+            }
         return weights_to_safetensors(
             initial_model_weights(self.config),
             metadata={"medfed_study_settings": json.dumps(settings)},
@@ -746,6 +798,16 @@ def _gather(
     return results
 
 
+def _check_deployable(config: StudyConfig) -> None:
+    """Reject a study that deployed sites cannot run yet."""
+    if config.round.asynchronous is not None:
+        raise ConfigError(
+            "round.asynchronous runs only with in-process sites: deployed sites "
+            "(--deployed-sites) have no asynchronous update flow yet; remove "
+            "round.asynchronous or run the sites in-process"
+        )
+
+
 def check_local_data(config: StudyConfig, work_dir: Path) -> None:
     """Check that every site of a local study can read its raw data file.
 
@@ -792,7 +854,9 @@ def run_study(
     """
     from medfed.flows.local import LocalAggregationService
 
-    if not deployed_sites:
+    if deployed_sites:
+        _check_deployable(config)
+    else:
         check_local_data(config, work_dir)
     # Local mode trains every site at once in this process, so each site gets
     # an equal share of the cores instead of every torch op spawning threads

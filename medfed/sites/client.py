@@ -202,6 +202,44 @@ class AggregationClient:
             content=envelope,
         )
 
+    def upload_asynchronous(
+        self, study: str, base_version: int, site: str, envelope: bytes
+    ) -> dict[str, Any]:
+        """Upload an update trained from ``base_version`` to an asynchronous study."""
+        return self._json(
+            "PUT",
+            f"/v1/studies/{study}/asynchronous/{base_version}/updates/{site}",
+            content=envelope,
+        )
+
+    def asynchronous_status(self, study: str) -> dict[str, Any]:
+        """Return an asynchronous study's latest version, buffer and arrivals."""
+        return self._json("GET", f"/v1/studies/{study}/asynchronous")
+
+    def report_asynchronous_privacy(
+        self,
+        study: str,
+        update: int,
+        site: str,
+        *,
+        status: str,
+        epsilon_spent: float | None,
+        delta: float | None,
+        message: str = "",
+    ) -> dict[str, Any]:
+        """Send the privacy spent by a site's update, or its refusal of one."""
+        return self._json(
+            "POST",
+            f"/v1/studies/{study}/asynchronous/privacy/{site}",
+            json={
+                "status": status,
+                "update": update,
+                "epsilon_spent": epsilon_spent,
+                "delta": delta,
+                "message": message[:500],
+            },
+        )
+
     def report_privacy(
         self,
         study: str,

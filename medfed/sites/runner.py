@@ -36,7 +36,12 @@ from medfed.contract.secagg import MaskingSite, VectorLayout
 from medfed.contract.secagg.ckks import CkksSiteContext, round_for_release
 from medfed.contract.signing import Ed25519Signer
 from medfed.contract.wire import encode_envelope
-from medfed.errors import BudgetExceededError, ConfigError, SecureAggregationError
+from medfed.errors import (
+    BudgetExceededError,
+    ConfigError,
+    SecureAggregationError,
+    ServiceError,
+)
 from medfed.sites.advertisement_keys import load_advertisement_keys
 from medfed.sites.ckks_keys import load_secret_context
 from medfed.sites.client import AggregationClient, DownloadedModel
@@ -71,7 +76,9 @@ class SiteRoundReport:
 
     site: str
     round: int
-    status: str  # "uploaded" or "rejected_budget"
+    #: "uploaded" or "rejected_budget"; in asynchronous mode also
+    #: "study_finished".
+    status: str
     message: str
     train_records: int
     epsilon_spent: float | None
@@ -88,6 +95,11 @@ class SiteRoundReport:
     secagg_message_bytes_received: int | None = None
     secagg_wall_seconds: float | None = None
     secagg_compute_seconds: float | None = None
+    #: Asynchronous mode only: the global version the site trained from, the
+    #: staleness the service gave the update, and the version it published.
+    base_version: int | None = None
+    staleness: int | None = None
+    published_version: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -401,6 +413,147 @@ class SiteRunner:
             ),
             secagg_wall_seconds=cost.wall_seconds if cost else None,
             secagg_compute_seconds=cost.compute_seconds if cost else None,
+        )
+
+    def train_asynchronous(
+        self, client: AggregationClient, update_number: int
+    ) -> SiteRoundReport:
+        """Train on the latest global version and upload the update to an
+        asynchronous study.
+
+        ``update_number`` counts this site's updates from 0 and takes the
+        place of the round number in the privacy ledger, the learning-rate
+        schedule and the training seed, so the ledger's budget still applies over
+        ``training.rounds`` updates. An update that would exceed the budget is
+        rejected before training (status ``rejected_budget``). An upload that
+        arrives after the study published its last version gets status
+        ``study_finished``.
+        """
+        self.prepare()
+        inputs, labels = load_split(self.config, self.data_dir, "train")
+        records = int(labels.shape[0])
+        study = self.config.study
+        ledger = self.ledger(records)
+        if ledger is not None:
+            try:
+                ledger.check_next_round(update_number)
+            except BudgetExceededError as error:
+                ledger.save(self.ledger_path)
+                logger.warning("%s", error)
+                client.report_asynchronous_privacy(
+                    study,
+                    update_number,
+                    self.site_id,
+                    status="refused",
+                    epsilon_spent=ledger.epsilon_spent(),
+                    delta=ledger.delta,
+                    message=str(error),
+                )
+                return self._asynchronous_report(
+                    update_number, "rejected_budget", str(error), records, ledger
+                )
+
+        base = client.download_model(study, None)
+        shared = self._shared_names(base.weights)
+        model = self._model_with(self._merged_weights(base.weights))
+        result = train_locally(
+            model,
+            inputs,
+            labels,
+            self._training_settings(ledger, update_number),
+            seed=self._seed(update_number),
+        )
+        epsilon = None
+        if ledger is not None:
+            epsilon = ledger.record_round(update_number, result.steps)
+            ledger.save(self.ledger_path)
+        trained = {
+            key: value.detach().numpy() for key, value in model.state_dict().items()
+        }
+        delta = {
+            key: (trained[key] - base.weights[key]).astype(np.float32) for key in shared
+        }
+        compression = self.config.compression
+        encoder = build_update_encoder(compression, state_dir=self.study_dir)
+        envelope = encode_envelope(
+            delta,
+            study=study,
+            round_number=base.version,
+            site=self.site_id,
+            sample_count=records,
+            nonce=secrets.token_hex(16),
+            signer=self.signer,
+            codec=encoder,
+            compression=compression.envelope_compression,
+            zstd_level=compression.envelope_zstd_level,
+        )
+        try:
+            receipt = client.upload_asynchronous(
+                study, base.version, self.site_id, envelope
+            )
+        except ServiceError as error:
+            if (
+                error.status_code != 409
+                or not client.asynchronous_status(study)["finished"]
+            ):
+                raise
+            logger.info(
+                "site %s trained from version %d after study %s finished: %s",
+                self.site_id, base.version, study, error,
+            )  # fmt: skip
+            return self._asynchronous_report(
+                update_number, "study_finished", str(error), records, ledger
+            )
+        if isinstance(encoder, ErrorFeedback):
+            encoder.commit()
+        if self.config.strategy.local_layers:
+            local = {key: trained[key] for key in trained if key not in shared}
+            LocalLayerStore(self.local_layers_path).save(local)
+        if ledger is not None:
+            client.report_asynchronous_privacy(
+                study,
+                update_number,
+                self.site_id,
+                status="spent",
+                epsilon_spent=epsilon,
+                delta=ledger.delta,
+            )
+        return SiteRoundReport(
+            site=self.site_id,
+            round=update_number,
+            status="uploaded",
+            message=f"uploaded {len(envelope)} bytes after {result.steps} steps",
+            train_records=records,
+            epsilon_spent=epsilon,
+            noise_multiplier=ledger.noise_multiplier if ledger else None,
+            bytes_uploaded=len(envelope),
+            bytes_downloaded=base.size,
+            receipt=receipt["receipt"],
+            dense_float32_bytes=4 * sum(value.size for value in delta.values()),
+            base_version=base.version,
+            staleness=int(receipt["staleness"]),
+            published_version=receipt["published_version"],
+        )
+
+    def _asynchronous_report(
+        self,
+        update_number: int,
+        status: str,
+        message: str,
+        records: int,
+        ledger: PrivacyLedger | None,
+    ) -> SiteRoundReport:
+        """Return the report of an asynchronous update that uploaded nothing."""
+        return SiteRoundReport(
+            site=self.site_id,
+            round=update_number,
+            status=status,
+            message=message,
+            train_records=records,
+            epsilon_spent=ledger.epsilon_spent() if ledger else None,
+            noise_multiplier=ledger.noise_multiplier if ledger else None,
+            bytes_uploaded=0,
+            bytes_downloaded=0,
         )
 
     def evaluate(

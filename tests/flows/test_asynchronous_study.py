@@ -1,0 +1,125 @@
+"""Asynchronous studies through the real flow, service and MLflow.
+
+One site is made slow on purpose: the test patches its ``_training_settings``
+step, which runs after the site downloaded the latest version and before it
+trains, to wait until the service has published two more versions. Its
+updates therefore arrive stale, and the other sites publish versions without
+waiting for it.
+"""
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import mlflow
+import pytest
+import yaml
+
+from medfed.contract.config import StudyConfig, parse_study_config
+from medfed.errors import ConfigError
+from medfed.flows.local import LocalAggregationService
+from medfed.flows.training import run_study
+from medfed.sites.privacy import PrivacyLedger
+from medfed.sites.runner import SiteRunner
+from tests.conftest import CONFIGS
+
+SLOW_SITE = "switzerland"
+ROUNDS = 6
+
+
+def async_config(study: str, url: str | None = None) -> tuple[StudyConfig, str]:
+    raw: dict[str, Any] = yaml.safe_load((CONFIGS / "heart_disease.yaml").read_text())
+    raw["study"] = study
+    raw["training"]["rounds"] = ROUNDS
+    raw["training"]["local_epochs"] = 1
+    raw["round"] = {"deadline_seconds": 120, "asynchronous": {"buffer_size": 2}}
+    if url is not None:
+        raw["aggregation"] = {"url": url}
+    return parse_study_config(raw), yaml.safe_dump(raw)
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[LocalAggregationService]:
+    with LocalAggregationService(
+        tmp_path / "aggregation", max_upload_bytes=1_000_000
+    ) as running:
+        yield running
+
+
+def asynchronous_status(url: str, study: str) -> dict[str, Any]:
+    response = httpx.get(f"{url}/v1/studies/{study}/asynchronous", timeout=10)
+    status: dict[str, Any] = response.json()
+    return status
+
+
+@pytest.mark.usefixtures("prefect_api", "mlflow_uri")
+def test_slow_site_does_not_hold_versions(
+    tmp_path: Path, service: LocalAggregationService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    study = "async-slow-site"
+    config, text = async_config(study, service.url)
+    original = SiteRunner._training_settings
+
+    def slow_settings(self: SiteRunner, *args: Any, **kwargs: Any) -> Any:
+        if self.site_id == SLOW_SITE:
+            target = asynchronous_status(service.url, study)["latest_version"] + 2
+            waited_until = time.monotonic() + 60
+            while time.monotonic() < waited_until:
+                status = asynchronous_status(service.url, study)
+                if status["latest_version"] >= target or status["finished"]:
+                    break
+                time.sleep(0.05)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SiteRunner, "_training_settings", slow_settings)
+
+    summary = run_study(config, text, work_dir=tmp_path / "run")
+
+    sites = summary["sites"]
+    slow = sites[SLOW_SITE]
+    fast = {site: entry for site, entry in sites.items() if site != SLOW_SITE}
+    assert summary["rounds"] == ROUNDS
+    assert summary["asynchronous"]["versions"] == ROUNDS
+    assert len(summary["asynchronous"]["version_seconds"]) == ROUNDS
+    assert summary["asynchronous"]["failures"] == []
+    assert slow["updates"] >= 1
+    assert all(staleness >= 2 for staleness in slow["staleness"])
+    for site, entry in fast.items():
+        assert entry["updates"] > slow["updates"], site
+        assert entry["updates"] <= ROUNDS, site
+    assert sum(entry["aggregated_updates"] for entry in sites.values()) == 2 * ROUNDS
+    assert 0.0 <= summary["pooled_test_accuracy"] <= 1.0
+    for site, entry in sites.items():
+        ledger = PrivacyLedger.load(
+            tmp_path
+            / "run"
+            / "sites"
+            / site
+            / "studies"
+            / study
+            / "privacy-ledger.json"
+        )
+        assert len(ledger.rounds_spent) <= ROUNDS, site
+        assert entry["epsilon_spent"] <= 1.0, site
+
+    run = mlflow.get_run(summary["mlflow_run_id"])
+    metrics = run.data.metrics
+    assert metrics[f"{SLOW_SITE}.asynchronous_updates"] == slow["updates"]
+    assert metrics[f"{SLOW_SITE}.max_staleness"] >= 2
+    assert metrics["pooled.test_accuracy"] == pytest.approx(
+        summary["pooled_test_accuracy"]
+    )
+    assert run.info.status == "FINISHED"
+    assert summary["registered_model_version"] is not None
+
+
+def test_deployed_sites_rejected_in_async_mode(tmp_path: Path) -> None:
+    config, text = async_config("async-deployed")
+
+    with pytest.raises(ConfigError) as raised:
+        run_study(config, text, work_dir=tmp_path, deployed_sites=True)
+
+    assert "round.asynchronous runs only with in-process sites" in str(raised.value)
+    assert not tmp_path.joinpath("coordinator.json").exists()
