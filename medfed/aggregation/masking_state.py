@@ -7,7 +7,7 @@ revealed shares. ``RecordingMaskingServer`` records each change as it
 happens. After a restart, ``replay`` feeds the same changes to a fresh
 server, which checks each one again, so the round continues where it
 stopped. Masked vectors are read back from the envelopes the store keeps,
-so no message holds one.
+so no saved message contains one.
 
 Nothing saved here is an unmasked update: the service receives only public
 keys, sealed shares, masked vectors, sample counts and the shares survivors
@@ -86,14 +86,10 @@ class MaskingRoundStore(Protocol):
         self, study: str, round_number: int, *, with_messages: bool = True
     ) -> SavedMaskingRound | None: ...
 
-    def get_masked_upload(
-        self, study: str, round_number: int, site: str
-    ) -> StoredUpload | None: ...
-
 
 @dataclasses.dataclass(frozen=True)
 class RoundSetup:
-    """What opens a masking round, as saved before its first message."""
+    """The parameters that open a masking round, saved before its first message."""
 
     study: str
     round_number: int

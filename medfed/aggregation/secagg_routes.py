@@ -179,7 +179,7 @@ class _OpenRound:
     def attach_upload(
         self, upload: StoredUpload, table: MaskedUploadTable = "uploads"
     ) -> None:
-        """Store ``upload``, the envelope of an accepted masked update, with it."""
+        """Save ``upload``, the envelope of the masked update just accepted, too."""
         self.pending_upload = (upload, table)
         self.server.envelope_sha256[upload.site] = upload.sha256
 
@@ -409,7 +409,7 @@ class MaskingRounds:
             )
         except sqlite3.Error as error:
             logger.error(
-                "could not save masking round %s of study %s: %s; going back to its "
+                "failed to save masking round %s of study %s: %s; restoring its "
                 "last saved state",
                 round_number,
                 study,

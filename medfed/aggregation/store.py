@@ -136,7 +136,7 @@ CREATE TABLE IF NOT EXISTS masked_uploads (
 );
 """
 
-#: Where a masked envelope is stored: ``uploads`` when it came on the upload
+#: The table of a masked envelope: ``uploads`` when it came on the upload
 #: route, ``masked_uploads`` when it came on the masking route.
 MaskedUploadTable = Literal["uploads", "masked_uploads"]
 
@@ -686,18 +686,6 @@ class Store:
             messages=messages,
             envelopes=envelopes,
         )
-
-    def get_masked_upload(
-        self, study: str, round_number: int, site: str
-    ) -> StoredUpload | None:
-        """Return the envelope ``site`` sent on the masking route, if any."""
-        with self._lock:
-            row = self._connection.execute(
-                "SELECT site, sha256, nonce, sample_count, size, envelope, received_at"
-                " FROM masked_uploads WHERE study = ? AND round = ? AND site = ?",
-                (study, round_number, site),
-            ).fetchone()
-        return None if row is None else StoredUpload(*row)
 
     def open_rounds(self) -> list[RoundRecord]:
         """Return every service round that is still open."""

@@ -3,9 +3,9 @@
 The service runs as its own process over mutual TLS. Sites alpha and beta
 use ``MaskingClient``, which retries while the service is down; site gamma
 sends each message by hand, so the test decides when. One run is killed
-with SIGKILL while sites share keys, another after two masked uploads; both
-restart on the same state directory and must publish the model of an
-uninterrupted run, bit for bit, with a valid audit chain.
+with SIGKILL while sites share keys, another after two masked uploads. Both
+restart the service on the same state directory and must publish the model
+of an uninterrupted run, bit for bit, with a valid audit chain.
 """
 
 import json
@@ -81,7 +81,7 @@ class Site:
 
 
 class ManualSite(Site):
-    """A site that sends each masking message once, when the test says so."""
+    """A site that sends each masking message when the test calls its method."""
 
     def advertise(self) -> None:
         message = self.protocol.advertise().model_dump(mode="json")
