@@ -231,13 +231,31 @@ class RoundService:
     ) -> None:
         self.store = store
         self.limits = limits or EnvelopeLimits()
-        #: Masking rounds of studies with ``secure_aggregation: masking``.
-        self.masking = MaskingRounds(self.limits)
+        #: Masking rounds of studies with ``secure_aggregation: masking``,
+        #: saved in ``store`` and resumed from it.
+        self.masking = MaskingRounds(self.limits, store=store)
         # Called on each new upload's header before its payload is decoded;
         # None (local mode) accepts unsigned envelopes.
         self.verify_signature = verify_signature
         #: Arrivals and publications of studies with ``asynchronous`` settings.
         self.asynchronous = AsyncRounds(self)
+        self._restore_masking_rounds()
+
+    def _restore_masking_rounds(self) -> None:
+        """Resume the saved masking rounds of open rounds, after a restart.
+
+        An open round of a masking study with no saved masking round (the
+        service stopped between opening the two) gets a fresh one.
+        """
+        self.masking.restore_saved()
+        for record in self.store.open_rounds():
+            settings = self.settings(record.study)
+            if settings.secure_aggregation.mode != "masking":
+                continue
+            key = (record.study, record.round)
+            if self.store.masking_round(*key, with_messages=False) is not None:
+                continue
+            self._open_masking_round(settings, record)
 
     # Studies
 
@@ -376,24 +394,27 @@ class RoundService:
             study, round_number, list(sites), quorum, time.time() + deadline_seconds
         )
         if masking:
-            base = self.store.get_model(study, record.base_version)
-            assert base is not None
-            open_masking_round(
-                self.masking,
-                settings.secure_aggregation,
-                settings.compression.build_codec(),
-                study,
-                round_number,
-                sites=sites,
-                upload_shapes=settings.upload_shapes(
-                    _load_weights(base.weights)[0], settings.build_strategy()
-                ),
-                deadline_at=record.deadline_at,
-            )
+            self._open_masking_round(settings, record)
         logger.info(
             "opened round %d of study %s for %d sites", round_number, study, len(sites)
         )
         return record
+
+    def _open_masking_round(self, settings: StudySettings, record: RoundRecord) -> None:
+        base = self.store.get_model(record.study, record.base_version)
+        assert base is not None
+        open_masking_round(
+            self.masking,
+            settings.secure_aggregation,
+            settings.compression.build_codec(),
+            record.study,
+            record.round,
+            sites=record.sites,
+            upload_shapes=settings.upload_shapes(
+                _load_weights(base.weights)[0], settings.build_strategy()
+            ),
+            deadline_at=record.deadline_at,
+        )
 
     def round(self, study: str, round_number: int) -> RoundRecord:
         self.settings(study)
@@ -501,8 +522,6 @@ class RoundService:
         else:
             shapes = {name: value.shape for name, value in decoded.tensors.items()}
             self._check_tensors(study, settings, record.base_version, shapes)
-        if mode == "masking":
-            accept_masked_upload(self.masking, study, round_number, decoded)
 
         upload = StoredUpload(
             site=site,
@@ -513,10 +532,14 @@ class RoundService:
             envelope=body,
             received_at=time.time(),
         )
-        try:
-            self.store.add_upload(study, round_number, upload)
-        except UploadsClosedError as error:
-            raise Rejected(409, str(error)) from None
+        if mode == "masking":
+            # Stores the upload in one transaction with the masking change.
+            accept_masked_upload(self.masking, study, round_number, decoded, upload)
+        else:
+            try:
+                self.store.add_upload(study, round_number, upload)
+            except UploadsClosedError as error:
+                raise Rejected(409, str(error)) from None
         logger.info(
             "accepted upload of site %s for round %d of study %s",
             site,

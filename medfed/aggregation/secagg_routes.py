@@ -21,7 +21,10 @@ All routes are under ``/v1/studies/{study}/rounds/{round}/secagg``:
 - ``POST /reveals``: a survivor's ``RevealedShares``.
 
 A message the round rejects gets a 409 JSON body ``{"detail": message}`` and
-changes nothing. Every request for a round that the service aborted gets 409
+changes nothing. A site's message identical to one the round already
+accepted is a retry: it gets the same response again and changes nothing.
+With a store, a change is acknowledged only once it is saved, and a change
+the service could not save gets 503, so the site sends it again. Every request for a round that the service aborted gets 409
 with the reason. A request that comes before its phase (the roster before
 advertising closed) gets 425 Too Early, so sites poll. A poll after the
 round's deadline closes the pending phase. An unknown round gets 404. The routes never return a masked
@@ -38,7 +41,9 @@ threadpool thread. Without ``wait``, the service responds at once.
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
+import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -52,13 +57,20 @@ from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from medfed.aggregation.masking_state import (
+    MaskingRoundStore,
+    RecordingMaskingServer,
+    RoundSetup,
+    new_server,
+    replay,
+)
+from medfed.aggregation.store import MaskedUploadTable, StoredUpload
 from medfed.aggregation.tls import peer_identity
 from medfed.contract.ids import IDENTIFIER_PATTERN, validate_identifier
 from medfed.contract.secagg import (
     EncryptedShare,
     KeyAdvertisement,
     KeyRoster,
-    MaskingServer,
     RevealedShares,
     RevealRequest,
     RingEncoding,
@@ -67,13 +79,14 @@ from medfed.contract.secagg import (
     UnmaskedSum,
     VectorLayout,
 )
-from medfed.contract.wire import EnvelopeLimits, decode_envelope
+from medfed.contract.wire import EnvelopeHeader, EnvelopeLimits, decode_envelope
 from medfed.errors import ConfigError, EnvelopeError, SecureAggregationError
 
 __all__ = [
     "DEFAULT_MAX_WAIT_SECONDS",
     "MaskingRounds",
     "RoundAbortedError",
+    "StateNotSavedError",
     "UnknownRoundError",
     "create_masking_router",
     "install_error_handlers",
@@ -118,6 +131,10 @@ class RoundAbortedError(SecureAggregationError):
     """The masking round was aborted; it takes no further messages."""
 
 
+class StateNotSavedError(SecureAggregationError):
+    """The store failed to save a change, so the change was not accepted."""
+
+
 class _Listener:
     """Wakes one held request from whichever thread changes the round's phase."""
 
@@ -143,7 +160,7 @@ class _Listener:
 
 @dataclass
 class _OpenRound:
-    server: MaskingServer
+    server: RecordingMaskingServer
     sites: tuple[str, ...]
     layout: VectorLayout
     lock: threading.Lock
@@ -155,6 +172,16 @@ class _OpenRound:
     listeners: set[_Listener] = dataclasses.field(default_factory=set)
     #: Why the round was aborted, once it was.
     abort_reason: str | None = None
+    #: The envelope of a masked upload accepted in the current request, and
+    #: its table; saved with the request's changes.
+    pending_upload: tuple[StoredUpload, MaskedUploadTable] | None = None
+
+    def attach_upload(
+        self, upload: StoredUpload, table: MaskedUploadTable = "uploads"
+    ) -> None:
+        """Save ``upload``, the envelope of the masked update just accepted, too."""
+        self.pending_upload = (upload, table)
+        self.server.envelope_sha256[upload.site] = upload.sha256
 
     def wake_listeners(self) -> None:
         for listener in self.listeners:
@@ -206,11 +233,16 @@ class _OpenRound:
 
 
 class MaskingRounds:
-    """The masking rounds a service process runs, in memory.
+    """The masking rounds a service process runs.
 
-    NOTE: state lives in this process only. A service that must survive a
-    restart mid-round saves ``MaskingServer.export_state()`` in its store
-    after every change and restores it with ``MaskingServer.restore``.
+    With a ``store``, each round's setup and every change it acknowledges
+    are saved before the request that made the change gets its response
+    (``masking_state``), and ``restore_saved`` resumes the saved rounds after
+    a restart. Without one, rounds live in this process only.
+
+    NOTE: held requests and the time a site waited are not saved. After a
+    restart each site sends its request again (``MaskingClient`` retries
+    connection errors), and the round keeps its original deadline.
     """
 
     def __init__(
@@ -218,6 +250,7 @@ class MaskingRounds:
         limits: EnvelopeLimits | None = None,
         *,
         max_wait_seconds: float = DEFAULT_MAX_WAIT_SECONDS,
+        store: MaskingRoundStore | None = None,
     ) -> None:
         if not 0 <= max_wait_seconds < float("inf"):
             raise ConfigError(
@@ -230,6 +263,7 @@ class MaskingRounds:
         self._rounds: dict[tuple[str, int], _OpenRound] = {}
         self._aborted: OrderedDict[tuple[str, int], str] = OrderedDict()
         self._lock = threading.Lock()
+        self._store = store
 
     def open(
         self,
@@ -250,24 +284,26 @@ class MaskingRounds:
         Raises:
             SecureAggregationError: the round is already open.
         """
-        server = MaskingServer(
-            study=study,
-            round_number=round_number,
-            threshold=threshold,
-            encoding=encoding,
-            vector_length=layout.length,
-        )
         for site in sites:
             validate_identifier(site, kind="site")
+        setup = RoundSetup(
+            study=study,
+            round_number=round_number,
+            sites=tuple(sorted(sites)),
+            threshold=threshold,
+            encoding=encoding,
+            layout=layout,
+            deadline_at=deadline_at,
+        )
+        server = new_server(setup)
         with self._lock:
             if (study, round_number) in self._rounds:
                 raise SecureAggregationError(
                     f"masking round {round_number} of study {study!r} is already open"
                 )
-            self._rounds[(study, round_number)] = _OpenRound(
-                server, tuple(sorted(sites)), layout, threading.Lock(), deadline_at
-            )
-            self._aborted.pop((study, round_number), None)
+            if self._store is not None:
+                self._store.open_masking_round(study, round_number, setup.to_json())
+            self._add_round(setup, server)
         logger.info(
             "opened masking round %s of study %s for %s sites",
             round_number,
@@ -275,16 +311,149 @@ class MaskingRounds:
             len(sites),
         )
 
+    def _add_round(self, setup: RoundSetup, server: RecordingMaskingServer) -> None:
+        """Add an opened or restored round; the caller holds ``self._lock``."""
+        key = (setup.study, setup.round_number)
+        self._rounds[key] = _OpenRound(
+            server, setup.sites, setup.layout, threading.Lock(), setup.deadline_at
+        )
+        self._aborted.pop(key, None)
+
+    def restore_saved(self) -> int:
+        """Load the rounds the store keeps; return how many resumed.
+
+        A round whose service round is still open (or that has no service
+        round) resumes in the phase it reached, with every change it
+        acknowledged. An aborted round keeps its reason for late requests.
+        A round that cannot be rebuilt is aborted, and the error is logged.
+        """
+        if self._store is None:
+            return 0
+        resumed = 0
+        for study, round_number in self._store.masking_round_keys():
+            summary = self._store.masking_round(
+                study, round_number, with_messages=False
+            )
+            if summary is None or summary.service_state == "finalized":
+                continue
+            if summary.state == "aborted":
+                self._keep_abort_reason(study, round_number, summary.reason or "")
+                continue
+            if summary.service_state == "aborted":
+                self._keep_abort_reason(
+                    study,
+                    round_number,
+                    f"the service aborted round {round_number} of study {study!r}",
+                )
+                continue
+            if summary.state == "unmasked" and summary.service_state is None:
+                continue
+            saved = self._store.masking_round(study, round_number)
+            assert saved is not None
+            try:
+                setup, server = replay(saved, self.limits)
+            except SecureAggregationError as error:
+                reason = f"its saved state could not be restored: {error}"
+                logger.error(
+                    "aborted masking round %s of study %s: %s",
+                    round_number,
+                    study,
+                    reason,
+                )
+                self._store.close_masking_round(
+                    study, round_number, state="aborted", reason=reason
+                )
+                self._keep_abort_reason(study, round_number, reason)
+                continue
+            with self._lock:
+                self._add_round(setup, server)
+            resumed += 1
+            logger.info(
+                "restored masking round %s of study %s in phase %s after %s "
+                "saved changes",
+                round_number,
+                study,
+                server.phase_name,
+                server.saved_count,
+            )
+        return resumed
+
+    def _keep_abort_reason(self, study: str, round_number: int, reason: str) -> None:
+        with self._lock:
+            self._aborted[(study, round_number)] = reason
+            while len(self._aborted) > _MAX_ABORTED_ROUNDS_KEPT:
+                self._aborted.popitem(last=False)
+
+    def _save(self, study: str, round_number: int, entry: _OpenRound) -> None:
+        """Save the changes of the current request; the caller holds the round's lock.
+
+        Raises:
+            StateNotSavedError: the store failed. The round then goes back to
+                its last saved state, so it matches what the store has.
+        """
+        server = entry.server
+        attached = entry.pending_upload
+        entry.pending_upload = None
+        if not server.pending:
+            return
+        if self._store is None:
+            server.mark_saved()
+            return
+        upload: StoredUpload | None = None
+        table: MaskedUploadTable = "uploads"
+        if attached is not None:
+            upload, table = attached
+        try:
+            self._store.append_masking_messages(
+                study, round_number, server.saved_count, server.pending, upload, table
+            )
+        except sqlite3.Error as error:
+            logger.error(
+                "failed to save masking round %s of study %s: %s; restoring its "
+                "last saved state",
+                round_number,
+                study,
+                error,
+            )
+            self._reload(study, round_number, entry)
+            raise StateNotSavedError(
+                f"the aggregation service could not save masking round "
+                f"{round_number} of study {study!r}, so the message was not "
+                "accepted; send it again"
+            ) from error
+        server.mark_saved()
+
+    def _reload(self, study: str, round_number: int, entry: _OpenRound) -> None:
+        """Rebuild ``entry`` from the store, or abort it if that fails too."""
+        assert self._store is not None
+        try:
+            saved = self._store.masking_round(study, round_number)
+            if saved is None:
+                raise SecureAggregationError("the store has no such round")
+            _, entry.server = replay(saved, self.limits)
+        except (SecureAggregationError, sqlite3.Error) as error:
+            reason = f"its state could not be saved or restored: {error}"
+            logger.error(
+                "aborted masking round %s of study %s: %s", round_number, study, reason
+            )
+            entry.abort_reason = reason
+            with self._lock:
+                self._rounds.pop((study, round_number), None)
+            self._keep_abort_reason(study, round_number, reason)
+            entry.wake_listeners()
+
     @contextmanager
     def edit(self, study: str, round_number: int) -> Iterator[_OpenRound]:
         """Hold a round's lock while a request reads or changes it.
 
-        Held requests wake when the round leaves its phase inside the block,
-        even if the block then raises.
+        The changes the block made are saved when it ends, even if it
+        raises. Held requests wake when the round leaves its phase inside
+        the block.
 
         Raises:
             UnknownRoundError: no such round is open.
             RoundAbortedError: the round was aborted.
+            StateNotSavedError: the store failed to save the block's changes.
         """
         with self._lock:
             entry = self._rounds.get((study, round_number))
@@ -302,8 +471,11 @@ class MaskingRounds:
             try:
                 yield entry
             finally:
-                if entry.server.phase_name != phase:
-                    entry.wake_listeners()
+                try:
+                    self._save(study, round_number, entry)
+                finally:
+                    if entry.server.phase_name != phase:
+                        entry.wake_listeners()
 
     def abort(self, study: str, round_number: int, reason: str) -> bool:
         """Abort an open round: wake its held requests and forget its state.
@@ -312,12 +484,14 @@ class MaskingRounds:
         Returns False, and changes nothing, when no such round is open.
         """
         with self._lock:
-            entry = self._rounds.pop((study, round_number), None)
-            if entry is None:
+            if (study, round_number) not in self._rounds:
                 return False
-            self._aborted[(study, round_number)] = reason
-            while len(self._aborted) > _MAX_ABORTED_ROUNDS_KEPT:
-                self._aborted.popitem(last=False)
+            if self._store is not None:
+                self._store.close_masking_round(
+                    study, round_number, state="aborted", reason=reason
+                )
+            entry = self._rounds.pop((study, round_number))
+        self._keep_abort_reason(study, round_number, reason)
         with entry.lock:
             entry.abort_reason = reason
             entry.wake_listeners()
@@ -412,6 +586,8 @@ class MaskingRounds:
         """
         with self.edit(study, round_number) as entry:
             result = entry.server.unmask()
+        if self._store is not None:
+            self._store.close_masking_round(study, round_number, state="unmasked")
         with self._lock:
             self._rounds.pop((study, round_number), None)
         return result
@@ -611,7 +787,7 @@ def create_masking_router(rounds: MaskingRounds) -> APIRouter:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Map secure-aggregation errors to 404, 409 and 425 JSON responses."""
+    """Map secure-aggregation errors to 404, 409, 425 and 503 JSON responses."""
 
     @app.exception_handler(SecureAggregationError)
     async def _rejected(
@@ -622,6 +798,8 @@ def install_error_handlers(app: FastAPI) -> None:
             status = 404
         elif isinstance(error, RoundNotReadyError):
             status = 425
+        elif isinstance(error, StateNotSavedError):
+            status = 503
         logger.info("rejected %s %s: %s", request.method, request.url.path, error)
         return JSONResponse(status_code=status, content={"detail": str(error)})
 
@@ -643,11 +821,24 @@ async def _read_limited_body(request: Request, limit: int) -> bytes:
 def _add_masked_envelope(
     rounds: MaskingRounds, body: bytes, study: str, round_number: int, site: str
 ) -> None:
+    sha256 = hashlib.sha256(body).hexdigest()
     with rounds.edit(study, round_number) as entry:
-        vector, sample_count = _read_masked_envelope(
+        if entry.server.envelope_sha256.get(site) == sha256:
+            return  # a retry of an accepted upload
+        vector, header = _read_masked_envelope(
             body, entry, study, round_number, site, rounds.limits
         )
-        entry.server.add_masked_update(site, vector, sample_count=sample_count)
+        entry.server.add_masked_update(site, vector, sample_count=header.sample_count)
+        upload = StoredUpload(
+            site=site,
+            sha256=sha256,
+            nonce=header.nonce,
+            sample_count=header.sample_count,
+            size=len(body),
+            envelope=body,
+            received_at=time.time(),
+        )
+        entry.attach_upload(upload, "masked_uploads")
         if entry.server.uploads_complete:
             entry.server.close_uploads()
 
@@ -659,7 +850,7 @@ def _read_masked_envelope(
     round_number: int,
     site: str,
     limits: EnvelopeLimits,
-) -> tuple[Any, int]:
+) -> tuple[Any, EnvelopeHeader]:
     try:
         decoded = decode_envelope(body, limits)
     except (EnvelopeError, ConfigError) as error:
@@ -680,4 +871,4 @@ def _read_masked_envelope(
             f"envelope codec is {header.codec.name!r} with {header.codec.params}; "
             f"this round expects 'masked' with {expected_codec}"
         )
-    return entry.layout.join(decoded.tensors), header.sample_count
+    return entry.layout.join(decoded.tensors), header

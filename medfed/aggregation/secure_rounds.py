@@ -17,6 +17,7 @@ import numpy as np
 
 from medfed.aggregation.secagg_routes import MaskingRounds, UnknownRoundError
 from medfed.aggregation.secure import apply_weighted_sum
+from medfed.aggregation.store import StoredUpload
 from medfed.aggregation.strategies import Strategy, Weights
 from medfed.contract.codecs.base import Codec
 from medfed.contract.secagg import VectorLayout
@@ -94,13 +95,19 @@ def open_masking_round(
 
 
 def accept_masked_upload(
-    rounds: MaskingRounds, study: str, round_number: int, decoded: DecodedUpdate
+    rounds: MaskingRounds,
+    study: str,
+    round_number: int,
+    decoded: DecodedUpdate,
+    upload: StoredUpload | None = None,
 ) -> None:
     """Add a decoded ``masked`` envelope to its masking round.
 
     Uploads close by themselves once every site that shared keys has
     uploaded, so the survivors can reveal their shares without waiting for
-    the coordinator.
+    the coordinator. ``upload`` is the envelope as the upload route stores
+    it: with a store, it is saved in the same transaction as the round's
+    change, so the service never keeps one without the other.
 
     Raises:
         SecureAggregationError: the envelope is not masked with the round's
@@ -119,6 +126,8 @@ def accept_masked_upload(
         entry.server.add_masked_update(
             header.site, vector, sample_count=header.sample_count
         )
+        if upload is not None:
+            entry.attach_upload(upload)
         if entry.server.uploads_complete:
             entry.server.close_uploads()
 

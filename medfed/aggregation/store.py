@@ -5,11 +5,18 @@ each upload either fully accepted or absent, never half-written or counted
 twice. Tables: studies (config and strategy state), models (every global model
 version with its SHA-256), published (the tensors a strategy publishes to
 sites with a model version, such as SCAFFOLD's control variate), rounds
-(state, participants, quorum, deadline), uploads (the accepted envelopes) and
+(state, participants, quorum, deadline), uploads (the accepted envelopes),
 ckks_sums (for studies with ``secure_aggregation: ckks``, the encrypted sum of
-a round whose uploads have closed, and the sum a site decrypted from it) and
+a round whose uploads have closed, and the sum a site decrypted from it), and
 arrivals (for asynchronous studies, every accepted update with the version it
 was trained from; those not yet aggregated form the buffer).
+
+Studies with ``secure_aggregation: masking`` add masking_rounds (each masking
+round's sites, threshold, encoding, layout, deadline and state),
+masking_messages (every change the round acknowledged, in order, so that a
+restart replays them) and masked_uploads (masked envelopes sent to the
+masking route rather than the upload route). A masked envelope is stored
+once, in uploads or masked_uploads, never inside a message.
 """
 
 import hashlib
@@ -21,14 +28,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 __all__ = [
     "Arrival",
     "AsyncPublication",
     "EncryptedSum",
+    "MaskedUploadTable",
+    "MaskingMessage",
     "ModelVersion",
     "RoundRecord",
+    "SavedMaskingRound",
     "Store",
     "StoredUpload",
     "StudyRecord",
@@ -110,7 +120,43 @@ CREATE TABLE IF NOT EXISTS ckks_sums (
     closed_at REAL NOT NULL,
     PRIMARY KEY (study, round)
 );
+CREATE TABLE IF NOT EXISTS masking_rounds (
+    study TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('open', 'unmasked', 'aborted')),
+    setup TEXT NOT NULL,
+    reason TEXT,
+    opened_at REAL NOT NULL,
+    closed_at REAL,
+    PRIMARY KEY (study, round)
+);
+CREATE TABLE IF NOT EXISTS masking_messages (
+    study TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    sequence INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    site TEXT,
+    body TEXT,
+    received_at REAL NOT NULL,
+    PRIMARY KEY (study, round, sequence)
+);
+CREATE TABLE IF NOT EXISTS masked_uploads (
+    study TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    site TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    nonce TEXT NOT NULL,
+    sample_count INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    envelope BLOB NOT NULL,
+    received_at REAL NOT NULL,
+    PRIMARY KEY (study, round, site)
+);
 """
+
+#: The table of a masked envelope: ``uploads`` when it came on the upload
+#: route, ``masked_uploads`` when it came on the masking route.
+MaskedUploadTable = Literal["uploads", "masked_uploads"]
 
 
 @dataclass(frozen=True)
@@ -202,6 +248,47 @@ class EncryptedSum:
     decrypted: bytes | None
     decrypted_sha256: str | None
     decrypted_by: str | None
+
+
+@dataclass(frozen=True)
+class MaskingMessage:
+    """One acknowledged change of a masking round, as replayed after a restart.
+
+    Attributes:
+        kind: what changed, such as ``advertisement`` or ``uploads_closed``.
+        site: the site that sent the message, or None for a phase close.
+        body: the message as JSON; for a masked upload only its sample count,
+            because the envelope is stored once, in its own table.
+    """
+
+    kind: str
+    site: str | None = None
+    body: str | None = None
+
+
+@dataclass(frozen=True)
+class SavedMaskingRound:
+    """A masking round as the store keeps it.
+
+    Attributes:
+        state: ``open``, ``unmasked`` or ``aborted``.
+        setup: what opened the round (sites, threshold, encoding, layout,
+            deadline) as JSON-compatible data.
+        reason: why the round was aborted, once it was.
+        service_state: the state of the service round with the same study and
+            number, or None when the service has no such round.
+        messages: the round's acknowledged changes, in order.
+        envelopes: the masked envelopes by site, from both upload tables.
+    """
+
+    study: str
+    round: int
+    state: str
+    setup: dict[str, Any]
+    reason: str | None
+    service_state: str | None
+    messages: list[MaskingMessage]
+    envelopes: dict[str, bytes]
 
 
 class UploadsClosedError(Exception):
@@ -523,6 +610,132 @@ class Store:
                 (envelope, sha256, site, study, round_number),
             )
         return cursor.rowcount == 1
+
+    # Masking rounds
+
+    def open_masking_round(
+        self, study: str, round_number: int, setup: dict[str, Any]
+    ) -> None:
+        """Store a new masking round; one opened again starts with no messages."""
+        with self.transaction() as connection:
+            for table in ("masking_messages", "masked_uploads"):
+                connection.execute(
+                    f"DELETE FROM {table} WHERE study = ? AND round = ?",
+                    (study, round_number),
+                )
+            connection.execute(
+                "INSERT OR REPLACE INTO masking_rounds (study, round, state, setup,"
+                " reason, opened_at, closed_at) VALUES (?, ?, 'open', ?, NULL, ?, NULL)",
+                (study, round_number, json.dumps(setup, sort_keys=True), time.time()),
+            )
+
+    def append_masking_messages(
+        self,
+        study: str,
+        round_number: int,
+        first_sequence: int,
+        messages: list[MaskingMessage],
+        upload: StoredUpload | None = None,
+        upload_table: MaskedUploadTable = "uploads",
+    ) -> None:
+        """Append a masking round's changes, and the envelope they accepted, at once.
+
+        ``first_sequence`` is the number of messages stored before these; a
+        sequence number that is taken fails the whole transaction, so no
+        change is stored twice.
+        """
+        now = time.time()
+        with self.transaction() as connection:
+            if upload is not None:
+                connection.execute(
+                    f"INSERT INTO {upload_table} (study, round, site, sha256, nonce,"
+                    " sample_count, size, envelope, received_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (study, round_number, upload.site, upload.sha256, upload.nonce,
+                     upload.sample_count, upload.size, upload.envelope,
+                     upload.received_at),
+                )  # fmt: skip
+            connection.executemany(
+                "INSERT INTO masking_messages (study, round, sequence, kind, site, body,"
+                " received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (study, round_number, first_sequence + offset, message.kind,
+                     message.site, message.body, now)
+                    for offset, message in enumerate(messages)
+                ],
+            )  # fmt: skip
+
+    def close_masking_round(
+        self, study: str, round_number: int, *, state: str, reason: str | None = None
+    ) -> None:
+        """Mark an open masking round ``unmasked`` or ``aborted`` with ``reason``."""
+        with self.transaction() as connection:
+            connection.execute(
+                "UPDATE masking_rounds SET state = ?, reason = ?, closed_at = ?"
+                " WHERE study = ? AND round = ? AND state = 'open'",
+                (state, reason, time.time(), study, round_number),
+            )
+
+    def masking_round_keys(self) -> list[tuple[str, int]]:
+        """Return the study and number of every stored masking round, oldest first."""
+        with self._lock:
+            rows = self._connection.execute(
+                "SELECT study, round FROM masking_rounds ORDER BY opened_at"
+            ).fetchall()
+        return [(row[0], row[1]) for row in rows]
+
+    def masking_round(
+        self, study: str, round_number: int, *, with_messages: bool = True
+    ) -> SavedMaskingRound | None:
+        """Return a stored masking round; without messages and envelopes if asked."""
+        with self._lock:
+            row = self._connection.execute(
+                "SELECT m.state, m.setup, m.reason, r.state FROM masking_rounds m"
+                " LEFT JOIN rounds r ON r.study = m.study AND r.round = m.round"
+                " WHERE m.study = ? AND m.round = ?",
+                (study, round_number),
+            ).fetchone()
+            if row is None:
+                return None
+            messages: list[MaskingMessage] = []
+            envelopes: dict[str, bytes] = {}
+            if with_messages:
+                messages = [
+                    MaskingMessage(*item)
+                    for item in self._connection.execute(
+                        "SELECT kind, site, body FROM masking_messages"
+                        " WHERE study = ? AND round = ? ORDER BY sequence",
+                        (study, round_number),
+                    )
+                ]
+                for table in ("uploads", "masked_uploads"):
+                    envelopes.update(
+                        (site, bytes(envelope))
+                        for site, envelope in self._connection.execute(
+                            f"SELECT site, envelope FROM {table}"
+                            " WHERE study = ? AND round = ?",
+                            (study, round_number),
+                        )
+                    )
+        return SavedMaskingRound(
+            study=study,
+            round=round_number,
+            state=row[0],
+            setup=json.loads(row[1]),
+            reason=row[2],
+            service_state=row[3],
+            messages=messages,
+            envelopes=envelopes,
+        )
+
+    def open_rounds(self) -> list[RoundRecord]:
+        """Return every service round that is still open."""
+        with self._lock:
+            rows = self._connection.execute(
+                "SELECT study, round FROM rounds WHERE state = 'open'"
+            ).fetchall()
+        records = [self.get_round(study, round_number) for study, round_number in rows]
+        return [record for record in records if record is not None]
 
     # Arrivals of asynchronous studies
 

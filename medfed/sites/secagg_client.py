@@ -9,6 +9,12 @@ phase asks the service to hold it until the phase comes (query parameter
 it does not hold requests, the client polls again, at most every
 ``poll_interval``. It returns what the round cost the site
 (``MaskingRoundCost``).
+
+A request that fails to connect, loses its connection or gets 502, 503 or
+504 is sent again, up to ``attempts`` times in all, with exponential
+backoff, so a site rides out a restart of the service. Every request is safe
+to repeat: the service acknowledges a message it already accepted again and
+changes nothing.
 """
 
 import logging
@@ -18,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
@@ -46,6 +52,17 @@ logger = logging.getLogger(__name__)
 
 _TOO_EARLY = 425
 _SHARE_LIST = TypeAdapter(list[EncryptedShare])
+#: Statuses of a service that is restarting or overloaded; the request is retried.
+_RETRIED_STATUSES = frozenset({502, 503, 504})
+
+#: Attempts of one request before its connection error or 502, 503 or 504 is
+#: raised. The first retry waits the base seconds, and each later wait doubles
+#: up to the max: about 30 s in all, enough for the service to restart.
+SERVICE_ATTEMPTS = 8
+FIRST_BACKOFF_SECONDS = 0.5
+MAX_BACKOFF_SECONDS = 8.0
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -148,6 +165,8 @@ class MaskingClient:
             without holding.
         http_client: an ``httpx.Client`` to use (for TLS settings); one is
             created when omitted.
+        attempts: how many times each request is sent before a connection
+            error or a 502, 503 or 504 response is raised; 1 sends it once.
     """
 
     def __init__(
@@ -158,12 +177,16 @@ class MaskingClient:
         poll_interval: float = 0.2,
         wait_per_poll: float = 20.0,
         http_client: httpx.Client | None = None,
+        attempts: int = SERVICE_ATTEMPTS,
     ) -> None:
         if not 0 <= wait_per_poll < float("inf"):
             raise ConfigError(
                 "wait_per_poll must be a finite number of seconds >= 0, got "
                 f"{wait_per_poll!r}"
             )
+        if attempts < 1:
+            raise ConfigError(f"attempts must be at least 1, got {attempts!r}")
+        self.attempts = attempts
         self.base_url = base_url.rstrip("/")
         self.poll_interval = poll_interval
         self.wait_per_poll = wait_per_poll
@@ -334,7 +357,8 @@ class MaskingClient:
         if upload is None:
             self._send("PUT", f"{prefix}/masked/{site.site}", content=envelope)
         else:
-            upload(envelope)
+            # The service takes the same envelope again as a retry.
+            self._with_retries(f"upload of site {site.site}", lambda: upload(envelope))
 
     def reveal(self, setup: "MaskingSetup") -> MaskingRoundCost:
         """Wait for uploads to close, then reveal the shares the service requests.
@@ -443,8 +467,44 @@ class MaskingClient:
         return self._checked(self._request(method, path, **kwargs), method, path)
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        return self._with_retries(
+            f"{method} {path}", lambda: self._request_once(method, path, **kwargs)
+        )
+
+    def _with_retries(self, action: str, call: Callable[[], _T]) -> _T:
+        """Run ``call`` until it succeeds or fails for good.
+
+        ``call`` raises ``ServiceError``. One without a status (the service
+        is unreachable) or with status 502, 503 or 504 is retried, up to
+        ``attempts`` calls in all, unless the HTTP client was closed.
+        """
+        backoff = FIRST_BACKOFF_SECONDS
+        attempt = 1
+        while True:
+            try:
+                return call()
+            except ServiceError as error:
+                transient = (
+                    error.status_code is None or error.status_code in _RETRIED_STATUSES
+                )
+                if not transient or attempt >= self.attempts or self._http.is_closed:
+                    raise
+                logger.warning(
+                    "%s failed (attempt %d of %d): %s; retrying in %.1f s",
+                    action,
+                    attempt,
+                    self.attempts,
+                    error,
+                    backoff,
+                )
+            time.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+            attempt += 1
+
+    def _request_once(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Send one request; raise ``ServiceError`` for a status worth retrying."""
         try:
-            return self._http.request(method, path, **kwargs)
+            response = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as error:
             raise ServiceError(
                 f"aggregation service at {self.base_url} is unreachable "
@@ -458,6 +518,9 @@ class MaskingClient:
             raise ServiceError(
                 f"cannot send {method} {path}: the site's HTTP client is closed"
             ) from None
+        if response.status_code in _RETRIED_STATUSES:
+            return self._checked(response, method, path)
+        return response
 
     def _checked(
         self, response: httpx.Response, method: str, path: str

@@ -524,7 +524,11 @@ def test_closing_background_round_stops_its_polls(service):
 
 
 def refuse_upload(envelope):
-    raise ServiceError("aggregation service at 127.0.0.1 is unreachable (PUT)")
+    # A rejection, not a connection error, which the client would retry.
+    raise ServiceError(
+        "aggregation service rejected PUT with 413: request body too large",
+        status_code=413,
+    )
 
 
 @pytest.mark.parametrize("failure", ["nan_update", "upload_fails"])
