@@ -9,8 +9,9 @@ All routes are under ``/v1/studies/{study}/rounds/{round}/secagg``:
 - ``POST /shares``: a site's ``ShareUpload``. Sharing closes by itself once
   every roster site has uploaded or withdrawn, or by ``POST /shares/close``.
 - ``GET /shares/{site}``: the encrypted shares relayed to ``site``.
-- ``PUT /masked/{site}``: a site's envelope with the ``masked`` codec, for a
-  service that does not take masked envelopes on its own upload route.
+- ``PUT /masked/{site}``: a site's envelope with the ``masked`` codec. The
+  aggregation service passes it to its own upload route's checks; a router
+  without ``masked_upload`` adds it to the masking round itself.
   Uploads close by themselves once every site that shared keys uploaded or
   withdrew.
 - ``POST /withdrawals/{site}``: ``site`` will not upload this round. The
@@ -47,7 +48,7 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
@@ -631,8 +632,20 @@ def _require_coordinator(request: Request) -> None:
         raise HTTPException(403, "only the coordinator may close a masking phase")
 
 
-def create_masking_router(rounds: MaskingRounds) -> APIRouter:
-    """Return the routes of masking rounds kept in ``rounds``."""
+#: Takes a site's masked envelope (study, round, site, body) as a service's own
+#: upload route does and returns the response body.
+MaskedUploadHandler = Callable[[str, int, str, bytes], Awaitable[dict[str, Any]]]
+
+
+def create_masking_router(
+    rounds: MaskingRounds, *, masked_upload: MaskedUploadHandler | None = None
+) -> APIRouter:
+    """Return the routes of masking rounds kept in ``rounds``.
+
+    With ``masked_upload``, ``PUT /masked/{site}`` hands each envelope to it,
+    so that a service checks its signature, stores it, counts it towards the
+    quorum and audits it exactly as on its own upload route.
+    """
     router = APIRouter(prefix=_PREFIX)
 
     @router.post("/keys")
@@ -715,6 +728,8 @@ def create_masking_router(rounds: MaskingRounds) -> APIRouter:
             + rounds.limits.max_payload_bytes
         )
         body = await _read_limited_body(request, limit)
+        if masked_upload is not None:
+            return await masked_upload(study, round_number, site, body)
         # Decoding and the round's lock stay off the event loop, where
         # requests held by ``read_when_ready`` wait.
         await run_in_threadpool(

@@ -155,13 +155,6 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     security = install_security(app, settings.security_settings())
     service = RoundService(store, settings.limits, verify_signature=security.verifier)
     app.state.service = service
-    # Key, share and reveal messages of studies with secure_aggregation masking.
-    # Each route also checks that a site acts only as itself and that only
-    # the coordinator closes a phase.
-    app.include_router(
-        create_masking_router(service.masking),
-        dependencies=[Depends(authenticated_participant)],
-    )
     install_error_handlers(app)
 
     @app.exception_handler(Rejected)
@@ -266,15 +259,34 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     async def upload(
         study: StudyId, round_number: RoundNumber, site: SiteId, request: Request
     ) -> dict[str, Any]:
-        where = {"study": study, "round": round_number}
         try:
             body = await _read_body(request, settings.max_upload_bytes)
+        except Rejected as error:
+            await record_rejection(study, round_number, site, error)
+            raise
+        return await accept_envelope(study, round_number, site, body)
+
+    async def record_rejection(
+        study: str, round_number: int, site: str, error: Rejected
+    ) -> None:
+        details = {
+            "study": study,
+            "round": round_number,
+            "status": error.status_code,
+            "reason": error.message,
+        }
+        await run_in_threadpool(security.record, "update.rejected", site, details)
+
+    async def accept_envelope(
+        study: str, round_number: int, site: str, body: bytes
+    ) -> dict[str, Any]:
+        where = {"study": study, "round": round_number}
+        try:
             stored = await run_in_threadpool(
                 service.accept_upload, study, round_number, site, body
             )
         except Rejected as error:
-            details = {**where, "status": error.status_code, "reason": error.message}
-            await run_in_threadpool(security.record, "update.rejected", site, details)
+            await record_rejection(study, round_number, site, error)
             raise
         await run_in_threadpool(
             security.record,
@@ -295,6 +307,15 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             "sha256": stored.sha256,
             "received_at": stored.received_at,
         }
+
+    # Key, share and reveal messages of studies with secure_aggregation masking.
+    # Each route also checks that a site acts only as itself and that only
+    # the coordinator closes a phase. A masked envelope sent to the masking
+    # route goes through the same checks, store and audit as an upload.
+    app.include_router(
+        create_masking_router(service.masking, masked_upload=accept_envelope),
+        dependencies=[Depends(authenticated_participant)],
+    )
 
     @app.post(
         "/v1/studies/{study}/rounds/{round_number}/privacy/{site}",
