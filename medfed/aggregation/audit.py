@@ -72,6 +72,8 @@ AUDIT_EVENTS = frozenset(
         "service.started",
         "shares.revealed",
         "site.authenticated",
+        "site.withdrawal_rejected",
+        "site.withdrawn",
         "study.provisioned",
         "update.accepted",
         "update.rejected",

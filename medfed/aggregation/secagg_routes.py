@@ -15,8 +15,11 @@ All routes are under ``/v1/studies/{study}/rounds/{round}/secagg``:
   Uploads close by themselves once every site that shared keys uploaded or
   withdrew.
 - ``POST /withdrawals/{site}``: ``site`` will not upload this round. The
-  current phase then closes without waiting for it, and a withdrawal that
-  leaves fewer than ``threshold`` sites able to upload aborts the round.
+  site sends it itself, or the coordinator sends it (with the JSON body
+  ``{"requested_by": "coordinator"}``) for a site that died without doing
+  so. The current phase then closes without waiting for the site, and a
+  withdrawal that leaves fewer than ``threshold`` sites able to upload
+  aborts the round. A withdrawal after the site's upload gets 409.
 - ``POST /uploads/close``: end uploads; returns the ``RevealRequest``.
 - ``GET /reveal-request``: the ``RevealRequest``, 425 until uploads closed.
 - ``POST /reveals``: a survivor's ``RevealedShares``.
@@ -51,11 +54,12 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
 from medfed.aggregation.masking_state import (
@@ -85,10 +89,12 @@ from medfed.errors import ConfigError, EnvelopeError, SecureAggregationError
 
 __all__ = [
     "DEFAULT_MAX_WAIT_SECONDS",
+    "AuditRecorder",
     "MaskingRounds",
     "RoundAbortedError",
     "StateNotSavedError",
     "UnknownRoundError",
+    "WithdrawalRequest",
     "create_masking_router",
     "install_error_handlers",
 ]
@@ -122,6 +128,20 @@ _DEADLINE_GRACE_SECONDS = 0.01
 _MAX_ABORTED_ROUNDS_KEPT = 1000
 
 _T = TypeVar("_T")
+
+AuditRecorder = Callable[[str, str, dict[str, Any]], None]
+"""Called as ``record(event, actor, details)`` to append to the service's audit log."""
+
+
+class WithdrawalRequest(BaseModel):
+    """The optional JSON body of ``POST /withdrawals/{site}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Who sends the withdrawal: the site itself (the default) or the
+    #: coordinator. With a client certificate it must match the certificate's
+    #: role. Without one (local mode) the service takes it as stated.
+    requested_by: Literal["site", "coordinator"] = "site"
 
 
 class UnknownRoundError(SecureAggregationError):
@@ -621,6 +641,44 @@ def _require_site(request: Request, claimed: str) -> None:
         )
 
 
+def _withdrawal_actor(
+    request: Request, site: str, requested_by: Literal["site", "coordinator"]
+) -> str:
+    """Return who withdraws ``site``: the site's id or "coordinator".
+
+    A site may withdraw only itself. The coordinator may withdraw any site,
+    because a site whose process died cannot send its own withdrawal.
+
+    Raises:
+        HTTPException: 403 when the client certificate names another site,
+            or a role other than ``requested_by``.
+    """
+    identity = peer_identity(request.scope)
+    if identity is None:
+        return "coordinator" if requested_by == "coordinator" else site
+    if identity.role != requested_by:
+        logger.warning(
+            "rejected %s %s: %s %s sent a withdrawal requested_by %s",
+            request.method, request.url.path, identity.role, identity.name, requested_by,
+        )  # fmt: skip
+        raise HTTPException(
+            403,
+            f"{identity.role} {identity.name!r} sent a withdrawal with requested_by "
+            f"{requested_by!r}; set requested_by to {identity.role!r}",
+        )
+    if identity.role == "site" and identity.name != site:
+        logger.warning(
+            "rejected %s %s: site %s tried to withdraw site %s",
+            request.method, request.url.path, identity.name, site,
+        )  # fmt: skip
+        raise HTTPException(
+            403,
+            f"site {identity.name!r} may not withdraw site {site!r}; only that site "
+            "or the coordinator may",
+        )
+    return identity.name
+
+
 def _require_coordinator(request: Request) -> None:
     """Reject a phase-closing request from anyone but the coordinator."""
     identity = peer_identity(request.scope)
@@ -638,13 +696,18 @@ MaskedUploadHandler = Callable[[str, int, str, bytes], Awaitable[dict[str, Any]]
 
 
 def create_masking_router(
-    rounds: MaskingRounds, *, masked_upload: MaskedUploadHandler | None = None
+    rounds: MaskingRounds,
+    *,
+    masked_upload: MaskedUploadHandler | None = None,
+    record: AuditRecorder | None = None,
 ) -> APIRouter:
     """Return the routes of masking rounds kept in ``rounds``.
 
     With ``masked_upload``, ``PUT /masked/{site}`` hands each envelope to it,
     so that a service checks its signature, stores it, counts it towards the
-    quorum and audits it exactly as on its own upload route.
+    quorum and audits it exactly as on its own upload route. ``record``
+    appends the withdrawals, and the withdrawals the round rejects, to the
+    service's audit log.
     """
     router = APIRouter(prefix=_PREFIX)
 
@@ -739,22 +802,43 @@ def create_masking_router(
 
     @router.post("/withdrawals/{site}")
     def withdraw(
-        study: StudyId, round_number: RoundNumber, site: SiteId, request: Request
+        study: StudyId,
+        round_number: RoundNumber,
+        site: SiteId,
+        request: Request,
+        body: WithdrawalRequest | None = None,
     ) -> dict[str, Any]:
-        _require_site(request, site)
-        with rounds.edit(study, round_number) as entry:
-            server = entry.server
-            server.withdraw(site)
-            remaining = len(entry.upload_candidates())
-            reachable = remaining >= server.threshold
-            if reachable:
-                entry.close_complete_phase()
+        body = body or WithdrawalRequest()
+        actor = _withdrawal_actor(request, site, body.requested_by)
+        where = {"study": study, "round": round_number, "site": site}
+        try:
+            with rounds.edit(study, round_number) as entry:
+                server = entry.server
+                phase = server.phase_name
+                already_withdrawn = site in server.withdrawn_sites
+                server.withdraw(site)
+                remaining = len(entry.upload_candidates())
+                reachable = remaining >= server.threshold
+                if reachable:
+                    entry.close_complete_phase()
+        except SecureAggregationError as error:
+            if record is not None:
+                details = {**where, "status": _status_of(error), "reason": str(error)}
+                record("site.withdrawal_rejected", actor, details)
+            raise
+        if already_withdrawn:
+            logger.info(
+                "site %s had already withdrawn from masking round %s of study %s; "
+                "the withdrawal by %s changed nothing",
+                site, round_number, study, actor,
+            )  # fmt: skip
+            return {"site": site, "already_withdrawn": True}
         logger.info(
-            "site %s withdrew from masking round %s of study %s",
-            site,
-            round_number,
-            study,
-        )
+            "site %s withdrawn from masking round %s of study %s in phase %s by %s",
+            site, round_number, study, phase, actor,
+        )  # fmt: skip
+        if record is not None:
+            record("site.withdrawn", actor, {**where, "phase": phase})
         if not reachable:
             # Waiting for the deadline could not save the round, so the sites
             # held on its routes get the reason now.
@@ -765,7 +849,7 @@ def create_masking_router(
                 f"upload, fewer than the threshold {server.threshold}; nothing "
                 "is unmasked",
             )
-        return {"site": site}
+        return {"site": site, "already_withdrawn": False}
 
     @router.post("/uploads/close")
     def close_uploads(
@@ -808,15 +892,21 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _rejected(
         request: Request, error: SecureAggregationError
     ) -> JSONResponse:
-        status = 409
-        if isinstance(error, UnknownRoundError):
-            status = 404
-        elif isinstance(error, RoundNotReadyError):
-            status = 425
-        elif isinstance(error, StateNotSavedError):
-            status = 503
         logger.info("rejected %s %s: %s", request.method, request.url.path, error)
-        return JSONResponse(status_code=status, content={"detail": str(error)})
+        return JSONResponse(
+            status_code=_status_of(error), content={"detail": str(error)}
+        )
+
+
+def _status_of(error: SecureAggregationError) -> int:
+    """Return the HTTP status of a rejected masking request: 404, 425, 503 or 409."""
+    if isinstance(error, UnknownRoundError):
+        return 404
+    if isinstance(error, RoundNotReadyError):
+        return 425
+    if isinstance(error, StateNotSavedError):
+        return 503
+    return 409
 
 
 async def _read_limited_body(request: Request, limit: int) -> bytes:

@@ -42,8 +42,9 @@ rounds accept only the coordinator's, and the others any participant's. Each
 upload's signature is checked against the site registry before its payload is
 decoded. Every
 decision that matters to an audit (uploads accepted or rejected, rounds
-opened, finalized or aborted, model versions registered and downloaded) is
-appended to the hash-chained audit log in the state directory.
+opened, finalized or aborted, sites withdrawn from masking rounds, model
+versions registered and downloaded) is appended to the hash-chained audit
+log in the state directory.
 """
 
 import logging
@@ -310,10 +311,13 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
     # Key, share and reveal messages of studies with secure_aggregation masking.
     # Each route also checks that a site acts only as itself and that only
-    # the coordinator closes a phase. A masked envelope sent to the masking
-    # route goes through the same checks, store and audit as an upload.
+    # the coordinator closes a phase or withdraws another site. A masked
+    # envelope sent to the masking route goes through the same checks, store
+    # and audit as an upload.
     app.include_router(
-        create_masking_router(service.masking, masked_upload=accept_envelope),
+        create_masking_router(
+            service.masking, masked_upload=accept_envelope, record=security.record
+        ),
         dependencies=[Depends(authenticated_participant)],
     )
 

@@ -298,6 +298,31 @@ class AggregationClient:
             content=envelope,
         )
 
+    def withdraw_site(self, study: str, round_number: int, site: str) -> bool:
+        """Withdraw ``site`` from a masking round on the coordinator's behalf.
+
+        This is for a site whose task failed without the site withdrawing
+        itself, for example because its process was killed. The round then
+        stops waiting for the site, as if the site had withdrawn.
+
+        Returns:
+            True if this call withdrew the site, False if it had already
+            withdrawn.
+
+        Raises:
+            ServiceError: the service rejected the withdrawal or is
+                unreachable. The service returns 409 when the site already
+                uploaded, did not take part in the round's key exchange, or
+                the round closed its uploads or was aborted, and 404 when no
+                masking round is open.
+        """
+        response = self._json(
+            "POST",
+            f"/v1/studies/{study}/rounds/{round_number}/secagg/withdrawals/{site}",
+            json={"requested_by": "coordinator"},
+        )
+        return not response["already_withdrawn"]
+
     def finalize(
         self, study: str, round_number: int, *, absent: Sequence[str] = ()
     ) -> dict[str, Any]:

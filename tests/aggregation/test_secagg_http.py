@@ -22,6 +22,7 @@ from medfed.aggregation.secagg_routes import (
 from medfed.contract.secagg import FixedPointEncoding, MaskingSite, VectorLayout
 from medfed.contract.wire import encode_envelope
 from medfed.errors import ServiceError
+from medfed.sites.client import AggregationClient
 from medfed.sites.secagg_client import BackgroundMaskingRound, MaskingClient
 
 STUDY = "heart"
@@ -33,10 +34,14 @@ ENCODING = FixedPointEncoding(
 
 
 @contextmanager
-def serve(rounds: MaskingRounds) -> Iterator[str]:
-    """Serve the masking routes of ``rounds`` on 127.0.0.1; yield the URL."""
+def serve(rounds: MaskingRounds, record=None) -> Iterator[str]:
+    """Serve the masking routes of ``rounds`` on 127.0.0.1; yield the URL.
+
+    ``record`` receives the routes' audit events, as the service's audit log
+    would.
+    """
     app = FastAPI()
-    app.include_router(create_masking_router(rounds))
+    app.include_router(create_masking_router(rounds, record=record))
     install_error_handlers(app)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -681,3 +686,146 @@ def test_withdrawal_closes_sharing(service):
     with rounds.edit(STUDY, 24) as entry:
         assert entry.server.phase_name == "uploading"
         assert entry.server.sharing_sites == SITES[:4]
+
+
+# Withdrawals that the coordinator sends for a site that died
+
+
+@pytest.fixture
+def audited_service():
+    """A service whose audit events are collected in a list."""
+    rounds = MaskingRounds()
+    events = []
+    with serve(rounds, record=lambda *event: events.append(event)) as url:
+        yield rounds, url, events
+
+
+def wait_for_uploads(rounds, round_number, names):
+    deadline = time.monotonic() + 30
+    while True:
+        with rounds.edit(STUDY, round_number) as entry:
+            if entry.server.uploaded_sites == names:
+                return
+        assert time.monotonic() < deadline, f"{names} did not upload in time"
+        time.sleep(0.05)
+
+
+def test_coordinator_withdraws_dead_site(audited_service):
+    rounds, url, events = audited_service
+    open_round(rounds, 30)
+    background = start_background_rounds(url, 30, wait_seconds=30)
+    wait_for_shares(url, 30)
+    # site-e shared its keys and then died: it never uploads or withdraws.
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            finishing = pool.submit(finish_sites, background, SITES[:4])
+            # The four survivors uploaded and now wait for the reveal request.
+            wait_for_uploads(rounds, 30, SITES[:4])
+            with AggregationClient(url) as coordinator:
+                withdrawn = coordinator.withdraw_site(STUDY, 30, "site-e")
+            errors = finishing.result(timeout=60)
+        with rounds.edit(STUDY, 30) as entry:
+            request = entry.server.reveal_request
+            withdrawn_sites = entry.server.withdrawn_sites
+        result = rounds.unmask(STUDY, 30)
+        recorded = list(events)
+    finally:
+        # site-e's own withdrawal comes after the round and is rejected.
+        background["site-e"].close()
+
+    assert withdrawn is True
+    assert errors == {}
+    assert withdrawn_sites == ["site-e"]
+    assert request.dropped == ["site-e"]
+    assert result.survivors == tuple(SITES[:4])
+    expected_bias = sum((0.25 * index - 0.5) * (10 + index) for index in range(4))
+    np.testing.assert_array_equal(result.weighted_sum, np.full(8, expected_bias))
+    assert recorded == [
+        (
+            "site.withdrawn",
+            "coordinator",
+            {"study": STUDY, "round": 30, "site": "site-e", "phase": "uploading"},
+        )
+    ]
+
+
+def test_withdrawal_after_upload_rejected(audited_service):
+    rounds, url, events = audited_service
+    open_round(rounds, 31)
+    background = start_background_rounds(url, 31, wait_seconds=30)
+    wait_for_shares(url, 31)
+    coordinator = AggregationClient(url)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            finishing = pool.submit(finish_sites, background, SITES[:4])
+            wait_for_uploads(rounds, 31, SITES[:4])
+            with rounds.edit(STUDY, 31) as entry:
+                before = entry.server.export_state()
+
+            with pytest.raises(ServiceError) as rejection:
+                coordinator.withdraw_site(STUDY, 31, "site-a")
+
+            with rounds.edit(STUDY, 31) as entry:
+                after = entry.server.export_state()
+            # Withdrawing site-e, which never uploaded, lets the round finish.
+            coordinator.withdraw_site(STUDY, 31, "site-e")
+            errors = finishing.result(timeout=60)
+        result = rounds.unmask(STUDY, 31)
+        recorded = list(events)
+    finally:
+        coordinator.close()
+        background["site-e"].close()
+
+    assert rejection.value.status_code == 409
+    assert str(rejection.value) == (
+        "aggregation service rejected POST "
+        "/v1/studies/heart/rounds/31/secagg/withdrawals/site-a with 409: site "
+        "'site-a' already uploaded this round, so it cannot be withdrawn: its "
+        "update is part of the round's sum"
+    )
+    assert after == before
+    assert after["phase"] == "uploading"
+    assert after["withdrawn"] == []
+    assert errors == {}
+    assert result.survivors == tuple(SITES[:4])
+    expected_bias = sum((0.25 * index - 0.5) * (10 + index) for index in range(4))
+    np.testing.assert_array_equal(result.weighted_sum, np.full(8, expected_bias))
+    assert recorded[0] == (
+        "site.withdrawal_rejected",
+        "coordinator",
+        {
+            "study": STUDY,
+            "round": 31,
+            "site": "site-a",
+            "status": 409,
+            "reason": "site 'site-a' already uploaded this round, so it cannot be "
+            "withdrawn: its update is part of the round's sum",
+        },
+    )
+    assert [event[:2] for event in recorded[1:]] == [("site.withdrawn", "coordinator")]
+
+
+def test_repeated_withdrawal_changes_nothing(audited_service):
+    rounds, url, events = audited_service
+    open_round(rounds, 32)
+    # site-e has not advertised yet, so advertising stays open.
+    advertise(url, 32, SITES[:4])
+    prefix = prefix_of(url, 32)
+
+    first = httpx.post(f"{prefix}/withdrawals/site-d")
+    with AggregationClient(url) as coordinator:
+        again = coordinator.withdraw_site(STUDY, 32, "site-d")
+
+    assert first.status_code == 200
+    assert first.json() == {"site": "site-d", "already_withdrawn": False}
+    assert again is False
+    assert events == [
+        (
+            "site.withdrawn",
+            "site-d",
+            {"study": STUDY, "round": 32, "site": "site-d", "phase": "advertising"},
+        )
+    ]
+    with rounds.edit(STUDY, 32) as entry:
+        assert entry.server.withdrawn_sites == ["site-d"]
+        assert entry.server.advertised_sites == SITES[:3]

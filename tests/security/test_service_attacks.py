@@ -466,7 +466,6 @@ ADVERTISEMENT = {
         ("POST", "/keys", ADVERTISEMENT),
         ("GET", "/shares/beta", None),
         ("PUT", "/masked/beta", None),
-        ("POST", "/withdrawals/beta", None),
         (
             "POST",
             "/reveals",

@@ -347,6 +347,15 @@ class MaskingServer:
         phase and the upload phase close without waiting for it, not at the
         round's deadline. Withdrawing again changes nothing.
 
+        The site itself or the coordinator may send the withdrawal, the
+        coordinator for a site that died without sending it. Either way a
+        withdrawal after the site's upload is rejected. Otherwise the reveal
+        request would list as dropped a site whose masked update the service
+        stores, the other sites would reveal its mask-key shares, and only its
+        self-mask would still hide its update. The rejection, together with
+        the rejection of uploads from withdrawn sites, means the service never
+        stores both a site's masked update and the shares of its mask key.
+
         Raises:
             SecureAggregationError: the site did not advertise keys (while
                 advertising) or is not in the roster (while sharing), did not
@@ -376,7 +385,8 @@ class MaskingServer:
                 )
             if site in self._masked:
                 raise SecureAggregationError(
-                    f"site {site!r} already uploaded this round, so it cannot withdraw"
+                    f"site {site!r} already uploaded this round, so it cannot be "
+                    "withdrawn: its update is part of the round's sum"
                 )
         else:
             raise SecureAggregationError(
