@@ -4,18 +4,22 @@ Per round the flow opens the round on the aggregation service, runs every
 site's round as one Prefect task named after the site, requests that the
 service finalize (naming the sites that rejected the round or failed), runs each
 site's evaluation of the new global model, pools the aggregates and logs the
-round to MLflow. In local mode the site tasks run in this process, each with
-its own state folder. In deployment mode (``deployed_sites``) the same tasks
-start the site flows in each site's Prefect work pool instead
-(``medfed.flows.deployments``); nothing else differs.
+round to MLflow. In a masking round it withdraws a site from the round as
+soon as the site's task fails, so the other sites need not wait for it. In
+local mode the site tasks run in this process, each with its own state
+folder. In deployment mode (``deployed_sites``) the same tasks start the site
+flows in each site's Prefect work pool instead (``medfed.flows.deployments``);
+nothing else differs.
 """
 
 import json
 import logging
 import os
+import queue
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +38,7 @@ from medfed.errors import (
     ConfigError,
     MedfedError,
     QuorumError,
+    ServiceError,
     SiteRunError,
 )
 from medfed.flows.async_training import (
@@ -223,6 +228,8 @@ class _Coordinator:
         self.refusals: list[dict[str, Any]] = []
         #: Per site that raised in a round: the round and the error as one line.
         self.failures: list[dict[str, Any]] = []
+        #: Per site that the flow withdrew from a masking round: the round.
+        self.withdrawals: list[dict[str, Any]] = []
         self.round_seconds: list[float] = []
         #: Asynchronous mode: seconds from the start of training to each
         #: version published in this run.
@@ -503,6 +510,9 @@ class _Coordinator:
         training = [
             site for site in chosen if site not in skip and site not in self.unprepared
         ]
+        on_failure = None
+        if self.config.secure_aggregation.mode == "masking":
+            on_failure = partial(self._withdraw_failed_site, client, round_number)
         outcomes = _gather(
             {
                 site: self.round_task.submit(
@@ -515,6 +525,7 @@ class _Coordinator:
                 for site in training
             },
             timeout=deadline,
+            on_failure=on_failure,
         )
         reports: dict[str, dict[str, Any]] = {}
         absent = sorted(self.unprepared.intersection(chosen).difference(skip))
@@ -568,6 +579,44 @@ class _Coordinator:
             )
             return _RoundResult(None, reports, stop=True)
         return _RoundResult(None, reports)
+
+    def _withdraw_failed_site(
+        self,
+        client: AggregationClient,
+        round_number: int,
+        site: str,
+        error: BaseException,
+    ) -> None:
+        """Withdraw a site whose round task failed from the round's masking round.
+
+        A masking round waits for every site that shared keys to upload or
+        withdraw. A site that fails with a Python error withdraws itself, but
+        one whose process was killed or lost the network cannot, and would
+        hold the other sites until the round's deadline. A withdrawal that
+        the service rejects, because the site uploaded before it failed or
+        the round was closed or aborted, is logged and does not fail the round.
+
+        NOTE: a site that hangs without its task failing is not withdrawn,
+        and the round still waits for it until the deadline.
+        """
+        try:
+            withdrawn = client.withdraw_site(self.config.study, round_number, site)
+        except ServiceError as rejection:
+            log = logger.info if rejection.status_code in (404, 409) else logger.warning
+            log(
+                "could not withdraw site %s from masking round %d after its task "
+                "failed: %s",
+                site, round_number, rejection,
+            )  # fmt: skip
+            return
+        if not withdrawn:
+            return
+        logger.warning(
+            "withdrew site %s from masking round %d on the coordinator's behalf "
+            "after its task failed: %s",
+            site, round_number, _failure_reason(error),
+        )  # fmt: skip
+        self.withdrawals.append({"round": round_number, "site": site})
 
     def _choose_sites(self, round_number: int) -> list[str]:
         participation = self.config.round.participation
@@ -706,6 +755,7 @@ class _Coordinator:
             "decision_threshold": self.threshold,
             "participants": self.participants,
             "refusals": self.refusals,
+            "withdrawals": self.withdrawals,
             "round_seconds": self.round_seconds,
             "sites": {
                 site: {
@@ -775,27 +825,49 @@ def _failure_reason(error: BaseException) -> str:
 
 
 def _gather(
-    futures: dict[str, PrefectFuture[Any]], timeout: float | None = None
+    futures: dict[str, PrefectFuture[Any]],
+    timeout: float | None = None,
+    *,
+    on_failure: Callable[[str, Exception], None] | None = None,
 ) -> dict[str, Any]:
     """Wait for every future until ``timeout`` seconds from now.
 
-    Maps each site to its result, or to the exception it raised, or to a
-    ``TimeoutError`` when it did not finish in time: one failed or silent
-    site must not stop the others.
+    Maps each site, in the order of ``futures``, to its result, or to the
+    exception it raised, or to a ``TimeoutError`` when it did not finish in
+    time: one failed or silent site must not stop the others. Futures are
+    read in the order they finish, so ``on_failure(site, error)`` runs in
+    this thread as soon as a site's task raises, while the others still run.
+    It is not called for sites that time out.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
-    results: dict[str, Any] = {}
+    finished: queue.SimpleQueue[str] = queue.SimpleQueue()
+
+    def notify(site: str, _: PrefectFuture[Any]) -> None:
+        finished.put(site)
+
     for site, future in futures.items():
+        # Prefect calls back from the thread that finished the task, or at
+        # once when the task has already finished.
+        future.add_done_callback(partial(notify, site))
+    results: dict[str, Any] = {}
+    while len(results) < len(futures):
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            results[site] = future.result(timeout=remaining)
-        except TimeoutError:
+            site = finished.get(timeout=remaining)
+        except queue.Empty:
+            break
+        try:
+            results[site] = futures[site].result(timeout=0)
+        except Exception as error:
+            results[site] = error
+            if on_failure is not None:
+                on_failure(site, error)
+    for site in futures:
+        if site not in results:
             results[site] = TimeoutError(
                 f"site {site} did not finish before the round deadline of {timeout} s"
             )
-        except Exception as error:
-            results[site] = error
-    return results
+    return {site: results[site] for site in futures}
 
 
 def _check_deployable(config: StudyConfig) -> None:

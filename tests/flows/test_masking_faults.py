@@ -2,9 +2,12 @@
 
 A site whose training fails has already shared its keys, so the study goes
 on only if the site withdraws and the others unmask without it before the
-round's deadline. A site that could not prepare must not be waited for.
+round's deadline. A site that dies without withdrawing is withdrawn by the
+coordinator once its task fails. A site that could not prepare must not be
+waited for.
 """
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -17,9 +20,12 @@ import torch
 import yaml
 
 from medfed.contract.config import StudyConfig, parse_study_config
+from medfed.contract.secagg import MaskingSite
+from medfed.errors import ServiceError
 from medfed.flows import training as training_flow
 from medfed.flows.training import run_study
 from medfed.sites import runner as site_runner
+from medfed.sites.secagg_client import BackgroundMaskingRound, MaskingClient
 from medfed.sites.training import train_locally
 from tests.conftest import CONFIGS
 
@@ -30,17 +36,27 @@ SURVIVORS = ["cleveland", "long-beach", "switzerland"]
 # A round that waited for its deadline would take this long, and the rounds
 # here take a few seconds.
 DEADLINE_SECONDS = 60
+# The round deadline of the study with a dead site, and how long its live
+# sites wait for the round there before they give up. A flow that waited for
+# the dead site would make them give up, so the test fails after about
+# SITE_WAIT_SECONDS instead of waiting for Prefect's site threads until the
+# deadline. The test's timeout stops a run that hangs in some other way.
+DEAD_SITE_DEADLINE_SECONDS = 600
+SITE_WAIT_SECONDS = 180
 
 
 def heart_study(
-    study: str, secure_aggregation: Any, quorum: int | None = None
+    study: str,
+    secure_aggregation: Any,
+    quorum: int | None = None,
+    deadline_seconds: float = DEADLINE_SECONDS,
 ) -> tuple[StudyConfig, str]:
     raw: dict[str, Any] = yaml.safe_load(
         (CONFIGS / "heart_disease_nodp.yaml").read_text()
     )
     raw["study"] = study
     raw["training"]["rounds"] = 2
-    raw["round"]["deadline_seconds"] = DEADLINE_SECONDS
+    raw["round"]["deadline_seconds"] = deadline_seconds
     raw["secure_aggregation"] = secure_aggregation
     if quorum is not None:
         raw["round"]["quorum"] = quorum
@@ -56,11 +72,25 @@ def fail_once(
     sites: tuple[str, ...] = ("hungary",),
     in_round: int = 0,
 ) -> list[int]:
-    """Make round ``in_round`` of ``sites`` fail; return the rounds that failed."""
+    """Make round ``in_round`` of ``sites`` fail; return the rounds that failed.
+
+    With ``after_key_setup`` the site's training fails only once the site has
+    exchanged its masking keys, so the round must wait for its upload.
+    """
     failed_in: list[int] = []
     failed_sites: set[str] = set()
     training_site = threading.local()
     train_round = site_runner.SiteRunner.train_round
+    keys_exchanged = {site: threading.Event() for site in sites}
+    set_up = MaskingClient.set_up
+
+    def set_up_noting_site(
+        client: MaskingClient, site: MaskingSite, *, wait_seconds: float
+    ) -> Any:
+        setup = set_up(client, site, wait_seconds=wait_seconds)
+        if site.site in sites and site.context.round_number == in_round:
+            keys_exchanged[site.site].set()
+        return setup
 
     def train_round_noting_site(runner, client, round_number):
         training_site.name = runner.site_id
@@ -75,6 +105,9 @@ def fail_once(
         failed_in.append(training_site.round)
         if failure == "before_training":
             raise RuntimeError("CUDA error: device lost")
+        if failure == "after_key_setup":
+            keys_exchanged[site].wait(timeout=120)
+            raise RuntimeError("site process killed")
         result = train_locally(*args, **kwargs)
         if failure == "after_training":
             raise RuntimeError("CUDA error: device lost")
@@ -86,7 +119,30 @@ def fail_once(
 
     monkeypatch.setattr(site_runner, "train_locally", train_failing_once)
     monkeypatch.setattr(site_runner.SiteRunner, "train_round", train_round_noting_site)
+    monkeypatch.setattr(MaskingClient, "set_up", set_up_noting_site)
     return failed_in
+
+
+def block_own_withdrawal(
+    monkeypatch: pytest.MonkeyPatch, dead_site: str, in_round: int = 0
+) -> None:
+    """Make ``dead_site``'s own withdrawal from round ``in_round`` fail.
+
+    It simulates a site whose process was killed or lost its network, so
+    its withdrawal never reaches the service.
+    """
+    withdraw = MaskingClient.withdraw
+
+    def withdraw_unless_dead(client: MaskingClient, site: MaskingSite) -> None:
+        if site.site != dead_site or site.context.round_number != in_round:
+            withdraw(client, site)
+            return
+        raise ServiceError(
+            f"aggregation service at {client.base_url} is unreachable (POST "
+            f"withdrawals/{dead_site}): [Errno 111] Connection refused"
+        )
+
+    monkeypatch.setattr(MaskingClient, "withdraw", withdraw_unless_dead)
 
 
 @pytest.mark.parametrize("failure", ["before_training", "after_training", "nan_update"])
@@ -108,6 +164,56 @@ def test_failed_site_withdraws_from_round(
     assert second["uploaded"] == ALL_SITES
     assert summary["model_version"] == 2
     assert elapsed < DEADLINE_SECONDS
+
+
+class ImpatientMaskingRound(BackgroundMaskingRound):
+    """A site's masking round that waits at most ``SITE_WAIT_SECONDS`` in all."""
+
+    def __init__(self, *args: Any, wait_seconds: float, **kwargs: Any) -> None:
+        super().__init__(
+            *args, wait_seconds=min(wait_seconds, SITE_WAIT_SECONDS), **kwargs
+        )
+
+
+@pytest.mark.timeout(300)
+def test_dead_site_withdrawn_by_coordinator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    failed_in = fail_once(monkeypatch, "after_key_setup")
+    block_own_withdrawal(monkeypatch, "hungary")
+    monkeypatch.setattr(site_runner, "BackgroundMaskingRound", ImpatientMaskingRound)
+    config, text = heart_study(
+        "mask-fault-dead-site", MASKING, deadline_seconds=DEAD_SITE_DEADLINE_SECONDS
+    )
+
+    summary = run_study(config, text, work_dir=tmp_path)
+
+    assert failed_in == [0]
+    assert summary["withdrawals"] == [{"round": 0, "site": "hungary"}]
+    first, second = summary["participants"]
+    assert first["state"] == "finalized"
+    assert first["uploaded"] == SURVIVORS
+    assert second["state"] == "finalized"
+    assert second["uploaded"] == ALL_SITES
+    audit_log = tmp_path / "aggregation" / "audit.jsonl"
+    entries = [json.loads(line) for line in audit_log.read_text().splitlines()]
+    withdrawals = [
+        (entry["actor"], entry["details"])
+        for entry in entries
+        if entry["event"] == "site.withdrawn"
+    ]
+    # The site exchanged its keys before it died, so the round was uploading.
+    assert withdrawals == [
+        (
+            "coordinator",
+            {
+                "study": "mask-fault-dead-site",
+                "round": 0,
+                "site": "hungary",
+                "phase": "uploading",
+            },
+        )
+    ]
 
 
 def test_survivors_sum_matches_plain(
