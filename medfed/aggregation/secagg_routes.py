@@ -815,6 +815,11 @@ def create_masking_router(
             with rounds.edit(study, round_number) as entry:
                 server = entry.server
                 phase = server.phase_name
+                if site not in entry.sites:
+                    raise SecureAggregationError(
+                        f"site {site!r} is not one of the sites of masking round "
+                        f"{round_number}, so it cannot be withdrawn from it"
+                    )
                 already_withdrawn = site in server.withdrawn_sites
                 server.withdraw(site)
                 remaining = len(entry.upload_candidates())

@@ -489,19 +489,37 @@ def test_background_setup_needs_no_update(service):
     np.testing.assert_array_equal(result.weighted_sum, np.full(8, expected_bias))
 
 
-def test_withdrawal_without_keys_rejected(service):
+def test_withdrawal_before_advertising_closes_advertising(service):
     rounds, url = service
     open_round(rounds, 19)
-    prefix = f"{url}/v1/studies/{STUDY}/rounds/19/secagg"
+    prefix = prefix_of(url, 19)
+    advertise(url, 19, SITES[1:])
 
     response = httpx.post(f"{prefix}/withdrawals/site-a")
+    roster = httpx.get(f"{prefix}/roster")
+    late = MaskingSite(site="site-a", study=STUDY, round_number=19, encoding=ENCODING)
+    refused = httpx.post(
+        f"{prefix}/keys", json=late.advertise().model_dump(mode="json")
+    )
+
+    assert response.status_code == 200
+    assert roster.status_code == 200
+    assert [item["site"] for item in roster.json()["advertisements"]] == SITES[1:]
+    assert refused.status_code == 409
+
+
+def test_withdrawal_of_site_outside_round_rejected(service):
+    rounds, url = service
+    open_round(rounds, 17)
+
+    response = httpx.post(f"{prefix_of(url, 17)}/withdrawals/site-z")
 
     assert response.status_code == 409
     assert response.json() == {
-        "detail": "site 'site-a' did not advertise keys, so it has nothing to "
-        "withdraw from"
+        "detail": "site 'site-z' is not one of the sites of masking round 17, so "
+        "it cannot be withdrawn from it"
     }
-    with rounds.edit(STUDY, 19) as entry:
+    with rounds.edit(STUDY, 17) as entry:
         assert entry.server.withdrawn_sites == []
 
 

@@ -113,14 +113,17 @@ def test_withdrawal_after_upload_rejected():
     assert round_.server.withdrawn_sites == []
 
 
-def test_withdrawal_without_keys_rejected():
+def test_withdrawal_before_advertising_bars_later_advertisement():
     server = MaskingServer(
         study="heart", round_number=2, threshold=3, encoding=ENCODING, vector_length=2
     )
+    site = MaskingSite(site="site-a", study="heart", round_number=2, encoding=ENCODING)
 
-    with pytest.raises(SecureAggregationError, match="did not advertise keys"):
-        server.withdraw("site-a")
-    assert server.withdrawn_sites == []
+    server.withdraw("site-a")
+
+    assert server.withdrawn_sites == ["site-a"]
+    with pytest.raises(SecureAggregationError, match="withdrew from this round"):
+        server.add_advertisement(site.advertise())
 
 
 def test_withdrawal_while_advertising_leaves_roster():

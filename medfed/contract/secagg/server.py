@@ -342,8 +342,9 @@ class MaskingServer:
     def withdraw(self, site: str) -> None:
         """Record that ``site`` will not upload this round.
 
-        A site that withdraws while advertising leaves the roster. One that
-        withdraws later is dropped like a site that went silent: the share
+        A site that withdraws while advertising leaves the roster, and one
+        that has not advertised yet may no longer do so this round, so
+        advertising stops waiting for it. One that withdraws later is dropped like a site that went silent: the share
         phase and the upload phase close without waiting for it, not at the
         round's deadline. Withdrawing again changes nothing.
 
@@ -357,20 +358,15 @@ class MaskingServer:
         stores both a site's masked update and the shares of its mask key.
 
         Raises:
-            SecureAggregationError: the site did not advertise keys (while
-                advertising) or is not in the roster (while sharing), did not
+            SecureAggregationError: the site is not in the roster (while
+                sharing), did not
                 share keys (while uploading), already uploaded, or uploads are
                 closed.
         """
         if site in self._withdrawn:
             return
         if self._phase is _Phase.ADVERTISING:
-            if site not in self._advertisements:
-                raise SecureAggregationError(
-                    f"site {site!r} did not advertise keys, so it has nothing to "
-                    "withdraw from"
-                )
-            del self._advertisements[site]
+            self._advertisements.pop(site, None)
         elif self._phase is _Phase.SHARING:
             if site not in self._current_roster().sites:
                 raise SecureAggregationError(
