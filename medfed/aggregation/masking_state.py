@@ -117,15 +117,14 @@ class RoundSetup:
         }
 
     @classmethod
-    def from_json(
-        cls, study: str, round_number: int, raw: Mapping[str, Any]
-    ) -> "RoundSetup":
-        """Read a saved setup.
+    def from_json(cls, study: str, round_number: int, text: str) -> "RoundSetup":
+        """Read a saved setup from its JSON text.
 
         Raises:
             SecureAggregationError: the setup is malformed or of another format.
         """
         try:
+            raw = json.loads(text)
             if raw["format"] != _SETUP_FORMAT:
                 raise SecureAggregationError(
                     f"masking round setup format {raw['format']!r} is not "
@@ -265,7 +264,12 @@ def replay(
             does not fit the round.
     """
     setup = RoundSetup.from_json(saved.study, saved.round, saved.setup)
-    server = new_server(setup, verify_keys)
+    try:
+        server = new_server(setup, verify_keys)
+    except ConfigError as error:
+        raise SecureAggregationError(
+            f"masking round setup does not open a round: {error}"
+        ) from None
     for sequence, message in enumerate(saved.messages):
         try:
             _apply(server, setup, message, saved.envelopes, limits)
@@ -286,6 +290,12 @@ def _apply(
     limits: EnvelopeLimits,
 ) -> None:
     kind, body = message.kind, message.body
+    # The routes accept messages only from the round's sites.
+    if message.site is not None and message.site not in setup.sites:
+        raise SecureAggregationError(
+            f"saved {kind} message names site {message.site!r}, which is not "
+            f"one of the round's sites {list(setup.sites)}"
+        )
     if kind == "advertisement":
         server.add_advertisement(parse_message(KeyAdvertisement, body or ""))
     elif kind == "advertising_closed":
@@ -298,7 +308,7 @@ def _apply(
         sample_count = int(json.loads(body or "")["sample_count"])
         site = _site_of(message)
         envelope = envelopes.get(site)
-        vector = _masked_vector(setup, site, envelope, limits)
+        vector = _masked_vector(setup, site, envelope, limits, sample_count)
         server.add_masked_update(site, vector, sample_count=sample_count)
         assert envelope is not None
         server.envelope_sha256[site] = hashlib.sha256(envelope).hexdigest()
@@ -321,7 +331,11 @@ def _site_of(message: MaskingMessage) -> str:
 
 
 def _masked_vector(
-    setup: RoundSetup, site: str, envelope: bytes | None, limits: EnvelopeLimits
+    setup: RoundSetup,
+    site: str,
+    envelope: bytes | None,
+    limits: EnvelopeLimits,
+    sample_count: int,
 ) -> np.ndarray:
     if envelope is None:
         raise SecureAggregationError(
@@ -337,5 +351,15 @@ def _masked_vector(
         raise SecureAggregationError(
             f"the stored envelope of site {site!r} has codec "
             f"{decoded.header.codec.name!r}, not 'masked'"
+        )
+    # The upload routes accepted the envelope only with these header fields,
+    # so a mismatch means the row was changed or moved since.
+    header = decoded.header
+    stored_as = (setup.study, setup.round_number, site, sample_count)
+    found = (header.study, header.round, header.site, header.sample_count)
+    if found != stored_as:
+        raise SecureAggregationError(
+            f"the stored masked envelope of site {site!r} has study, round, site "
+            f"and sample count {found}, but the round saved {stored_as}"
         )
     return setup.layout.join(decoded.tensors)

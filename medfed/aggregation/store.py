@@ -273,7 +273,8 @@ class SavedMaskingRound:
     Attributes:
         state: ``open``, ``unmasked`` or ``aborted``.
         setup: what opened the round (sites, threshold, encoding, layout,
-            deadline) as JSON-compatible data.
+            deadline) as the stored JSON text, which the reader parses, so
+            corrupted text fails that round only.
         reason: why the round was aborted, once it was.
         service_state: the state of the service round with the same study and
             number, or None when the service has no such round.
@@ -284,7 +285,7 @@ class SavedMaskingRound:
     study: str
     round: int
     state: str
-    setup: dict[str, Any]
+    setup: str
     reason: str | None
     service_state: str | None
     messages: list[MaskingMessage]
@@ -708,20 +709,23 @@ class Store:
                         (study, round_number),
                     )
                 ]
+                # A value that is not a BLOB is no envelope, and the round
+                # reports it missing rather than failing the caller.
                 for table in ("uploads", "masked_uploads"):
                     envelopes.update(
-                        (site, bytes(envelope))
+                        (site, envelope)
                         for site, envelope in self._connection.execute(
                             f"SELECT site, envelope FROM {table}"
                             " WHERE study = ? AND round = ?",
                             (study, round_number),
                         )
+                        if isinstance(envelope, bytes)
                     )
         return SavedMaskingRound(
             study=study,
             round=round_number,
             state=row[0],
-            setup=json.loads(row[1]),
+            setup=row[1],
             reason=row[2],
             service_state=row[3],
             messages=messages,

@@ -369,3 +369,74 @@ def test_store_holds_no_unmasked_update(federation: Federation) -> None:
         }
         for form, plain in plain_forms.items():
             assert not any(plain in value for value in values), (name, form)
+
+
+def run_until_two_uploads(federation: Federation) -> None:
+    for name in SITES:
+        federation.advertise(name)
+    for name in SITES:
+        federation.share(name)
+    for name in SITES:
+        federation.receive_shares(name)
+    federation.upload("site-a")
+    federation.upload_masked("site-b")
+
+
+# Each case changes the saved round between runs, as a damaged disk or a
+# person editing the file would, and names the reason the restore logs.
+CORRUPTIONS = {
+    "setup not JSON": (
+        "UPDATE masking_rounds SET setup = substr(setup, 1, 20)",
+        "masking round setup is malformed",
+    ),
+    "setup with negative shape": (
+        "UPDATE masking_rounds SET setup = "
+        """json_set(setup, '$.layout', json('[["bias", [-1]]]'))""",
+        "masking round setup does not open a round",
+    ),
+    "setup without sites": (
+        "UPDATE masking_rounds SET setup = json_set(setup, '$.sites', json('[]'))",
+        "is not one of the round's sites",
+    ),
+    "sample count changed": (
+        "UPDATE masking_messages SET body = '{\"sample_count\": 20}'"
+        " WHERE kind = 'masked' AND site = 'site-a'",
+        "but the round saved \\('heart', 3, 'site-a', 20\\)",
+    ),
+    "envelopes swapped": (
+        "UPDATE uploads SET envelope = (SELECT envelope FROM masked_uploads)"
+        " WHERE site = 'site-a'",
+        "has study, round, site and sample count \\('heart', 3, 'site-b', 11\\)",
+    ),
+    "envelope stored as text": (
+        "UPDATE uploads SET envelope = 'not an envelope' WHERE site = 'site-a'",
+        "masked envelope of site 'site-a' is missing",
+    ),
+}
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS, ids=list(CORRUPTIONS))
+def test_corrupted_state_aborts_round(
+    federation: Federation, corruption: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    statement, reason = CORRUPTIONS[corruption]
+    run_until_two_uploads(federation)
+    federation.store.close()
+    with sqlite3.connect(federation.path) as connection:
+        assert connection.execute(statement).rowcount == 1
+
+    federation.store = Store(federation.path)
+    federation.rounds = MaskingRounds(store=federation.store)
+    with caplog.at_level("ERROR"):
+        restored = federation.rounds.restore_saved()
+
+    assert restored == 0
+    assert any(
+        "aborted masking round 3 of study heart" in record.getMessage()
+        for record in caplog.records
+    )
+    with pytest.raises(RoundAbortedError, match=reason):
+        federation.phase()
+    saved = federation.store.masking_round(STUDY, ROUND, with_messages=False)
+    assert saved is not None
+    assert saved.state == "aborted"

@@ -3,6 +3,7 @@
 import itertools
 import json
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -347,3 +348,32 @@ def test_stopping_service_cuts_held_request(tmp_path) -> None:
     assert exited_after < SHUTDOWN_GRACE_SECONDS + 10
     log = (tmp_path / "service.log").read_text(encoding="utf-8")
     assert "timeout graceful shutdown exceeded" in log
+
+
+def test_corrupted_saved_round_keeps_model(tmp_path) -> None:
+    with (
+        LocalAggregationService(tmp_path, max_upload_bytes=1_000_000) as running,
+        AggregationClient(running.url) as client,
+    ):
+        study = create_study(client, "masking")
+    with sqlite3.connect(tmp_path / "aggregation.sqlite3") as connection:
+        updated = connection.execute(
+            "UPDATE masking_rounds SET setup = substr(setup, 1, 20)"
+        ).rowcount
+    assert updated == 1
+
+    with (
+        LocalAggregationService(tmp_path, max_upload_bytes=1_000_000) as running,
+        AggregationClient(running.url) as client,
+    ):
+        roster = httpx.get(f"{running.url}/v1/studies/{study}/rounds/0/secagg/roster")
+        # The sites' tasks fail with the abort, so the flow reports them absent.
+        status = client.finalize(study, 0, absent=SITES)
+        model = client.download_model(study)
+
+    assert roster.status_code == 409
+    assert "its saved state could not be restored" in roster.json()["detail"]
+    assert status["state"] == "aborted"
+    assert model.version == 0
+    log = (tmp_path / "service.log").read_text(encoding="utf-8")
+    assert "aborted masking round 0 of study" in log

@@ -2,10 +2,12 @@
 
 The service runs as its own process over mutual TLS. Sites alpha and beta
 use ``MaskingClient``, which retries while the service is down; site gamma
-sends each message by hand, so the test decides when. One run is killed
-with SIGKILL while sites share keys, another after two masked uploads. Both
-restart the service on the same state directory and must publish the model
-of an uninterrupted run, bit for bit, with a valid audit chain.
+sends each message by hand, so the test decides when. The runs kill the
+service with SIGKILL while sites advertise, while they share keys, after
+two masked uploads, after gamma's reveal, and after every reveal but before
+finalize. Each run restarts the service on the same state directory and
+must publish the model of an uninterrupted run, bit for bit, with a valid
+audit chain.
 """
 
 import json
@@ -184,6 +186,10 @@ def run_round(
                 )
                 for site in (alpha, beta)
             }
+            if kill_at == "advertising":
+                # alpha and beta have advertised and wait for the roster.
+                wait_for_messages(state_dir, "advertisement", 2)
+                restart()
             gamma.advertise()
             if kill_at == "sharing":
                 # alpha and beta have shared keys and wait for gamma's shares.
@@ -230,8 +236,13 @@ def run_round(
                 for site in (alpha, beta)
             ]
             gamma.reveal()
+            if kill_at == "revealing":
+                restart()
             for future in reveals:
                 future.result(timeout=WAIT_SECONDS)
+        if kill_at == "finalize":
+            # Every reveal is saved, and nothing has been unmasked yet.
+            restart()
 
         with client(service.url, kits["coordinator"]) as coordinator:
             finalized = coordinator.post(
@@ -254,7 +265,9 @@ def reference(
     return run_round(tmp_path_factory.mktemp("reference"), masking_kits, None)
 
 
-@pytest.mark.parametrize("kill_at", ["sharing", "uploads"])
+@pytest.mark.parametrize(
+    "kill_at", ["advertising", "sharing", "uploads", "revealing", "finalize"]
+)
 def test_kill_mid_masking_round_same_model(
     masking_kits: dict[str, Path],
     reference: tuple[dict[str, Any], bytes, str],
