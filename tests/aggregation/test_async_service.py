@@ -311,3 +311,28 @@ def test_buffer_survives_restart(tmp_path: Path) -> None:
     assert published["published_version"] == 1
     # (1 * 10 + 3 * 10) / 20 = 2: both arrivals, each counted once.
     np.testing.assert_allclose(latest.weights["w"], np.full((2, 3), 2.0), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"status": "spent", "epsilon_spent": NaN}',
+        b'{"status": "spent", "delta": Infinity}',
+        b'{"epsilon_spent": NaN}',
+    ],
+)
+def test_non_finite_privacy_report_rejected(
+    service: LocalAggregationService, client: AggregationClient, body: bytes
+) -> None:
+    study = create_study(client)
+
+    response = httpx.post(
+        f"{service.url}/v1/studies/{study}/asynchronous/privacy/site-a",
+        content=body,
+        headers={"content-type": "application/json"},
+    )
+
+    assert response.status_code == 422
+    detail = response.json()["detail"]
+    assert isinstance(detail, list)
+    assert detail[0]["loc"][0] == "body"
