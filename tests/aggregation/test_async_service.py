@@ -237,6 +237,19 @@ def test_rounds_rejected_in_async_study(client: AggregationClient) -> None:
     assert "is asynchronous and has no rounds" in str(raised.value)
 
 
+def test_round_upload_rejected_in_async_study(client: AggregationClient) -> None:
+    study = create_study(client)
+    before = client.asynchronous_status(study)
+
+    with pytest.raises(ServiceError) as raised:
+        client.upload(study, 0, "site-a", envelope(study, "site-a", 1.0, 0))
+
+    assert raised.value.status_code == 409
+    assert "is asynchronous and has no rounds" in str(raised.value)
+    assert "/asynchronous/{base_version}/updates/{site}" in str(raised.value)
+    assert client.asynchronous_status(study) == before
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
