@@ -161,7 +161,7 @@ class StudySettings:
                 raw.get("asynchronous"),
                 sites=len(sites),
                 strategy=strategy,
-                wrappers=[str(wrapper[0]) for wrapper in wrappers],
+                wrappers=wrappers,
                 secure_mode=secure.mode,
             )
         except ValueError as error:

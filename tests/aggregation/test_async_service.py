@@ -259,6 +259,10 @@ def test_round_upload_rejected_in_async_study(client: AggregationClient) -> None
         ),
         ({"strategy": "scaffold"}, "scaffold updates its control variates"),
         ({"secure_aggregation": {"mode": "masking"}}, "need secure_aggregation 'none'"),
+        (
+            {"wrappers": [["krum", {"f": 1}]]},
+            "krum with f=1 needs at least 3 updates per version",
+        ),
     ],
 )
 def test_async_study_settings_rejected(
