@@ -221,6 +221,9 @@ class _Coordinator:
         #: Score from which a record counts as positive in reported accuracy.
         self.threshold = 0.5
         self.refusals: list[dict[str, Any]] = []
+        #: Asynchronous mode: updates the service rejected as staler than
+        #: max_staleness, each with its site, update number and message.
+        self.stale_rejections: list[dict[str, Any]] = []
         #: Per site that raised in a round: the round and the error as one line.
         self.failures: list[dict[str, Any]] = []
         self.round_seconds: list[float] = []
@@ -360,6 +363,7 @@ class _Coordinator:
             "versions": version,
             "version_seconds": self.version_seconds,
             "failures": self.failures,
+            "stale_rejections": self.stale_rejections,
         }
         for site, entry in summary["sites"].items():
             entry.update(
