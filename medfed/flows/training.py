@@ -302,6 +302,13 @@ class _Coordinator:
                 "nothing to resume, so leave out --resume to start a new run"
             )
         if self.config.round.asynchronous is not None:
+            if version >= self.config.training.rounds:
+                raise MedfedError(
+                    f"asynchronous study {self.config.study!r} already published "
+                    f"all {self.config.training.rounds} versions in {self.work_dir}; "
+                    "there is nothing to resume, so leave out --resume to start a "
+                    "new run"
+                )
             return self._train_asynchronously(client, tracker, prepared)
         if first_round > 0:
             logger.info("resuming study %s at round %d", self.config.study, first_round)

@@ -16,9 +16,10 @@ import httpx
 import mlflow
 import pytest
 import yaml
+from mlflow import MlflowClient
 
 from medfed.contract.config import StudyConfig, parse_study_config
-from medfed.errors import ConfigError
+from medfed.errors import ConfigError, MedfedError
 from medfed.flows.local import LocalAggregationService
 from medfed.flows.training import run_study
 from medfed.sites.privacy import PrivacyLedger
@@ -183,3 +184,20 @@ def test_stale_site_keeps_training(
     assert summary["sites"][SLOW_SITE]["epsilon_spent"] is not None
     events = mlflow.get_run(summary["mlflow_run_id"]).data.tags
     assert f"medfed.event.stale.{SLOW_SITE}.update0" in events
+
+
+@pytest.mark.usefixtures("prefect_api", "mlflow_uri")
+def test_resume_of_finished_async_study_rejected(tmp_path: Path) -> None:
+    study = "async-finished-resume"
+    config, text = async_config(study, rounds=2)
+    first = run_study(config, text, work_dir=tmp_path / "run")
+
+    with pytest.raises(MedfedError) as raised:
+        run_study(config, text, work_dir=tmp_path / "run", resume=True)
+
+    assert "already published all 2 versions" in str(raised.value)
+    assert "nothing to resume" in str(raised.value)
+    versions = MlflowClient().search_model_versions(f"name = '{study}'")
+    assert [int(version.version) for version in versions] == [
+        int(first["registered_model_version"])
+    ]
