@@ -458,6 +458,10 @@ class SiteRunner:
         base = client.download_model(study, None)
         shared = self._shared_names(base.weights)
         model = self._model_with(self._merged_weights(base.weights))
+        # NOTE: the seed fixes the DP noise, and a resumed study takes the
+        # update number from the service's accepted updates. An update that
+        # reached the service without being accepted is then trained again
+        # with the same noise, from a base version that may differ.
         result = train_locally(
             model,
             inputs,
