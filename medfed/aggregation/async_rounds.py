@@ -25,7 +25,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-from medfed.aggregation.asynchronous import BufferedAggregator, staleness_weight
+from medfed.aggregation.asynchronous import (
+    BufferedAggregator,
+    buffer_size_conflict,
+    staleness_weight,
+)
 from medfed.aggregation.store import (
     Arrival,
     AsyncPublication,
@@ -64,7 +68,12 @@ class AsyncSettings(BaseModel):
 
 
 def parse_async_settings(
-    raw: object, *, sites: int, strategy: str, wrappers: list[str], secure_mode: str
+    raw: object,
+    *,
+    sites: int,
+    strategy: str,
+    wrappers: list[list[Any]],
+    secure_mode: str,
 ) -> AsyncSettings | None:
     """Validate the ``asynchronous`` study setting; None for a synchronous study.
 
@@ -86,11 +95,16 @@ def parse_async_settings(
         raise ValueError(
             f"asynchronous studies need secure_aggregation 'none', not {secure_mode!r}"
         )
-    for name in [strategy, *wrappers]:
+    for name in [strategy, *(str(wrapper[0]) for wrapper in wrappers)]:
         if name in _SYNCHRONOUS_ONLY:
             raise ValueError(
                 f"{_SYNCHRONOUS_ONLY[name]}, so it cannot run asynchronously"
             )
+    conflict = buffer_size_conflict(
+        settings.buffer_size, [(str(name), params) for name, params in wrappers]
+    )
+    if conflict is not None:
+        raise ValueError(f"asynchronous {conflict}")
     return settings
 
 

@@ -12,7 +12,8 @@ away.
 """
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -20,9 +21,31 @@ from medfed.aggregation.params import require_float, require_int
 from medfed.aggregation.strategies.base import SiteUpdate, Strategy, Weights
 from medfed.errors import AggregationError
 
-__all__ = ["BufferedAggregator", "staleness_weight"]
+__all__ = ["BufferedAggregator", "buffer_size_conflict", "staleness_weight"]
 
 logger = logging.getLogger(__name__)
+
+
+def buffer_size_conflict(
+    buffer_size: int, wrappers: Sequence[tuple[str, Mapping[str, Any]]]
+) -> str | None:
+    """Return why a wrapper cannot aggregate ``buffer_size`` updates, or None.
+
+    Krum and multi-Krum with ``f`` Byzantine sites need ``f + 2`` updates in
+    each aggregation (``krum_scores``), so a smaller buffer never publishes.
+    """
+    for name, params in wrappers:
+        if name not in ("krum", "multi_krum"):
+            continue
+        # 1 is the default f of Krum and MultiKrum.
+        byzantine = params.get("f", 1)
+        if isinstance(byzantine, int) and buffer_size < byzantine + 2:
+            return (
+                f"{name} with f={byzantine} needs at least {byzantine + 2} updates "
+                f"per version, more than buffer_size {buffer_size}; raise "
+                f"buffer_size to {byzantine + 2} or lower f"
+            )
+    return None
 
 
 def staleness_weight(staleness: int, *, exponent: float = 0.5) -> float:

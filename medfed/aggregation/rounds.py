@@ -90,6 +90,16 @@ class Rejected(Exception):
         self.message = message
 
 
+def _reject_asynchronous(study: str, settings: "StudySettings") -> None:
+    """Raise a 409 for a round request to a study that has no rounds."""
+    if settings.asynchronous is not None:
+        raise Rejected(
+            409,
+            f"study {study!r} is asynchronous and has no rounds; sites upload "
+            "to /asynchronous/{base_version}/updates/{site}",
+        )
+
+
 @dataclass(frozen=True)
 class StudySettings:
     """A study as the service stores it: its sites, strategy and secure aggregation.
@@ -151,7 +161,7 @@ class StudySettings:
                 raw.get("asynchronous"),
                 sites=len(sites),
                 strategy=strategy,
-                wrappers=[str(wrapper[0]) for wrapper in wrappers],
+                wrappers=wrappers,
                 secure_mode=secure.mode,
             )
         except ValueError as error:
@@ -341,12 +351,7 @@ class RoundService:
     ) -> RoundRecord:
         """Open a round for ``sites``; reopening an identical open round is a no-op."""
         settings = self.settings(study)
-        if settings.asynchronous is not None:
-            raise Rejected(
-                409,
-                f"study {study!r} is asynchronous and has no rounds; sites upload "
-                "to /asynchronous/{base_version}/updates/{site}",
-            )
+        _reject_asynchronous(study, settings)
         unknown = sorted(set(sites) - set(settings.sites))
         if unknown:
             raise Rejected(
@@ -417,7 +422,7 @@ class RoundService:
         )
 
     def round(self, study: str, round_number: int) -> RoundRecord:
-        self.settings(study)
+        _reject_asynchronous(study, self.settings(study))
         record = self.store.get_round(study, round_number)
         if record is None:
             raise Rejected(404, f"round {round_number} of study {study!r} not found")

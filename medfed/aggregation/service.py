@@ -48,6 +48,7 @@ log in the state directory.
 """
 
 import logging
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -55,6 +56,8 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Request
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -166,6 +169,17 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         return JSONResponse(
             status_code=error.status_code, content={"detail": error.message}
         )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(
+        request: Request, error: RequestValidationError
+    ) -> JSONResponse:
+        # Like FastAPI's own handler, this echoes each invalid input. A NaN or
+        # an infinity cannot be written as JSON, so FastAPI's handler fails
+        # with a 500 on it, and this one writes such a number as a string.
+        detail = _finite_json(jsonable_encoder(error.errors()))
+        logger.info("rejected %s %s: invalid request", request.method, request.url.path)
+        return JSONResponse(status_code=422, content={"detail": detail})
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -459,6 +473,17 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
 
 Participant = Annotated[str, Depends(authenticated_participant)]
+
+
+def _finite_json(value: Any) -> Any:
+    """Return ``value`` with every NaN or infinite float replaced by its string."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _finite_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite_json(item) for item in value]
+    return value
 
 
 def _record_arrival(

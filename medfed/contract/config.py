@@ -516,7 +516,13 @@ def asynchronous_conflict(config: StudyConfig) -> str | None:
             "round.quorum applies to synchronous rounds; remove it, because "
             "buffer_size sets how many updates make a version"
         )
-    return None
+    # Imported here for the same reason as in _check_strategy.
+    from medfed.aggregation.asynchronous import buffer_size_conflict
+
+    return buffer_size_conflict(
+        asynchronous.buffer_size,
+        [(wrapper.name, wrapper.params) for wrapper in config.strategy.wrappers],
+    )
 
 
 def parse_study_config(raw: object, *, source: str = "study config") -> StudyConfig:

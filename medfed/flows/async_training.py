@@ -125,6 +125,16 @@ def run_asynchronous(
                 )
                 tracker.log_event(f"refusal.{site}.update{number}", outcome["message"])
                 stopped.add(site)
+            elif outcome["status"] == "rejected_stale":
+                # The site trained and spent privacy budget, so the update
+                # counts against training.rounds, and the site trains again
+                # from the next version.
+                updates[site] += 1
+                last_base[site] = int(outcome["base_version"])
+                coordinator.stale_rejections.append(
+                    {"update": number, "site": site, "message": outcome["message"]}
+                )
+                tracker.log_event(f"stale.{site}.update{number}", outcome["message"])
             elif outcome["status"] == "uploaded":
                 updates[site] += 1
                 last_base[site] = int(outcome["base_version"])

@@ -226,6 +226,9 @@ class _Coordinator:
         #: Score from which a record counts as positive in reported accuracy.
         self.threshold = 0.5
         self.refusals: list[dict[str, Any]] = []
+        #: Asynchronous mode: updates the service rejected as staler than
+        #: max_staleness, each with its site, update number and message.
+        self.stale_rejections: list[dict[str, Any]] = []
         #: Per site that raised in a round: the round and the error as one line.
         self.failures: list[dict[str, Any]] = []
         #: Per site that the flow withdrew from a masking round: the round.
@@ -306,6 +309,13 @@ class _Coordinator:
                 "nothing to resume, so leave out --resume to start a new run"
             )
         if self.config.round.asynchronous is not None:
+            if version >= self.config.training.rounds:
+                raise MedfedError(
+                    f"asynchronous study {self.config.study!r} already published "
+                    f"all {self.config.training.rounds} versions in {self.work_dir}; "
+                    "there is nothing to resume, so leave out --resume to start a "
+                    "new run"
+                )
             return self._train_asynchronously(client, tracker, prepared)
         if first_round > 0:
             logger.info("resuming study %s at round %d", self.config.study, first_round)
@@ -367,6 +377,7 @@ class _Coordinator:
             "versions": version,
             "version_seconds": self.version_seconds,
             "failures": self.failures,
+            "stale_rejections": self.stale_rejections,
         }
         for site, entry in summary["sites"].items():
             entry.update(

@@ -77,7 +77,8 @@ class SiteRoundReport:
     site: str
     round: int
     #: "uploaded" or "rejected_budget"; in asynchronous mode also
-    #: "study_finished".
+    #: "study_finished" and "rejected_stale" (the service rejected the update
+    #: as staler than ``max_staleness``).
     status: str
     message: str
     train_records: int
@@ -427,7 +428,8 @@ class SiteRunner:
         ``training.rounds`` updates. An update that would exceed the budget is
         rejected before training (status ``rejected_budget``). An upload that
         arrives after the study published its last version gets status
-        ``study_finished``.
+        ``study_finished``, and one the service rejects as staler than
+        ``max_staleness`` gets ``rejected_stale``.
         """
         self.prepare()
         inputs, labels = load_split(self.config, self.data_dir, "train")
@@ -456,6 +458,10 @@ class SiteRunner:
         base = client.download_model(study, None)
         shared = self._shared_names(base.weights)
         model = self._model_with(self._merged_weights(base.weights))
+        # NOTE: the seed fixes the DP noise, and a resumed study takes the
+        # update number from the service's accepted updates. An update that
+        # reached the service without being accepted is then trained again
+        # with the same noise, from a base version that may differ.
         result = train_locally(
             model,
             inputs,
@@ -492,18 +498,41 @@ class SiteRunner:
                 study, base.version, self.site_id, envelope
             )
         except ServiceError as error:
+            if error.status_code != 409:
+                raise
+            status = client.asynchronous_status(study)
+            if status["finished"]:
+                logger.info(
+                    "site %s trained from version %d after study %s finished: %s",
+                    self.site_id, base.version, study, error,
+                )  # fmt: skip
+                return self._asynchronous_report(
+                    update_number, "study_finished", str(error), records, ledger
+                )
+            asynchronous = self.config.round.asynchronous
+            assert asynchronous is not None
+            staleness = int(status["latest_version"]) - base.version
             if (
-                error.status_code != 409
-                or not client.asynchronous_status(study)["finished"]
+                asynchronous.max_staleness is None
+                or staleness <= asynchronous.max_staleness
             ):
                 raise
-            logger.info(
-                "site %s trained from version %d after study %s finished: %s",
-                self.site_id, base.version, study, error,
-            )  # fmt: skip
+            logger.warning("site %s: %s", self.site_id, error)
+            # The envelope reached the service, so its privacy cost counts.
+            if ledger is not None:
+                client.report_asynchronous_privacy(
+                    study,
+                    update_number,
+                    self.site_id,
+                    status="spent",
+                    epsilon_spent=epsilon,
+                    delta=ledger.delta,
+                    message=f"update rejected as {staleness} versions stale",
+                )
             return self._asynchronous_report(
-                update_number, "study_finished", str(error), records, ledger
-            )
+                update_number, "rejected_stale", str(error), records, ledger,
+                base_version=base.version,
+            )  # fmt: skip
         if isinstance(encoder, ErrorFeedback):
             encoder.commit()
         if self.config.strategy.local_layers:
@@ -542,8 +571,10 @@ class SiteRunner:
         message: str,
         records: int,
         ledger: PrivacyLedger | None,
+        *,
+        base_version: int | None = None,
     ) -> SiteRoundReport:
-        """Return the report of an asynchronous update that uploaded nothing."""
+        """Return the report of an asynchronous update the service did not accept."""
         return SiteRoundReport(
             site=self.site_id,
             round=update_number,
@@ -554,6 +585,7 @@ class SiteRunner:
             noise_multiplier=ledger.noise_multiplier if ledger else None,
             bytes_uploaded=0,
             bytes_downloaded=0,
+            base_version=base_version,
         )
 
     def evaluate(

@@ -237,6 +237,19 @@ def test_rounds_rejected_in_async_study(client: AggregationClient) -> None:
     assert "is asynchronous and has no rounds" in str(raised.value)
 
 
+def test_round_upload_rejected_in_async_study(client: AggregationClient) -> None:
+    study = create_study(client)
+    before = client.asynchronous_status(study)
+
+    with pytest.raises(ServiceError) as raised:
+        client.upload(study, 0, "site-a", envelope(study, "site-a", 1.0, 0))
+
+    assert raised.value.status_code == 409
+    assert "is asynchronous and has no rounds" in str(raised.value)
+    assert "/asynchronous/{base_version}/updates/{site}" in str(raised.value)
+    assert client.asynchronous_status(study) == before
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
@@ -246,6 +259,10 @@ def test_rounds_rejected_in_async_study(client: AggregationClient) -> None:
         ),
         ({"strategy": "scaffold"}, "scaffold updates its control variates"),
         ({"secure_aggregation": {"mode": "masking"}}, "need secure_aggregation 'none'"),
+        (
+            {"wrappers": [["krum", {"f": 1}]]},
+            "krum with f=1 needs at least 3 updates per version",
+        ),
     ],
 )
 def test_async_study_settings_rejected(
@@ -311,3 +328,28 @@ def test_buffer_survives_restart(tmp_path: Path) -> None:
     assert published["published_version"] == 1
     # (1 * 10 + 3 * 10) / 20 = 2: both arrivals, each counted once.
     np.testing.assert_allclose(latest.weights["w"], np.full((2, 3), 2.0), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"status": "spent", "epsilon_spent": NaN}',
+        b'{"status": "spent", "delta": Infinity}',
+        b'{"epsilon_spent": NaN}',
+    ],
+)
+def test_non_finite_privacy_report_rejected(
+    service: LocalAggregationService, client: AggregationClient, body: bytes
+) -> None:
+    study = create_study(client)
+
+    response = httpx.post(
+        f"{service.url}/v1/studies/{study}/asynchronous/privacy/site-a",
+        content=body,
+        headers={"content-type": "application/json"},
+    )
+
+    assert response.status_code == 422
+    detail = response.json()["detail"]
+    assert isinstance(detail, list)
+    assert detail[0]["loc"][0] == "body"

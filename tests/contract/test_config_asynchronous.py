@@ -95,6 +95,23 @@ def _with(raw: dict[str, Any], section: str, value: Any) -> dict[str, Any]:
             "round.participation chooses sites per synchronous round",
         ),
         (heart_raw(quorum=2), "round.quorum applies to synchronous rounds"),
+        (
+            _with(
+                heart_raw(),
+                "strategy",
+                {"name": "fedavg", "wrappers": [{"name": "krum", "params": {"f": 1}}]},
+            ),
+            "krum with f=1 needs at least 3 updates per version, more than "
+            "buffer_size 2",
+        ),
+        (
+            _with(
+                heart_raw(),
+                "strategy",
+                {"name": "fedavg", "wrappers": [{"name": "multi_krum"}]},
+            ),
+            "multi_krum with f=1 needs at least 3 updates per version",
+        ),
     ],
 )
 def test_asynchronous_conflicts_rejected(raw: dict[str, Any], message: str) -> None:
@@ -102,3 +119,16 @@ def test_asynchronous_conflicts_rejected(raw: dict[str, Any], message: str) -> N
         parse_study_config(raw)
 
     assert message in str(raised.value)
+
+
+def test_krum_with_large_buffer_parses() -> None:
+    raw = _with(
+        heart_raw(asynchronous={"buffer_size": 3}),
+        "strategy",
+        {"name": "fedavg", "wrappers": [{"name": "krum", "params": {"f": 1}}]},
+    )
+
+    config = parse_study_config(raw)
+
+    assert config.round.asynchronous is not None
+    assert config.round.asynchronous.buffer_size == 3

@@ -16,9 +16,10 @@ import httpx
 import mlflow
 import pytest
 import yaml
+from mlflow import MlflowClient
 
 from medfed.contract.config import StudyConfig, parse_study_config
-from medfed.errors import ConfigError
+from medfed.errors import ConfigError, MedfedError
 from medfed.flows.local import LocalAggregationService
 from medfed.flows.training import run_study
 from medfed.sites.privacy import PrivacyLedger
@@ -29,12 +30,17 @@ SLOW_SITE = "switzerland"
 ROUNDS = 6
 
 
-def async_config(study: str, url: str | None = None) -> tuple[StudyConfig, str]:
+def async_config(
+    study: str, url: str | None = None, rounds: int = ROUNDS, **asynchronous: Any
+) -> tuple[StudyConfig, str]:
     raw: dict[str, Any] = yaml.safe_load((CONFIGS / "heart_disease.yaml").read_text())
     raw["study"] = study
-    raw["training"]["rounds"] = ROUNDS
+    raw["training"]["rounds"] = rounds
     raw["training"]["local_epochs"] = 1
-    raw["round"] = {"deadline_seconds": 120, "asynchronous": {"buffer_size": 2}}
+    raw["round"] = {
+        "deadline_seconds": 120,
+        "asynchronous": {"buffer_size": 2, **asynchronous},
+    }
     if url is not None:
         raw["aggregation"] = {"url": url}
     return parse_study_config(raw), yaml.safe_dump(raw)
@@ -52,6 +58,23 @@ def asynchronous_status(url: str, study: str) -> dict[str, Any]:
     response = httpx.get(f"{url}/v1/studies/{study}/asynchronous", timeout=10)
     status: dict[str, Any] = response.json()
     return status
+
+
+def wait_for_versions(url: str, study: str, count: int) -> None:
+    """Wait until ``count`` more versions are published or the study finished."""
+    target = asynchronous_status(url, study)["latest_version"] + count
+    waited_until = time.monotonic() + 60
+    while time.monotonic() < waited_until:
+        status = asynchronous_status(url, study)
+        if status["latest_version"] >= target or status["finished"]:
+            return
+        time.sleep(0.05)
+
+
+def ledger_of(work_dir: Path, site: str, study: str) -> PrivacyLedger:
+    return PrivacyLedger.load(
+        work_dir / "sites" / site / "studies" / study / "privacy-ledger.json"
+    )
 
 
 @pytest.mark.usefixtures("prefect_api", "mlflow_uri")
@@ -123,3 +146,58 @@ def test_deployed_sites_rejected_in_async_mode(tmp_path: Path) -> None:
 
     assert "round.asynchronous runs only with in-process sites" in str(raised.value)
     assert not tmp_path.joinpath("coordinator.json").exists()
+
+
+@pytest.mark.usefixtures("prefect_api", "mlflow_uri")
+def test_stale_site_keeps_training(
+    tmp_path: Path, service: LocalAggregationService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    study = "async-stale-site"
+    # Enough versions that the study is still running when the slow site's
+    # first update comes back rejected.
+    rounds = 12
+    config, text = async_config(study, service.url, rounds, max_staleness=0)
+    original = SiteRunner._training_settings
+
+    def slow_first_update(
+        self: SiteRunner, ledger: Any, update_number: int, *args: Any
+    ) -> Any:
+        if self.site_id == SLOW_SITE and update_number == 0:
+            wait_for_versions(service.url, study, 1)
+        return original(self, ledger, update_number, *args)
+
+    monkeypatch.setattr(SiteRunner, "_training_settings", slow_first_update)
+
+    summary = run_study(config, text, work_dir=tmp_path / "run")
+
+    asynchronous = summary["asynchronous"]
+    assert asynchronous["failures"] == []
+    stale = asynchronous["stale_rejections"]
+    # With max_staleness 0 a fast site's update may be rejected too.
+    slow_first = [e for e in stale if e["site"] == SLOW_SITE and e["update"] == 0]
+    assert len(slow_first) == 1
+    assert "more than max_staleness 0" in slow_first[0]["message"]
+    assert summary["rounds"] == rounds
+    # The site trained again after its first update was rejected.
+    ledger = ledger_of(tmp_path / "run", SLOW_SITE, study)
+    assert ledger.rounds_spent[:2] == [0, 1]
+    assert summary["sites"][SLOW_SITE]["epsilon_spent"] is not None
+    events = mlflow.get_run(summary["mlflow_run_id"]).data.tags
+    assert f"medfed.event.stale.{SLOW_SITE}.update0" in events
+
+
+@pytest.mark.usefixtures("prefect_api", "mlflow_uri")
+def test_resume_of_finished_async_study_rejected(tmp_path: Path) -> None:
+    study = "async-finished-resume"
+    config, text = async_config(study, rounds=2)
+    first = run_study(config, text, work_dir=tmp_path / "run")
+
+    with pytest.raises(MedfedError) as raised:
+        run_study(config, text, work_dir=tmp_path / "run", resume=True)
+
+    assert "already published all 2 versions" in str(raised.value)
+    assert "nothing to resume" in str(raised.value)
+    versions = MlflowClient().search_model_versions(f"name = '{study}'")
+    assert [int(version.version) for version in versions] == [
+        int(first["registered_model_version"])
+    ]
