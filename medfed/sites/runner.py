@@ -458,16 +458,18 @@ class SiteRunner:
         base = client.download_model(study, None)
         shared = self._shared_names(base.weights)
         model = self._model_with(self._merged_weights(base.weights))
-        # NOTE: the seed fixes the DP noise, and a resumed study takes the
-        # update number from the service's accepted updates. An update that
-        # reached the service without being accepted is then trained again
-        # with the same noise, from a base version that may differ.
+        # The seed fixes the batches and the DP noise. A resumed study takes
+        # the update number from the service's accepted updates, so an update
+        # that reached the service without being accepted is trained again
+        # under the same number. Its base version is part of the seed: the
+        # same noise on another base version's gradients would let whoever
+        # saw both updates cancel the noise.
         result = train_locally(
             model,
             inputs,
             labels,
             self._training_settings(ledger, update_number),
-            seed=self._seed(update_number),
+            seed=self._seed(update_number, base_version=base.version),
         )
         epsilon = None
         if ledger is not None:
@@ -896,8 +898,10 @@ class SiteRunner:
         # the service.
         return build_study_strategy(self.config.strategy_settings())
 
-    def _seed(self, round_number: int) -> int:
+    def _seed(self, round_number: int, *, base_version: int | None = None) -> int:
         key = f"{self.config.training.seed}:{self.config.study}:{self.site_id}:{round_number}"
+        if base_version is not None:
+            key += f":base{base_version}"
         return zlib.crc32(key.encode())
 
 

@@ -7,6 +7,7 @@ updates therefore arrive stale, and the other sites publish versions without
 waiting for it.
 """
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +23,14 @@ from medfed.contract.config import StudyConfig, parse_study_config
 from medfed.errors import ConfigError, MedfedError
 from medfed.flows.local import LocalAggregationService
 from medfed.flows.training import run_study
+from medfed.sites import runner as runner_module
+from medfed.sites.client import AggregationClient
 from medfed.sites.privacy import PrivacyLedger
-from medfed.sites.runner import SiteRunner
+from medfed.sites.runner import (
+    SiteRunner,
+    initial_model_weights,
+    weights_to_safetensors,
+)
 from tests.conftest import CONFIGS
 
 SLOW_SITE = "switzerland"
@@ -201,3 +208,45 @@ def test_resume_of_finished_async_study_rejected(tmp_path: Path) -> None:
     assert [int(version.version) for version in versions] == [
         int(first["registered_model_version"])
     ]
+
+
+def test_update_trained_again_on_newer_version_draws_new_noise(
+    tmp_path: Path, service: LocalAggregationService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A site that trains an update number again, on a newer version, gets new noise.
+
+    A resumed study counts a site's updates from those the service accepted,
+    so an update that reached the service unaccepted is trained again under
+    the same number. Reusing its seed would reuse its DP noise on other
+    gradients, and the two uploads together would cancel the noise.
+    """
+    config, _ = async_config("async-seed", service.url, buffer_size=1)
+    settings = {
+        "sites": [site.id for site in config.sites],
+        "strategy": "fedavg",
+        "asynchronous": {"buffer_size": 1, "max_versions": ROUNDS},
+    }
+    seeds: list[int] = []
+    original = runner_module.train_locally
+
+    def recording(*args: Any, seed: int, **kwargs: Any) -> Any:
+        seeds.append(seed)
+        return original(*args, seed=seed, **kwargs)
+
+    monkeypatch.setattr(runner_module, "train_locally", recording)
+    runner = SiteRunner(config, "cleveland", tmp_path / "cleveland")
+
+    with AggregationClient(service.url) as client:
+        client.create_study(
+            config.study,
+            weights_to_safetensors(
+                initial_model_weights(config),
+                metadata={"medfed_study_settings": json.dumps(settings)},
+            ),
+        )
+        first = runner.train_asynchronous(client, 0)
+        again = runner.train_asynchronous(client, 0)
+
+    assert (first.status, again.status) == ("uploaded", "uploaded")
+    assert len(seeds) == 2
+    assert seeds[0] != seeds[1]
