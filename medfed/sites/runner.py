@@ -833,6 +833,7 @@ class SiteRunner:
             ),
             signing_key=keys.signing_key if keys else None,
             peer_verify_keys=keys.verify_keys if keys else None,
+            minimum_threshold=self.config.secure_aggregation.threshold,
         )
 
     def _upload_masked(

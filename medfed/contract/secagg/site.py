@@ -103,6 +103,10 @@ class MaskingSite:
             When set, the site rejects a roster with an advertisement that is
             unsigned, signed with another key or for another round, or from a
             site not listed, and shares no keys.
+        minimum_threshold: the study's configured Shamir threshold; the
+            site rejects a roster with a lower one, which would let fewer
+            colluding parties open its shares. None accepts any threshold
+            that the roster's own check allows (more than half its sites).
     """
 
     def __init__(
@@ -114,6 +118,7 @@ class MaskingSite:
         encoding: RingEncoding,
         signing_key: Ed25519PrivateKey | None = None,
         peer_verify_keys: Mapping[str, Ed25519PublicKey] | None = None,
+        minimum_threshold: int | None = None,
     ) -> None:
         self.site = validate_identifier(site, kind="site")
         self.context = RoundContext(
@@ -122,6 +127,7 @@ class MaskingSite:
         self.encoding = encoding
         self._signing_key = signing_key
         self._peer_verify_keys = peer_verify_keys
+        self._minimum_threshold = minimum_threshold
         self._keys = SiteKeyPairs.generate()
         self._self_mask_seed = secrets.token_bytes(SEED_BYTES)
         self._phase = _Phase.ADVERTISE
@@ -340,6 +346,17 @@ class MaskingSite:
             )
         if self.site not in roster.sites:
             raise SecureAggregationError(f"roster does not list site {self.site!r}")
+        if (
+            self._minimum_threshold is not None
+            and roster.threshold < self._minimum_threshold
+        ):
+            raise SecureAggregationError(
+                f"site {self.site!r} rejected the roster of round "
+                f"{self.context.round_number} and shares no keys: it sets "
+                f"threshold {roster.threshold}, below the study's threshold "
+                f"{self._minimum_threshold}; the aggregation service may have "
+                "lowered it"
+            )
         if roster.advertisement(self.site) != self._advertisement():
             raise SecureAggregationError(
                 f"roster carries keys for site {self.site!r} that are not its own; "
