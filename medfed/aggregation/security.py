@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 #: Test-only environment variable. Set to an audit event, optionally with
 #: ``:N``, it makes the service kill itself with SIGKILL just before it
 #: appends the N-th entry (the first by default) of that event, after the
-#: change was committed. Unset in production, it changes nothing.
+#: change was committed. When it is unset, as in production, nothing changes.
 KILL_BEFORE_AUDIT_VARIABLE = "MEDFED_TEST_KILL_BEFORE_AUDIT"
 
 
@@ -142,8 +142,8 @@ class ServiceSecurity:
     def _kill_if_requested(self, event: str) -> None:
         """Kill this process with SIGKILL before the requested audit entry.
 
-        Tests use it to stand in for a crash between a committed change and
-        its audit entry; see ``KILL_BEFORE_AUDIT_VARIABLE``.
+        Tests use it to simulate a crash between a committed change and its
+        audit entry, as ``KILL_BEFORE_AUDIT_VARIABLE`` describes.
         """
         assert self._kill_before is not None
         target, occurrence = self._kill_before
@@ -187,13 +187,20 @@ def _kill_before_audit_setting() -> tuple[str, int] | None:
     if not value:
         return None
     event, _, number = value.partition(":")
-    if event not in AUDIT_EVENTS or not (number or "1").isdigit():
+    number = number or "1"
+    if event not in AUDIT_EVENTS or not number.isdigit() or int(number) < 1:
         raise ConfigError(
             f"invalid {KILL_BEFORE_AUDIT_VARIABLE} {value!r}: use an audit event "
-            "and an optional ':N' occurrence, such as 'update.accepted:2', or "
-            "unset it outside tests"
+            "and an optional ':N' occurrence of 1 or more, such as "
+            "'update.accepted:2', or unset it outside tests"
         )
-    return event, int(number or "1")
+    logger.warning(
+        "%s=%s is set: the service will kill itself before that audit entry; "
+        "unset it outside tests",
+        KILL_BEFORE_AUDIT_VARIABLE,
+        value,
+    )
+    return event, int(number)
 
 
 def install_security(app: FastAPI, settings: SecuritySettings) -> ServiceSecurity:
