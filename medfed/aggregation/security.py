@@ -19,6 +19,7 @@ endpoints ``Depends(authenticated_coordinator)`` (both from
 import json
 import logging
 import os
+import signal
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from medfed.aggregation.audit import AuditLog
+from medfed.aggregation.audit import AUDIT_EVENTS, AuditLog
 from medfed.aggregation.limits import (
     ServiceLimits,
     install_limits,
@@ -43,9 +44,20 @@ from medfed.contract.signing import Ed25519Signer, SignatureVerifier
 from medfed.contract.wire import DecodedUpdate, EnvelopeLimits, decode_envelope
 from medfed.errors import ConfigError
 
-__all__ = ["SecuritySettings", "ServiceSecurity", "install_security"]
+__all__ = [
+    "KILL_BEFORE_AUDIT_VARIABLE",
+    "SecuritySettings",
+    "ServiceSecurity",
+    "install_security",
+]
 
 logger = logging.getLogger(__name__)
+
+#: Test-only environment variable. Set to an audit event, optionally with
+#: ``:N``, it makes the service kill itself with SIGKILL just before it
+#: appends the N-th entry (the first by default) of that event, after the
+#: change was committed. When it is unset, as in production, nothing changes.
+KILL_BEFORE_AUDIT_VARIABLE = "MEDFED_TEST_KILL_BEFORE_AUDIT"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,18 +122,42 @@ class ServiceSecurity:
         # Handlers record from many threads; one lock keeps each append and
         # the signed head that follows it in step.
         self._lock = threading.Lock()
+        self._kill_before = _kill_before_audit_setting()
+        self._counts: dict[str, int] = {}
 
     def record(
         self, event: str, actor: str, details: Mapping[str, Any] | None = None
     ) -> None:
         """Append an audit entry and, in deployment mode, rewrite the signed head."""
         with self._lock:
+            if self._kill_before is not None:
+                self._kill_if_requested(event)
             self.audit.append(event, actor, details)
             if self.head_signer is not None:
                 signed = self.audit.sign_head(self.head_signer)
                 temporary = self.head_path.with_name(self.head_path.name + ".tmp")
                 temporary.write_text(json.dumps(signed) + "\n", encoding="utf-8")
                 os.replace(temporary, self.head_path)
+
+    def _kill_if_requested(self, event: str) -> None:
+        """Kill this process with SIGKILL before the requested audit entry.
+
+        Tests use it to simulate a crash between a committed change and its
+        audit entry, as ``KILL_BEFORE_AUDIT_VARIABLE`` describes.
+        """
+        assert self._kill_before is not None
+        target, occurrence = self._kill_before
+        if event != target:
+            return
+        self._counts[event] = self._counts.get(event, 0) + 1
+        if self._counts[event] == occurrence:
+            logger.warning(
+                "%s is set: killing the service before audit entry %s number %d",
+                KILL_BEFORE_AUDIT_VARIABLE,
+                event,
+                occurrence,
+            )
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def decode_upload(self, data: bytes) -> DecodedUpdate:
         """Decode an uploaded envelope, verifying its signature before decoding.
@@ -143,6 +179,28 @@ class ServiceSecurity:
 
     def close(self) -> None:
         self.audit.close()
+
+
+def _kill_before_audit_setting() -> tuple[str, int] | None:
+    """Parse ``KILL_BEFORE_AUDIT_VARIABLE`` as ``EVENT`` or ``EVENT:N``."""
+    value = os.environ.get(KILL_BEFORE_AUDIT_VARIABLE)
+    if not value:
+        return None
+    event, _, number = value.partition(":")
+    number = number or "1"
+    if event not in AUDIT_EVENTS or not number.isdigit() or int(number) < 1:
+        raise ConfigError(
+            f"invalid {KILL_BEFORE_AUDIT_VARIABLE} {value!r}: use an audit event "
+            "and an optional ':N' occurrence of 1 or more, such as "
+            "'update.accepted:2', or unset it outside tests"
+        )
+    logger.warning(
+        "%s=%s is set: the service will kill itself before that audit entry; "
+        "unset it outside tests",
+        KILL_BEFORE_AUDIT_VARIABLE,
+        value,
+    )
+    return event, int(number)
 
 
 def install_security(app: FastAPI, settings: SecuritySettings) -> ServiceSecurity:

@@ -44,7 +44,9 @@ decoded. Every
 decision that matters to an audit (uploads accepted or rejected, rounds
 opened, finalized or aborted, sites withdrawn from masking rounds, model
 versions registered and downloaded) is appended to the hash-chained audit
-log in the state directory.
+log in the state directory. When a crash comes between storing a change and
+appending its audit entry, the service appends that entry, marked
+``recovered``, at its next start (see ``audit_recovery``).
 """
 
 import logging
@@ -62,6 +64,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from medfed.aggregation.async_rounds import AsyncAccepted
+from medfed.aggregation.audit_recovery import reconcile_audit
 from medfed.aggregation.limits import ServiceLimits
 from medfed.aggregation.rounds import Rejected, RoundService
 from medfed.aggregation.secagg_routes import (
@@ -158,6 +161,9 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     )
     security = install_security(app, settings.security_settings())
     service = RoundService(store, settings.limits, verify_signature=security.verifier)
+    # Before the first request: append the entries of changes that a crash
+    # stored without their audit entry.
+    reconcile_audit(store, security)
     app.state.service = service
     install_error_handlers(app)
 

@@ -17,6 +17,11 @@ masking_messages (every change the round acknowledged, in order, so that a
 restart replays them) and masked_uploads (masked envelopes sent to the
 masking route rather than the upload route). A masked envelope is stored
 once, in uploads or masked_uploads, never inside a message.
+
+Two tables serve the audit log's recovery after a crash (see
+``audit_recovery``): audit_keys (the identity of every stored change that the
+audit log records) and audit_checkpoint (how far into the log audit_keys
+reaches).
 """
 
 import hashlib
@@ -151,6 +156,19 @@ CREATE TABLE IF NOT EXISTS masked_uploads (
     envelope BLOB NOT NULL,
     received_at REAL NOT NULL,
     PRIMARY KEY (study, round, site)
+);
+CREATE TABLE IF NOT EXISTS audit_keys (
+    kind TEXT NOT NULL,
+    study TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    site TEXT NOT NULL,
+    PRIMARY KEY (kind, study, number, site)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS audit_checkpoint (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    entries INTEGER NOT NULL,
+    head TEXT NOT NULL,
+    size INTEGER NOT NULL
 );
 """
 

@@ -32,7 +32,10 @@ class ServiceProcess:
         self.process: subprocess.Popen[bytes] | None = None
         self.log = state_dir / "service.log"
 
-    def start(self, timeout: float = 60) -> "ServiceProcess":
+    def start(
+        self, timeout: float = 60, environment: dict[str, str] | None = None
+    ) -> "ServiceProcess":
+        """Start the service, with ``environment`` added to this process's."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         command = [
             sys.executable,
@@ -48,7 +51,10 @@ class ServiceProcess:
         ]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ)
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(environment or {})},
             )
         context = ssl.create_default_context(
             cafile=str(self.kit_dir / KitFiles.CA_CERT)
@@ -75,6 +81,11 @@ class ServiceProcess:
         assert self.process is not None
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=30)
+
+    def wait_for_exit(self, timeout: float = 30) -> int:
+        """Wait for the process to end by itself; return its exit status."""
+        assert self.process is not None
+        return self.process.wait(timeout=timeout)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
