@@ -465,11 +465,11 @@ class RoundService:
 
     def accept_upload(
         self, study: str, round_number: int, site: str, body: bytes
-    ) -> StoredUpload:
+    ) -> tuple[StoredUpload, bool]:
         """Validate an envelope and store it; return the stored upload.
 
-        The same envelope sent again returns the first receipt and counts
-        once. A different envelope for a (site, round) that has one is a 409.
+        Also returns whether the envelope is a retry. The same envelope sent
+        again returns the first receipt and counts once. A different envelope for a (site, round) that has one is a 409.
         In a masking study the envelope must carry the ``masked`` codec and
         also joins the round's masking round.
         """
@@ -484,7 +484,7 @@ class RoundService:
         previous = self.store.get_upload(study, round_number, site)
         if previous is not None:
             if previous.sha256 == sha256:
-                return previous
+                return previous, True
             raise Rejected(
                 409,
                 f"site {site!r} already uploaded a different update for round {round_number}",
@@ -551,7 +551,7 @@ class RoundService:
             round_number,
             study,
         )
-        return upload
+        return upload, False
 
     def _decode(self, body: bytes) -> Any:
         try:

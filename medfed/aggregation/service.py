@@ -303,7 +303,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     ) -> dict[str, Any]:
         where = {"study": study, "round": round_number}
         try:
-            stored = await run_in_threadpool(
+            stored, duplicate = await run_in_threadpool(
                 service.accept_upload, study, round_number, site, body
             )
         except Rejected as error:
@@ -318,6 +318,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                 "receipt": stored.receipt,
                 "sha256": stored.sha256,
                 "sample_count": stored.sample_count,
+                "duplicate": duplicate,
             },
         )
         return {

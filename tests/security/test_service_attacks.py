@@ -357,6 +357,12 @@ def test_round_completes_and_audit_verifies(service, kits) -> None:
     assert ("model.downloaded", "alpha") in events
     assert ("site.authenticated", "alpha") in events
     assert events.count(("update.accepted", "alpha")) == 2
+    alpha_accepted = [
+        entry["details"]["duplicate"]
+        for entry in entries
+        if (entry["event"], entry["actor"]) == ("update.accepted", "alpha")
+    ]
+    assert alpha_accepted == [False, True]
     assert ("update.accepted", "beta") in events
     assert events[-2:] == [
         ("round.finalized", "coordinator"),
