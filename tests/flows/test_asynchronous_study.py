@@ -4,12 +4,15 @@ One site is made slow on purpose: the test patches its ``_training_settings``
 step, which runs after the site downloaded the latest version and before it
 trains, to wait until the service has published two more versions. Its
 updates therefore arrive stale, and the other sites publish versions without
-waiting for it.
+waiting for it. So that the slow site's updates land at all on a loaded
+machine, the other sites start training only once it has started, and hold
+the study's last version until its first update has arrived.
 """
 
 import json
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,15 +95,31 @@ def test_slow_site_does_not_hold_versions(
     config, text = async_config(study, service.url)
     original = SiteRunner._training_settings
 
+    slow_started = threading.Event()
+
+    def wait_for(condition: Callable[[dict[str, Any]], bool]) -> None:
+        waited_until = time.monotonic() + 60
+        while time.monotonic() < waited_until:
+            status = asynchronous_status(service.url, study)
+            if condition(status) or status["finished"]:
+                return
+            time.sleep(0.05)
+
     def slow_settings(self: SiteRunner, *args: Any, **kwargs: Any) -> Any:
         if self.site_id == SLOW_SITE:
+            slow_started.set()
             target = asynchronous_status(service.url, study)["latest_version"] + 2
-            waited_until = time.monotonic() + 60
-            while time.monotonic() < waited_until:
-                status = asynchronous_status(service.url, study)
-                if status["latest_version"] >= target or status["finished"]:
-                    break
-                time.sleep(0.05)
+            wait_for(lambda status: status["latest_version"] >= target)
+        else:
+            # On a loaded machine the fast sites could otherwise publish every
+            # version before the slow site starts or before its update lands.
+            slow_started.wait(timeout=60)
+            wait_for(
+                lambda status: (
+                    status["latest_version"] < ROUNDS - 1
+                    or any(item["site"] == SLOW_SITE for item in status["arrivals"])
+                )
+            )
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(SiteRunner, "_training_settings", slow_settings)
