@@ -59,7 +59,9 @@ from medfed.sites.secagg_client import (
     MaskingRoundCost,
 )
 from medfed.sites.training import (
+    GradientCorrection,
     LocalTrainingSettings,
+    TrainingResult,
     dp_sample_rate,
     dp_steps_per_epoch,
     train_locally,
@@ -150,6 +152,17 @@ def initial_model_weights(config: StudyConfig) -> dict[str, np.ndarray]:
     return {
         key: value.detach().numpy().copy() for key, value in model.state_dict().items()
     }
+
+
+@dataclass(frozen=True)
+class _LocalUpdate:
+    """One local training: its result, the epsilon spent so far (None without
+    DP), every trained weight and the update of the shared ones."""
+
+    result: TrainingResult
+    epsilon: float | None
+    trained: dict[str, np.ndarray]
+    delta: dict[str, np.ndarray]
 
 
 class SiteRunner:
@@ -335,27 +348,17 @@ class SiteRunner:
             base = client.download_round_model(self.config.study, round_number)
             shared = self._shared_names(base.weights)
             scaffold = self._scaffold(client, base, shared)
-            model = self._model_with(self._merged_weights(base.weights))
-            result = train_locally(
-                model,
-                inputs,
-                labels,
-                self._training_settings(ledger, round_number),
+            training_run = self._train_update(
+                base,
+                shared,
+                (inputs, labels),
+                ledger,
+                round_number,
                 seed=self._seed(round_number),
                 correct_gradients=scaffold.correct_gradients if scaffold else None,
             )
-            epsilon = None
-            if ledger is not None:
-                epsilon = ledger.record_round(round_number, result.steps)
-                ledger.save(self.ledger_path)
-
-            trained = {
-                key: value.detach().numpy() for key, value in model.state_dict().items()
-            }
-            delta = {
-                key: (trained[key] - base.weights[key]).astype(np.float32)
-                for key in shared
-            }
+            result, epsilon = training_run.result, training_run.epsilon
+            trained, delta = training_run.trained, training_run.delta
             extras: dict[str, dict[str, np.ndarray]] = {}
             new_control = None
             if scaffold is not None:
@@ -457,30 +460,22 @@ class SiteRunner:
 
         base = client.download_model(study, None)
         shared = self._shared_names(base.weights)
-        model = self._model_with(self._merged_weights(base.weights))
         # The seed fixes the batches and the DP noise. A resumed study takes
         # the update number from the service's accepted updates, so an update
         # that reached the service without being accepted is trained again
         # under the same number. Its base version is part of the seed: the
         # same noise on another base version's gradients would let whoever
         # saw both updates cancel the noise.
-        result = train_locally(
-            model,
-            inputs,
-            labels,
-            self._training_settings(ledger, update_number),
+        training_run = self._train_update(
+            base,
+            shared,
+            (inputs, labels),
+            ledger,
+            update_number,
             seed=self._seed(update_number, base_version=base.version),
         )
-        epsilon = None
-        if ledger is not None:
-            epsilon = ledger.record_round(update_number, result.steps)
-            ledger.save(self.ledger_path)
-        trained = {
-            key: value.detach().numpy() for key, value in model.state_dict().items()
-        }
-        delta = {
-            key: (trained[key] - base.weights[key]).astype(np.float32) for key in shared
-        }
+        result, epsilon = training_run.result, training_run.epsilon
+        trained, delta = training_run.trained, training_run.delta
         compression = self.config.compression
         encoder = build_update_encoder(compression, state_dir=self.study_dir)
         envelope = encode_envelope(
@@ -565,6 +560,44 @@ class SiteRunner:
             staleness=int(receipt["staleness"]),
             published_version=receipt["published_version"],
         )
+
+    def _train_update(
+        self,
+        base: DownloadedModel,
+        shared: list[str],
+        split: tuple[torch.Tensor, torch.Tensor],
+        ledger: PrivacyLedger | None,
+        number: int,
+        *,
+        seed: int,
+        correct_gradients: GradientCorrection | None = None,
+    ) -> "_LocalUpdate":
+        """Train from ``base`` and return the update of the ``shared`` weights.
+
+        ``number`` is the round, or in an asynchronous study the site's
+        update number; the ledger records the steps under it and is saved.
+        """
+        model = self._model_with(self._merged_weights(base.weights))
+        inputs, labels = split
+        result = train_locally(
+            model,
+            inputs,
+            labels,
+            self._training_settings(ledger, number),
+            seed=seed,
+            correct_gradients=correct_gradients,
+        )
+        epsilon = None
+        if ledger is not None:
+            epsilon = ledger.record_round(number, result.steps)
+            ledger.save(self.ledger_path)
+        trained = {
+            key: value.detach().numpy() for key, value in model.state_dict().items()
+        }
+        delta = {
+            key: (trained[key] - base.weights[key]).astype(np.float32) for key in shared
+        }
+        return _LocalUpdate(result, epsilon, trained, delta)
 
     def _asynchronous_report(
         self,
