@@ -43,6 +43,7 @@ app = typer.Typer(
     help="Federated learning across hospitals under DP.",
 )
 console = Console()
+logger = logging.getLogger(__name__)
 
 
 @app.callback()
@@ -296,9 +297,11 @@ def serve_aggregator(
     from medfed.aggregation.limits import ServiceLimits
     from medfed.aggregation.service import ServiceSettings, create_app
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    # The service logs its round events (studies created, uploads accepted or
+    # rejected, rounds finalized) at INFO. The --verbose callback has already
+    # configured the root logger, at WARNING without the flag, so basicConfig
+    # here would change nothing.
+    logging.getLogger().setLevel(logging.INFO)
     limits = ServiceLimits(
         rate_per_second=rate_per_second,
         rate_burst=rate_burst,
@@ -311,6 +314,14 @@ def serve_aggregator(
             kit_dir=kit_dir,
             service_limits=limits,
         )
+    )
+    scheme = "http" if kit_dir is None else "https"
+    logger.info(
+        "starting the aggregation service on %s://%s:%d with state in %s",
+        scheme,
+        host,
+        port,
+        state_dir,
     )
     uvicorn.run(
         application,
