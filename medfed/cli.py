@@ -178,11 +178,16 @@ def run(
         console=console,
         transient=False,
     ) as progress:
+        steps = "versions" if config.round.asynchronous is not None else "rounds"
         bar = progress.add_task(
-            f"{config.study}: rounds", total=config.training.rounds, metrics=""
+            f"{config.study}: {steps}", total=config.training.rounds, metrics=""
         )
 
         def on_round(round_number: int, summary: dict[str, Any]) -> None:
+            if "pooled_test_accuracy" not in summary:
+                # An asynchronous version: sites evaluate only the final one.
+                progress.update(bar, completed=round_number + 1)
+                return
             progress.update(
                 bar,
                 completed=round_number + 1,
