@@ -213,6 +213,16 @@ def run(
                 f"cause is fixed continue with: medfed run {config_path} --resume "
                 f"--work-dir {work_dir}"
             ) from None
+        except SystemExit:
+            # Ctrl-C or SIGTERM (see _exit_on_signals), after run_study
+            # stopped its services.
+            if (work_dir / "coordinator.json").exists():
+                typer.echo(
+                    f"medfed: stopped; continue the study with: medfed run "
+                    f"{config_path} --resume --work-dir {work_dir}",
+                    err=True,
+                )
+            raise
     summary["wall_seconds"] = time.monotonic() - started
     summary["work_dir"] = str(work_dir)
     _print_summary(summary)
