@@ -31,9 +31,7 @@ def provision_command(
     study_config: Annotated[Path, typer.Argument(help="The study config YAML.")],
     out: Annotated[
         Path | None,
-        typer.Option(
-            help="Empty directory for the kits.", show_default="kits/<study>"
-        ),
+        typer.Option(help="Empty directory for the kits.", show_default="kits/<study>"),
     ] = None,
     validity_days: Annotated[
         int, typer.Option(help="Certificate lifetime, in days.")
