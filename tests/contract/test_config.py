@@ -267,7 +267,7 @@ def test_missing_source_file_passes_config_check(tmp_path: Path) -> None:
     assert config.sites[0].source == "processed.va.data"
 
 
-def test_cross_section_error_has_no_location_prefix() -> None:
+def test_cross_section_error_unprefixed() -> None:
     raw = minimal()
     raw["strategy"] = {"name": "fedavgg"}
 

@@ -95,7 +95,7 @@ def verified_file(
     if not path.exists():
         if not download:
             # A root that does not exist is most often a mistyped data.root or
-            # MEDFED_DATA_DIR, so the message says so.
+            # MEDFED_DATA_DIR, so the message names that case.
             missing = "" if root.is_dir() else ", which does not exist"
             raise DataError(
                 f"data file {spec.folder}/{spec.name} not found in data root "
