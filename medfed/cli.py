@@ -43,6 +43,7 @@ app = typer.Typer(
     help="Federated learning across hospitals under DP.",
 )
 console = Console()
+logger = logging.getLogger(__name__)
 
 
 @app.callback()
@@ -177,11 +178,16 @@ def run(
         console=console,
         transient=False,
     ) as progress:
+        steps = "versions" if config.round.asynchronous is not None else "rounds"
         bar = progress.add_task(
-            f"{config.study}: rounds", total=config.training.rounds, metrics=""
+            f"{config.study}: {steps}", total=config.training.rounds, metrics=""
         )
 
         def on_round(round_number: int, summary: dict[str, Any]) -> None:
+            if "pooled_test_accuracy" not in summary:
+                # An asynchronous version: sites evaluate only the final one.
+                progress.update(bar, completed=round_number + 1)
+                return
             progress.update(
                 bar,
                 completed=round_number + 1,
@@ -207,6 +213,16 @@ def run(
                 f"cause is fixed continue with: medfed run {config_path} --resume "
                 f"--work-dir {work_dir}"
             ) from None
+        except SystemExit:
+            # Ctrl-C or SIGTERM (see _exit_on_signals), after run_study
+            # stopped its services.
+            if (work_dir / "coordinator.json").exists():
+                typer.echo(
+                    f"medfed: stopped; continue the study with: medfed run "
+                    f"{config_path} --resume --work-dir {work_dir}",
+                    err=True,
+                )
+            raise
     summary["wall_seconds"] = time.monotonic() - started
     summary["work_dir"] = str(work_dir)
     _print_summary(summary)
@@ -296,9 +312,11 @@ def serve_aggregator(
     from medfed.aggregation.limits import ServiceLimits
     from medfed.aggregation.service import ServiceSettings, create_app
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    # The service logs its round events (studies created, uploads accepted or
+    # rejected, rounds finalized) at INFO. The --verbose callback has already
+    # configured the root logger, at WARNING without the flag, so basicConfig
+    # here would change nothing.
+    logging.getLogger().setLevel(logging.INFO)
     limits = ServiceLimits(
         rate_per_second=rate_per_second,
         rate_burst=rate_burst,
@@ -311,6 +329,14 @@ def serve_aggregator(
             kit_dir=kit_dir,
             service_limits=limits,
         )
+    )
+    scheme = "http" if kit_dir is None else "https"
+    logger.info(
+        "starting the aggregation service on %s://%s:%d with state in %s",
+        scheme,
+        host,
+        port,
+        state_dir,
     )
     uvicorn.run(
         application,

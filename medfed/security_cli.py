@@ -31,7 +31,7 @@ def provision_command(
     study_config: Annotated[Path, typer.Argument(help="The study config YAML.")],
     out: Annotated[
         Path | None,
-        typer.Option(help="Empty directory for the kits [default: kits/<study>]."),
+        typer.Option(help="Empty directory for the kits.", show_default="kits/<study>"),
     ] = None,
     validity_days: Annotated[
         int, typer.Option(help="Certificate lifetime, in days.")
@@ -84,9 +84,20 @@ def verify_command(
     try:
         head_document = None
         key = None
+        if public_key is not None and signed_head is None:
+            # Without a head there is nothing to check the key against, and
+            # "ok" would read as if a signature had been verified.
+            raise AuditLogError(
+                "--public-key requires --signed-head: pass the service's "
+                "audit.jsonl.head.json, or leave out --public-key to check "
+                "only the hash chain"
+            )
         if signed_head is not None:
             if public_key is None:
-                raise AuditLogError("--signed-head requires --public-key")
+                raise AuditLogError(
+                    "--signed-head requires --public-key: pass the "
+                    "audit-signing.pub of the study's coordinator kit"
+                )
             head_document = json.loads(signed_head.read_text(encoding="utf-8"))
             key = public_key_from_base64(public_key.read_text(encoding="ascii").strip())
         result = verify(log, signed_head=head_document, public_key=key)

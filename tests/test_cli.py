@@ -246,3 +246,11 @@ def test_nan_written_as_null() -> None:
     cleaned = _without_nan({"auc": float("nan"), "sites": [{"auc": 0.5}]})
 
     assert cleaned == {"auc": None, "sites": [{"auc": 0.5}]}
+
+
+def test_provision_help_shows_out_default(tmp_path: Path) -> None:
+    # Rich markup would swallow a "[default: ...]" written into the help text.
+    result = run_medfed("provision", "--help", cwd=tmp_path, env={"COLUMNS": "200"})
+
+    assert result.returncode == 0
+    assert "kits/<study>" in result.stdout

@@ -108,9 +108,17 @@ def test_services_stop_with_run(
     services: dict[int, int] = {}
     try:
         services = wait_for_services(process, tmp_path)
+        # Signal once the study has begun, so there is a run to resume.
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".medfed/runs/*/coordinator.json")):
+            assert time.monotonic() < deadline, "the study did not begin"
+            time.sleep(0.2)
 
         process.send_signal(number)
         assert process.wait(timeout=60) == exit_code
+        if number != signal.SIGKILL:
+            stderr = (tmp_path / "stderr.txt").read_text()
+            assert "--resume --work-dir .medfed/runs/" in stderr
         deadline = time.monotonic() + 15
         while still_running(services) and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -573,11 +573,16 @@ def describe_validation_error(error: ValidationError, limit: int = 3) -> str:
     """Format pydantic errors as ``key: problem (got value)`` phrases."""
     parts = []
     for item in error.errors()[:limit]:
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        key = ".".join(str(part) for part in item["loc"])
         if item["type"] == "extra_forbidden":
             parts.append(f"unknown key {key!r}; remove it or check its spelling")
             continue
         message = item["msg"].removeprefix("Value error, ")
+        if not key:
+            # A check across sections has no location, and its message
+            # starts with the keys it concerns.
+            parts.append(message)
+            continue
         value = item.get("input")
         shown = (
             ""

@@ -73,7 +73,7 @@ def run_asynchronous(
         QuorumError: no version was published; the message gives each
             site's reason.
     """
-    from medfed.flows.training import _failure_reason
+    from medfed.flows.training import _failure_reason, _listeners
 
     config = coordinator.config
     study = config.study
@@ -149,6 +149,10 @@ def run_asynchronous(
             latest += 1
             coordinator.version_seconds.append(time.monotonic() - started)
             logger.info("study %s published version %d", study, latest)
+            # Sites evaluate only the final version, so the summary carries
+            # no pooled metrics.
+            for listener in list(_listeners):
+                listener(latest - 1, {"round": latest - 1, "version": latest})
         if status["finished"]:
             break
         for site in coordinator.sites:

@@ -62,7 +62,11 @@ __all__ = ["RoundListener", "check_local_data", "federated_training", "run_study
 logger = logging.getLogger(__name__)
 
 RoundListener = Callable[[int, dict[str, Any]], None]
-"""Called after each round with the round number and its summary."""
+"""Called after each round with the round number and its summary.
+
+In an asynchronous study it is called for each published version ``v`` with
+``v - 1`` and a summary of ``round`` and ``version`` only, without metrics.
+"""
 
 _listeners: list[RoundListener] = []
 

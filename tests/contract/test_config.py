@@ -265,3 +265,15 @@ def test_missing_source_file_passes_config_check(tmp_path: Path) -> None:
     config = parse_study_config(raw)
 
     assert config.sites[0].source == "processed.va.data"
+
+
+def test_cross_section_error_unprefixed() -> None:
+    raw = minimal()
+    raw["strategy"] = {"name": "fedavgg"}
+
+    with pytest.raises(ConfigError) as raised:
+        parse_study_config(raw)
+
+    message = str(raised.value)
+    assert "(top level)" not in message
+    assert "is invalid: strategy: unknown strategy 'fedavgg'" in message

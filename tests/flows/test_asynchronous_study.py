@@ -269,3 +269,19 @@ def test_update_trained_again_on_newer_version_draws_new_noise(
     assert (first.status, again.status) == ("uploaded", "uploaded")
     assert len(seeds) == 2
     assert seeds[0] != seeds[1]
+
+
+@pytest.mark.usefixtures("prefect_api", "mlflow_uri")
+def test_listener_called_per_version(tmp_path: Path) -> None:
+    config, text = async_config("async-listener", rounds=3)
+    calls: list[tuple[int, dict[str, Any]]] = []
+
+    run_study(
+        config,
+        text,
+        work_dir=tmp_path / "run",
+        listener=lambda number, summary: calls.append((number, summary)),
+    )
+
+    assert [number for number, _ in calls] == [0, 1, 2]
+    assert [summary["version"] for _, summary in calls] == [1, 2, 3]

@@ -294,3 +294,14 @@ def test_cli_verify_broken(log_path: Path) -> None:
     assert (
         f"audit log {log_path} is broken at entry 4: entry has seq 5" in result.output
     )
+
+
+def test_cli_verify_key_without_head(log_path: Path, tmp_path: Path) -> None:
+    (tmp_path / "audit.pub").write_text("unused")
+    options = ["--public-key", str(tmp_path / "audit.pub")]
+
+    result = CliRunner().invoke(audit_app, ["verify", str(log_path), *options])
+
+    assert result.exit_code == AuditLogError.exit_code
+    assert "--public-key requires --signed-head" in result.output
+    assert "ok" not in result.output.split()

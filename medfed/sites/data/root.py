@@ -94,8 +94,12 @@ def verified_file(
         download = is_download_cache(root)
     if not path.exists():
         if not download:
+            # A root that does not exist is most often a mistyped data.root or
+            # MEDFED_DATA_DIR, so the message names that case.
+            missing = "" if root.is_dir() else ", which does not exist"
             raise DataError(
-                f"data file {spec.folder}/{spec.name} not found in data root {root}; "
+                f"data file {spec.folder}/{spec.name} not found in data root "
+                f"{root}{missing}; "
                 f"download it from {spec.url} into {root / spec.folder}/ (SHA-256 "
                 f"{spec.sha256}), or set data.root or {ENV_VAR} to a folder that "
                 f"contains {spec.folder}/{spec.name}"

@@ -97,3 +97,19 @@ def test_download_cache_recognized_by_path(
     assert is_download_cache(tmp_path / ".cache" / "medfed" / "data")
     assert is_download_cache(tmp_path / ".cache" / "medfed" / "data" / ".." / "data")
     assert not is_download_cache(tmp_path / "data")
+
+
+def test_missing_root_named_in_error(
+    tmp_path: Path, source: tuple[DatasetFile, list[str]]
+) -> None:
+    spec, requests = source
+    root = tmp_path / "mistyped"
+
+    with pytest.raises(DataError) as raised:
+        verified_file(root, spec)
+
+    message = str(raised.value)
+    assert f"not found in data root {root}, which does not exist;" in message
+    assert "set data.root or MEDFED_DATA_DIR" in message
+    assert requests == []
+    assert not root.exists()
