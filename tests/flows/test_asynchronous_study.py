@@ -229,7 +229,7 @@ def test_resume_of_finished_async_study_rejected(tmp_path: Path) -> None:
     ]
 
 
-def test_update_trained_again_on_newer_version_draws_new_noise(
+def test_retrained_update_gets_new_noise(
     tmp_path: Path, service: LocalAggregationService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A site that trains an update number again, on a newer version, gets new noise.
@@ -266,7 +266,8 @@ def test_update_trained_again_on_newer_version_draws_new_noise(
         first = runner.train_asynchronous(client, 0)
         again = runner.train_asynchronous(client, 0)
 
-    assert (first.status, again.status) == ("uploaded", "uploaded")
+    assert first.status == "uploaded"
+    assert again.status == "uploaded"
     assert len(seeds) == 2
     assert seeds[0] != seeds[1]
 

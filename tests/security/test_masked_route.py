@@ -50,7 +50,7 @@ def masked_envelopes(site: ManualSite) -> tuple[bytes, bytes]:
     return unsigned, signed
 
 
-def test_masking_route_checks_signature_and_counts_upload(
+def test_masked_route_checks_signature(
     masking_kits: dict[str, Path], tmp_path: Path
 ) -> None:
     service = ServiceProcess(tmp_path, masking_kits["aggregation"]).start()
