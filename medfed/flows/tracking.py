@@ -3,6 +3,8 @@
 The tracking store is ``MLFLOW_TRACKING_URI`` when set, else an SQLite file
 ``mlflow.db`` in the working directory.
 
+How rounds run is recorded as params ``round_*``, ``participation_*`` and,
+for asynchronous studies, ``asynchronous_*`` (see ``round_params``).
 Secure aggregation is recorded as params ``secure_aggregation_*`` (the mode
 and its parameters, see ``secure_aggregation_params``) and, under masking,
 as per-round metrics ``SITE.secagg_*`` (the protocol's bytes and seconds at
@@ -28,7 +30,12 @@ from medfed.contract.secagg.config import SecureAggregationConfig
 from medfed.contract.secagg.int8_ring import Int8RingEncoding
 from medfed.contract.secagg.ring import FixedPointEncoding
 
-__all__ = ["StudyTracker", "secure_aggregation_params", "tracking_uri"]
+__all__ = [
+    "StudyTracker",
+    "round_params",
+    "secure_aggregation_params",
+    "tracking_uri",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +46,30 @@ def tracking_uri() -> str:
     return (
         os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     )
+
+
+def round_params(config: StudyConfig) -> dict[str, Any]:
+    """Return the MLflow params that say how the study's rounds run.
+
+    Synchronous studies get their quorum and participation, asynchronous ones
+    their buffer and staleness settings.
+    """
+    rounds = config.round
+    asynchronous = rounds.asynchronous
+    params: dict[str, Any] = {
+        "round_mode": "synchronous" if asynchronous is None else "asynchronous",
+        "round_deadline_seconds": rounds.deadline_seconds,
+    }
+    if asynchronous is None:
+        params["round_quorum"] = config.quorum
+        params["participation_fraction"] = rounds.participation.fraction
+        params["participation_minimum"] = rounds.participation.minimum
+        params["participation_weighted"] = rounds.participation.weighted
+    else:
+        params["asynchronous_buffer_size"] = asynchronous.buffer_size
+        params["asynchronous_staleness_exponent"] = asynchronous.staleness_exponent
+        params["asynchronous_max_staleness"] = asynchronous.max_staleness
+    return params
 
 
 def secure_aggregation_params(
@@ -126,6 +157,7 @@ class StudyTracker:
             "compression_zstd": self.config.compression.zstd,
             "compression_zstd_level": self.config.compression.envelope_zstd_level,
             "compression_error_feedback": self.config.compression.error_feedback,
+            **round_params(self.config),
             **secure_aggregation_params(
                 self.config.secure_aggregation,
                 site_count=len(self.config.sites),

@@ -154,6 +154,10 @@ def test_slow_site_does_not_hold_versions(
         assert entry["epsilon_spent"] <= 1.0, site
 
     run = mlflow.get_run(summary["mlflow_run_id"])
+    assert run.data.params["round_mode"] == "asynchronous"
+    assert run.data.params["asynchronous_buffer_size"] == "2"
+    assert run.data.params["asynchronous_staleness_exponent"] == "0.5"
+    assert "round_quorum" not in run.data.params
     metrics = run.data.metrics
     assert metrics[f"{SLOW_SITE}.asynchronous_updates"] == slow["updates"]
     assert metrics[f"{SLOW_SITE}.max_staleness"] >= 2

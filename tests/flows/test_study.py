@@ -63,6 +63,9 @@ def test_dp_study_end_to_end(tmp_path: Path) -> None:
     assert run.data.params["hungary.delta"] == "0.001"
     assert run.data.params["long-beach.max_grad_norm"] == "1.0"
     assert run.data.params["compression_codec"] == "fp32"
+    assert run.data.params["round_mode"] == "synchronous"
+    assert run.data.params["round_quorum"] == "3"
+    assert run.data.params["participation_fraction"] == "1.0"
     assert run.data.params["secure_aggregation_mode"] == "none"
     history = client.get_metric_history(run.info.run_id, "pooled.test_accuracy")
     assert [point.step for point in history] == [1, 2]
