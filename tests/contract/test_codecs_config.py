@@ -106,7 +106,20 @@ def test_study_rejects_lowbit_under_masking():
 @pytest.mark.parametrize(
     ("section", "message"),
     [
-        ({"codec": "gzip"}, "unknown codec 'gzip'"),
+        (
+            {"codec": "gzip"},
+            "unknown codec 'gzip'; choose one of fp16, fp32, int8, lowbit, randk, topk",
+        ),
+        (
+            {"codec": "masked"},
+            "codec 'masked' is what secure_aggregation: masking sends, so set that "
+            "mode instead",
+        ),
+        (
+            {"codec": "ckks"},
+            "codec 'ckks' is what secure_aggregation: ckks sends, so set that mode "
+            "instead",
+        ),
         ({"codec": "topk"}, "codec 'topk' requires parameter fraction"),
         (
             {"codec": "topk", "params": {"fraction": "0.1"}},

@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from medfed.contract.codecs.base import Codec, get_codec
+from medfed.contract.codecs.base import CODECS, Codec, get_codec
 from medfed.contract.codecs.compatibility import check_codec_compatibility
 from medfed.errors import ConfigError
 
@@ -61,6 +61,17 @@ class CompressionConfig(BaseModel):
     def _check_codec(self) -> "CompressionConfig":
         # ConfigError is a ValueError, so pydantic reports it under this
         # section with the codec's own message.
+        if self.codec not in selectable_codecs():
+            mode = _SECURE_MODE_CODECS.get(self.codec)
+            reason = (
+                f"codec {self.codec!r} is what secure_aggregation: {mode} sends, "
+                "so set that mode instead"
+                if mode
+                else f"unknown codec {self.codec!r}"
+            )
+            raise ConfigError(
+                f"{reason}; choose one of {', '.join(selectable_codecs())}"
+            )
         self.build_codec()
         if self.zstd_level is not None and not self.zstd:
             raise ConfigError(
@@ -103,3 +114,15 @@ class CompressionConfig(BaseModel):
                 f"{secure_aggregation!r} sends its uploads without zstd; remove "
                 "zstd and zstd_level from the compression section"
             )
+
+
+#: Codecs that a secure aggregation mode writes into envelopes, with that mode.
+_SECURE_MODE_CODECS = {"masked": "masking", "ckks": "ckks"}
+
+
+def selectable_codecs() -> list[str]:
+    """Return the codec names a study's ``compression.codec`` may name, sorted."""
+    # Importing the package registers the built-in codecs.
+    import medfed.contract.codecs  # noqa: F401
+
+    return sorted(set(CODECS) - set(_SECURE_MODE_CODECS))
