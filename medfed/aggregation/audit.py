@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 GENESIS_HASH = "0" * 64
 AUDIT_EVENTS = frozenset(
     {
+        "advertisement.rejected",
         "aggregate.decrypted",
         "aggregate.decryption_rejected",
         "aggregate.downloaded",

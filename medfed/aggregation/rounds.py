@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
@@ -238,12 +239,15 @@ class RoundService:
         limits: EnvelopeLimits | None = None,
         *,
         verify_signature: Callable[[EnvelopeHeader], None] | None = None,
+        site_keys: Mapping[str, Ed25519PublicKey] | None = None,
     ) -> None:
         self.store = store
         self.limits = limits or EnvelopeLimits()
         #: Masking rounds of studies with ``secure_aggregation: masking``,
-        #: saved in ``store`` and resumed from it.
-        self.masking = MaskingRounds(self.limits, store=store)
+        #: saved in ``store`` and resumed from it. With ``site_keys`` (each
+        #: site's Ed25519 public key from the site registry, in deployment
+        #: mode) they reject key advertisements not signed with them.
+        self.masking = MaskingRounds(self.limits, store=store, verify_keys=site_keys)
         # Called on each new upload's header before its payload is decoded;
         # None (local mode) accepts unsigned envelopes.
         self.verify_signature = verify_signature

@@ -4,7 +4,8 @@ All routes are under ``/v1/studies/{study}/rounds/{round}/secagg``:
 
 - ``POST /keys``: a site's ``KeyAdvertisement``. Advertising closes by itself
   once every site of the round has advertised or withdrawn, or by
-  ``POST /keys/close``.
+  ``POST /keys/close``. With verify keys (deployment mode), an advertisement
+  that is unsigned or not signed with the site's registered key gets 409.
 - ``GET /roster``: the ``KeyRoster``, 425 until advertising closed.
 - ``POST /shares``: a site's ``ShareUpload``. Sharing closes by itself once
   every roster site has uploaded or withdrawn, or by ``POST /shares/close``.
@@ -51,11 +52,12 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
@@ -72,7 +74,9 @@ from medfed.aggregation.masking_state import (
 from medfed.aggregation.store import MaskedUploadTable, StoredUpload
 from medfed.aggregation.tls import peer_identity
 from medfed.contract.ids import IDENTIFIER_PATTERN, validate_identifier
+from medfed.contract.kits import KitFiles
 from medfed.contract.secagg import (
+    AdvertisementSignatureError,
     EncryptedShare,
     KeyAdvertisement,
     KeyRoster,
@@ -261,6 +265,13 @@ class MaskingRounds:
     (``masking_state``), and ``restore_saved`` resumes the saved rounds after
     a restart. Without one, rounds live in this process only.
 
+    With ``verify_keys`` (each site's Ed25519 public key from the site
+    registry, in deployment mode), every round, opened or restored, rejects
+    a key advertisement that is unsigned, does not verify against its site's
+    key, or comes from a site without one. So one site with a wrong key
+    cannot put an advertisement in the roster that every other site would
+    reject. Without them (local mode), advertisements are not checked.
+
     NOTE: held requests and the time a site waited are not saved. After a
     restart each site sends its request again (``MaskingClient`` retries
     connection errors), and the round keeps its original deadline.
@@ -272,6 +283,7 @@ class MaskingRounds:
         *,
         max_wait_seconds: float = DEFAULT_MAX_WAIT_SECONDS,
         store: MaskingRoundStore | None = None,
+        verify_keys: Mapping[str, Ed25519PublicKey] | None = None,
     ) -> None:
         if not 0 <= max_wait_seconds < float("inf"):
             raise ConfigError(
@@ -285,6 +297,7 @@ class MaskingRounds:
         self._aborted: OrderedDict[tuple[str, int], str] = OrderedDict()
         self._lock = threading.Lock()
         self._store = store
+        self._verify_keys = verify_keys
 
     def open(
         self,
@@ -316,7 +329,7 @@ class MaskingRounds:
             layout=layout,
             deadline_at=deadline_at,
         )
-        server = new_server(setup)
+        server = new_server(setup, self._verify_keys)
         with self._lock:
             if (study, round_number) in self._rounds:
                 raise SecureAggregationError(
@@ -372,7 +385,7 @@ class MaskingRounds:
             saved = self._store.masking_round(study, round_number)
             assert saved is not None
             try:
-                setup, server = replay(saved, self.limits)
+                setup, server = replay(saved, self.limits, self._verify_keys)
             except SecureAggregationError as error:
                 reason = f"its saved state could not be restored: {error}"
                 logger.error(
@@ -451,7 +464,7 @@ class MaskingRounds:
             saved = self._store.masking_round(study, round_number)
             if saved is None:
                 raise SecureAggregationError("the store has no such round")
-            _, entry.server = replay(saved, self.limits)
+            _, entry.server = replay(saved, self.limits, self._verify_keys)
         except (SecureAggregationError, sqlite3.Error) as error:
             reason = f"its state could not be saved or restored: {error}"
             logger.error(
@@ -620,6 +633,18 @@ def _aborted_error(study: str, round_number: int, reason: str) -> RoundAbortedEr
     )
 
 
+def _advertisement_rejection(
+    error: AdvertisementSignatureError, site: str
+) -> AdvertisementSignatureError:
+    """Return ``error`` with what the operator of ``site`` should check."""
+    return AdvertisementSignatureError(
+        f"{error}. Check the startup kit of site {site!r}: its "
+        f"{KitFiles.SIGNING_KEY} must be the key that the aggregation service's "
+        f"{KitFiles.SITE_REGISTRY} lists for the site, so both kits must come "
+        "from the same medfed provision run"
+    )
+
+
 def _require_site(request: Request, claimed: str) -> None:
     """Reject a request whose client certificate names another site.
 
@@ -706,8 +731,8 @@ def create_masking_router(
     With ``masked_upload``, ``PUT /masked/{site}`` hands each envelope to it,
     so that a service checks its signature, stores it, counts it towards the
     quorum and audits it exactly as on its own upload route. ``record``
-    appends the withdrawals, and the withdrawals the round rejects, to the
-    service's audit log.
+    appends the withdrawals, the withdrawals the round rejects, and the key
+    advertisements rejected for their signature to the service's audit log.
     """
     router = APIRouter(prefix=_PREFIX)
 
@@ -718,16 +743,28 @@ def create_masking_router(
         advertisement: KeyAdvertisement,
         request: Request,
     ) -> dict[str, Any]:
-        _require_site(request, advertisement.site)
-        with rounds.edit(study, round_number) as entry:
-            if advertisement.site not in entry.sites:
-                raise SecureAggregationError(
-                    f"site {advertisement.site!r} does not take part in round "
-                    f"{round_number}"
-                )
-            entry.server.add_advertisement(advertisement)
-            entry.close_complete_phase()
-        return {"site": advertisement.site}
+        site = advertisement.site
+        _require_site(request, site)
+        try:
+            with rounds.edit(study, round_number) as entry:
+                if site not in entry.sites:
+                    raise SecureAggregationError(
+                        f"site {site!r} does not take part in round {round_number}"
+                    )
+                entry.server.add_advertisement(advertisement)
+                entry.close_complete_phase()
+        except AdvertisementSignatureError as error:
+            rejection = _advertisement_rejection(error, site)
+            if record is not None:
+                details = {
+                    "study": study,
+                    "round": round_number,
+                    "status": _status_of(rejection),
+                    "reason": str(rejection),
+                }
+                record("advertisement.rejected", site, details)
+            raise rejection from None
+        return {"site": site}
 
     @router.post("/keys/close")
     def close_advertising(

@@ -160,7 +160,13 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         title="medfed aggregation service", version="1", openapi_url=openapi_url
     )
     security = install_security(app, settings.security_settings())
-    service = RoundService(store, settings.limits, verify_signature=security.verifier)
+    verifier = security.verifier
+    service = RoundService(
+        store,
+        settings.limits,
+        verify_signature=verifier,
+        site_keys=None if verifier is None else verifier.site_keys,
+    )
     # Before the first request: append the entries of changes that a crash
     # stored without their audit entry.
     reconcile_audit(store, security)

@@ -20,6 +20,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -142,6 +143,11 @@ class SignatureVerifier:
     @property
     def sites(self) -> list[str]:
         return sorted(self._keys)
+
+    @property
+    def site_keys(self) -> Mapping[str, Ed25519PublicKey]:
+        """Each registered site's Ed25519 public key, read-only."""
+        return MappingProxyType(self._keys)
 
     def __call__(self, header: EnvelopeHeader) -> None:
         """Verify ``header.signature`` over ``header.signing_bytes()``.

@@ -50,6 +50,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+_CONFLICT = 409
 _TOO_EARLY = 425
 _SHARE_LIST = TypeAdapter(list[EncryptedShare])
 #: Statuses of a service that is restarting or overloaded; the request is retried.
@@ -266,7 +267,9 @@ class MaskingClient:
 
         Raises:
             ServiceError: a request failed or the round did not advance in
-                time.
+                time. A site whose key advertisement the service rejects
+                with 409, for example because it is not signed with the key
+                the service's site registry lists, withdraws before it raises.
             SecureAggregationError: a message from the service failed the
                 site's checks. A site that rejects the roster, for example
                 because an advertisement's signature does not verify,
@@ -277,7 +280,15 @@ class MaskingClient:
         prefix = self._prefix(site)
         with meter.computing():
             advertisement = _json(site.advertise())
-        meter.record(self._send("POST", f"{prefix}/keys", json=advertisement))
+        try:
+            meter.record(self._send("POST", f"{prefix}/keys", json=advertisement))
+        except ServiceError as error:
+            if error.status_code == _CONFLICT:
+                # For example an advertisement not signed with the key the
+                # service's site registry lists for the site. Withdrawing
+                # lets advertising close without it.
+                self._withdraw_after_rejected_advertisement(site, error)
+            raise
         roster_response = meter.record(self._poll(f"{prefix}/roster", deadline))
         try:
             with meter.computing():
@@ -409,6 +420,21 @@ class MaskingClient:
             site.context.round_number,
             error,
         )
+        self._withdraw_if_possible(site)
+
+    def _withdraw_after_rejected_advertisement(
+        self, site: MaskingSite, error: ServiceError
+    ) -> None:
+        logger.warning(
+            "the aggregation service rejected the key advertisement of site %s in "
+            "masking round %s, so the site withdraws: %s",
+            site.site,
+            site.context.round_number,
+            error,
+        )
+        self._withdraw_if_possible(site)
+
+    def _withdraw_if_possible(self, site: MaskingSite) -> None:
         try:
             self.withdraw(site)
         except ServiceError as withdraw_error:

@@ -30,7 +30,7 @@ from medfed.contract.secagg import (
     parse_message,
 )
 from medfed.contract.secagg.config import SecureAggregationConfig
-from medfed.contract.signing import Ed25519Signer
+from medfed.contract.signing import Ed25519Signer, load_private_key
 from medfed.contract.wire import encode_envelope
 from medfed.provision import provision
 from medfed.sites.client import AggregationClient
@@ -67,8 +67,13 @@ class Site:
         self.http = client(url, kit)
         self.aggregation = AggregationClient(url, http_client=self.http)
         self.masking = MaskingClient(url, http_client=self.http, poll_interval=0.05)
+        # The service checks each advertisement against its site registry.
         self.protocol = MaskingSite(
-            site=name, study=STUDY, round_number=0, encoding=ENCODING
+            site=name,
+            study=STUDY,
+            round_number=0,
+            encoding=ENCODING,
+            signing_key=load_private_key(kit / KitFiles.SIGNING_KEY),
         )
         self.signer = Ed25519Signer.from_file(kit / KitFiles.SIGNING_KEY)
         #: The masked envelope this site sent, to send again as a retry.

@@ -19,7 +19,7 @@ from medfed.aggregation.service import ServiceSettings, create_app
 from medfed.contract.kits import KitFiles, site_kit_name
 from medfed.contract.secagg import MaskingSite
 from medfed.contract.secagg.config import SecureAggregationConfig
-from medfed.contract.signing import Ed25519Signer
+from medfed.contract.signing import Ed25519Signer, load_private_key
 from medfed.provision import provision
 from medfed.sites.client import AggregationClient
 from medfed.sites.secagg_client import BackgroundMaskingRound, MaskingClient
@@ -81,7 +81,13 @@ def set_up_keys(service, kits, study) -> dict[str, BackgroundMaskingRound]:
         rounds[name] = BackgroundMaskingRound(
             MaskingClient(service["url"], poll_interval=0.05, http_client=http),
             MaskingSite(
-                site=name, study=study, round_number=0, encoding=SECURE.encoding(3)
+                site=name,
+                study=study,
+                round_number=0,
+                encoding=SECURE.encoding(3),
+                signing_key=load_private_key(
+                    kits[site_kit_name(name)] / KitFiles.SIGNING_KEY
+                ),
             ),
             wait_seconds=30,
         )

@@ -53,12 +53,18 @@ from medfed.contract.secagg.ring import (
     from_ring,
     to_ring,
 )
-from medfed.contract.secagg.server import MaskingServer, RoundNotReadyError, UnmaskedSum
+from medfed.contract.secagg.server import (
+    AdvertisementSignatureError,
+    MaskingServer,
+    RoundNotReadyError,
+    UnmaskedSum,
+)
 from medfed.contract.secagg.site import MaskingSite
 
 __all__ = [
     "DEFAULT_RING_BITS",
     "MIN_SITES",
+    "AdvertisementSignatureError",
     "EncryptedShare",
     "FixedPointEncoding",
     "Int8RingEncoding",

@@ -51,7 +51,12 @@ from medfed.contract.secagg.shamir import Share, rebuild_verified
 from medfed.contract.secagg.signing import verify_advertisement
 from medfed.errors import ConfigError, SecureAggregationError
 
-__all__ = ["MaskingServer", "RoundNotReadyError", "UnmaskedSum"]
+__all__ = [
+    "AdvertisementSignatureError",
+    "MaskingServer",
+    "RoundNotReadyError",
+    "UnmaskedSum",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +73,10 @@ class _Phase(Enum):
 
 class RoundNotReadyError(SecureAggregationError):
     """The round has not reached the phase a request needs yet; retry later."""
+
+
+class AdvertisementSignatureError(SecureAggregationError):
+    """A key advertisement is unsigned, wrongly signed, or from a site without a verify key."""
 
 
 @dataclass(frozen=True)
@@ -140,18 +149,22 @@ class MaskingServer:
         """Record a site's public keys.
 
         Raises:
-            SecureAggregationError: the site already advertised, reuses a
-                public key another site advertised, or its signature does not
-                verify when verify keys are set.
+            AdvertisementSignatureError: verify keys are set, and the site has
+                none or its signature is missing or does not verify.
+            SecureAggregationError: the site already advertised, withdrew, or
+                reuses a public key another site advertised.
         """
         self._require(_Phase.ADVERTISING, "accept key advertisements")
         if self._verify_keys is not None:
             verify_key = self._verify_keys.get(advertisement.site)
             if verify_key is None:
-                raise SecureAggregationError(
+                raise AdvertisementSignatureError(
                     f"site {advertisement.site!r} has no known verify key in this study"
                 )
-            verify_advertisement(advertisement, verify_key, self.context)
+            try:
+                verify_advertisement(advertisement, verify_key, self.context)
+            except SecureAggregationError as error:
+                raise AdvertisementSignatureError(str(error)) from None
         if advertisement.site in self._withdrawn:
             raise SecureAggregationError(
                 f"site {advertisement.site!r} withdrew from this round; it can "
