@@ -76,6 +76,7 @@ from medfed.aggregation.tls import peer_identity
 from medfed.contract.ids import IDENTIFIER_PATTERN, validate_identifier
 from medfed.contract.kits import KitFiles
 from medfed.contract.secagg import (
+    MIN_SITES,
     AdvertisementSignatureError,
     EncryptedShare,
     KeyAdvertisement,
@@ -860,7 +861,17 @@ def create_masking_router(
                 already_withdrawn = site in server.withdrawn_sites
                 server.withdraw(site)
                 remaining = len(entry.upload_candidates())
-                reachable = remaining >= server.threshold
+                # A roster also needs MIN_SITES sites, which exceeds the
+                # threshold of 2 that a 3-site round has.
+                needed = server.threshold
+                if phase == "advertising":
+                    needed = max(needed, MIN_SITES)
+                reachable = remaining >= needed
+                requirement = (
+                    f"the threshold {server.threshold}"
+                    if needed == server.threshold
+                    else f"the {MIN_SITES} sites a roster needs"
+                )
                 if reachable:
                     entry.close_complete_phase()
         except SecureAggregationError as error:
@@ -888,8 +899,7 @@ def create_masking_router(
                 study,
                 round_number,
                 f"after site {site!r} withdrew, at most {remaining} sites can "
-                f"upload, fewer than the threshold {server.threshold}; nothing "
-                "is unmasked",
+                f"upload, fewer than {requirement}; nothing is unmasked",
             )
         return {"site": site, "already_withdrawn": False}
 

@@ -23,7 +23,7 @@ from safetensors.numpy import save as save_safetensors
 from medfed.aggregation.audit import verify
 from medfed.aggregation.service import ServiceSettings, create_app
 from medfed.contract.kits import KitFiles, site_kit_name
-from medfed.contract.secagg import MaskingSite
+from medfed.contract.secagg import MaskingSite, RingEncoding
 from medfed.contract.secagg.config import SecureAggregationConfig
 from medfed.contract.signing import (
     Ed25519Signer,
@@ -74,11 +74,13 @@ def service(kits, tmp_path_factory) -> Iterator[dict]:
         yield {"url": url, "state_dir": state_dir}
 
 
-def create_masking_study(url: str, kits: dict[str, Path]) -> str:
-    """Create a four-site masking study and open its round 0; return its name."""
+def create_masking_study(
+    url: str, kits: dict[str, Path], sites: list[str] = SITES
+) -> str:
+    """Create a masking study of ``sites`` and open its round 0; return its name."""
     study = f"quartet-{next(_study_numbers)}"
     settings = {
-        "sites": SITES,
+        "sites": sites,
         "strategy": "fedavg",
         "secure_aggregation": SECURE.model_dump(mode="json"),
     }
@@ -87,14 +89,18 @@ def create_masking_study(url: str, kits: dict[str, Path]) -> str:
     )
     with AggregationClient.with_kit(url, kits["coordinator"]) as coordinator:
         coordinator.create_study(study, body)
-        coordinator.open_round(study, 0, sites=SITES, quorum=3, deadline_seconds=600)
+        coordinator.open_round(study, 0, sites=sites, quorum=2, deadline_seconds=600)
     return study
 
 
 def protocol_site(
-    kits: dict[str, Path], study: str, name: str, signing: str = "own key"
+    kits: dict[str, Path],
+    study: str,
+    name: str,
+    signing: str = "own key",
+    encoding: RingEncoding = ENCODING,
 ) -> MaskingSite:
-    """Return ``name``'s protocol state, signing as ``signing`` says.
+    """Return ``name``'s protocol state, signed with the key ``signing`` names.
 
     ``signing`` is "own key" (the kit's signing.key), "alpha's key" (a kit
     with another site's key) or "unsigned".
@@ -111,7 +117,7 @@ def protocol_site(
         site=name,
         study=study,
         round_number=0,
-        encoding=ENCODING,
+        encoding=encoding,
         signing_key=signing_key,
         peer_verify_keys=load_site_registry(kit / KitFiles.SITE_REGISTRY),
     )
@@ -228,6 +234,48 @@ def test_bad_advertisement_rejected(service, kits, signing, reason) -> None:
         (BAD, {"study": study, "round": 0, "site": BAD, "phase": "advertising"})
     ]
     assert verify(service["state_dir"] / "audit.jsonl").ok
+
+
+def test_three_site_round_aborts_at_once(service, kits) -> None:
+    url = service["url"]
+    sites = ["alpha", "beta", BAD]
+    study = create_masking_study(url, kits, sites)
+    rounds = {}
+    for name in sites:
+        rounds[name] = BackgroundMaskingRound(
+            MaskingClient(
+                url,
+                poll_interval=0.05,
+                http_client=client(url, kits[site_kit_name(name)]),
+            ),
+            protocol_site(
+                kits,
+                study,
+                name,
+                "unsigned" if name == BAD else "own key",
+                SECURE.encoding(len(sites)),
+            ),
+            wait_seconds=WAIT_SECONDS,
+        )
+    errors: dict[str, Exception] = {}
+    try:
+        for name in sites:
+            try:
+                rounds[name].finish(site_delta(name), sample_count=SAMPLE_COUNT)
+            except ServiceError as error:
+                errors[name] = error
+    finally:
+        for masking in rounds.values():
+            masking.close()
+
+    assert sorted(errors) == sorted(sites)
+    assert "key advertisement of site 'delta' is not signed" in str(errors[BAD])
+    # Two sites meet the threshold of 2 but not the 3 sites a roster needs,
+    # so the round is aborted when delta withdraws, not at its deadline.
+    for name in ("alpha", "beta"):
+        message = str(errors[name])
+        assert "was aborted: after site 'delta' withdrew" in message, name
+        assert "fewer than the 3 sites a roster needs" in message, name
 
 
 def test_restored_round_rejects_bad_advertisement(kits, tmp_path) -> None:
