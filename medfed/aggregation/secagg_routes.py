@@ -347,7 +347,7 @@ class MaskingRounds:
         )
 
     def _add_round(self, setup: RoundSetup, server: RecordingMaskingServer) -> None:
-        """Add an opened or restored round; the caller holds ``self._lock``."""
+        """Add an opened or restored round. The caller must have acquired ``self._lock``."""
         key = (setup.study, setup.round_number)
         self._rounds[key] = _OpenRound(
             server, setup.sites, setup.layout, threading.Lock(), setup.deadline_at

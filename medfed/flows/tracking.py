@@ -49,7 +49,7 @@ def tracking_uri() -> str:
 
 
 def round_params(config: StudyConfig) -> dict[str, Any]:
-    """Return the MLflow params that say how the study's rounds run.
+    """Return the MLflow params that describe how the study's rounds run.
 
     Synchronous studies get their quorum and participation, asynchronous ones
     their buffer and staleness settings.

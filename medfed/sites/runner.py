@@ -395,22 +395,16 @@ class SiteRunner:
                 epsilon_spent=epsilon,
                 delta=ledger.delta,
             )
-        return SiteRoundReport(
-            site=self.site_id,
-            round=round_number,
-            status="uploaded",
-            message=f"uploaded {len(envelope)} bytes after {result.steps} steps",
-            train_records=records,
-            epsilon_spent=epsilon,
-            noise_multiplier=ledger.noise_multiplier if ledger else None,
-            bytes_uploaded=len(envelope),
-            bytes_downloaded=base.size,
-            receipt=receipt["receipt"],
-            dense_float32_bytes=4
-            * (
-                sum(value.size for value in delta.values())
-                + sum(v.size for group in extras.values() for v in group.values())
-            ),
+        return self._uploaded_report(
+            round_number,
+            envelope,
+            receipt,
+            training_run,
+            base,
+            records,
+            ledger,
+            dense_values=sum(value.size for value in delta.values())
+            + sum(v.size for group in extras.values() for v in group.values()),
             secagg_message_bytes_sent=cost.message_bytes_sent if cost else None,
             secagg_message_bytes_received=(
                 cost.message_bytes_received if cost else None
@@ -464,8 +458,8 @@ class SiteRunner:
         # the update number from the service's accepted updates, so an update
         # that reached the service without being accepted is trained again
         # under the same number. Its base version is part of the seed: the
-        # same noise on another base version's gradients would let whoever
-        # saw both updates cancel the noise.
+        # same noise on another base version's gradients would let anyone
+        # who received both updates subtract the noise.
         training_run = self._train_update(
             base,
             shared,
@@ -474,7 +468,7 @@ class SiteRunner:
             update_number,
             seed=self._seed(update_number, base_version=base.version),
         )
-        result, epsilon = training_run.result, training_run.epsilon
+        epsilon = training_run.epsilon
         trained, delta = training_run.trained, training_run.delta
         compression = self.config.compression
         encoder = build_update_encoder(compression, state_dir=self.study_dir)
@@ -544,18 +538,15 @@ class SiteRunner:
                 epsilon_spent=epsilon,
                 delta=ledger.delta,
             )
-        return SiteRoundReport(
-            site=self.site_id,
-            round=update_number,
-            status="uploaded",
-            message=f"uploaded {len(envelope)} bytes after {result.steps} steps",
-            train_records=records,
-            epsilon_spent=epsilon,
-            noise_multiplier=ledger.noise_multiplier if ledger else None,
-            bytes_uploaded=len(envelope),
-            bytes_downloaded=base.size,
-            receipt=receipt["receipt"],
-            dense_float32_bytes=4 * sum(value.size for value in delta.values()),
+        return self._uploaded_report(
+            update_number,
+            envelope,
+            receipt,
+            training_run,
+            base,
+            records,
+            ledger,
+            dense_values=sum(value.size for value in delta.values()),
             base_version=base.version,
             staleness=int(receipt["staleness"]),
             published_version=receipt["published_version"],
@@ -598,6 +589,42 @@ class SiteRunner:
             key: (trained[key] - base.weights[key]).astype(np.float32) for key in shared
         }
         return _LocalUpdate(result, epsilon, trained, delta)
+
+    def _uploaded_report(
+        self,
+        number: int,
+        envelope: bytes,
+        receipt: dict[str, Any],
+        training_run: "_LocalUpdate",
+        base: DownloadedModel,
+        records: int,
+        ledger: PrivacyLedger | None,
+        *,
+        dense_values: int,
+        **extra: Any,
+    ) -> SiteRoundReport:
+        """Build the report of an accepted upload; ``extra`` sets mode-specific fields.
+
+        ``dense_values`` counts the values sent, for the float32 size that
+        compression is measured against.
+        """
+        return SiteRoundReport(
+            site=self.site_id,
+            round=number,
+            status="uploaded",
+            message=(
+                f"uploaded {len(envelope)} bytes after {training_run.result.steps} "
+                "steps"
+            ),
+            train_records=records,
+            epsilon_spent=training_run.epsilon,
+            noise_multiplier=ledger.noise_multiplier if ledger else None,
+            bytes_uploaded=len(envelope),
+            bytes_downloaded=base.size,
+            receipt=receipt["receipt"],
+            dense_float32_bytes=4 * dense_values,
+            **extra,
+        )
 
     def _asynchronous_report(
         self,

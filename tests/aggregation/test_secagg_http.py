@@ -498,14 +498,14 @@ def test_withdrawal_before_advertising_closes_advertising(service):
     response = httpx.post(f"{prefix}/withdrawals/site-a")
     roster = httpx.get(f"{prefix}/roster")
     late = MaskingSite(site="site-a", study=STUDY, round_number=19, encoding=ENCODING)
-    refused = httpx.post(
+    rejected = httpx.post(
         f"{prefix}/keys", json=late.advertise().model_dump(mode="json")
     )
 
     assert response.status_code == 200
     assert roster.status_code == 200
     assert [item["site"] for item in roster.json()["advertisements"]] == SITES[1:]
-    assert refused.status_code == 409
+    assert rejected.status_code == 409
 
 
 def test_withdrawal_of_site_outside_round_rejected(service):
