@@ -30,8 +30,14 @@ class GlobalModel(PythonModel):
         )
         self.model.eval()
 
-    # No type hints on predict: MLflow would try to derive a schema from them.
-    def predict(self, context, model_input, params=None):
+    # MLflow derives no schema from an ndarray hint, and without any hint it
+    # warns on every load.
+    def predict(
+        self,
+        context: PythonModelContext,
+        model_input: np.ndarray,
+        params: dict[str, object] | None = None,
+    ) -> np.ndarray:
         inputs = torch.as_tensor(np.asarray(model_input, np.float32))
         with torch.no_grad():
             return torch.sigmoid(self.model(inputs)).numpy()
