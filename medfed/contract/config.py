@@ -375,6 +375,10 @@ class StudyConfig(_Strict):
             self.secure_aggregation.check(
                 len(self.sites), self.compression.build_codec()
             )
+            if self.secure_aggregation.mode == "masking":
+                self.secure_aggregation.check_key_exchange_deadline(
+                    self.round.deadline_seconds
+                )
         except ConfigError as error:
             raise ValueError(str(error)) from None
         if self.secure_aggregation.mode == "ckks" and (

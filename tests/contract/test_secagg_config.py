@@ -155,3 +155,44 @@ def test_study_rejects_lossy_codec_under_masking():
         parse_study_config(raw)
 
     assert "compression (codec 'topk')" in str(error.value)
+
+
+def test_key_exchange_defaults_to_round_deadline_cap():
+    config = SecureAggregationConfig(mode="masking")
+
+    assert config.resolved_key_exchange_seconds(600) == 120
+    assert config.resolved_key_exchange_seconds(60) == 60
+
+
+def test_study_accepts_key_exchange_seconds():
+    secure = {"mode": "masking", "key_exchange_seconds": 30}
+
+    config = parse_study_config(STUDY | {"secure_aggregation": secure})
+
+    assert config.secure_aggregation.resolved_key_exchange_seconds(600) == 30
+
+
+def test_study_rejects_key_exchange_above_deadline():
+    raw = STUDY | {
+        "secure_aggregation": {"mode": "masking", "key_exchange_seconds": 900},
+        "round": {"deadline_seconds": 600},
+    }
+
+    with pytest.raises(ConfigError) as error:
+        parse_study_config(raw)
+
+    assert str(error.value) == (
+        "study config is invalid: secure_aggregation.key_exchange_seconds is "
+        "900 s, above the round deadline of 600 s (round.deadline_seconds); set "
+        "it to at most 600 or raise round.deadline_seconds"
+    )
+
+
+@pytest.mark.parametrize("seconds", [0, -5, float("inf")])
+def test_study_rejects_nonpositive_key_exchange(seconds):
+    secure = {"mode": "masking", "key_exchange_seconds": seconds}
+
+    with pytest.raises(ConfigError) as error:
+        parse_study_config(STUDY | {"secure_aggregation": secure})
+
+    assert "secure_aggregation.key_exchange_seconds: " in str(error.value)

@@ -21,7 +21,12 @@ from medfed.contract.secagg.messages import check_threshold
 from medfed.contract.secagg.ring import FixedPointEncoding, RingEncoding
 from medfed.errors import ConfigError
 
-__all__ = ["SecureAggregationConfig"]
+__all__ = ["DEFAULT_KEY_EXCHANGE_SECONDS", "SecureAggregationConfig"]
+
+#: Key-exchange deadline of a masking round, in seconds after it opens, when
+#: the config sets none. Sites advertise and share keys while they train, so
+#: healthy sites finish within seconds; this leaves room for slow networks.
+DEFAULT_KEY_EXCHANGE_SECONDS = 120.0
 
 
 class SecureAggregationConfig(BaseModel):
@@ -43,6 +48,12 @@ class SecureAggregationConfig(BaseModel):
         poly_modulus_degree: the CKKS ring degree.
         coeff_mod_bit_sizes: the CKKS coefficient moduli, in bits.
         scale_bits: the CKKS encoding scale ``2^scale_bits``.
+        key_exchange_seconds: the masking key exchange's deadline, in
+            seconds after the round opens. The service closes advertising
+            after half of it and sharing after all of it, with the sites
+            that have answered. None means ``DEFAULT_KEY_EXCHANGE_SECONDS``
+            or the round's deadline, whichever is shorter. Uploads keep the
+            round's deadline.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -57,10 +68,37 @@ class SecureAggregationConfig(BaseModel):
     poly_modulus_degree: int = 8192
     coeff_mod_bit_sizes: tuple[int, ...] = (60, 60)
     scale_bits: int = 30
+    key_exchange_seconds: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
     def resolved_threshold(self, site_count: int) -> int:
         """Return the configured threshold, or ``site_count // 2 + 1``."""
         return self.threshold if self.threshold is not None else site_count // 2 + 1
+
+    def resolved_key_exchange_seconds(self, deadline_seconds: float) -> float:
+        """Return the key-exchange deadline for a round of ``deadline_seconds``.
+
+        This is ``key_exchange_seconds``, or ``DEFAULT_KEY_EXCHANGE_SECONDS``
+        when unset, and never more than the round's deadline.
+        """
+        seconds = self.key_exchange_seconds or DEFAULT_KEY_EXCHANGE_SECONDS
+        return min(seconds, deadline_seconds)
+
+    def check_key_exchange_deadline(self, deadline_seconds: float) -> None:
+        """Check ``key_exchange_seconds`` against the round's deadline.
+
+        Raises:
+            ConfigError: ``key_exchange_seconds`` is set above
+                ``deadline_seconds``.
+        """
+        if self.key_exchange_seconds is None:
+            return
+        if self.key_exchange_seconds > deadline_seconds:
+            raise ConfigError(
+                f"secure_aggregation.key_exchange_seconds is "
+                f"{self.key_exchange_seconds:g} s, above the round deadline of "
+                f"{deadline_seconds:g} s (round.deadline_seconds); set it to at "
+                f"most {deadline_seconds:g} or raise round.deadline_seconds"
+            )
 
     def encoding(self, site_count: int, codec: Codec | None = None) -> RingEncoding:
         """Return the masking encoding for a round of ``site_count`` sites.
