@@ -1,7 +1,7 @@
 """Durable state of the masking rounds that ``secagg_routes`` serves.
 
 A masking round is saved as its setup (sites, threshold, encoding, layout,
-deadline) and the ordered list of changes it acknowledged: key
+deadlines) and the ordered list of changes it acknowledged: key
 advertisements, phase closes, share uploads, masked uploads, withdrawals and
 revealed shares. ``RecordingMaskingServer`` records each change as it
 happens. After a restart, ``replay`` feeds the same changes to a fresh
@@ -99,6 +99,11 @@ class RoundSetup:
     layout: VectorLayout
     #: Unix time after which a poll closes the current phase, or None.
     deadline_at: float | None
+    #: Unix times after which a poll closes advertising and sharing, the
+    #: phases of the key exchange, or None to use ``deadline_at`` for them
+    #: too. Setups saved before these fields existed lack them and read as None.
+    advertising_deadline_at: float | None = None
+    sharing_deadline_at: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         kind = next(
@@ -114,6 +119,8 @@ class RoundSetup:
             "encoding": {"kind": kind, **dataclasses.asdict(self.encoding)},
             "layout": [[name, list(shape)] for name, shape in self.layout.shapes],
             "deadline_at": self.deadline_at,
+            "advertising_deadline_at": self.advertising_deadline_at,
+            "sharing_deadline_at": self.sharing_deadline_at,
         }
 
     @classmethod
@@ -143,11 +150,18 @@ class RoundSetup:
                     tuple((str(name), tuple(shape)) for name, shape in raw["layout"])
                 ),
                 deadline_at=None if deadline is None else float(deadline),
+                advertising_deadline_at=_optional_time(raw, "advertising_deadline_at"),
+                sharing_deadline_at=_optional_time(raw, "sharing_deadline_at"),
             )
         except (KeyError, TypeError, ValueError, ConfigError) as error:
             raise SecureAggregationError(
                 f"masking round setup is malformed: {error!r}"
             ) from None
+
+
+def _optional_time(raw: Mapping[str, Any], key: str) -> float | None:
+    value = raw.get(key)
+    return None if value is None else float(value)
 
 
 class RecordingMaskingServer(MaskingServer):

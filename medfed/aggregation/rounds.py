@@ -397,6 +397,10 @@ class RoundService:
                 settings.secure_aggregation.check(
                     len(sites), settings.compression.build_codec()
                 )
+                if masking:
+                    settings.secure_aggregation.check_key_exchange_deadline(
+                        deadline_seconds
+                    )
             except ConfigError as error:
                 raise Rejected(422, str(error)) from None
         record = self.store.open_round(
@@ -423,6 +427,7 @@ class RoundService:
                 _load_weights(base.weights)[0], settings.build_strategy()
             ),
             deadline_at=record.deadline_at,
+            opened_at=record.opened_at,
         )
 
     def round(self, study: str, round_number: int) -> RoundRecord:
@@ -745,7 +750,8 @@ class RoundService:
         The round closes when every site has uploaded, or every site that has
         not is named in ``absent`` (the coordinator has learned that it will not upload),
         or the deadline has passed. It then needs ``quorum`` uploads, else it
-        is aborted and the previous global model stays current.
+        is aborted and the previous global model stays current. A round whose
+        masking round was aborted is aborted at once.
 
         In a CKKS study the first call that meets the quorum closes uploads,
         adds the ciphertexts and returns the round still open, in phase
@@ -760,6 +766,12 @@ class RoundService:
         closed = None
         if settings.secure_aggregation.mode == "ckks":
             closed = self.store.get_encrypted_sum(study, round_number)
+        if settings.secure_aggregation.mode == "masking":
+            # An aborted masking round can never be unmasked, so waiting for
+            # the sites or the deadline cannot save the round.
+            masking_reason = self.masking.abort_reason(study, round_number)
+            if masking_reason is not None:
+                return self._abort_unmaskable(record, masking_reason)
         waiting = sorted(set(record.sites) - {u.site for u in uploads} - set(absent))
         if closed is None and waiting and time.time() < record.deadline_at:
             raise Rejected(
@@ -785,18 +797,7 @@ class RoundService:
         if settings.secure_aggregation.mode == "masking":
             masking_reason = masking_abort_reason(self.masking, study, round_number)
             if masking_reason is not None:
-                reason = (
-                    f"round {round_number} of study {study!r} cannot be unmasked: "
-                    f"{masking_reason}; the global model stays at version "
-                    f"{record.base_version}"
-                )
-                self.store.close_round(
-                    study, round_number, state="aborted", reason=reason
-                )
-                logger.warning(
-                    "aborted round %d of study %s: %s", round_number, study, reason
-                )
-                return self.round(study, round_number)
+                return self._abort_unmaskable(record, masking_reason)
 
         if settings.secure_aggregation.mode == "ckks":
             closed = self._close_encrypted_uploads(settings, record)
@@ -818,6 +819,20 @@ class RoundService:
             study,
             len(aggregated.contributors),
         )
+        return self.round(study, round_number)
+
+    def _abort_unmaskable(
+        self, record: RoundRecord, masking_reason: str
+    ) -> RoundRecord:
+        """Abort a round whose masking round cannot be unmasked; keep the model."""
+        study, round_number = record.study, record.round
+        reason = (
+            f"round {round_number} of study {study!r} cannot be unmasked: "
+            f"{masking_reason}; the global model stays at version "
+            f"{record.base_version}"
+        )
+        self.store.close_round(study, round_number, state="aborted", reason=reason)
+        logger.warning("aborted round %d of study %s: %s", round_number, study, reason)
         return self.round(study, round_number)
 
     def published(self, study: str, version: int) -> bytes:

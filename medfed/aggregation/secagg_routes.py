@@ -32,14 +32,17 @@ With a store, a change is acknowledged only once it is saved, and a change
 the service could not save gets 503, so the site sends it again. Every request for a round that the service aborted gets 409
 with the reason. A request that comes before its phase (the roster before
 advertising closed) gets 425 Too Early, so sites poll. A poll after the
-round's deadline closes the pending phase. An unknown round gets 404. The routes never return a masked
+round's deadline closes the pending phase, and for advertising and sharing
+so does a poll after their own, earlier deadlines. A phase
+that cannot close with the sites that answered (too few for the threshold)
+aborts the round. An unknown round gets 404. The routes never return a masked
 vector or a revealed share. The service unmasks with ``MaskingRounds.unmask``
 when it finalizes the round.
 
 The three GET routes take an optional query parameter ``wait`` (seconds, at
 least 0, capped at ``MaskingRounds.max_wait_seconds``). With it, a request
 that comes before its phase is held until the round changes phase, is
-aborted, or reaches its deadline, or until ``wait`` seconds pass, and only
+aborted, or reaches its phase's deadline, or until ``wait`` seconds pass, and only
 then gets 425. A held request waits on the event loop and occupies no
 threadpool thread. Without ``wait``, the service responds at once.
 """
@@ -126,7 +129,7 @@ _ENVELOPE_PREFIX_BYTES = 9
 #: NOTE: uvicorn waits for held requests at shutdown, so stopping the service
 #: can take this long.
 DEFAULT_MAX_WAIT_SECONDS = 30.0
-# A request held until the round's deadline wakes this much later, so that
+# A request held until its phase's deadline wakes this much later, so that
 # ``close_overdue_phase``, which reads the wall clock, finds the deadline passed.
 _DEADLINE_GRACE_SECONDS = 0.01
 # Aborted rounds whose reason a late request still receives; older ones get 404.
@@ -167,7 +170,8 @@ class _Listener:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._event = asyncio.Event()
-        #: The round's deadline (Unix time), stored when the listener is added.
+        #: The deadline (Unix time) of the round's phase when the listener
+        #: was added.
         self.deadline_at: float | None = None
 
     def wake(self) -> None:
@@ -194,6 +198,10 @@ class _OpenRound:
     #: sites that have sent their message, or None to close phases only
     #: explicitly.
     deadline_at: float | None = None
+    #: Unix times after which a poll closes advertising and sharing; None
+    #: leaves them to ``deadline_at``.
+    advertising_deadline_at: float | None = None
+    sharing_deadline_at: float | None = None
     #: Held requests to wake when the phase changes or the round is aborted.
     listeners: set[_Listener] = dataclasses.field(default_factory=set)
     #: Why the round was aborted, once it was.
@@ -241,21 +249,58 @@ class _OpenRound:
         elif phase == "uploading" and server.uploads_complete:
             server.close_uploads()
 
-    def close_overdue_phase(self) -> None:
-        """Close the current phase if the deadline passed, so polls can go on.
+    def phase_deadline(self) -> float | None:
+        """Return the Unix time at which the current phase becomes overdue.
 
-        NOTE: one deadline covers every phase, so a site that never
-        advertises keys delays the others until the round's deadline.
+        Advertising and sharing end at their own deadlines, when the round
+        has them, and never later than the round's deadline. Uploads end at
+        the round's deadline, because a site that trains slowly cannot be
+        told from one that hangs.
         """
-        if self.deadline_at is None or time.time() < self.deadline_at:
-            return
         phase = self.server.phase_name
+        own = None
         if phase == "advertising":
-            self.server.close_advertising()
+            own = self.advertising_deadline_at
         elif phase == "sharing":
-            self.server.close_sharing()
+            own = self.sharing_deadline_at
+        deadlines = [d for d in (own, self.deadline_at) if d is not None]
+        return min(deadlines, default=None)
+
+    def close_overdue_phase(self) -> None:
+        """Close the current phase if its deadline passed, so polls can go on.
+
+        The sites that have not answered by then are left out of the round,
+        and a warning names them.
+
+        Raises:
+            SecureAggregationError: too few sites answered for the phase to
+                close; the round can then only be aborted.
+        """
+        deadline = self.phase_deadline()
+        if deadline is None or time.time() < deadline:
+            return
+        server = self.server
+        phase = server.phase_name
+        withdrawn = set(server.withdrawn_sites)
+        if phase == "advertising":
+            missing = set(self.sites) - set(server.advertised_sites) - withdrawn
+            server.close_advertising()
+        elif phase == "sharing":
+            missing = set(server.roster.sites) - set(server.sharing_sites) - withdrawn
+            server.close_sharing()
         elif phase == "uploading":
-            self.server.close_uploads()
+            missing = set(server.sharing_sites) - set(server.uploaded_sites)
+            missing -= withdrawn
+            server.close_uploads()
+        else:
+            return
+        if missing:
+            logger.warning(
+                "masking round %s of study %s closed %s at its deadline without "
+                "sites %s, which are left out of the round",
+                server.context.round_number, server.context.study, phase,
+                ", ".join(sorted(missing)),
+            )  # fmt: skip
 
 
 class MaskingRounds:
@@ -275,7 +320,7 @@ class MaskingRounds:
 
     NOTE: held requests and the time a site waited are not saved. After a
     restart each site sends its request again (``MaskingClient`` retries
-    connection errors), and the round keeps its original deadline.
+    connection errors), and the round keeps its original deadlines.
     """
 
     def __init__(
@@ -310,11 +355,16 @@ class MaskingRounds:
         encoding: RingEncoding,
         layout: VectorLayout,
         deadline_at: float | None = None,
+        advertising_deadline_at: float | None = None,
+        sharing_deadline_at: float | None = None,
     ) -> None:
         """Start a masking round for ``sites`` over updates of ``layout``.
 
         After ``deadline_at`` (Unix time), a site polling for the next phase
         closes the current one with the sites that have sent their message.
+        Advertising and sharing close that way already after
+        ``advertising_deadline_at`` and ``sharing_deadline_at``, if these
+        are earlier.
 
         Raises:
             SecureAggregationError: the round is already open.
@@ -329,6 +379,8 @@ class MaskingRounds:
             encoding=encoding,
             layout=layout,
             deadline_at=deadline_at,
+            advertising_deadline_at=advertising_deadline_at,
+            sharing_deadline_at=sharing_deadline_at,
         )
         server = new_server(setup, self._verify_keys)
         with self._lock:
@@ -350,7 +402,13 @@ class MaskingRounds:
         """Add an opened or restored round. The caller must have acquired ``self._lock``."""
         key = (setup.study, setup.round_number)
         self._rounds[key] = _OpenRound(
-            server, setup.sites, setup.layout, threading.Lock(), setup.deadline_at
+            server,
+            setup.sites,
+            setup.layout,
+            threading.Lock(),
+            setup.deadline_at,
+            setup.advertising_deadline_at,
+            setup.sharing_deadline_at,
         )
         self._aborted.pop(key, None)
 
@@ -415,9 +473,15 @@ class MaskingRounds:
 
     def _keep_abort_reason(self, study: str, round_number: int, reason: str) -> None:
         with self._lock:
-            self._aborted[(study, round_number)] = reason
-            while len(self._aborted) > _MAX_ABORTED_ROUNDS_KEPT:
-                self._aborted.popitem(last=False)
+            self._keep_abort_reason_locked(study, round_number, reason)
+
+    def _keep_abort_reason_locked(
+        self, study: str, round_number: int, reason: str
+    ) -> None:
+        """Store an abort reason. The caller must have acquired ``self._lock``."""
+        self._aborted[(study, round_number)] = reason
+        while len(self._aborted) > _MAX_ABORTED_ROUNDS_KEPT:
+            self._aborted.popitem(last=False)
 
     def _save(self, study: str, round_number: int, entry: _OpenRound) -> None:
         """Save the changes of the current request; the caller holds the round's lock.
@@ -526,7 +590,9 @@ class MaskingRounds:
                     study, round_number, state="aborted", reason=reason
                 )
             entry = self._rounds.pop((study, round_number))
-        self._keep_abort_reason(study, round_number, reason)
+            # Under the same lock, so that no request finds the round
+            # neither open nor aborted, which would get 404.
+            self._keep_abort_reason_locked(study, round_number, reason)
         with entry.lock:
             entry.abort_reason = reason
             entry.wake_listeners()
@@ -546,8 +612,9 @@ class MaskingRounds:
 
         ``read`` raises ``RoundNotReadyError`` while the round is in an
         earlier phase. The wait is capped at ``max_wait_seconds``. At the
-        round's deadline the request reads again, which closes the overdue
-        phase, and waits on if its phase has still not come. Each read runs
+        deadline of the round's phase the request reads again, which closes
+        the overdue phase (or aborts the round if too few sites answered),
+        and waits on if its phase has still not come. Each read runs
         in the threadpool. Between reads the request only awaits an event,
         so it blocks neither the event loop nor a thread.
 
@@ -598,14 +665,27 @@ class MaskingRounds:
         with self.edit(study, round_number) as entry:
             if stale is not None:
                 entry.listeners.discard(stale)
-            entry.close_overdue_phase()
+            phase = entry.server.phase_name
             try:
-                return read(entry)
-            except RoundNotReadyError:
-                if listener is not None:
-                    listener.deadline_at = entry.deadline_at
-                    entry.listeners.add(listener)
-                raise
+                entry.close_overdue_phase()
+            except SecureAggregationError as error:
+                failure = error
+            else:
+                try:
+                    return read(entry)
+                except RoundNotReadyError:
+                    if listener is not None:
+                        listener.deadline_at = entry.phase_deadline()
+                        entry.listeners.add(listener)
+                    raise
+        # The phase is overdue and too few sites answered, so waiting longer
+        # cannot save the round. ``abort`` takes the round's lock, which
+        # ``edit`` held until here.
+        reason = f"{phase} reached its deadline and could not close: {failure}"
+        if not self.abort(study, round_number, reason):
+            # Another request aborted the round first.
+            reason = self.abort_reason(study, round_number) or reason
+        raise _aborted_error(study, round_number, reason)
 
     def abort_reason(self, study: str, round_number: int) -> str | None:
         """Return why the round was aborted, or None if it was not (or is forgotten)."""

@@ -64,6 +64,7 @@ def open_masking_round(
     sites: Sequence[str],
     upload_shapes: Mapping[str, Sequence[int]],
     deadline_at: float | None = None,
+    opened_at: float | None = None,
 ) -> None:
     """Open the masking round that the service round ``round_number`` uses.
 
@@ -71,6 +72,12 @@ def open_masking_round(
     point for None or fp32, int8 levels for int8 with a shared scale.
     ``upload_shapes`` names every tensor of a masked upload: the shared model
     tensors and the extras groups of the study's strategy.
+
+    With ``opened_at`` and ``deadline_at`` (Unix times of the service
+    round), the key exchange gets its own deadlines, counted from
+    ``opened_at`` so that a round reopened after a restart keeps them:
+    advertising closes after half of ``key_exchange_seconds`` and sharing
+    after all of it. Uploads keep ``deadline_at``.
 
     Raises:
         SecureAggregationError: the round's sites do not fit the settings
@@ -83,6 +90,11 @@ def open_masking_round(
         raise SecureAggregationError(
             f"round {round_number} cannot use masking: {error}"
         ) from None
+    advertising_deadline_at = sharing_deadline_at = None
+    if opened_at is not None and deadline_at is not None:
+        seconds = settings.resolved_key_exchange_seconds(deadline_at - opened_at)
+        advertising_deadline_at = opened_at + seconds / 2
+        sharing_deadline_at = opened_at + seconds
     rounds.open(
         study,
         round_number,
@@ -91,6 +103,8 @@ def open_masking_round(
         encoding=encoding,
         layout=VectorLayout.from_shapes(upload_shapes),
         deadline_at=deadline_at,
+        advertising_deadline_at=advertising_deadline_at,
+        sharing_deadline_at=sharing_deadline_at,
     )
 
 

@@ -205,6 +205,8 @@ class RoundRecord:
     base_version: int
     result_version: int | None
     reason: str | None
+    #: Unix time at which the round opened; phase deadlines count from it.
+    opened_at: float
 
 
 @dataclass(frozen=True)
@@ -407,8 +409,8 @@ class Store:
     def get_round(self, study: str, round_number: int) -> RoundRecord | None:
         with self._lock:
             row = self._connection.execute(
-                "SELECT state, sites, quorum, deadline_at, base_version, result_version, reason"
-                " FROM rounds WHERE study = ? AND round = ?",
+                "SELECT state, sites, quorum, deadline_at, base_version, result_version,"
+                " reason, opened_at FROM rounds WHERE study = ? AND round = ?",
                 (study, round_number),
             ).fetchone()
         if row is None:
@@ -423,6 +425,7 @@ class Store:
             row[4],
             row[5],
             row[6],
+            row[7],
         )
 
     def latest_round(self, study: str) -> RoundRecord | None:

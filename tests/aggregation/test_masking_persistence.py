@@ -440,3 +440,73 @@ def test_corrupted_state_aborts_round(
     saved = federation.store.masking_round(STUDY, ROUND, with_messages=False)
     assert saved is not None
     assert saved.state == "aborted"
+
+
+def open_with_key_exchange_deadlines(path: Path, opened: float) -> Store:
+    """Open the round with advertising and sharing deadlines; return its store."""
+    store = Store(path)
+    MaskingRounds(store=store).open(
+        STUDY,
+        ROUND,
+        sites=SITES,
+        threshold=3,
+        encoding=ENCODING,
+        layout=LAYOUT,
+        deadline_at=opened + 600,
+        advertising_deadline_at=opened + 5,
+        sharing_deadline_at=opened + 10,
+    )
+    store.close()
+    return Store(path)
+
+
+def test_key_exchange_deadlines_survive_restart(tmp_path: Path) -> None:
+    opened = time.time()
+    store = open_with_key_exchange_deadlines(tmp_path / "state.sqlite3", opened)
+    rounds = MaskingRounds(store=store)
+
+    restored = rounds.restore_saved()
+
+    assert restored == 1
+    with rounds.edit(STUDY, ROUND) as entry:
+        assert entry.advertising_deadline_at == opened + 5
+        assert entry.sharing_deadline_at == opened + 10
+        assert entry.phase_deadline() == opened + 5
+
+
+def test_setup_without_key_exchange_deadlines(tmp_path: Path) -> None:
+    # A setup saved before the key-exchange deadlines existed.
+    path = tmp_path / "state.sqlite3"
+    opened = time.time()
+    open_with_key_exchange_deadlines(path, opened).close()
+    with sqlite3.connect(path) as connection:
+        connection.execute(
+            "UPDATE masking_rounds SET setup = json_remove(setup, "
+            "'$.advertising_deadline_at', '$.sharing_deadline_at')"
+        )
+    rounds = MaskingRounds(store=Store(path))
+
+    restored = rounds.restore_saved()
+
+    assert restored == 1
+    with rounds.edit(STUDY, ROUND) as entry:
+        assert entry.advertising_deadline_at is None
+        assert entry.sharing_deadline_at is None
+        assert entry.phase_deadline() == opened + 600
+
+
+def test_overdue_sharing_closes_without_silent_site(
+    federation: Federation,
+) -> None:
+    for name in SITES:
+        federation.advertise(name)
+    for name in SITES[:4]:
+        federation.share(name)
+    with federation.rounds.edit(STUDY, ROUND) as entry:
+        entry.sharing_deadline_at = time.time() - 1
+        entry.close_overdue_phase()
+        sharing = entry.server.sharing_sites
+        phase = entry.server.phase_name
+
+    assert phase == "uploading"
+    assert sharing == SITES[:4]
