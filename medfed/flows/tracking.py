@@ -73,13 +73,19 @@ def round_params(config: StudyConfig) -> dict[str, Any]:
 
 
 def secure_aggregation_params(
-    secure: SecureAggregationConfig, *, site_count: int, codec: Codec | None = None
+    secure: SecureAggregationConfig,
+    *,
+    site_count: int,
+    codec: Codec | None = None,
+    deadline_seconds: float | None = None,
 ) -> dict[str, Any]:
     """Return the secure-aggregation mode in force and its parameters.
 
     Masking gives the resolved threshold, site count, ring, clip, maximum
     weight, rounding and the ring encoding with its scale (``fractional_bits``
     for fixed point, ``int8_scale`` for int8 levels, chosen by ``codec``).
+    With the round's ``deadline_seconds`` it also gives the resolved
+    ``key_exchange_seconds``.
     CKKS gives its encryption parameters, clip and maximum weight.
     """
     params: dict[str, Any] = {"secure_aggregation_mode": secure.mode}
@@ -99,6 +105,10 @@ def secure_aggregation_params(
         elif isinstance(encoding, FixedPointEncoding):
             params["secure_aggregation_encoding"] = "fixed_point"
             params["secure_aggregation_fractional_bits"] = encoding.fractional_bits
+        if deadline_seconds is not None:
+            params["secure_aggregation_key_exchange_seconds"] = (
+                secure.resolved_key_exchange_seconds(deadline_seconds)
+            )
     elif secure.mode == "ckks":
         ckks = secure.ckks_parameters()
         params |= {
@@ -162,6 +172,7 @@ class StudyTracker:
                 self.config.secure_aggregation,
                 site_count=len(self.config.sites),
                 codec=self.config.compression.build_codec(),
+                deadline_seconds=self.config.round.deadline_seconds,
             ),
         }
         for site, values in site_privacy.items():

@@ -479,7 +479,13 @@ class _Coordinator:
                 [wrapper.name, wrapper.params] for wrapper in strategy.wrappers
             ],
             "secure_aggregation": self.config.secure_aggregation.model_dump(
-                mode="json"
+                mode="json",
+                # Left out when unset, so that the initial model of a study
+                # created before the field existed stays the same bytes and
+                # the service still accepts it when the study resumes.
+                exclude={"key_exchange_seconds"}
+                if self.config.secure_aggregation.key_exchange_seconds is None
+                else None,
             ),
             "compression": {
                 "codec": self.config.compression.codec,

@@ -68,3 +68,22 @@ def test_ckks_params():
         "secure_aggregation_clip": 2.0,
         "secure_aggregation_max_weight": 500,
     }
+
+
+def test_masking_key_exchange_param():
+    defaulted = SecureAggregationConfig(mode="masking")
+    configured = SecureAggregationConfig(mode="masking", key_exchange_seconds=45)
+
+    default_params = secure_aggregation_params(
+        defaulted, site_count=4, deadline_seconds=600
+    )
+    configured_params = secure_aggregation_params(
+        configured, site_count=4, deadline_seconds=600
+    )
+    short_round_params = secure_aggregation_params(
+        defaulted, site_count=4, deadline_seconds=60
+    )
+
+    assert default_params["secure_aggregation_key_exchange_seconds"] == 120
+    assert configured_params["secure_aggregation_key_exchange_seconds"] == 45
+    assert short_round_params["secure_aggregation_key_exchange_seconds"] == 60
