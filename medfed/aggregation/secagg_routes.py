@@ -34,7 +34,7 @@ with the reason. A request that comes before its phase (the roster before
 advertising closed) gets 425 Too Early, so sites poll. A poll after the
 round's deadline closes the pending phase, and for advertising and sharing
 so does a poll after their own, earlier deadlines. A phase
-that cannot close with the sites that answered (too few for the threshold)
+that cannot close with the sites that sent their message (too few for the threshold)
 aborts the round. An unknown round gets 404. The routes never return a masked
 vector or a revealed share. The service unmasks with ``MaskingRounds.unmask``
 when it finalizes the round.
@@ -255,7 +255,7 @@ class _OpenRound:
         Advertising and sharing end at their own deadlines, when the round
         has them, and never later than the round's deadline. Uploads end at
         the round's deadline, because a site that trains slowly cannot be
-        told from one that hangs.
+        distinguished from one that hangs.
         """
         phase = self.server.phase_name
         own = None
@@ -269,12 +269,12 @@ class _OpenRound:
     def close_overdue_phase(self) -> None:
         """Close the current phase if its deadline passed, so polls can go on.
 
-        The sites that have not answered by then are left out of the round,
+        The sites that have not sent their message by then are left out of the round,
         and a warning names them.
 
         Raises:
-            SecureAggregationError: too few sites answered for the phase to
-                close; the round can then only be aborted.
+            SecureAggregationError: too few sites sent their message for the
+                phase to close; the round can then only be aborted.
         """
         deadline = self.phase_deadline()
         if deadline is None or time.time() < deadline:
@@ -613,9 +613,9 @@ class MaskingRounds:
         ``read`` raises ``RoundNotReadyError`` while the round is in an
         earlier phase. The wait is capped at ``max_wait_seconds``. At the
         deadline of the round's phase the request reads again, which closes
-        the overdue phase (or aborts the round if too few sites answered),
-        and waits on if its phase has still not come. Each read runs
-        in the threadpool. Between reads the request only awaits an event,
+        the overdue phase (or aborts the round if too few sites sent their
+        message), and waits on if its phase has still not come. Each read
+        runs in the threadpool. Between reads the request only awaits an event,
         so it blocks neither the event loop nor a thread.
 
         Raises:
@@ -678,7 +678,7 @@ class MaskingRounds:
                         listener.deadline_at = entry.phase_deadline()
                         entry.listeners.add(listener)
                     raise
-        # The phase is overdue and too few sites answered, so waiting longer
+        # The phase is overdue and too few sites sent their message, so waiting longer
         # cannot save the round. ``abort`` takes the round's lock, which
         # ``edit`` held until here.
         reason = f"{phase} reached its deadline and could not close: {failure}"

@@ -617,8 +617,10 @@ class _Coordinator:
         the service rejects, because the site uploaded before it failed or
         the round was closed or aborted, is logged and does not fail the round.
 
-        NOTE: a site that hangs without its task failing is not withdrawn,
-        and the round still waits for it until the deadline.
+        NOTE: a site that hangs without its task failing is not withdrawn.
+        The service drops it at the key-exchange deadline if it hangs before
+        sharing keys, but ``_gather`` still waits for its task until the
+        round's deadline before the round is finalized.
         """
         try:
             withdrawn = client.withdraw_site(self.config.study, round_number, site)

@@ -32,7 +32,10 @@ INITIAL = {"b": np.ones(3, np.float32), "w": np.zeros((2, 3), np.float32)}
 KEY_EXCHANGE_SECONDS = 6.0
 ROUND_DEADLINE_SECONDS = 300.0
 SECURE = SecureAggregationConfig(
-    mode="masking", fractional_bits=16, max_weight=100, key_exchange_seconds=6.0
+    mode="masking",
+    fractional_bits=16,
+    max_weight=100,
+    key_exchange_seconds=KEY_EXCHANGE_SECONDS,
 )
 _study_numbers = itertools.count()
 
@@ -148,7 +151,7 @@ def test_hung_site_dropped_at_key_exchange(
         if hangs_before == "sharing":
             advertise(service.url, study, HUNG)
         errors = run_sites(service.url, study, survivors)
-        # The service forgets a masking round once it unmasked it.
+        # The service removes a masking round once it has unmasked it.
         roster = roster_sites(service.url, study)
         status = client.finalize(study, 0, absent=[HUNG])
         elapsed = time.monotonic() - started
