@@ -17,6 +17,7 @@ reveal.
 import dataclasses
 import hashlib
 import json
+import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -99,11 +100,20 @@ class RoundSetup:
     layout: VectorLayout
     #: Unix time after which a poll closes the current phase, or None.
     deadline_at: float | None
-    #: Unix times after which a poll closes advertising and sharing, the
-    #: phases of the key exchange, or None to use ``deadline_at`` for them
-    #: too. Setups saved before these fields existed lack them and read as None.
-    advertising_deadline_at: float | None = None
-    sharing_deadline_at: float | None = None
+    #: Unix time at which the service round opened, or None.
+    opened_at: float | None = None
+    #: Seconds that advertising (from ``opened_at``) and sharing (from the
+    #: close of advertising) may each take, or None to close them at
+    #: ``deadline_at`` too. Setups saved before these fields existed lack
+    #: them and read as None.
+    key_exchange_seconds: float | None = None
+
+    @property
+    def advertising_deadline_at(self) -> float | None:
+        """Unix time after which a poll closes advertising, or None."""
+        if self.opened_at is None or self.key_exchange_seconds is None:
+            return None
+        return self.opened_at + self.key_exchange_seconds
 
     def to_json(self) -> dict[str, Any]:
         kind = next(
@@ -119,8 +129,8 @@ class RoundSetup:
             "encoding": {"kind": kind, **dataclasses.asdict(self.encoding)},
             "layout": [[name, list(shape)] for name, shape in self.layout.shapes],
             "deadline_at": self.deadline_at,
-            "advertising_deadline_at": self.advertising_deadline_at,
-            "sharing_deadline_at": self.sharing_deadline_at,
+            "opened_at": self.opened_at,
+            "key_exchange_seconds": self.key_exchange_seconds,
         }
 
     @classmethod
@@ -150,8 +160,8 @@ class RoundSetup:
                     tuple((str(name), tuple(shape)) for name, shape in raw["layout"])
                 ),
                 deadline_at=None if deadline is None else float(deadline),
-                advertising_deadline_at=_optional_time(raw, "advertising_deadline_at"),
-                sharing_deadline_at=_optional_time(raw, "sharing_deadline_at"),
+                opened_at=_optional_float(raw, "opened_at"),
+                key_exchange_seconds=_optional_float(raw, "key_exchange_seconds"),
             )
         except (KeyError, TypeError, ValueError, ConfigError) as error:
             raise SecureAggregationError(
@@ -159,7 +169,7 @@ class RoundSetup:
             ) from None
 
 
-def _optional_time(raw: Mapping[str, Any], key: str) -> float | None:
+def _optional_float(raw: Mapping[str, Any], key: str) -> float | None:
     value = raw.get(key)
     return None if value is None else float(value)
 
@@ -182,6 +192,10 @@ class RecordingMaskingServer(MaskingServer):
         self.saved_count = 0
         #: SHA-256 of each accepted masked envelope by site, to detect a retry.
         self.envelope_sha256: dict[str, str] = {}
+        #: Unix time at which advertising closed, saved with the close so a
+        #: restored round keeps its sharing deadline; None before then, or
+        #: when a round saved without it was restored.
+        self.advertising_closed_at: float | None = None
         self._accepted: dict[tuple[str, str], Any] = {}
 
     def add_advertisement(self, advertisement: KeyAdvertisement) -> None:
@@ -196,7 +210,9 @@ class RecordingMaskingServer(MaskingServer):
 
     def close_advertising(self) -> KeyRoster:
         roster = super().close_advertising()
-        self.pending.append(MaskingMessage("advertising_closed"))
+        self.advertising_closed_at = time.time()
+        body = json.dumps({"closed_at": self.advertising_closed_at})
+        self.pending.append(MaskingMessage("advertising_closed", None, body))
         return roster
 
     def add_share_upload(self, upload: ShareUpload) -> None:
@@ -314,6 +330,9 @@ def _apply(
         server.add_advertisement(parse_message(KeyAdvertisement, body or ""))
     elif kind == "advertising_closed":
         server.close_advertising()
+        # Closes saved before the time was recorded have no body.
+        closed_at = None if body is None else json.loads(body)["closed_at"]
+        server.advertising_closed_at = None if closed_at is None else float(closed_at)
     elif kind == "shares":
         server.add_share_upload(parse_message(ShareUpload, body or ""))
     elif kind == "sharing_closed":

@@ -33,9 +33,9 @@ the service could not save gets 503, so the site sends it again. Every request f
 with the reason. A request that comes before its phase (the roster before
 advertising closed) gets 425 Too Early, so sites poll. A poll after the
 round's deadline closes the pending phase, and for advertising and sharing
-so does a poll after their own, earlier deadlines. A phase
-that cannot close with the sites that sent their message (too few for the threshold)
-aborts the round. An unknown round gets 404. The routes never return a masked
+so does a poll after their own, earlier deadlines. A phase that cannot
+close with the sites that sent their message (too few of them) aborts the
+round. An unknown round gets 404. The routes never return a masked
 vector or a revealed share. The service unmasks with ``MaskingRounds.unmask``
 when it finalizes the round.
 
@@ -198,10 +198,12 @@ class _OpenRound:
     #: sites that have sent their message, or None to close phases only
     #: explicitly.
     deadline_at: float | None = None
-    #: Unix times after which a poll closes advertising and sharing; None
-    #: leaves them to ``deadline_at``.
+    #: Unix time after which a poll closes advertising; None leaves it to
+    #: ``deadline_at``.
     advertising_deadline_at: float | None = None
-    sharing_deadline_at: float | None = None
+    #: Seconds after advertising closed at which a poll closes sharing; None
+    #: leaves it to ``deadline_at``.
+    sharing_seconds: float | None = None
     #: Held requests to wake when the phase changes or the round is aborted.
     listeners: set[_Listener] = dataclasses.field(default_factory=set)
     #: Why the round was aborted, once it was.
@@ -257,20 +259,24 @@ class _OpenRound:
         the round's deadline, because a site that trains slowly cannot be
         distinguished from one that hangs.
         """
-        phase = self.server.phase_name
+        server = self.server
         own = None
-        if phase == "advertising":
+        if server.phase_name == "advertising":
             own = self.advertising_deadline_at
-        elif phase == "sharing":
-            own = self.sharing_deadline_at
+        elif (
+            server.phase_name == "sharing"
+            and self.sharing_seconds is not None
+            and server.advertising_closed_at is not None
+        ):
+            own = server.advertising_closed_at + self.sharing_seconds
         deadlines = [d for d in (own, self.deadline_at) if d is not None]
         return min(deadlines, default=None)
 
     def close_overdue_phase(self) -> None:
         """Close the current phase if its deadline passed, so polls can go on.
 
-        The sites that have not sent their message by then are left out of the round,
-        and a warning names them.
+        The sites that have not sent their message by then are left out of
+        the round, and a warning names them.
 
         Raises:
             SecureAggregationError: too few sites sent their message for the
@@ -355,16 +361,17 @@ class MaskingRounds:
         encoding: RingEncoding,
         layout: VectorLayout,
         deadline_at: float | None = None,
-        advertising_deadline_at: float | None = None,
-        sharing_deadline_at: float | None = None,
+        opened_at: float | None = None,
+        key_exchange_seconds: float | None = None,
     ) -> None:
         """Start a masking round for ``sites`` over updates of ``layout``.
 
         After ``deadline_at`` (Unix time), a site polling for the next phase
         closes the current one with the sites that have sent their message.
-        Advertising and sharing close that way already after
-        ``advertising_deadline_at`` and ``sharing_deadline_at``, if these
-        are earlier.
+        With ``opened_at`` (Unix time) and ``key_exchange_seconds``, the
+        key exchange closes that way earlier: advertising
+        ``key_exchange_seconds`` after ``opened_at``, and sharing
+        ``key_exchange_seconds`` after advertising closed.
 
         Raises:
             SecureAggregationError: the round is already open.
@@ -379,8 +386,8 @@ class MaskingRounds:
             encoding=encoding,
             layout=layout,
             deadline_at=deadline_at,
-            advertising_deadline_at=advertising_deadline_at,
-            sharing_deadline_at=sharing_deadline_at,
+            opened_at=opened_at,
+            key_exchange_seconds=key_exchange_seconds,
         )
         server = new_server(setup, self._verify_keys)
         with self._lock:
@@ -408,7 +415,7 @@ class MaskingRounds:
             threading.Lock(),
             setup.deadline_at,
             setup.advertising_deadline_at,
-            setup.sharing_deadline_at,
+            setup.key_exchange_seconds,
         )
         self._aborted.pop(key, None)
 
@@ -615,8 +622,8 @@ class MaskingRounds:
         deadline of the round's phase the request reads again, which closes
         the overdue phase (or aborts the round if too few sites sent their
         message), and waits on if its phase has still not come. Each read
-        runs in the threadpool. Between reads the request only awaits an event,
-        so it blocks neither the event loop nor a thread.
+        runs in the threadpool. Between reads the request only awaits an
+        event, so it blocks neither the event loop nor a thread.
 
         Raises:
             RoundNotReadyError: the phase did not come within the wait.
@@ -678,9 +685,9 @@ class MaskingRounds:
                         listener.deadline_at = entry.phase_deadline()
                         entry.listeners.add(listener)
                     raise
-        # The phase is overdue and too few sites sent their message, so waiting longer
-        # cannot save the round. ``abort`` takes the round's lock, which
-        # ``edit`` held until here.
+        # The phase is overdue and too few sites sent their message, so
+        # waiting longer cannot save the round. ``abort`` takes the round's
+        # lock, which ``edit`` held until here.
         reason = f"{phase} reached its deadline and could not close: {failure}"
         if not self.abort(study, round_number, reason):
             # Another request aborted the round first.

@@ -74,10 +74,10 @@ def open_masking_round(
     tensors and the extras groups of the study's strategy.
 
     With ``opened_at`` and ``deadline_at`` (Unix times of the service
-    round), the key exchange gets its own deadlines, counted from
-    ``opened_at`` so that a round reopened after a restart keeps them:
-    advertising closes after half of ``key_exchange_seconds`` and sharing
-    after all of it. Uploads keep ``deadline_at``.
+    round), the key exchange gets its own deadlines: advertising closes
+    ``key_exchange_seconds`` after ``opened_at``, and sharing as long after
+    advertising closed. Both times are saved, so a round reopened after a
+    restart keeps them. Uploads keep ``deadline_at``.
 
     Raises:
         SecureAggregationError: the round's sites do not fit the settings
@@ -90,11 +90,11 @@ def open_masking_round(
         raise SecureAggregationError(
             f"round {round_number} cannot use masking: {error}"
         ) from None
-    advertising_deadline_at = sharing_deadline_at = None
+    key_exchange_seconds = None
     if opened_at is not None and deadline_at is not None:
-        seconds = settings.resolved_key_exchange_seconds(deadline_at - opened_at)
-        advertising_deadline_at = opened_at + seconds / 2
-        sharing_deadline_at = opened_at + seconds
+        key_exchange_seconds = settings.resolved_key_exchange_seconds(
+            deadline_at - opened_at
+        )
     rounds.open(
         study,
         round_number,
@@ -103,8 +103,8 @@ def open_masking_round(
         encoding=encoding,
         layout=VectorLayout.from_shapes(upload_shapes),
         deadline_at=deadline_at,
-        advertising_deadline_at=advertising_deadline_at,
-        sharing_deadline_at=sharing_deadline_at,
+        opened_at=opened_at,
+        key_exchange_seconds=key_exchange_seconds,
     )
 
 

@@ -28,8 +28,9 @@ from medfed.sites.secagg_client import MaskingClient
 SITES = ["site-a", "site-b", "site-c", "site-d"]
 HUNG = "site-d"
 INITIAL = {"b": np.ones(3, np.float32), "w": np.zeros((2, 3), np.float32)}
-# Advertising closes after half of it, sharing after all of it.
-KEY_EXCHANGE_SECONDS = 6.0
+# Advertising closes this long after the round opens, sharing this long
+# after advertising closed.
+KEY_EXCHANGE_SECONDS = 4.0
 ROUND_DEADLINE_SECONDS = 300.0
 SECURE = SecureAggregationConfig(
     mode="masking",
@@ -211,7 +212,7 @@ def test_restart_keeps_advertising_deadline(tmp_path: Path) -> None:
         # Restart only after the saved advertising deadline has passed, so
         # the first poll closes advertising at once. A deadline counted again
         # from the restart would hold the phase open for seconds more.
-        time.sleep(max(0.0, opened + KEY_EXCHANGE_SECONDS / 2 + 0.5 - time.time()))
+        time.sleep(max(0.0, opened + KEY_EXCHANGE_SECONDS + 0.5 - time.time()))
         service.start()
 
         roster = roster_sites(service.url, study)

@@ -6,6 +6,7 @@ HTTP routes make.
 """
 
 import hashlib
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -59,7 +60,7 @@ def expected_sum(survivors: list[str]) -> np.ndarray:
 class Federation:
     """Five sites and a service whose masking rounds live in one SQLite file."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, key_exchange_seconds: float | None = None) -> None:
         self.path = path
         self.store = Store(path)
         self.rounds = MaskingRounds(store=self.store)
@@ -80,6 +81,8 @@ class Federation:
             encoding=ENCODING,
             layout=LAYOUT,
             deadline_at=time.time() + 600,
+            opened_at=time.time(),
+            key_exchange_seconds=key_exchange_seconds,
         )
 
     def restart(self) -> int:
@@ -442,57 +445,61 @@ def test_corrupted_state_aborts_round(
     assert saved.state == "aborted"
 
 
-def open_with_key_exchange_deadlines(path: Path, opened: float) -> Store:
-    """Open the round with advertising and sharing deadlines; return its store."""
-    store = Store(path)
-    MaskingRounds(store=store).open(
-        STUDY,
-        ROUND,
-        sites=SITES,
-        threshold=3,
-        encoding=ENCODING,
-        layout=LAYOUT,
-        deadline_at=opened + 600,
-        advertising_deadline_at=opened + 5,
-        sharing_deadline_at=opened + 10,
-    )
-    store.close()
-    return Store(path)
-
-
 def test_key_exchange_deadlines_survive_restart(tmp_path: Path) -> None:
-    opened = time.time()
-    store = open_with_key_exchange_deadlines(tmp_path / "state.sqlite3", opened)
-    rounds = MaskingRounds(store=store)
+    federation = Federation(tmp_path / "state.sqlite3", key_exchange_seconds=5)
+    saved = federation.store.masking_round(STUDY, ROUND, with_messages=False)
+    assert saved is not None
+    opened_at = json.loads(saved.setup)["opened_at"]
+    with federation.rounds.edit(STUDY, ROUND) as entry:
+        advertising_deadline = entry.phase_deadline()
+    for name in SITES:
+        federation.advertise(name)
+    with federation.rounds.edit(STUDY, ROUND) as entry:
+        closed_at = entry.server.advertising_closed_at
+        sharing_deadline = entry.phase_deadline()
 
-    restored = rounds.restore_saved()
+    restored = federation.restart()
 
     assert restored == 1
-    with rounds.edit(STUDY, ROUND) as entry:
-        assert entry.advertising_deadline_at == opened + 5
-        assert entry.sharing_deadline_at == opened + 10
-        assert entry.phase_deadline() == opened + 5
+    assert advertising_deadline == opened_at + 5
+    assert closed_at is not None
+    assert sharing_deadline == closed_at + 5
+    with federation.rounds.edit(STUDY, ROUND) as entry:
+        assert entry.server.phase_name == "sharing"
+        assert entry.advertising_deadline_at == opened_at + 5
+        assert entry.server.advertising_closed_at == closed_at
+        assert entry.phase_deadline() == closed_at + 5
 
 
 def test_setup_without_key_exchange_deadlines(tmp_path: Path) -> None:
-    # A setup saved before the key-exchange deadlines existed.
     path = tmp_path / "state.sqlite3"
-    opened = time.time()
-    open_with_key_exchange_deadlines(path, opened).close()
+    federation = Federation(path, key_exchange_seconds=5)
+    for name in SITES:
+        federation.advertise(name)
+    federation.store.close()
+    # A round saved before the key-exchange deadline existed.
     with sqlite3.connect(path) as connection:
         connection.execute(
             "UPDATE masking_rounds SET setup = json_remove(setup, "
-            "'$.advertising_deadline_at', '$.sharing_deadline_at')"
+            "'$.opened_at', '$.key_exchange_seconds')"
         )
+        connection.execute(
+            "UPDATE masking_messages SET body = NULL WHERE kind = 'advertising_closed'"
+        )
+        (deadline,) = connection.execute(
+            "SELECT json_extract(setup, '$.deadline_at') FROM masking_rounds"
+        ).fetchone()
     rounds = MaskingRounds(store=Store(path))
 
     restored = rounds.restore_saved()
 
     assert restored == 1
     with rounds.edit(STUDY, ROUND) as entry:
+        assert entry.server.phase_name == "sharing"
         assert entry.advertising_deadline_at is None
-        assert entry.sharing_deadline_at is None
-        assert entry.phase_deadline() == opened + 600
+        assert entry.sharing_seconds is None
+        assert entry.server.advertising_closed_at is None
+        assert entry.phase_deadline() == deadline
 
 
 def test_overdue_sharing_closes_without_silent_site(
@@ -503,7 +510,7 @@ def test_overdue_sharing_closes_without_silent_site(
     for name in SITES[:4]:
         federation.share(name)
     with federation.rounds.edit(STUDY, ROUND) as entry:
-        entry.sharing_deadline_at = time.time() - 1
+        entry.sharing_seconds = 0.0
         entry.close_overdue_phase()
         sharing = entry.server.sharing_sites
         phase = entry.server.phase_name

@@ -23,9 +23,11 @@ from medfed.errors import ConfigError
 
 __all__ = ["DEFAULT_KEY_EXCHANGE_SECONDS", "SecureAggregationConfig"]
 
-#: Key-exchange deadline of a masking round, in seconds after it opens, when
-#: the config sets none. Sites advertise and share keys while they train, so
-#: healthy sites finish within seconds; this leaves room for slow networks.
+#: Seconds each key-exchange phase of a masking round may take when the
+#: config sets none. Sites advertise and share keys while they train, and
+#: healthy sites finish within seconds over loopback.
+#: NOTE: a guess, not measured on deployed sites. A site whose round starts
+#: later than this after the round opened is left out of that round.
 DEFAULT_KEY_EXCHANGE_SECONDS = 120.0
 
 
@@ -48,12 +50,12 @@ class SecureAggregationConfig(BaseModel):
         poly_modulus_degree: the CKKS ring degree.
         coeff_mod_bit_sizes: the CKKS coefficient moduli, in bits.
         scale_bits: the CKKS encoding scale ``2^scale_bits``.
-        key_exchange_seconds: the masking key exchange's deadline, in
-            seconds after the round opens. The service closes advertising
-            after half of it and sharing after all of it, with the sites
-            that have answered. None means ``DEFAULT_KEY_EXCHANGE_SECONDS``
-            or the round's deadline, whichever is shorter. Uploads keep the
-            round's deadline.
+        key_exchange_seconds: the seconds each masking key-exchange phase
+            may take: the service closes advertising this long after the
+            round opens and sharing this long after advertising closed,
+            with the sites that have sent their message. None means
+            ``DEFAULT_KEY_EXCHANGE_SECONDS`` or the round's deadline,
+            whichever is shorter. Uploads keep the round's deadline.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -75,10 +77,10 @@ class SecureAggregationConfig(BaseModel):
         return self.threshold if self.threshold is not None else site_count // 2 + 1
 
     def resolved_key_exchange_seconds(self, deadline_seconds: float) -> float:
-        """Return the key-exchange deadline for a round of ``deadline_seconds``.
+        """Return the seconds each key-exchange phase may take in a round.
 
         This is ``key_exchange_seconds``, or ``DEFAULT_KEY_EXCHANGE_SECONDS``
-        when unset, and never more than the round's deadline.
+        when unset, and never more than the round's ``deadline_seconds``.
         """
         seconds = self.key_exchange_seconds or DEFAULT_KEY_EXCHANGE_SECONDS
         return min(seconds, deadline_seconds)
