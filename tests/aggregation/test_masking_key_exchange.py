@@ -51,8 +51,8 @@ def service(
         yield running
 
 
-def open_study(client: AggregationClient) -> str:
-    """Create a masking study and open its round 0; return the study's name."""
+def create_study(client: AggregationClient) -> str:
+    """Create a masking study; return its name."""
     name = f"kex-{next(_study_numbers)}"
     settings = {
         "sites": SITES,
@@ -63,6 +63,12 @@ def open_study(client: AggregationClient) -> str:
         INITIAL, metadata={"medfed_study_settings": json.dumps(settings)}
     )
     client.create_study(name, body)
+    return name
+
+
+def open_study(client: AggregationClient) -> str:
+    """Create a masking study and open its round 0; return the study's name."""
+    name = create_study(client)
     client.open_round(
         name, 0, sites=SITES, quorum=3, deadline_seconds=ROUND_DEADLINE_SECONDS
     )
@@ -194,6 +200,25 @@ def test_too_few_at_key_exchange_aborts(service: LocalAggregationService) -> Non
     assert status["state"] == "aborted"
     assert "cannot start the round with 2 sites" in status["reason"]
     assert latest == 0
+
+
+def test_round_shorter_than_key_exchange_rejected(
+    service: LocalAggregationService,
+) -> None:
+    with AggregationClient(service.url) as client:
+        study = create_study(client)
+        with pytest.raises(ServiceError) as rejected:
+            client.open_round(study, 0, sites=SITES, quorum=3, deadline_seconds=2)
+        opened = client.open_round(
+            study, 0, sites=SITES, quorum=3, deadline_seconds=ROUND_DEADLINE_SECONDS
+        )
+
+    assert rejected.value.status_code == 422
+    assert (
+        "secure_aggregation.key_exchange_seconds is 4 s, above the round deadline "
+        "of 2 s (round.deadline_seconds)"
+    ) in str(rejected.value)
+    assert opened["state"] == "open"
 
 
 def test_restart_keeps_advertising_deadline(tmp_path: Path) -> None:
