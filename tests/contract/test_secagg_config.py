@@ -160,7 +160,7 @@ def test_study_rejects_lossy_codec_under_masking():
 def test_key_exchange_defaults_to_round_deadline_cap():
     config = SecureAggregationConfig(mode="masking")
 
-    assert config.resolved_key_exchange_seconds(600) == 120
+    assert config.resolved_key_exchange_seconds(600) == 300
     assert config.resolved_key_exchange_seconds(60) == 60
 
 

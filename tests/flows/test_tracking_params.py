@@ -84,6 +84,6 @@ def test_masking_key_exchange_param():
         defaulted, site_count=4, deadline_seconds=60
     )
 
-    assert default_params["secure_aggregation_key_exchange_seconds"] == 120
+    assert default_params["secure_aggregation_key_exchange_seconds"] == 300
     assert configured_params["secure_aggregation_key_exchange_seconds"] == 45
     assert short_round_params["secure_aggregation_key_exchange_seconds"] == 60
