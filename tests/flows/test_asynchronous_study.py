@@ -290,3 +290,36 @@ def test_listener_called_per_version(tmp_path: Path) -> None:
 
     assert [number for number, _ in calls] == [0, 1, 2]
     assert [summary["version"] for _, summary in calls] == [1, 2, 3]
+
+
+@pytest.mark.usefixtures("prefect_api", "mlflow_uri")
+def test_update_running_at_finish_reported(
+    tmp_path: Path, service: LocalAggregationService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An update still training when the last version is published is waited for.
+
+    Its privacy cost is in the site's ledger, so the summary's epsilon spent
+    must include it.
+    """
+    study = "async-late-update"
+    config, text = async_config(study, service.url, rounds=2)
+    original = SiteRunner._training_settings
+
+    def train_after_finish(self: SiteRunner, *args: Any, **kwargs: Any) -> Any:
+        if self.site_id == SLOW_SITE:
+            waited_until = time.monotonic() + 60
+            while not asynchronous_status(service.url, study)["finished"]:
+                assert time.monotonic() < waited_until
+                time.sleep(0.05)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SiteRunner, "_training_settings", train_after_finish)
+
+    summary = run_study(config, text, work_dir=tmp_path / "run")
+
+    ledger = ledger_of(tmp_path / "run", SLOW_SITE, study)
+    slow = summary["sites"][SLOW_SITE]
+    assert ledger.rounds_spent == [0]
+    assert slow["updates"] == 0
+    assert slow["epsilon_spent"] == pytest.approx(ledger.epsilon_spent())
+    assert summary["asynchronous"]["failures"] == []
