@@ -323,3 +323,40 @@ def test_update_running_at_finish_reported(
     assert slow["updates"] == 0
     assert slow["epsilon_spent"] == pytest.approx(ledger.epsilon_spent())
     assert summary["asynchronous"]["failures"] == []
+
+
+class StopStudy(Exception):
+    """Raised by a listener to stop a study in the middle."""
+
+
+@pytest.mark.usefixtures("prefect_api", "mlflow_uri")
+def test_resume_recorded_in_mlflow(tmp_path: Path) -> None:
+    study = "async-resume-record"
+    rounds = 8
+    config, text = async_config(study, rounds=rounds)
+
+    def stop_at_version_two(number: int, summary: dict[str, Any]) -> None:
+        if summary["version"] == 2:
+            raise StopStudy("stopped at version 2")
+
+    with pytest.raises(StopStudy):
+        run_study(config, text, work_dir=tmp_path / "run", listener=stop_at_version_two)
+    summary = run_study(config, text, work_dir=tmp_path / "run", resume=True)
+
+    # The updates still running at the stop may have published more versions.
+    resumed_at = rounds - len(summary["asynchronous"]["version_seconds"])
+    assert 2 <= resumed_at < rounds
+    assert summary["rounds"] == rounds
+    client = MlflowClient()
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["medfed.event.resume1"] == (
+        f"resumed at version {resumed_at} of {rounds}"
+    )
+    history = client.get_metric_history(run.info.run_id, "asynchronous.version_seconds")
+    steps = sorted(metric.step for metric in history)
+    assert steps == list(range(resumed_at + 1, rounds + 1))
+    versions = client.search_model_versions(f"name = '{study}'")
+    assert [str(version.version) for version in versions] == [
+        summary["registered_model_version"]
+    ]
