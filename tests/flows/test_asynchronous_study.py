@@ -276,6 +276,43 @@ def test_retrained_update_gets_new_noise(
     assert seeds[0] != seeds[1]
 
 
+def test_privacy_spent_audited_before_upload(
+    tmp_path: Path, service: LocalAggregationService
+) -> None:
+    """A site reports an update's privacy spend before it uploads the update.
+
+    Otherwise a crash between the service's acceptance and the report leaves
+    an accepted update without its spend in the audit log.
+    """
+    config, _ = async_config("async-spent-order", service.url, buffer_size=1)
+    settings = {
+        "sites": [site.id for site in config.sites],
+        "strategy": "fedavg",
+        "asynchronous": {"buffer_size": 1, "max_versions": ROUNDS},
+    }
+    runner = SiteRunner(config, "cleveland", tmp_path / "cleveland")
+
+    with AggregationClient(service.url) as client:
+        client.create_study(
+            config.study,
+            weights_to_safetensors(
+                initial_model_weights(config),
+                metadata={"medfed_study_settings": json.dumps(settings)},
+            ),
+        )
+        report = runner.train_asynchronous(client, 0)
+
+    log = tmp_path / "aggregation" / "audit.jsonl"
+    events = [
+        entry["event"]
+        for entry in map(json.loads, log.read_text().splitlines())
+        if entry["actor"] == "cleveland"
+        and entry["event"] in ("privacy.spent", "update.accepted")
+    ]
+    assert report.status == "uploaded"
+    assert events == ["privacy.spent", "update.accepted"]
+
+
 @pytest.mark.usefixtures("prefect_api", "mlflow_uri")
 def test_listener_called_per_version(tmp_path: Path) -> None:
     config, text = async_config("async-listener", rounds=3)
