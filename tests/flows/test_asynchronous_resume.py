@@ -142,17 +142,16 @@ def wait_until_stopped(services: dict[int, int]) -> None:
     assert still_running(services) == []
 
 
-def stored_state(work_dir: Path) -> tuple[list[int], list[tuple[Any, ...]]]:
-    """Return the study's model versions and arrivals as the service stored them."""
+def stored_state(
+    work_dir: Path,
+) -> tuple[list[tuple[int, str]], list[tuple[Any, ...]]]:
+    """Return the study's model versions with their SHA-256, and its arrivals."""
     database = work_dir / "aggregation" / "aggregation.sqlite3"
     with sqlite3.connect(database) as connection:
-        versions = [
-            row[0]
-            for row in connection.execute(
-                "SELECT version FROM models WHERE study = ? ORDER BY version",
-                (STUDY,),
-            )
-        ]
+        versions = connection.execute(
+            "SELECT version, sha256 FROM models WHERE study = ? ORDER BY version",
+            (STUDY,),
+        ).fetchall()
         arrivals = connection.execute(
             "SELECT site, base_version, sha256, aggregated_version FROM arrivals "
             "WHERE study = ? ORDER BY received_at, rowid",
@@ -193,7 +192,7 @@ def check_resumed_study(
     config: Path,
     work_dir: Path,
     summary: dict[str, Any],
-    before: tuple[list[int], list[tuple[Any, ...]]],
+    before: tuple[list[tuple[int, str]], list[tuple[Any, ...]]],
     ledgers_before: dict[str, PrivacyLedger],
     run_id: str,
 ) -> None:
@@ -203,7 +202,8 @@ def check_resumed_study(
     # Every version was published once, continuing from the last one.
     assert summary["rounds"] == VERSIONS
     assert summary["asynchronous"]["versions"] == VERSIONS
-    assert versions == list(range(VERSIONS + 1))
+    assert [version for version, _ in versions] == list(range(VERSIONS + 1))
+    assert versions[: len(versions_before)] == versions_before
     assert sorted(published_in_audit(work_dir)) == list(range(1, VERSIONS + 1))
     initial = [
         entry["details"]["duplicate"]
@@ -217,6 +217,8 @@ def check_resumed_study(
     # Every arrival accepted before the stop is kept, and each counts once.
     stored = {(site, base, sha256) for site, base, sha256, _ in arrivals}
     assert {(site, base, sha256) for site, base, sha256, _ in arrivals_before} <= stored
+    aggregated_before = {row for row in arrivals_before if row[3] is not None}
+    assert aggregated_before <= set(arrivals)
     aggregated = Counter(row[3] for row in arrivals if row[3] is not None)
     assert aggregated == dict.fromkeys(range(1, VERSIONS + 1), BUFFER_SIZE)
     accepted = [
@@ -263,11 +265,11 @@ def check_resumed_study(
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["medfed.event.resume1"] == (
-        f"resumed at version {versions_before[-1]} of {VERSIONS}"
+        f"resumed at version {versions_before[-1][0]} of {VERSIONS}"
     )
     history = client.get_metric_history(run_id, "asynchronous.version_seconds")
     assert sorted(metric.step for metric in history) == list(
-        range(versions_before[-1] + 1, VERSIONS + 1)
+        range(versions_before[-1][0] + 1, VERSIONS + 1)
     )
 
     verified = subprocess.run(
@@ -307,7 +309,7 @@ def test_killed_run_resumes(tmp_path: Path, data_root: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
     before = stored_state(work_dir)
-    assert STOP_AFTER <= before[0][-1] < VERSIONS
+    assert STOP_AFTER <= before[0][-1][0] < VERSIONS
     ledgers_before = ledgers(work_dir)
     run_id = json.loads((work_dir / "coordinator.json").read_text())["mlflow_run_id"]
 
@@ -347,7 +349,7 @@ def test_killed_service_stops_run(tmp_path: Path, data_root: Path) -> None:
     assert exit_code == 6, message[-3000:]
     assert f"--resume --work-dir {work_dir}" in message
     before = stored_state(work_dir)
-    assert STOP_AFTER <= before[0][-1] < VERSIONS
+    assert STOP_AFTER <= before[0][-1][0] < VERSIONS
     ledgers_before = ledgers(work_dir)
     run_id = json.loads((work_dir / "coordinator.json").read_text())["mlflow_run_id"]
 
