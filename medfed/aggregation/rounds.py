@@ -273,12 +273,13 @@ class RoundService:
 
     # Studies
 
-    def create_study(self, study: str, body: bytes) -> ModelVersion:
+    def create_study(self, study: str, body: bytes) -> tuple[ModelVersion, bool]:
         """Create ``study`` from a safetensors body of its initial weights.
 
-        The body's metadata carries the study settings as JSON. Creating a
-        study that exists with the same initial weights returns version 0
-        again, so a coordinator can retry; different weights are a conflict.
+        The body's metadata carries the study settings as JSON. Returns
+        version 0 and whether this call created it. Creating a study that
+        exists with the same initial weights returns version 0 again, so a
+        coordinator can retry or resume; different weights are a conflict.
         """
         weights, metadata = _load_weights(body)
         raw_settings = metadata.get(SETTINGS_METADATA_KEY)
@@ -307,10 +308,10 @@ class RoundService:
                 raise Rejected(
                     409, f"study {study!r} exists with a different initial model"
                 )
-            return initial
+            return initial, False
         del weights
         logger.info("created study %s with sites %s", study, ", ".join(settings.sites))
-        return self.store.create_study(study, settings.to_json(), body)
+        return self.store.create_study(study, settings.to_json(), body), True
 
     def settings(self, study: str) -> StudySettings:
         record = self.store.get_study(study)

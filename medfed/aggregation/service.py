@@ -204,12 +204,19 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     )
     async def create_study(study: StudyId, request: Request) -> dict[str, Any]:
         body = await _read_body(request, settings.max_upload_bytes)
-        model = await run_in_threadpool(service.create_study, study, body)
+        model, created = await run_in_threadpool(service.create_study, study, body)
+        # A retried or resumed creation gets its own entry, marked duplicate,
+        # so version 0 is not read as registered twice.
         await run_in_threadpool(
             security.record,
             "model.registered",
             "coordinator",
-            {"study": study, "version": model.version, "sha256": model.sha256},
+            {
+                "study": study,
+                "version": model.version,
+                "sha256": model.sha256,
+                "duplicate": not created,
+            },
         )
         return {"study": study, "version": model.version, "sha256": model.sha256}
 

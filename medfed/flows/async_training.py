@@ -12,9 +12,11 @@ taken for a new one.
 The study ends when the service has published ``training.rounds`` versions,
 or when no site can train any more: each has failed, rejected an update to
 stay within its privacy budget, or trained ``training.rounds`` times. The flow
-does not wait for a slow site's update in progress. When that update arrives
-after the last version, the service rejects it and the site reports
-``study_finished``.
+then starts no more updates but waits, each within ``round.deadline_seconds``,
+for the updates still running. Their privacy cost is in the site's ledger
+whatever the service does with them, so their reports give each site's final
+epsilon spent. The service rejects an update that arrives after the last
+version, and the site reports ``study_finished``.
 """
 
 import concurrent.futures
@@ -82,6 +84,10 @@ def run_asynchronous(
     started = time.monotonic()
     status = client.asynchronous_status(study)
     # A resumed study continues each site's update count and last base version.
+    # NOTE: the service stores no rejected update, so an update rejected as
+    # too stale before a resume is not counted here, and the site may then
+    # train more than training.rounds times; its privacy ledger still rejects
+    # any update over its budget.
     updates = Counter(arrival["site"] for arrival in status["arrivals"])
     last_base: dict[str, int] = {}
     for arrival in status["arrivals"]:
@@ -153,9 +159,8 @@ def run_asynchronous(
             # no pooled metrics.
             for listener in list(_listeners):
                 listener(latest - 1, {"round": latest - 1, "version": latest})
-        if status["finished"]:
-            break
-        for site in coordinator.sites:
+        # A finished study starts no update but waits for those still running.
+        for site in [] if status["finished"] else coordinator.sites:
             if site in running or site in stopped or updates[site] >= rounds:
                 continue
             if last_base.get(site, -1) >= latest:
@@ -187,13 +192,6 @@ def run_asynchronous(
     if latest == 0:
         raise QuorumError(
             f"study {study!r} published no version; " + _stop_reasons(coordinator)
-        )
-    if running:
-        logger.info(
-            "study %s finished while sites %s were still training; their updates "
-            "will be rejected",
-            study,
-            ", ".join(sorted(running)),
         )
     return latest
 

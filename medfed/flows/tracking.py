@@ -220,13 +220,19 @@ class StudyTracker:
         mlflow.log_metrics(finite, step=step, synchronous=False)
 
     def log_asynchronous(
-        self, sites: Mapping[str, Mapping[str, Any]], version_seconds: list[float]
+        self,
+        sites: Mapping[str, Mapping[str, Any]],
+        version_seconds: list[float],
+        *,
+        first_version: int = 1,
     ) -> None:
         """Log an asynchronous study's updates per site and its version times.
 
         Per site: ``<site>.asynchronous_updates`` and the mean and maximum
         staleness of its updates. ``asynchronous.version_seconds`` has one
-        step per version published in this run.
+        step per version published in this run, numbered by the version from
+        ``first_version`` on, so a resumed run adds steps after the earlier
+        ones instead of overwriting them.
         """
         metrics: dict[str, float] = {}
         for site, entry in sites.items():
@@ -236,13 +242,19 @@ class StudyTracker:
                 metrics[f"{site}.mean_staleness"] = sum(staleness) / len(staleness)
                 metrics[f"{site}.max_staleness"] = float(max(staleness))
         mlflow.log_metrics(metrics, synchronous=False)
-        for step, seconds in enumerate(version_seconds, start=1):
+        for step, seconds in enumerate(version_seconds, start=first_version):
             mlflow.log_metric(
                 "asynchronous.version_seconds", seconds, step=step, synchronous=False
             )
 
     def log_event(self, name: str, text: str) -> None:
         mlflow.set_tag(f"medfed.event.{name}", text[:5000])
+
+    def log_resume(self, text: str) -> None:
+        """Tag the run with one more resume, ``medfed.event.resume<n>`` from 1."""
+        tags = MlflowClient().get_run(self.run_id).data.tags
+        count = sum(1 for key in tags if key.startswith("medfed.event.resume"))
+        self.log_event(f"resume{count + 1}", text)
 
     def register_model(
         self,

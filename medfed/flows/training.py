@@ -256,7 +256,7 @@ class _Coordinator:
         )
         try:
             with self._connect() as client:
-                summary = self._train(client, tracker)
+                summary = self._train(client, tracker, resumed=run_id is not None)
         except BaseException:
             tracker.finish(status="FAILED")
             raise
@@ -284,7 +284,7 @@ class _Coordinator:
         return run_id
 
     def _train(
-        self, client: AggregationClient, tracker: StudyTracker
+        self, client: AggregationClient, tracker: StudyTracker, *, resumed: bool
     ) -> dict[str, Any]:
         prepared = self._prepare_sites(tracker)
         self.train_records = {
@@ -320,9 +320,16 @@ class _Coordinator:
                     "there is nothing to resume, so leave out --resume to start a "
                     "new run"
                 )
+            if resumed:
+                tracker.log_resume(
+                    f"resumed at version {version} of {self.config.training.rounds}"
+                )
             return self._train_asynchronously(client, tracker, prepared)
-        if first_round > 0:
+        if resumed:
             logger.info("resuming study %s at round %d", self.config.study, first_round)
+            tracker.log_resume(
+                f"resumed at round {first_round} of {self.config.training.rounds}"
+            )
 
         for round_number in range(first_round, self.config.training.rounds):
             round_started = time.monotonic()
@@ -375,7 +382,11 @@ class _Coordinator:
             threshold=self.threshold,
         )
         per_site = asynchronous_summary(client.asynchronous_status(self.config.study))
-        tracker.log_asynchronous(per_site, self.version_seconds)
+        tracker.log_asynchronous(
+            per_site,
+            self.version_seconds,
+            first_version=version - len(self.version_seconds) + 1,
+        )
         summary = self._finish(client, tracker, prepared, version)
         summary["asynchronous"] = {
             "versions": version,

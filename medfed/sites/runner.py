@@ -470,6 +470,19 @@ class SiteRunner:
         )
         epsilon = training_run.epsilon
         trained, delta = training_run.trained, training_run.delta
+        if ledger is not None:
+            # The ledger has spent the budget whatever becomes of the upload.
+            # Reported before it, the spend is in the service's audit log
+            # even if a crash ends the process once the service accepted the
+            # update.
+            client.report_asynchronous_privacy(
+                study,
+                update_number,
+                self.site_id,
+                status="spent",
+                epsilon_spent=epsilon,
+                delta=ledger.delta,
+            )
         compression = self.config.compression
         encoder = build_update_encoder(compression, state_dir=self.study_dir)
         envelope = encode_envelope(
@@ -509,17 +522,6 @@ class SiteRunner:
             ):
                 raise
             logger.warning("site %s: %s", self.site_id, error)
-            # The envelope reached the service, so its privacy cost counts.
-            if ledger is not None:
-                client.report_asynchronous_privacy(
-                    study,
-                    update_number,
-                    self.site_id,
-                    status="spent",
-                    epsilon_spent=epsilon,
-                    delta=ledger.delta,
-                    message=f"update rejected as {staleness} versions stale",
-                )
             return self._asynchronous_report(
                 update_number, "rejected_stale", str(error), records, ledger,
                 base_version=base.version,
@@ -529,15 +531,6 @@ class SiteRunner:
         if self.config.strategy.local_layers:
             local = {key: trained[key] for key in trained if key not in shared}
             LocalLayerStore(self.local_layers_path).save(local)
-        if ledger is not None:
-            client.report_asynchronous_privacy(
-                study,
-                update_number,
-                self.site_id,
-                status="spent",
-                epsilon_spent=epsilon,
-                delta=ledger.delta,
-            )
         return self._uploaded_report(
             update_number,
             envelope,

@@ -304,6 +304,32 @@ def test_audit_records_arrivals_and_publication(
     assert registered[1]["details"]["sites"] == ["site-a", "site-b"]
 
 
+def test_repeated_creation_marked_duplicate(
+    client: AggregationClient, state_dir: Path
+) -> None:
+    # A resumed study creates its study again; version 0 is registered once.
+    study = create_study(client)
+    settings = {
+        "sites": SITES,
+        "strategy": "fedavg",
+        "asynchronous": {"buffer_size": 2, "max_versions": 10},
+    }
+    again = client.create_study(
+        study,
+        save_safetensors(
+            INITIAL, metadata={"medfed_study_settings": json.dumps(settings)}
+        ),
+    )
+
+    events = audit_events(state_dir, study)
+
+    registered = [e for e in events if e["event"] == "model.registered"]
+    assert again["version"] == 0
+    assert [e["details"]["version"] for e in registered] == [0, 0]
+    assert [e["details"]["duplicate"] for e in registered] == [False, True]
+    assert registered[0]["details"]["sha256"] == registered[1]["details"]["sha256"]
+
+
 def test_buffer_survives_restart(tmp_path: Path) -> None:
     state = tmp_path / "aggregation"
     with (

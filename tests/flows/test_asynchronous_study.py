@@ -276,6 +276,43 @@ def test_retrained_update_gets_new_noise(
     assert seeds[0] != seeds[1]
 
 
+def test_privacy_spent_audited_before_upload(
+    tmp_path: Path, service: LocalAggregationService
+) -> None:
+    """A site reports an update's privacy spend before it uploads the update.
+
+    Otherwise a crash between the service's acceptance and the report leaves
+    an accepted update without its spend in the audit log.
+    """
+    config, _ = async_config("async-spent-order", service.url, buffer_size=1)
+    settings = {
+        "sites": [site.id for site in config.sites],
+        "strategy": "fedavg",
+        "asynchronous": {"buffer_size": 1, "max_versions": ROUNDS},
+    }
+    runner = SiteRunner(config, "cleveland", tmp_path / "cleveland")
+
+    with AggregationClient(service.url) as client:
+        client.create_study(
+            config.study,
+            weights_to_safetensors(
+                initial_model_weights(config),
+                metadata={"medfed_study_settings": json.dumps(settings)},
+            ),
+        )
+        report = runner.train_asynchronous(client, 0)
+
+    log = tmp_path / "aggregation" / "audit.jsonl"
+    events = [
+        entry["event"]
+        for entry in map(json.loads, log.read_text().splitlines())
+        if entry["actor"] == "cleveland"
+        and entry["event"] in ("privacy.spent", "update.accepted")
+    ]
+    assert report.status == "uploaded"
+    assert events == ["privacy.spent", "update.accepted"]
+
+
 @pytest.mark.usefixtures("prefect_api", "mlflow_uri")
 def test_listener_called_per_version(tmp_path: Path) -> None:
     config, text = async_config("async-listener", rounds=3)
@@ -290,3 +327,73 @@ def test_listener_called_per_version(tmp_path: Path) -> None:
 
     assert [number for number, _ in calls] == [0, 1, 2]
     assert [summary["version"] for _, summary in calls] == [1, 2, 3]
+
+
+@pytest.mark.usefixtures("prefect_api", "mlflow_uri")
+def test_update_running_at_finish_reported(
+    tmp_path: Path, service: LocalAggregationService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An update still training when the last version is published is waited for.
+
+    Its privacy cost is in the site's ledger, so the summary's epsilon spent
+    must include it.
+    """
+    study = "async-late-update"
+    config, text = async_config(study, service.url, rounds=2)
+    original = SiteRunner._training_settings
+
+    def train_after_finish(self: SiteRunner, *args: Any, **kwargs: Any) -> Any:
+        if self.site_id == SLOW_SITE:
+            waited_until = time.monotonic() + 60
+            while not asynchronous_status(service.url, study)["finished"]:
+                assert time.monotonic() < waited_until
+                time.sleep(0.05)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SiteRunner, "_training_settings", train_after_finish)
+
+    summary = run_study(config, text, work_dir=tmp_path / "run")
+
+    ledger = ledger_of(tmp_path / "run", SLOW_SITE, study)
+    slow = summary["sites"][SLOW_SITE]
+    assert ledger.rounds_spent == [0]
+    assert slow["updates"] == 0
+    assert slow["epsilon_spent"] == pytest.approx(ledger.epsilon_spent())
+    assert summary["asynchronous"]["failures"] == []
+
+
+class StopStudy(Exception):
+    """Raised by a listener to stop a study in the middle."""
+
+
+@pytest.mark.usefixtures("prefect_api", "mlflow_uri")
+def test_resume_recorded_in_mlflow(tmp_path: Path) -> None:
+    study = "async-resume-record"
+    rounds = 8
+    config, text = async_config(study, rounds=rounds)
+
+    def stop_at_version_two(number: int, summary: dict[str, Any]) -> None:
+        if summary["version"] == 2:
+            raise StopStudy("stopped at version 2")
+
+    with pytest.raises(StopStudy):
+        run_study(config, text, work_dir=tmp_path / "run", listener=stop_at_version_two)
+    summary = run_study(config, text, work_dir=tmp_path / "run", resume=True)
+
+    # The updates still running at the stop may have published more versions.
+    resumed_at = rounds - len(summary["asynchronous"]["version_seconds"])
+    assert 2 <= resumed_at < rounds
+    assert summary["rounds"] == rounds
+    client = MlflowClient()
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["medfed.event.resume1"] == (
+        f"resumed at version {resumed_at} of {rounds}"
+    )
+    history = client.get_metric_history(run.info.run_id, "asynchronous.version_seconds")
+    steps = sorted(metric.step for metric in history)
+    assert steps == list(range(resumed_at + 1, rounds + 1))
+    versions = client.search_model_versions(f"name = '{study}'")
+    assert [str(version.version) for version in versions] == [
+        summary["registered_model_version"]
+    ]

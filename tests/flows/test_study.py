@@ -383,3 +383,6 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
         resumed["mlflow_run_id"], "pooled.test_accuracy"
     )
     assert sorted(point.step for point in history) == [1, 2, 3]
+    tags = MlflowClient().get_run(resumed["mlflow_run_id"]).data.tags
+    assert tags["medfed.event.resume1"] == "resumed at round 1 of 3"
+    assert "medfed.event.resume2" not in tags
