@@ -152,7 +152,8 @@ class TrainingConfig(_Strict):
             training split, never from a site's own counts, so that the loss
             reveals nothing about any site.
         logit_adjustment: tau of logit-adjusted training (Menon et al.,
-            ICLR 2021; FedLC, Zhang et al., ICML 2022); 0 turns it off. Each
+            "Long-tail learning via logit adjustment", ICLR 2021), or 0 to
+            turn it off. Each
             site adds ``tau * log(positives / negatives)`` of its own
             training split to the logits in its loss, and never at
             evaluation, so a site whose labels are mostly of one class pulls
@@ -209,7 +210,7 @@ class PrivacyConfig(_Strict):
     max_grad_norm: float = Field(default=1.0, gt=0)
     accountant: Literal["prv", "rdp"] = "prv"
     #: Standard deviation, in records, of the Gaussian noise on each label
-    #: count that ``training.logit_adjustment`` uses; one record changes one
+    #: count that ``training.logit_adjustment`` uses. One record changes one
     #: count by 1, so this is also the count's noise multiplier.
     label_count_noise: float = Field(default=10.0, gt=0, le=1_000_000)
 
