@@ -151,6 +151,15 @@ class TrainingConfig(_Strict):
             from public figures such as negatives / positives in a benchmark's
             training split, never from a site's own counts, so that the loss
             reveals nothing about any site.
+        logit_adjustment: tau of logit-adjusted training (Menon et al.,
+            "Long-tail learning via logit adjustment", ICLR 2021), or 0 to
+            turn it off. Each
+            site adds ``tau * log(positives / negatives)`` of its own
+            training split to the logits in its loss, and never at
+            evaluation, so a site whose labels are mostly of one class pulls
+            the shared model less toward that class. Under DP the site counts
+            its labels once, with Gaussian noise of ``privacy.label_count_noise``
+            records, and its privacy ledger accounts for that count.
     """
 
     # Strict, so that YAML's true is not read as one round.
@@ -162,6 +171,7 @@ class TrainingConfig(_Strict):
     momentum: float = Field(default=0.0, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
     positive_weight: float | None = Field(default=None, gt=0, le=1000)
+    logit_adjustment: float = Field(default=0.0, ge=0, le=10)
     seed: int = 0
 
     def round_learning_rate(self, round_number: int) -> float:
@@ -199,6 +209,10 @@ class PrivacyConfig(_Strict):
     delta: float | None = Field(default=None, gt=0, lt=1)
     max_grad_norm: float = Field(default=1.0, gt=0)
     accountant: Literal["prv", "rdp"] = "prv"
+    #: Standard deviation, in records, of the Gaussian noise on each label
+    #: count that ``training.logit_adjustment`` uses. One record changes one
+    #: count by 1, so this is also the count's noise multiplier.
+    label_count_noise: float = Field(default=10.0, gt=0, le=1_000_000)
 
     @model_validator(mode="after")
     def _budget_when_enabled(self) -> "PrivacyConfig":

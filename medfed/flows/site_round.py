@@ -135,6 +135,8 @@ def prepare_site(runner: SiteRunner) -> dict[str, Any]:
             "max_grad_norm": ledger.max_grad_norm,
             "sample_rate": ledger.sample_rate,
         }
+        if ledger.label_count_noise is not None:
+            privacy["label_count_noise"] = ledger.label_count_noise
     return {
         "train_records": records,
         "fingerprint": runner.dataset_fingerprint(),

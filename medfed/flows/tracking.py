@@ -157,6 +157,7 @@ class StudyTracker:
             "local_epochs": training.local_epochs,
             "batch_size": training.batch_size,
             "learning_rate": training.learning_rate,
+            "logit_adjustment": training.logit_adjustment,
             "sites": ",".join(site.id for site in self.config.sites),
             "dp_enabled": self.config.privacy.enabled,
             "dp_accountant": self.config.privacy.accountant,

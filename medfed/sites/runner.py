@@ -9,6 +9,7 @@ sample counts, aggregate metrics and privacy spent leave the site.
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import threading
@@ -221,6 +222,27 @@ class SiteRunner:
             self.config, self.site_id, self.data_root, self.data_dir
         )
 
+    def train_label_counts(self) -> tuple[int, int]:
+        """Return the negative and positive labels of the training split."""
+        counts = self.prepare()["splits"]["train"]["label_counts"]
+        return int(counts.get("0", 0)), int(counts.get("1", 0))
+
+    def logit_offset(self, ledger: PrivacyLedger | None) -> float:
+        """Return the offset that logit adjustment adds to this site's logits.
+
+        It is ``tau * log((positives + 1) / (negatives + 1))``: from the
+        ledger's noisy counts under DP, from the exact counts otherwise.
+        """
+        tau = self.config.training.logit_adjustment
+        if tau == 0:
+            return 0.0
+        if ledger is not None:
+            assert ledger.noisy_label_counts is not None
+            negatives, positives = ledger.noisy_label_counts
+        else:
+            negatives, positives = self.train_label_counts()
+        return tau * math.log((positives + 1) / (negatives + 1))
+
     def check_source(self) -> None:
         """Check the site's raw data file unless its data is already preprocessed.
 
@@ -272,12 +294,29 @@ class SiteRunner:
     # Privacy
 
     def ledger(self, train_records: int) -> PrivacyLedger | None:
-        """Load the site's ledger for this study, creating it on first use."""
+        """Load the site's ledger for this study, creating it on first use.
+
+        Under logit adjustment a new ledger also counts the training labels
+        once, with noise.
+
+        Raises:
+            ConfigError: the study uses logit adjustment, but the ledger was
+                created without label counts.
+        """
         privacy = self.config.privacy
         if not privacy.enabled:
             return None
+        adjusting = self.config.training.logit_adjustment > 0
         if self.ledger_path.exists():
-            return PrivacyLedger.load(self.ledger_path)
+            existing = PrivacyLedger.load(self.ledger_path)
+            if adjusting and existing.noisy_label_counts is None:
+                raise ConfigError(
+                    f"site {self.site_id!r} cannot use training.logit_adjustment "
+                    f"in study {self.config.study!r}: its privacy ledger "
+                    f"{self.ledger_path} was created without label counts. Set "
+                    "logit_adjustment back to 0, or run the study under a new name"
+                )
+            return existing
         epsilon, delta = self.config.site_budget(self.site_id)
         training = self.config.training
         ledger = PrivacyLedger.calibrate(
@@ -291,6 +330,8 @@ class SiteRunner:
             planned_rounds=training.rounds,
             max_grad_norm=privacy.max_grad_norm,
             accountant=privacy.accountant,
+            label_counts=self.train_label_counts() if adjusting else None,
+            label_count_noise=privacy.label_count_noise if adjusting else None,
         )
         ledger.save(self.ledger_path)
         logger.info(
@@ -935,6 +976,7 @@ class SiteRunner:
             batch_size=training.batch_size,
             learning_rate=training.round_learning_rate(round_number),
             positive_weight=training.positive_weight,
+            logit_offset=self.logit_offset(ledger),
             momentum=training.momentum,
             weight_decay=training.weight_decay,
             max_grad_norm=ledger.max_grad_norm if ledger else None,

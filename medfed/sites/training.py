@@ -59,6 +59,9 @@ class LocalTrainingSettings:
     #: Weight of the positive class in the loss, as ``pos_weight`` of
     #: ``BCEWithLogitsLoss``; None weighs both classes alike.
     positive_weight: float | None = None
+    #: Added to every logit in the loss, never at evaluation: the site's
+    #: ``tau * log(positives / negatives)`` under logit adjustment.
+    logit_offset: float = 0.0
     #: FedProx strength; each step is followed by the proximal step toward the
     #: round's starting weights (see ``medfed.sites.regularizers``).
     proximal_mu: float | None = None
@@ -167,7 +170,9 @@ def train_locally(
             else:
                 if settings.augmentation is not None:
                     batch_inputs = settings.augmentation(batch_inputs, augmenting)
-                loss = loss_function(trained(batch_inputs), batch_labels)
+                loss = loss_function(
+                    trained(batch_inputs) + settings.logit_offset, batch_labels
+                )
             loss.backward()
             _optimizer_step(optimizer, model, correct_gradients)
             if settings.proximal_mu:
@@ -211,7 +216,10 @@ def _train_fast_dp(
 
     def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return nn.functional.binary_cross_entropy_with_logits(
-            logits, labels, reduction="none", pos_weight=positive_weight
+            logits + settings.logit_offset,
+            labels,
+            reduction="none",
+            pos_weight=positive_weight,
         )
 
     model.train()
