@@ -444,7 +444,10 @@ class RoundService:
         In a CKKS study the status also has ``ckks``: the ``phase``
         (``uploading``, ``decrypting`` while the service waits for a site to
         decrypt the sum, or ``decrypted``), the ``contributors`` in the sum
-        and their total ``sample_count``.
+        and their total ``sample_count``. In a masking study it has
+        ``masking``: the phase of the round's masking round and the sites
+        that answered each phase (``MaskingRounds.progress``), or None once
+        the round was unmasked.
         """
         record = self.round(study, round_number)
         status = {
@@ -459,7 +462,8 @@ class RoundService:
             "result_version": record.result_version,
             "reason": record.reason,
         }
-        if self.settings(study).secure_aggregation.mode == "ckks":
+        mode = self.settings(study).secure_aggregation.mode
+        if mode == "ckks":
             closed = self.store.get_encrypted_sum(study, round_number)
             phase = "uploading"
             if closed is not None:
@@ -469,6 +473,8 @@ class RoundService:
                 "contributors": [] if closed is None else closed.contributors,
                 "sample_count": 0 if closed is None else closed.sample_count,
             }
+        if mode == "masking":
+            status["masking"] = self.masking.progress(study, round_number)
         return status
 
     # Uploads

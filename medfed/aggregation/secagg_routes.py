@@ -694,6 +694,37 @@ class MaskingRounds:
             reason = self.abort_reason(study, round_number) or reason
         raise _aborted_error(study, round_number, reason)
 
+    def progress(self, study: str, round_number: int) -> dict[str, Any] | None:
+        """Describe how far a round got, by site ids only; None if it is unknown.
+
+        The description has the ``phase`` (``advertising``, ``sharing``,
+        ``uploading``, ``revealing``, or ``aborted`` with its ``reason``) and
+        the sites that ``advertised`` keys, ``shared`` them, ``uploaded``
+        masked updates, ``revealed`` shares and ``withdrew``. It contains no
+        key, share or update, and it closes no phase. A round that was
+        unmasked is forgotten, so it is unknown.
+        """
+        with self._lock:
+            entry = self._rounds.get((study, round_number))
+            aborted = self._aborted.get((study, round_number))
+        if entry is None:
+            if aborted is None:
+                return None
+            return {"phase": "aborted", "reason": aborted}
+        with entry.lock:
+            if entry.abort_reason is not None:
+                return {"phase": "aborted", "reason": entry.abort_reason}
+            server = entry.server
+            return {
+                "phase": server.phase_name,
+                "reason": None,
+                "advertised": server.advertised_sites,
+                "shared": server.sharing_sites,
+                "uploaded": server.uploaded_sites,
+                "revealed": server.revealed_sites,
+                "withdrew": server.withdrawn_sites,
+            }
+
     def abort_reason(self, study: str, round_number: int) -> str | None:
         """Return why the round was aborted, or None if it was not (or is forgotten)."""
         with self._lock:

@@ -303,6 +303,11 @@ class MaskingServer:
         return sorted(self._withdrawn)
 
     @property
+    def revealed_sites(self) -> list[str]:
+        """The survivors whose revealed shares arrived, sorted."""
+        return sorted(self._reveals)
+
+    @property
     def sharing_complete(self) -> bool:
         """Whether every roster site has uploaded shares or withdrawn."""
         if self._phase is not _Phase.SHARING:
