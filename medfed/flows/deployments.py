@@ -22,6 +22,7 @@ connections, and a 503 can outlast the client's retries.
 
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -38,6 +39,7 @@ from medfed.errors import SiteRunError
 __all__ = [
     "PREFECT_API_ATTEMPTS",
     "SITE_FLOW_NAMES",
+    "abandon_site_flow",
     "call_prefect_api",
     "deployed_site_decrypt",
     "deployed_site_evaluation",
@@ -47,6 +49,7 @@ __all__ = [
     "run_site_flow",
     "site_deployment_name",
     "site_pool_name",
+    "site_round_run_name",
 ]
 
 logger = logging.getLogger(__name__)
@@ -64,6 +67,26 @@ PREFECT_API_FIRST_BACKOFF = 1.0
 PREFECT_API_MAX_BACKOFF = 30.0
 
 _Result = TypeVar("_Result")
+
+#: The event of each ``run_site_flow`` call still waiting, by flow run name.
+#: Setting it makes the call cancel its run at the next poll.
+_waiting_runs: dict[str, threading.Event] = {}
+_waiting_runs_lock = threading.Lock()
+
+
+def abandon_site_flow(flow_run_name: str) -> bool:
+    """Have the ``run_site_flow`` waiting for ``flow_run_name`` cancel the run.
+
+    The call cancels the run within ``POLL_SECONDS`` and raises
+    ``SiteRunError``. Returns False, and changes nothing, when no call in this
+    process waits for a run of that name.
+    """
+    with _waiting_runs_lock:
+        abandoned = _waiting_runs.get(flow_run_name)
+    if abandoned is None:
+        return False
+    abandoned.set()
+    return True
 
 
 def call_prefect_api(action: str, call: Callable[[], _Result]) -> _Result:
@@ -212,8 +235,9 @@ def run_site_flow(
             that never starts (its site is down) is still recognizable.
 
     Raises:
-        SiteRunError: the run did not finish within ``timeout`` (it is then
-            cancelled), or it finished in a state other than Completed.
+        SiteRunError: the run did not finish within ``timeout`` or before
+            ``abandon_site_flow(flow_run_name)`` (it is then cancelled), or
+            it finished in a state other than Completed.
     """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import FlowRun
@@ -239,30 +263,49 @@ def run_site_flow(
     )
     started = time.monotonic()
     run_id, run_name = flow_run.id, flow_run.name
-    with get_client(sync_client=True) as client:
-        state = flow_run.state
-        while not (state is not None and state.is_final()):
-            if time.monotonic() - started >= timeout:
-                break
-            time.sleep(POLL_SECONDS)
-            state = call_prefect_api(
-                f"read flow run {run_name!r}", lambda: client.read_flow_run(run_id)
-            ).state
-        if state is None or not state.is_final():
-            call_prefect_api(
-                f"cancel flow run {run_name!r}",
-                lambda: client.set_flow_run_state(
-                    run_id,
-                    Cancelled(message=f"deadline of {timeout:.0f} s passed"),
-                    force=True,
-                ),
-            )
-            raise SiteRunError(
-                f"site {site_id} did not finish {flow_name} within {timeout:.0f} s "
-                f"(flow run {run_name} was "
-                f"{state.name if state else 'unknown'}, now cancelled); check "
-                "that the site's container and worker are running"
-            )
+    abandoned = threading.Event()
+    with _waiting_runs_lock:
+        _waiting_runs[flow_run_name] = abandoned
+    try:
+        with get_client(sync_client=True) as client:
+            state = flow_run.state
+            while not (state is not None and state.is_final()):
+                if time.monotonic() - started >= timeout:
+                    break
+                if abandoned.wait(POLL_SECONDS):
+                    break
+                state = call_prefect_api(
+                    f"read flow run {run_name!r}",
+                    lambda: client.read_flow_run(run_id),
+                ).state
+            if state is None or not state.is_final():
+                reason = (
+                    "the coordinator stopped waiting for it"
+                    if abandoned.is_set()
+                    else f"deadline of {timeout:.0f} s passed"
+                )
+                call_prefect_api(
+                    f"cancel flow run {run_name!r}",
+                    lambda: client.set_flow_run_state(
+                        run_id, Cancelled(message=reason), force=True
+                    ),
+                )
+                if abandoned.is_set():
+                    raise SiteRunError(
+                        f"site {site_id} did not finish {flow_name} before the "
+                        f"coordinator stopped waiting for it (flow run {run_name} "
+                        f"was {state.name if state else 'unknown'}, now cancelled)"
+                    )
+                raise SiteRunError(
+                    f"site {site_id} did not finish {flow_name} within "
+                    f"{timeout:.0f} s (flow run {run_name} was "
+                    f"{state.name if state else 'unknown'}, now cancelled); check "
+                    "that the site's container and worker are running"
+                )
+    finally:
+        with _waiting_runs_lock:
+            if _waiting_runs.get(flow_run_name) is abandoned:
+                del _waiting_runs[flow_run_name]
     if not state.is_completed():
         raise SiteRunError(
             f"site {site_id} {flow_name} ended {state.name}: "
@@ -348,8 +391,13 @@ def deployed_site_round(
         site_id,
         parameters,
         timeout=config.round.deadline_seconds,
-        flow_run_name=f"{site_id}: {config.study} round {round_number}",
+        flow_run_name=site_round_run_name(config.study, site_id, round_number),
     )
+
+
+def site_round_run_name(study: str, site_id: str, round_number: int) -> str:
+    """Return the flow run name of a site's ``site_round`` run."""
+    return f"{site_id}: {study} round {round_number}"
 
 
 @task(
