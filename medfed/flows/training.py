@@ -5,7 +5,9 @@ site's round as one Prefect task named after the site, requests that the
 service finalize (naming the sites that rejected the round or failed), runs each
 site's evaluation of the new global model, pools the aggregates and logs the
 round to MLflow. In a masking round it withdraws a site from the round as
-soon as the site's task fails, so the other sites need not wait for it. In
+soon as the site's task fails, so the other sites need not wait for it, and
+it stops waiting for sites the masking round dropped once the others have
+revealed their shares. In
 local mode the site tasks run in this process, each with its own state
 folder. In deployment mode (``deployed_sites``) the same tasks start the site
 flows in each site's Prefect work pool instead (``medfed.flows.deployments``);
@@ -46,6 +48,7 @@ from medfed.flows.async_training import (
     run_asynchronous,
     site_asynchronous_update,
 )
+from medfed.flows.masking_watch import MaskingRoundWatch
 from medfed.flows.site_round import prepare_site
 from medfed.flows.tracking import StudyTracker
 from medfed.sites.ckks_keys import ensure_local_secret_contexts
@@ -237,6 +240,9 @@ class _Coordinator:
         self.failures: list[dict[str, Any]] = []
         #: Per site that the flow withdrew from a masking round: the round.
         self.withdrawals: list[dict[str, Any]] = []
+        #: Per site whose task still ran when its masking round could finish
+        #: without it: the round and why the round dropped the site.
+        self.dropped: list[dict[str, Any]] = []
         self.round_seconds: list[float] = []
         #: Asynchronous mode: seconds from the start of training to each
         #: version published in this run.
@@ -415,6 +421,11 @@ class _Coordinator:
         reasons += [
             refusal["message"] for refusal in self.refusals if refusal["round"] == last
         ]
+        reasons += [
+            f"site {dropped['site']} {dropped['message']}"
+            for dropped in self.dropped
+            if dropped["round"] == last
+        ]
         return "; ".join(reasons)
 
     def _prepare_sites(self, tracker: StudyTracker) -> dict[str, Any]:
@@ -543,8 +554,10 @@ class _Coordinator:
             site for site in chosen if site not in skip and site not in self.unprepared
         ]
         on_failure = None
+        watch = None
         if self.config.secure_aggregation.mode == "masking":
             on_failure = partial(self._withdraw_failed_site, client, round_number)
+            watch = MaskingRoundWatch(client, self.config.study, round_number)
         outcomes = _gather(
             {
                 site: self.round_task.submit(
@@ -558,11 +571,17 @@ class _Coordinator:
             },
             timeout=deadline,
             on_failure=on_failure,
+            done=watch,
         )
         reports: dict[str, dict[str, Any]] = {}
         absent = sorted(self.unprepared.intersection(chosen).difference(skip))
         for site, outcome in outcomes.items():
-            if isinstance(outcome, BaseException):
+            if isinstance(outcome, _StoppedWaiting) and watch is not None:
+                self._record_dropped(
+                    tracker, round_number, site, watch.drop_reason(site)
+                )
+                absent.append(site)
+            elif isinstance(outcome, BaseException):
                 logger.warning(
                     "site %s failed in round %d: %s", site, round_number, outcome
                 )
@@ -612,6 +631,29 @@ class _Coordinator:
             return _RoundResult(None, reports, stop=True)
         return _RoundResult(None, reports)
 
+    def _record_dropped(
+        self, tracker: StudyTracker, round_number: int, site: str, reason: str
+    ) -> None:
+        """Report a site that a masking round went on without while its task ran.
+
+        A deployed site's flow run is cancelled.
+
+        NOTE: an in-process site's task thread cannot be stopped, so a hung
+        site's thread keeps running after the flow moves on. It occupies one of
+        the task runner's threads, and the flow's end waits for it, because
+        Prefect's ``ThreadPoolTaskRunner`` shuts its pool down with
+        ``wait=True`` (Prefect 3.9).
+        """
+        logger.warning("site %s %s", site, reason)
+        tracker.log_event(f"dropped.{site}.round{round_number}", reason)
+        self.dropped.append({"round": round_number, "site": site, "message": reason})
+        if self.deployed_sites:
+            from medfed.flows import deployments
+
+            deployments.abandon_site_flow(
+                deployments.site_round_run_name(self.config.study, site, round_number)
+            )
+
     def _withdraw_failed_site(
         self,
         client: AggregationClient,
@@ -629,9 +671,10 @@ class _Coordinator:
         the round was closed or aborted, is logged and does not fail the round.
 
         NOTE: a site that hangs without its task failing is not withdrawn.
-        The service drops it at the key-exchange deadline if it hangs before
-        sharing keys, but ``_gather`` still waits for its task until the
-        round's deadline before the round is finalized.
+        If it hangs before it shared keys, the service drops it at the
+        key-exchange deadline and ``MaskingRoundWatch`` ends the wait once the
+        others revealed. If it hangs after, the round waits for its upload
+        until the round's deadline.
         """
         try:
             withdrawn = client.withdraw_site(self.config.study, round_number, site)
@@ -790,6 +833,7 @@ class _Coordinator:
             "participants": self.participants,
             "refusals": self.refusals,
             "withdrawals": self.withdrawals,
+            "dropped": self.dropped,
             "round_seconds": self.round_seconds,
             "sites": {
                 site: {
@@ -858,11 +902,17 @@ def _failure_reason(error: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+class _StoppedWaiting(Exception):
+    """A site's task was still running when ``_gather``'s ``done`` returned True."""
+
+
 def _gather(
     futures: dict[str, PrefectFuture[Any]],
     timeout: float | None = None,
     *,
     on_failure: Callable[[str, Exception], None] | None = None,
+    done: Callable[[set[str]], bool] | None = None,
+    poll_seconds: float = 1.0,
 ) -> dict[str, Any]:
     """Wait for every future until ``timeout`` seconds from now.
 
@@ -872,6 +922,11 @@ def _gather(
     read in the order they finish, so ``on_failure(site, error)`` runs in
     this thread as soon as a site's task raises, while the others still run.
     It is not called for sites that time out.
+
+    ``done(pending)``, when given, is called in this thread with the sites
+    still running, at least every ``poll_seconds`` while some run. Once it
+    returns True the wait ends, and those sites map to ``_StoppedWaiting``.
+    Their tasks keep running.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     finished: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -884,12 +939,28 @@ def _gather(
         # once when the task has already finished.
         future.add_done_callback(partial(notify, site))
     results: dict[str, Any] = {}
+    next_poll = time.monotonic() + poll_seconds
     while len(results) < len(futures):
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        now = time.monotonic()
+        remaining = None if deadline is None else max(0.0, deadline - now)
+        if done is not None:
+            until_poll = max(0.0, next_poll - now)
+            remaining = until_poll if remaining is None else min(remaining, until_poll)
         try:
             site = finished.get(timeout=remaining)
         except queue.Empty:
-            break
+            if done is None or (deadline is not None and time.monotonic() >= deadline):
+                break
+            next_poll = time.monotonic() + poll_seconds
+            pending = set(futures) - set(results)
+            if done(pending):
+                for site in pending:
+                    results[site] = _StoppedWaiting(
+                        f"site {site} was still running when the flow stopped "
+                        "waiting for it"
+                    )
+                break
+            continue
         try:
             results[site] = futures[site].result(timeout=0)
         except Exception as error:

@@ -289,3 +289,60 @@ def test_unprepared_site_skipped_by_masking(
         assert participation["uploaded"] == SURVIVORS
     assert summary["model_version"] == 2
     assert elapsed < DEADLINE_SECONDS
+
+
+# The round deadline of the study with a hung site, far longer than the
+# round takes once the masking round drops the site, and the key-exchange
+# deadline that drops it.
+HUNG_SITE_DEADLINE_SECONDS = 300
+HUNG_SITE_KEY_EXCHANGE_SECONDS = 3
+# How long the hung site waits before its task fails on its own. A flow that
+# waited for the task would finish round 0 after about this long.
+HUNG_SITE_RELEASE_SECONDS = 120
+
+
+@pytest.mark.timeout(300)
+def test_hung_site_dropped_before_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    released = threading.Event()
+    hung_in: list[int] = []
+    train_round = site_runner.SiteRunner.train_round
+
+    def train_round_hanging(runner: Any, client: Any, round_number: int) -> Any:
+        if runner.site_id != "hungary" or round_number != 0:
+            return train_round(runner, client, round_number)
+        hung_in.append(round_number)
+        # The site hangs before it starts its masking round, so it never
+        # advertises keys. It ends after round 0 so the flow can end.
+        released.wait(timeout=HUNG_SITE_RELEASE_SECONDS)
+        raise RuntimeError("site process hung")
+
+    monkeypatch.setattr(site_runner.SiteRunner, "train_round", train_round_hanging)
+    round_seconds: dict[int, float] = {}
+    started = time.monotonic()
+
+    def note_round(round_number: int, _: dict[str, Any]) -> None:
+        round_seconds[round_number] = time.monotonic() - started
+        released.set()
+
+    config, text = heart_study(
+        "mask-fault-hung-site",
+        {**MASKING, "key_exchange_seconds": HUNG_SITE_KEY_EXCHANGE_SECONDS},
+        deadline_seconds=HUNG_SITE_DEADLINE_SECONDS,
+    )
+    summary = run_study(config, text, work_dir=tmp_path, listener=note_round)
+
+    assert hung_in == [0]
+    # Round 0 includes preparing the sites, training and evaluating, which
+    # take a few seconds here.
+    assert round_seconds[0] < HUNG_SITE_RELEASE_SECONDS / 2
+    first, second = summary["participants"]
+    assert first["state"] == "finalized"
+    assert first["uploaded"] == SURVIVORS
+    assert second["state"] == "finalized"
+    assert second["uploaded"] == ALL_SITES
+    assert [(d["round"], d["site"]) for d in summary["dropped"]] == [(0, "hungary")]
+    assert "did not advertise its keys" in summary["dropped"][0]["message"]
+    assert summary["withdrawals"] == []
+    assert summary["model_version"] == 2
