@@ -160,9 +160,11 @@ def test_hung_site_dropped_at_key_exchange(
         errors = run_sites(service.url, study, survivors)
         # The service removes a masking round once it has unmasked it.
         roster = roster_sites(service.url, study)
+        progress = client.round_status(study, 0)["masking"]
         status = client.finalize(study, 0, absent=[HUNG])
         elapsed = time.monotonic() - started
         model = client.download_model(study)
+        unmasked_progress = client.round_status(study, 0)["masking"]
 
     assert errors == {}
     assert status["state"] == "finalized"
@@ -171,6 +173,17 @@ def test_hung_site_dropped_at_key_exchange(
     assert elapsed < ROUND_DEADLINE_SECONDS / 2
     expected_roster = survivors if hangs_before == "advertising" else SITES
     assert roster == expected_roster
+    # The flow reads this to stop waiting for the hung site. It names sites only.
+    assert progress == {
+        "phase": "revealing",
+        "reason": None,
+        "advertised": expected_roster,
+        "shared": survivors,
+        "uploaded": survivors,
+        "revealed": survivors,
+        "withdrew": [],
+    }
+    assert unmasked_progress is None
     closed_phase = "advertising" if hangs_before == "advertising" else "sharing"
     assert (
         f"masking round 0 of study {study} closed {closed_phase} at its deadline "
@@ -189,10 +202,13 @@ def test_too_few_at_key_exchange_aborts(service: LocalAggregationService) -> Non
         study = open_study(client)
         errors = run_sites(service.url, study, ["site-a", "site-b"])
         # Without ``absent``: the aborted masking round needs no waiting.
+        progress = client.round_status(study, 0)["masking"]
         status = client.finalize(study, 0)
         latest = client.study_status(study)["latest_version"]
 
     assert sorted(errors) == ["site-a", "site-b"]
+    assert progress["phase"] == "aborted"
+    assert "advertising reached its deadline" in progress["reason"]
     for error in errors.values():
         assert isinstance(error, ServiceError)
         assert error.status_code == 409
