@@ -7,9 +7,8 @@ site's evaluation of the new global model, pools the aggregates and logs the
 round to MLflow. In a masking round it withdraws a site from the round as
 soon as the site's task fails, so the other sites need not wait for it, and
 it stops waiting for sites the masking round dropped once the others have
-revealed their shares. In
-local mode the site tasks run in this process, each with its own state
-folder. In deployment mode (``deployed_sites``) the same tasks start the site
+revealed their shares. In local mode the site tasks run in this process,
+each with its own state folder. In deployment mode (``deployed_sites``) the same tasks start the site
 flows in each site's Prefect work pool instead (``medfed.flows.deployments``);
 nothing else differs.
 """
