@@ -17,6 +17,10 @@ record's loss. Changing one record moves one count by one, so that count is
 a Gaussian mechanism of sensitivity 1; the ledger composes it with the
 DP-SGD steps as one more entry of the history, at sample rate 1, from the
 first round on.
+
+A ledger that cannot be read, contradicts itself or was calibrated under
+other terms than the study's config (``LedgerTerms``) raises ``LedgerError``:
+the site stops rather than starting again from zero.
 """
 
 import json
@@ -25,9 +29,9 @@ import math
 import os
 import random
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -35,9 +39,9 @@ import numpy as np
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from medfed.errors import BudgetExceededError, ConfigError
+from medfed.errors import BudgetExceededError, ConfigError, LedgerError
 
-__all__ = ["PrivacyLedger", "compute_epsilon"]
+__all__ = ["LedgerTerms", "PrivacyLedger", "compute_epsilon", "ledger_advice"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +83,47 @@ def _quiet_rdp_order_warning() -> Iterator[None]:
     with warnings.catch_warnings(), np.errstate(divide="ignore"):
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         yield
+
+
+def ledger_advice(study: str) -> str:
+    """Return what an operator does about a ledger that cannot be trusted."""
+    return (
+        "restore the file from the site's last backup of its state folder; do "
+        "not delete it, because without it the site cannot tell what it has "
+        f"spent in study {study!r}"
+    )
+
+
+@dataclass(frozen=True)
+class LedgerTerms:
+    """What a study's config fixes about a site's privacy accounting.
+
+    A ledger keeps these from its calibration. A resumed or repeated study
+    whose config gives other values must not train against that ledger,
+    because the ledger would count its rounds under the old terms.
+    """
+
+    study: str
+    site: str
+    epsilon_budget: float
+    delta: float
+    accountant: AccountantName
+    max_grad_norm: float
+    sample_rate: float
+    steps_per_round: int
+
+
+#: The config keys behind each term, for error messages.
+_TERM_SOURCES = {
+    "study": "study",
+    "site": "the site id",
+    "epsilon_budget": "privacy.epsilon or the site's epsilon",
+    "delta": "privacy.delta or the site's delta",
+    "accountant": "privacy.accountant",
+    "max_grad_norm": "privacy.max_grad_norm",
+    "sample_rate": "training.batch_size / the site's training records",
+    "steps_per_round": "training.local_epochs x steps per epoch",
+}
 
 
 @dataclass
@@ -193,8 +238,62 @@ class PrivacyLedger:
 
     @classmethod
     def load(cls, path: Path) -> "PrivacyLedger":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        """Read a ledger written by ``save`` and check that it is consistent.
+
+        Raises:
+            LedgerError: the file cannot be read or parsed, misses or adds a
+                field, contains an out-of-range value, or lists more rounds than
+                its step count covers.
+        """
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise LedgerError(
+                f"privacy ledger {path} cannot be read ({error}); "
+                + ledger_advice(path.parent.name)
+            ) from None
+        problem = _ledger_problem(data)
+        if problem is not None:
+            study = data.get("study") if isinstance(data, dict) else None
+            raise LedgerError(
+                f"privacy ledger {path} is invalid: {problem}; "
+                + ledger_advice(study if isinstance(study, str) else path.parent.name)
+            )
         return cls(**data)
+
+    def terms(self) -> LedgerTerms:
+        """Return the terms the ledger was calibrated under."""
+        return LedgerTerms(
+            study=self.study,
+            site=self.site,
+            epsilon_budget=self.epsilon_budget,
+            delta=self.delta,
+            accountant=self.accountant,
+            max_grad_norm=self.max_grad_norm,
+            sample_rate=self.sample_rate,
+            steps_per_round=self.steps_per_round,
+        )
+
+    def check_terms(self, expected: LedgerTerms, path: Path) -> None:
+        """Raise LedgerError unless the ledger was calibrated under ``expected``.
+
+        ``training.rounds`` is not a term: it sized the noise multiplier, but
+        the budget check counts the rounds actually spent.
+        """
+        recorded = asdict(self.terms())
+        differences = [
+            f"{name} {recorded[name]!r} in the ledger but {value!r} from "
+            f"{_TERM_SOURCES[name]}"
+            for name, value in asdict(expected).items()
+            if not _same_term(recorded[name], value)
+        ]
+        if differences:
+            raise LedgerError(
+                f"privacy ledger {path} does not match the study config: "
+                + "; ".join(differences)
+                + ". Set the config back to the values the study started with, "
+                "or run the new values as a new study with its own name and budget"
+            )
 
     def save(self, path: Path) -> None:
         """Write the ledger atomically, so a crash never leaves half a file."""
@@ -304,6 +403,85 @@ def _noise_multiplier_after_counts(
             if epsilon - value < tolerance:
                 break
     return high
+
+
+def _is_positive(value: float) -> bool:
+    return 0 < value < math.inf
+
+
+_NUMBER_RULES: dict[str, tuple[str, Callable[[float], bool]]] = {
+    "epsilon_budget": ("a finite number > 0", _is_positive),
+    "delta": ("a number in (0, 1)", lambda value: 0 < value < 1),
+    "noise_multiplier": ("a finite number > 0", _is_positive),
+    "max_grad_norm": ("a finite number > 0", _is_positive),
+    "sample_rate": ("a number in (0, 1]", lambda value: 0 < value <= 1),
+}
+
+
+def _ledger_problem(data: object) -> str | None:
+    """Return what makes ``data`` an invalid ledger, or None."""
+    if not isinstance(data, dict):
+        return f"expected a JSON object, got {type(data).__name__}"
+
+    expected = {item.name for item in fields(PrivacyLedger)}
+    missing = sorted(expected - data.keys())
+    if missing:
+        return f"missing fields {missing}"
+    unknown = sorted(data.keys() - expected)
+    if unknown:
+        return f"unknown fields {unknown}"
+
+    for name in ("study", "site"):
+        if not isinstance(data[name], str):
+            return f"{name} must be a string, got {data[name]!r}"
+    if data["accountant"] not in ("prv", "rdp"):
+        return f"accountant must be 'prv' or 'rdp', got {data['accountant']!r}"
+    for name, (rule, is_valid) in _NUMBER_RULES.items():
+        value = data[name]
+        if not _is_number(value) or not is_valid(value):
+            return f"{name} must be {rule}, got {value!r}"
+
+    for name, minimum in (("steps_per_round", 1), ("planned_rounds", 1)):
+        if not _is_integer(data[name]) or data[name] < minimum:
+            return f"{name} must be an integer >= {minimum}, got {data[name]!r}"
+    if not _is_integer(data["steps_spent"]) or data["steps_spent"] < 0:
+        return f"steps_spent must be an integer >= 0, got {data['steps_spent']!r}"
+    for name in ("rounds_spent", "refusals"):
+        rounds = data[name]
+        if not isinstance(rounds, list) or not all(
+            _is_integer(number) and number >= 0 for number in rounds
+        ):
+            return f"{name} must be a list of round numbers, got {rounds!r}"
+
+    # Every round takes steps_per_round steps (Poisson sampling runs a fixed
+    # number of steps per epoch), so fewer steps than that means steps were
+    # removed from the file.
+    covered = len(data["rounds_spent"]) * data["steps_per_round"]
+    if data["steps_spent"] < covered:
+        return (
+            f"steps_spent {data['steps_spent']} is less than the "
+            f"{len(data['rounds_spent'])} rounds in rounds_spent x steps_per_round "
+            f"{data['steps_per_round']} = {covered}"
+        )
+    return None
+
+
+def _is_number(value: object) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and not math.isnan(value)
+    )
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _same_term(recorded: object, expected: object) -> bool:
+    if isinstance(recorded, float) and isinstance(expected, float):
+        return math.isclose(recorded, expected, rel_tol=1e-12)
+    return recorded == expected
 
 
 def _require(condition: bool, name: str, value: object, rule: str) -> None:
