@@ -31,7 +31,7 @@ import random
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -149,6 +149,9 @@ class PrivacyLedger:
     #: The negative and positive training labels, counted once with that
     #: noise and never again, so the count costs privacy only once.
     noisy_label_counts: list[float] | None = None
+    #: SHA-256 of the trained weights last charged for each round, keyed by
+    #: the round number as a string (JSON object keys are strings).
+    charged_updates: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def calibrate(
@@ -329,10 +332,29 @@ class PrivacyLedger:
                 f"(spent so far {self.epsilon_spent():.3f})"
             )
 
-    def record_round(self, round_number: int, steps: int) -> float:
-        """Add a round's steps to the ledger; return the epsilon spent so far."""
+    def record_round(
+        self, round_number: int, steps: int, update_sha256: str | None = None
+    ) -> float:
+        """Add a round's steps to the ledger; return the epsilon spent so far.
+
+        ``update_sha256`` identifies the trained weights. A round trained
+        again to the same weights (a retry after a crash replays bit for bit)
+        is charged once, because releasing the same values twice reveals
+        nothing more than releasing them once. Other weights for the same
+        round are a second DP release and are charged again.
+        """
+        key = str(round_number)
+        if update_sha256 is not None and self.charged_updates.get(key) == update_sha256:
+            logger.info(
+                "site %s trained round %d again to the same weights (SHA-256 %s), "
+                "which are charged once",
+                self.site, round_number, update_sha256,
+            )  # fmt: skip
+            return self.epsilon_spent()
         self.steps_spent += steps
         self.rounds_spent.append(round_number)
+        if update_sha256 is not None:
+            self.charged_updates[key] = update_sha256
         spent = self.epsilon_spent()
         logger.info(
             "site %s spent epsilon %.4f of %.4f after round %d",
@@ -423,11 +445,17 @@ def _ledger_problem(data: object) -> str | None:
     if not isinstance(data, dict):
         return f"expected a JSON object, got {type(data).__name__}"
 
-    expected = {item.name for item in fields(PrivacyLedger)}
-    missing = sorted(expected - data.keys())
+    known = {item.name for item in fields(PrivacyLedger)}
+    # Fields with defaults were added after the first ledgers were written.
+    required = {
+        item.name
+        for item in fields(PrivacyLedger)
+        if item.default is MISSING and item.default_factory is MISSING
+    }
+    missing = sorted(required - data.keys())
     if missing:
         return f"missing fields {missing}"
-    unknown = sorted(data.keys() - expected)
+    unknown = sorted(data.keys() - known)
     if unknown:
         return f"unknown fields {unknown}"
 
@@ -453,6 +481,16 @@ def _ledger_problem(data: object) -> str | None:
         ):
             return f"{name} must be a list of round numbers, got {rounds!r}"
 
+    charged = data.get("charged_updates", {})
+    if not isinstance(charged, dict) or not all(
+        isinstance(key, str) and key.isdigit() and _is_sha256(value)
+        for key, value in charged.items()
+    ):
+        return (
+            "charged_updates must map round numbers to SHA-256 hex digests, "
+            f"got {charged!r}"
+        )
+
     # Every round takes steps_per_round steps (Poisson sampling runs a fixed
     # number of steps per epoch), so fewer steps than that means steps were
     # removed from the file.
@@ -471,6 +509,14 @@ def _is_number(value: object) -> bool:
         isinstance(value, int | float)
         and not isinstance(value, bool)
         and not math.isnan(value)
+    )
+
+
+def _is_sha256(value: object) -> bool:
+    return (
+        isinstance(value, str)
+        and len(value) == 64
+        and all(character in "0123456789abcdef" for character in value)
     )
 
 

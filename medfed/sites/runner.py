@@ -701,13 +701,15 @@ class SiteRunner:
             seed=seed,
             correct_gradients=correct_gradients,
         )
-        epsilon = None
-        if ledger is not None:
-            epsilon = ledger.record_round(number, result.steps)
-            ledger.save(self.ledger_path)
         trained = {
             key: value.detach().numpy() for key, value in model.state_dict().items()
         }
+        epsilon = None
+        if ledger is not None:
+            epsilon = ledger.record_round(
+                number, result.steps, update_sha256=weights_sha256(trained)
+            )
+            ledger.save(self.ledger_path)
         delta = {
             key: (trained[key] - base.weights[key]).astype(np.float32) for key in shared
         }
@@ -1114,6 +1116,16 @@ def evaluate_weights(
         losses.numpy(),
         bins=config.evaluation.histogram_bins,
     )
+
+
+def weights_sha256(weights: dict[str, np.ndarray]) -> str:
+    """Return a SHA-256 over the names, dtypes, shapes and values of ``weights``."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        value = np.ascontiguousarray(weights[name])
+        digest.update(f"{name}|{value.dtype.str}|{value.shape}|".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 def weights_to_safetensors(

@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 import yaml
 
+from medfed.aggregation.security import KILL_BEFORE_AUDIT_VARIABLE
 from medfed.contract.config import StudyConfig, parse_study_config
-from medfed.errors import LedgerError
+from medfed.errors import LedgerError, ServiceError
 from medfed.flows.local import LocalAggregationService
 from medfed.sites.client import AggregationClient
 from medfed.sites.privacy import PrivacyLedger, compute_epsilon
@@ -151,6 +152,10 @@ def edit(path: Path, **fields: object) -> None:
             "rounds_spent must be a list of round numbers",
         ),
         (lambda path: edit(path, spent_before=3), "unknown fields ['spent_before']"),
+        (
+            lambda path: edit(path, charged_updates={"0": "not-a-digest"}),
+            "charged_updates must map round numbers to SHA-256 hex digests",
+        ),
     ],
 )
 def test_damaged_ledger_rejected(tmp_path: Path, damage: Any, expected: str) -> None:
@@ -324,3 +329,100 @@ def test_ledger_charges_every_released_round(
         delta=ledger.delta,
         accountant="prv",
     )
+
+
+def test_retried_round_charged_once(tmp_path: Path, data_root: Path) -> None:
+    config = make_config()
+    runner = SiteRunner(config, "cleveland", tmp_path / "site", data_root)
+    state_dir = tmp_path / "aggregation"
+
+    # The first service takes the study's initial model (400 bytes) but
+    # rejects the update's larger envelope (413), after the site trained and
+    # charged the round.
+    with (
+        LocalAggregationService(state_dir, max_upload_bytes=450) as small,
+        AggregationClient(small.url) as client,
+    ):
+        create_study(client, config)
+        client.open_round(STUDY, 0, sites=["cleveland"], quorum=1, deadline_seconds=300)
+        with pytest.raises(ServiceError, match="413"):
+            runner.train_round(client, 0)
+    charged = PrivacyLedger.load(runner.ledger_path)
+    assert charged.rounds_spent == [0]
+
+    # The retry trains the same weights again, so the ledger charges them once.
+    with (
+        LocalAggregationService(state_dir, max_upload_bytes=1 << 20) as large,
+        AggregationClient(large.url) as client,
+    ):
+        report = runner.train_round(client, 0)
+        uploaded = client.round_status(STUDY, 0)["uploaded"]
+    retried = PrivacyLedger.load(runner.ledger_path)
+    assert report.status == "uploaded"
+    assert uploaded == ["cleveland"]
+    assert retried.rounds_spent == [0]
+    assert retried.steps_spent == charged.steps_spent
+    assert retried.charged_updates == charged.charged_updates
+
+
+def test_lost_upload_response_charged_once(
+    tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = make_config()
+    runner = SiteRunner(config, "cleveland", tmp_path / "site", data_root)
+    state_dir = tmp_path / "aggregation"
+
+    # The service kills itself right after it stored the upload, so the
+    # site sees a failed upload of an update that was released.
+    monkeypatch.setenv(KILL_BEFORE_AUDIT_VARIABLE, "update.accepted")
+    with (
+        LocalAggregationService(state_dir, max_upload_bytes=1 << 20) as first,
+        AggregationClient(first.url) as client,
+    ):
+        create_study(client, config)
+        client.open_round(STUDY, 0, sites=["cleveland"], quorum=1, deadline_seconds=300)
+        with pytest.raises(ServiceError, match="unreachable"):
+            runner.train_round(client, 0)
+    charged = PrivacyLedger.load(runner.ledger_path)
+
+    # A retried round sends a new envelope (a new nonce), which the service
+    # rejects (409) next to the stored one. The site released one update,
+    # and its ledger charges one.
+    monkeypatch.delenv(KILL_BEFORE_AUDIT_VARIABLE)
+    with (
+        LocalAggregationService(state_dir, max_upload_bytes=1 << 20) as second,
+        AggregationClient(second.url) as client,
+    ):
+        with pytest.raises(ServiceError, match="already uploaded a different update"):
+            runner.train_round(client, 0)
+        uploaded = client.round_status(STUDY, 0)["uploaded"]
+    retried = PrivacyLedger.load(runner.ledger_path)
+    assert uploaded == ["cleveland"]
+    assert charged.rounds_spent == [0]
+    assert retried.rounds_spent == [0]
+    assert retried.steps_spent == charged.steps_spent
+
+
+def test_other_weights_charged_again(tmp_path: Path) -> None:
+    path = saved_ledger(tmp_path)
+    ledger = PrivacyLedger.load(path)
+    ledger.record_round(2, 12, update_sha256="a" * 64)
+    once = ledger.steps_spent
+
+    ledger.record_round(2, 12, update_sha256="a" * 64)
+    assert ledger.steps_spent == once
+    ledger.record_round(2, 12, update_sha256="b" * 64)
+    assert ledger.steps_spent == once + 12
+    ledger.record_round(2, 12)
+    assert ledger.steps_spent == once + 24
+    assert ledger.rounds_spent == [0, 1, 2, 2, 2]
+
+
+def test_ledger_without_charged_updates_loads(tmp_path: Path) -> None:
+    # Ledgers written before charged_updates existed lack the field.
+    path = saved_ledger(tmp_path)
+    data = json.loads(path.read_text())
+    del data["charged_updates"]
+    path.write_text(json.dumps(data))
+
+    assert PrivacyLedger.load(path).charged_updates == {}
