@@ -428,6 +428,29 @@ class SiteRunner:
                     "released; " + ledger_advice(self.config.study)
                 )
 
+    def check_asynchronous_ledger(
+        self, client: AggregationClient, ledger: PrivacyLedger
+    ) -> None:
+        """Raise LedgerError if the service accepted more updates than the ledger charges.
+
+        Each update the service accepts from a site in an asynchronous study
+        has its own update number, so the ledger must charge at least as many
+        distinct update numbers as the service lists arrivals from the site.
+        """
+        status = client.asynchronous_status(self.config.study)
+        accepted = sum(
+            1 for arrival in status["arrivals"] if arrival["site"] == self.site_id
+        )
+        charged = len(set(ledger.rounds_spent))
+        if accepted > charged:
+            raise LedgerError(
+                f"privacy ledger {self.ledger_path} charges {charged} updates of "
+                f"study {self.config.study!r}, but the aggregation service accepted "
+                f"{accepted} from this site, so the ledger was rolled back, "
+                "replaced or recreated and undercounts what the site released; "
+                + ledger_advice(self.config.study)
+            )
+
     # Rounds
 
     def train_round(
@@ -564,6 +587,7 @@ class SiteRunner:
         study = self.config.study
         ledger = self.ledger(records)
         if ledger is not None:
+            self.check_asynchronous_ledger(client, ledger)
             try:
                 ledger.check_next_round(update_number)
             except BudgetExceededError as error:

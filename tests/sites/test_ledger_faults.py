@@ -426,3 +426,37 @@ def test_ledger_without_charged_updates_loads(tmp_path: Path) -> None:
     path.write_text(json.dumps(data))
 
     assert PrivacyLedger.load(path).charged_updates == {}
+
+
+def test_rolled_back_asynchronous_ledger_rejected(
+    tmp_path: Path, data_root: Path, service: AggregationClient
+) -> None:
+    config = make_config(round={"asynchronous": {"buffer_size": 1}})
+    settings = {
+        "sites": [site.id for site in config.sites],
+        "strategy": "fedavg",
+        "asynchronous": {"buffer_size": 1, "max_versions": 3},
+    }
+    service.create_study(
+        STUDY,
+        weights_to_safetensors(
+            initial_model_weights(config),
+            metadata={"medfed_study_settings": json.dumps(settings)},
+        ),
+    )
+    runner = SiteRunner(config, "cleveland", tmp_path, data_root)
+    assert runner.train_asynchronous(service, 0).status == "uploaded"
+    backup = tmp_path / "ledger-after-update-0.json"
+    shutil.copy(runner.ledger_path, backup)
+    assert runner.train_asynchronous(service, 1).status == "uploaded"
+
+    shutil.copy(backup, runner.ledger_path)
+    with pytest.raises(LedgerError) as raised:
+        runner.train_asynchronous(service, 2)
+
+    message = str(raised.value)
+    assert f"privacy ledger {runner.ledger_path} charges 1 updates" in message
+    assert "the aggregation service accepted 2 from this site" in message
+    assert runner.ledger_path.read_bytes() == backup.read_bytes()
+    arrivals = service.asynchronous_status(STUDY)["arrivals"]
+    assert len(arrivals) == 2
