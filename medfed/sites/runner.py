@@ -1110,6 +1110,13 @@ class SiteRunner:
         return build_study_strategy(self.config.strategy_settings())
 
     def _seed(self, round_number: int, *, base_version: int | None = None) -> int:
+        # NOTE: this seed drives the DP noise and the Poisson batch sampling,
+        # and it is computed from values in the study config only. Anyone who
+        # has the config and the envelope's sample count can train on fake
+        # data with the same seed and subtract the site's noise from its
+        # update, which voids the DP guarantee. A fix needs a secret kept at
+        # the site, such as a random key in its state folder, mixed into the
+        # seed.
         key = f"{self.config.training.seed}:{self.config.study}:{self.site_id}:{round_number}"
         if base_version is not None:
             key += f":base{base_version}"
