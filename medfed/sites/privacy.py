@@ -31,7 +31,7 @@ import random
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -96,7 +96,7 @@ def ledger_advice(study: str) -> str:
 
 @dataclass(frozen=True)
 class LedgerTerms:
-    """What a study's config fixes about a site's privacy accounting.
+    """The values of a study's config that a site's privacy accounting depends on.
 
     A ledger keeps these from its calibration. A resumed or repeated study
     whose config gives other values must not train against that ledger,
@@ -446,13 +446,9 @@ def _ledger_problem(data: object) -> str | None:
         return f"expected a JSON object, got {type(data).__name__}"
 
     known = {item.name for item in fields(PrivacyLedger)}
-    # Fields with defaults were added after the first ledgers were written.
-    required = {
-        item.name
-        for item in fields(PrivacyLedger)
-        if item.default is MISSING and item.default_factory is MISSING
-    }
-    missing = sorted(required - data.keys())
+    # Ledgers written before charged_updates existed lack it. Every other
+    # field is required: a ledger without steps_spent would restart at zero.
+    missing = sorted(known - {"charged_updates"} - data.keys())
     if missing:
         return f"missing fields {missing}"
     unknown = sorted(data.keys() - known)

@@ -398,7 +398,7 @@ class SiteRunner:
     ) -> None:
         """Raise LedgerError if the service stores an update the ledger does not charge.
 
-        The site asks the service about each round up to ``round_number``
+        The site requests the status of each round up to ``round_number``
         that its ledger does not list. A ledger that was deleted, rolled back
         to an older copy or replaced lists fewer rounds than the site
         uploaded, and training on it would undercount. A service that claims
