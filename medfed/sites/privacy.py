@@ -299,7 +299,12 @@ class PrivacyLedger:
             )
 
     def save(self, path: Path) -> None:
-        """Write the ledger atomically, so a crash never leaves half a file."""
+        """Write the ledger atomically and durably.
+
+        A crash never leaves half a file. The folder is fsynced after the
+        rename, so a power loss after ``save`` returns cannot bring back the
+        previous ledger while the update it charged has left the site.
+        """
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(".tmp")
         with temporary.open("w", encoding="utf-8") as handle:
@@ -307,6 +312,11 @@ class PrivacyLedger:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
     def epsilon_spent(self) -> float:
         return self._epsilon_after(self.steps_spent)
