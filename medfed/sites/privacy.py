@@ -456,9 +456,10 @@ def _ledger_problem(data: object) -> str | None:
         return f"expected a JSON object, got {type(data).__name__}"
 
     known = {item.name for item in fields(PrivacyLedger)}
-    # Ledgers written before charged_updates existed lack it. Every other
+    # Ledgers written before these fields existed lack them. Every other
     # field is required: a ledger without steps_spent would restart at zero.
-    missing = sorted(known - {"charged_updates"} - data.keys())
+    optional = {"charged_updates", "label_count_noise", "noisy_label_counts"}
+    missing = sorted(known - optional - data.keys())
     if missing:
         return f"missing fields {missing}"
     unknown = sorted(data.keys() - known)
@@ -487,6 +488,12 @@ def _ledger_problem(data: object) -> str | None:
         ):
             return f"{name} must be a list of round numbers, got {rounds!r}"
 
+    label_problem = _label_count_problem(
+        data.get("label_count_noise"), data.get("noisy_label_counts")
+    )
+    if label_problem is not None:
+        return label_problem
+
     charged = data.get("charged_updates", {})
     if not isinstance(charged, dict) or not all(
         isinstance(key, str) and key.isdigit() and _is_sha256(value)
@@ -506,6 +513,32 @@ def _ledger_problem(data: object) -> str | None:
             f"steps_spent {data['steps_spent']} is less than the "
             f"{len(data['rounds_spent'])} rounds in rounds_spent x steps_per_round "
             f"{data['steps_per_round']} = {covered}"
+        )
+    return None
+
+
+def _label_count_problem(noise: object, counts: object) -> str | None:
+    """Return what is wrong with a ledger's label-count fields, or None."""
+    if noise is not None and (
+        not isinstance(noise, int | float)
+        or not _is_number(noise)
+        or not _is_positive(noise)
+    ):
+        return f"label_count_noise must be null or a finite number > 0, got {noise!r}"
+    if counts is not None and not (
+        isinstance(counts, list)
+        and len(counts) == 2
+        and all(_is_number(count) and 0 <= count < math.inf for count in counts)
+    ):
+        return (
+            "noisy_label_counts must be null or two finite numbers >= 0, "
+            f"got {counts!r}"
+        )
+    # Counts without their noise would drop the counts' cost from epsilon.
+    if (noise is None) != (counts is None):
+        return (
+            "label_count_noise and noisy_label_counts must both be set or both "
+            f"be null, got {noise!r} and {counts!r}"
         )
     return None
 

@@ -153,6 +153,20 @@ def edit(path: Path, **fields: object) -> None:
         ),
         (lambda path: edit(path, spent_before=3), "unknown fields ['spent_before']"),
         (
+            lambda path: edit(path, noisy_label_counts=[80.2, 40.9]),
+            "label_count_noise and noisy_label_counts must both be set",
+        ),
+        (
+            lambda path: edit(
+                path, label_count_noise=-1.0, noisy_label_counts=[80.2, 40.9]
+            ),
+            "label_count_noise must be null or a finite number > 0, got -1.0",
+        ),
+        (
+            lambda path: edit(path, label_count_noise=10.0, noisy_label_counts=[3]),
+            "noisy_label_counts must be null or two finite numbers >= 0",
+        ),
+        (
             lambda path: edit(path, charged_updates={"0": "not-a-digest"}),
             "charged_updates must map round numbers to SHA-256 hex digests",
         ),
@@ -418,14 +432,19 @@ def test_other_weights_charged_again(tmp_path: Path) -> None:
     assert ledger.rounds_spent == [0, 1, 2, 2, 2]
 
 
-def test_ledger_without_charged_updates_loads(tmp_path: Path) -> None:
-    # Ledgers written before charged_updates existed lack the field.
+def test_ledger_without_newer_fields_loads(tmp_path: Path) -> None:
+    # Ledgers written before these fields existed lack them.
     path = saved_ledger(tmp_path)
     data = json.loads(path.read_text())
-    del data["charged_updates"]
+    for name in ("charged_updates", "label_count_noise", "noisy_label_counts"):
+        del data[name]
     path.write_text(json.dumps(data))
 
-    assert PrivacyLedger.load(path).charged_updates == {}
+    loaded = PrivacyLedger.load(path)
+
+    assert loaded.charged_updates == {}
+    assert loaded.label_count_noise is None
+    assert loaded.noisy_label_counts is None
 
 
 def test_rolled_back_asynchronous_ledger_rejected(
