@@ -12,6 +12,7 @@ __all__ = [
     "DataError",
     "DeployError",
     "EnvelopeError",
+    "LedgerError",
     "MedfedError",
     "QuorumError",
     "SecureAggregationError",
@@ -51,6 +52,16 @@ class SignatureError(EnvelopeError):
 
 class BudgetExceededError(MedfedError):
     """A site's next round would spend more privacy than its budget allows."""
+
+    exit_code = 5
+
+
+class LedgerError(MedfedError):
+    """A site's privacy ledger is unreadable, invalid or disagrees with its study.
+
+    The site does not train until the ledger is restored, because it cannot
+    tell how much of its budget it has spent.
+    """
 
     exit_code = 5
 

@@ -61,7 +61,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medfed.aggregation.async_rounds import AsyncAccepted
 from medfed.aggregation.audit_recovery import reconcile_audit
@@ -145,9 +145,24 @@ class PrivacyReport(BaseModel):
     status: Literal["spent", "refused"]
     #: In an asynchronous study: the site's update number, counted from 0.
     update: int | None = Field(default=None, ge=0)
-    epsilon_spent: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    delta: float | None = Field(default=None, gt=0, lt=1)
+    epsilon_spent: float | None = Field(
+        default=None, ge=0, allow_inf_nan=False, strict=True
+    )
+    delta: float | None = Field(default=None, gt=0, lt=1, strict=True)
     message: str = Field(default="", max_length=500)
+
+    @model_validator(mode="after")
+    def _spent_has_values(self) -> "PrivacyReport":
+        # An audit entry that a site spent privacy without saying how much
+        # would record a release whose cost no one can check.
+        if self.status == "spent" and (
+            self.epsilon_spent is None or self.delta is None
+        ):
+            raise ValueError(
+                "a report with status 'spent' needs epsilon_spent and delta; send "
+                "the site's cumulative epsilon and its delta"
+            )
+        return self
 
 
 def create_app(settings: ServiceSettings) -> FastAPI:

@@ -115,8 +115,9 @@ def site_evaluation(
 def prepare_site(runner: SiteRunner) -> dict[str, Any]:
     """Preprocess a site's data, check the model fits it, calibrate DP noise.
 
-    Returns the site's training record count, dataset fingerprint and DP
-    parameters: nothing about any single record.
+    Returns the site's training record count, dataset fingerprint, DP
+    parameters and the epsilon its ledger has spent so far: nothing about any
+    single record.
 
     Raises:
         ConfigError: the study's model does not accept the site's records,
@@ -141,6 +142,9 @@ def prepare_site(runner: SiteRunner) -> dict[str, Any]:
         "train_records": records,
         "fingerprint": runner.dataset_fingerprint(),
         "privacy": privacy,
+        # Apart from "privacy", which is logged as MLflow params that a
+        # resumed run must not change.
+        "epsilon_spent": ledger.epsilon_spent() if ledger is not None else None,
     }
 
 

@@ -796,6 +796,24 @@ class _Coordinator:
             if not isinstance(value, BaseException)
         }
 
+    def _epsilon_spent(self, site: str, prepared: dict[str, Any]) -> float | None:
+        """Return the site's cumulative epsilon from its latest report.
+
+        A resumed run skips the sites that uploaded to the open round before
+        the stop, so their charge for that round is in no report of this run.
+        The epsilon that the site's ledger listed when it prepared covers it,
+        and epsilon only grows, so the larger of the two is the latest.
+        """
+        values = [
+            value
+            for value in (
+                self.last_reports.get(site, {}).get("epsilon_spent"),
+                prepared.get(site, {}).get("epsilon_spent"),
+            )
+            if value is not None
+        ]
+        return max(values) if values else None
+
     def _finish(
         self,
         client: AggregationClient,
@@ -806,7 +824,8 @@ class _Coordinator:
         final = client.download_model(self.config.study, version)
         if not self.evaluations:
             self._evaluate(version)
-        lineage = _lineage(self.config, prepared, self.last_reports)
+        epsilon = {site: self._epsilon_spent(site, prepared) for site in self.sites}
+        lineage = _lineage(self.config, prepared, self.last_reports, epsilon)
         registered = tracker.register_model(
             load_safetensors(weights_to_safetensors(final.weights)),
             version=version,
@@ -843,9 +862,7 @@ class _Coordinator:
                     "test_records": evaluations[site].records
                     if site in evaluations
                     else None,
-                    "epsilon_spent": self.last_reports.get(site, {}).get(
-                        "epsilon_spent"
-                    ),
+                    "epsilon_spent": epsilon[site],
                     "train_records": prepared.get(site, {}).get("train_records"),
                     "bytes_uploaded": self.traffic.get(site, {}).get("uploaded", 0),
                     "bytes_downloaded": self.traffic.get(site, {}).get("downloaded", 0),
@@ -865,7 +882,10 @@ def _resume_point(latest_round: dict[str, Any] | None) -> tuple[int, list[str]]:
 
 
 def _lineage(
-    config: StudyConfig, prepared: dict[str, Any], reports: dict[str, dict[str, Any]]
+    config: StudyConfig,
+    prepared: dict[str, Any],
+    reports: dict[str, dict[str, Any]],
+    epsilon_spent: dict[str, float | None],
 ) -> dict[str, str]:
     tags = {
         "medfed.dp_enabled": str(config.privacy.enabled),
@@ -880,9 +900,9 @@ def _lineage(
             tags[f"medfed.dp.{site}.target_epsilon"] = str(epsilon)
             tags[f"medfed.dp.{site}.delta"] = str(delta)
             tags[f"medfed.dp.{site}.noise_multiplier"] = str(
-                report.get("noise_multiplier")
+                report.get("noise_multiplier", info["privacy"].get("noise_multiplier"))
             )
-            tags[f"medfed.dp.{site}.epsilon_spent"] = str(report.get("epsilon_spent"))
+            tags[f"medfed.dp.{site}.epsilon_spent"] = str(epsilon_spent.get(site))
     return tags
 
 

@@ -40,6 +40,7 @@ from medfed.contract.wire import encode_envelope
 from medfed.errors import (
     BudgetExceededError,
     ConfigError,
+    LedgerError,
     SecureAggregationError,
     ServiceError,
 )
@@ -50,9 +51,10 @@ from medfed.sites.compression import build_update_encoder
 from medfed.sites.data import check_site_source, load_split, prepare_site_data
 from medfed.sites.data.augment import RandomAffine
 from medfed.sites.data.root import resolve_data_root
+from medfed.sites.error_feedback import RESIDUAL_FILE_NAME as ERROR_FEEDBACK_FILE_NAME
 from medfed.sites.error_feedback import ErrorFeedback
 from medfed.sites.personalization import LocalLayerStore, merge_global
-from medfed.sites.privacy import PrivacyLedger
+from medfed.sites.privacy import LedgerTerms, PrivacyLedger, ledger_advice
 from medfed.sites.scaffold import ScaffoldSite
 from medfed.sites.secagg_client import (
     BackgroundMaskingRound,
@@ -302,13 +304,29 @@ class SiteRunner:
         Raises:
             ConfigError: the study uses logit adjustment, but the ledger was
                 created without label counts.
+        Raises:
+            LedgerError: the ledger is invalid or was calibrated under other
+                terms than the config's. Also raised when the config disables
+                DP although the study has a ledger, and when the ledger is
+                missing but the site stores state that only an accepted upload
+                writes.
         """
         privacy = self.config.privacy
         if not privacy.enabled:
+            if self.ledger_path.exists():
+                raise LedgerError(
+                    f"study {self.config.study!r} has a privacy ledger at "
+                    f"{self.ledger_path}, so it started with DP, but its config sets "
+                    "privacy.enabled: false, which would release updates without "
+                    "noise. Set privacy.enabled back to true with the study's budget, "
+                    "or run without DP as a new study with its own name"
+                )
             return None
         adjusting = self.config.training.logit_adjustment > 0
+        terms = self._ledger_terms(train_records)
         if self.ledger_path.exists():
             existing = PrivacyLedger.load(self.ledger_path)
+            existing.check_terms(terms, self.ledger_path)
             if adjusting and existing.noisy_label_counts is None:
                 raise ConfigError(
                     f"site {self.site_id!r} cannot use training.logit_adjustment "
@@ -317,28 +335,121 @@ class SiteRunner:
                     "logit_adjustment back to 0, or run the study under a new name"
                 )
             return existing
-        epsilon, delta = self.config.site_budget(self.site_id)
+        self._check_no_earlier_upload()
         training = self.config.training
         ledger = PrivacyLedger.calibrate(
-            study=self.config.study,
-            site=self.site_id,
-            epsilon=epsilon,
-            delta=delta,
-            sample_rate=dp_sample_rate(train_records, training.batch_size),
-            steps_per_round=training.local_epochs
-            * dp_steps_per_epoch(train_records, training.batch_size),
+            study=terms.study,
+            site=terms.site,
+            epsilon=terms.epsilon_budget,
+            delta=terms.delta,
+            sample_rate=terms.sample_rate,
+            steps_per_round=terms.steps_per_round,
             planned_rounds=training.rounds,
-            max_grad_norm=privacy.max_grad_norm,
-            accountant=privacy.accountant,
+            max_grad_norm=terms.max_grad_norm,
+            accountant=terms.accountant,
             label_counts=self.train_label_counts() if adjusting else None,
             label_count_noise=privacy.label_count_noise if adjusting else None,
         )
         ledger.save(self.ledger_path)
         logger.info(
             "site %s calibrated noise multiplier %.4f for epsilon %s over %d rounds",
-            self.site_id, ledger.noise_multiplier, epsilon, training.rounds,
+            self.site_id, ledger.noise_multiplier, terms.epsilon_budget,
+            training.rounds,
         )  # fmt: skip
         return ledger
+
+    def _ledger_terms(self, train_records: int) -> LedgerTerms:
+        """Return the accounting terms that the config gives this site."""
+        epsilon, delta = self.config.site_budget(self.site_id)
+        training = self.config.training
+        return LedgerTerms(
+            study=self.config.study,
+            site=self.site_id,
+            epsilon_budget=epsilon,
+            delta=delta,
+            accountant=self.config.privacy.accountant,
+            max_grad_norm=self.config.privacy.max_grad_norm,
+            sample_rate=dp_sample_rate(train_records, training.batch_size),
+            steps_per_round=training.local_epochs
+            * dp_steps_per_epoch(train_records, training.batch_size),
+        )
+
+    def _check_no_earlier_upload(self) -> None:
+        """Raise LedgerError if the site's state shows an accepted upload.
+
+        These files are written only after the service accepted an update, so
+        a missing ledger next to one of them was deleted, not never created.
+        """
+        written_after_upload = [
+            self.control_variate_path,
+            self.local_layers_path,
+            self.study_dir / ERROR_FEEDBACK_FILE_NAME,
+        ]
+        evidence = [path.name for path in written_after_upload if path.exists()]
+        if evidence:
+            raise LedgerError(
+                f"privacy ledger {self.ledger_path} is missing, but the site "
+                f"already uploaded updates in study {self.config.study!r} (it "
+                f"stores {', '.join(evidence)}); " + ledger_advice(self.config.study)
+            )
+
+    def check_ledger_against_service(
+        self, client: AggregationClient, ledger: PrivacyLedger, round_number: int
+    ) -> None:
+        """Raise LedgerError if the service stores an update the ledger does not charge.
+
+        The site requests the status of each round up to ``round_number``
+        that its ledger does not list. A ledger that was deleted, rolled back
+        to an older copy or replaced lists fewer rounds than the site
+        uploaded, and training on it would undercount. A service that claims
+        uploads the site never made can only stop the site, never make it
+        spend more.
+
+        NOTE: masked uploads (``secure_aggregation: masking``) are stored
+        apart from the round's other uploads and are not in the round status,
+        so this check does not see them.
+        """
+        charged = set(ledger.rounds_spent)
+        for earlier in range(round_number + 1):
+            if earlier in charged:
+                continue
+            try:
+                status = client.round_status(self.config.study, earlier)
+            except ServiceError as error:
+                if error.status_code == 404:
+                    continue
+                raise
+            if self.site_id in status["uploaded"]:
+                raise LedgerError(
+                    f"privacy ledger {self.ledger_path} charges no update for round "
+                    f"{earlier} of study {self.config.study!r}, but the aggregation "
+                    "service accepted one from this site, so the ledger was rolled "
+                    "back, replaced or recreated and undercounts what the site "
+                    "released; " + ledger_advice(self.config.study)
+                )
+
+    def check_asynchronous_ledger(
+        self, client: AggregationClient, ledger: PrivacyLedger
+    ) -> None:
+        """Raise LedgerError if the service accepted more updates than the ledger charges.
+
+        Each update the service accepts from a site in an asynchronous study
+        has its own update number, so the ledger must charge at least as many
+        distinct update numbers as the service lists arrivals from the site.
+        """
+        status = client.asynchronous_status(self.config.study)
+        accepted = sum(
+            1 for arrival in status["arrivals"] if arrival["site"] == self.site_id
+        )
+        charged = len(set(ledger.rounds_spent))
+        if accepted > charged:
+            raise LedgerError(
+                f"privacy ledger {self.ledger_path} charges {charged} updates of "
+                f"study {self.config.study!r}, but the aggregation service accepted "
+                f"{accepted} from this site, so the ledger was rolled back, "
+                "replaced or recreated and undercounts what the site released; "
+                + ledger_advice(self.config.study)
+            )
 
     # Rounds
 
@@ -357,6 +468,7 @@ class SiteRunner:
         records = int(labels.shape[0])
         ledger = self.ledger(records)
         if ledger is not None:
+            self.check_ledger_against_service(client, ledger, round_number)
             try:
                 ledger.check_next_round(round_number)
             except BudgetExceededError as error:
@@ -475,6 +587,7 @@ class SiteRunner:
         study = self.config.study
         ledger = self.ledger(records)
         if ledger is not None:
+            self.check_asynchronous_ledger(client, ledger)
             try:
                 ledger.check_next_round(update_number)
             except BudgetExceededError as error:
@@ -612,13 +725,15 @@ class SiteRunner:
             seed=seed,
             correct_gradients=correct_gradients,
         )
-        epsilon = None
-        if ledger is not None:
-            epsilon = ledger.record_round(number, result.steps)
-            ledger.save(self.ledger_path)
         trained = {
             key: value.detach().numpy() for key, value in model.state_dict().items()
         }
+        epsilon = None
+        if ledger is not None:
+            epsilon = ledger.record_round(
+                number, result.steps, update_sha256=weights_sha256(trained)
+            )
+            ledger.save(self.ledger_path)
         delta = {
             key: (trained[key] - base.weights[key]).astype(np.float32) for key in shared
         }
@@ -995,6 +1110,13 @@ class SiteRunner:
         return build_study_strategy(self.config.strategy_settings())
 
     def _seed(self, round_number: int, *, base_version: int | None = None) -> int:
+        # NOTE: this seed drives the DP noise and the Poisson batch sampling,
+        # and it is computed from values in the study config only. Anyone who
+        # has the config and the envelope's sample count can train on fake
+        # data with the same seed and subtract the site's noise from its
+        # update, which voids the DP guarantee. A fix needs a secret kept at
+        # the site, such as a random key in its state folder, mixed into the
+        # seed.
         key = f"{self.config.training.seed}:{self.config.study}:{self.site_id}:{round_number}"
         if base_version is not None:
             key += f":base{base_version}"
@@ -1025,6 +1147,16 @@ def evaluate_weights(
         losses.numpy(),
         bins=config.evaluation.histogram_bins,
     )
+
+
+def weights_sha256(weights: dict[str, np.ndarray]) -> str:
+    """Return a SHA-256 over the names, dtypes, shapes and values of ``weights``."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        value = np.ascontiguousarray(weights[name])
+        digest.update(f"{name}|{value.dtype.str}|{value.shape}|".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 def weights_to_safetensors(

@@ -366,3 +366,67 @@ def test_state_survives_restart(tmp_path: Path) -> None:
         )
     assert status["state"] == "finalized"
     np.testing.assert_allclose(weights["w"], np.full((2, 3), 2.0))
+
+
+def audit_events(service: LocalAggregationService, event: str) -> list[dict]:
+    log = service.state_dir / "audit.jsonl"
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    return [entry for entry in entries if entry["event"] == event]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ('{"status": "spent", "epsilon_spent": NaN, "delta": 0.001}', "epsilon_spent"),
+        (
+            '{"status": "spent", "epsilon_spent": Infinity, "delta": 0.001}',
+            "epsilon_spent",
+        ),
+        (
+            '{"status": "spent", "epsilon_spent": 1e999, "delta": 0.001}',
+            "epsilon_spent",
+        ),
+        ('{"status": "spent", "epsilon_spent": -0.5, "delta": 0.001}', "epsilon_spent"),
+        (
+            '{"status": "spent", "epsilon_spent": "0.5", "delta": 0.001}',
+            "epsilon_spent",
+        ),
+        ('{"status": "spent", "epsilon_spent": 0.5, "delta": 0}', "delta"),
+        ('{"status": "spent", "epsilon_spent": 0.5, "delta": 1.5}', "delta"),
+        ('{"status": "spent", "delta": 0.001}', "needs epsilon_spent and delta"),
+        ('{"status": "spent", "epsilon_spent": 0.5}', "needs epsilon_spent and delta"),
+        ('{"status": "released", "epsilon_spent": 0.5, "delta": 0.001}', "status"),
+    ],
+)
+def test_invalid_privacy_report_rejected(
+    service: LocalAggregationService, study: str, body: str, field: str
+) -> None:
+    recorded = len(audit_events(service, "privacy.spent"))
+
+    response = httpx.post(
+        f"{service.url}/v1/studies/{study}/rounds/0/privacy/site-a",
+        content=body,
+        headers={"content-type": "application/json"},
+    )
+
+    assert response.status_code == 422
+    assert field in response.text
+    assert len(audit_events(service, "privacy.spent")) == recorded
+
+
+def test_large_privacy_report_recorded(
+    service: LocalAggregationService, study: str, client: AggregationClient
+) -> None:
+    # The service records what a site reports and does not know its budget,
+    # so an epsilon far over any budget is kept as evidence, not dropped.
+    client.report_privacy(
+        study, 0, "site-a", status="spent", epsilon_spent=1e300, delta=1e-3
+    )
+
+    spent = [
+        entry
+        for entry in audit_events(service, "privacy.spent")
+        if entry["details"]["study"] == study
+    ]
+    assert len(spent) == 1
+    assert spent[0]["details"]["epsilon_spent"] == 1e300

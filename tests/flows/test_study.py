@@ -386,3 +386,44 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     tags = MlflowClient().get_run(resumed["mlflow_run_id"]).data.tags
     assert tags["medfed.event.resume1"] == "resumed at round 1 of 3"
     assert "medfed.event.resume2" not in tags
+
+
+def test_resume_reports_epsilon_of_skipped_round(tmp_path: Path) -> None:
+    from medfed.flows.local import LocalAggregationService
+    from medfed.sites.client import AggregationClient
+    from medfed.sites.privacy import PrivacyLedger
+    from medfed.sites.runner import SiteRunner
+
+    study = "e2e-resume-epsilon"
+    config, text = short_config("heart_disease.yaml", study, rounds=2)
+    work_dir = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        run_study(config, text, work_dir=work_dir, listener=interrupt_after(0))
+    # Before the stop, Cleveland uploaded to the last round, so the resumed
+    # run skips it there and receives no report of that round from it.
+    with (
+        LocalAggregationService(
+            work_dir / "aggregation", max_upload_bytes=10**7
+        ) as service,
+        AggregationClient(service.url) as client,
+    ):
+        client.open_round(
+            study, 1, sites=[s.id for s in config.sites], quorum=3, deadline_seconds=300
+        )
+        SiteRunner(config, "cleveland", work_dir / "sites" / "cleveland").train_round(
+            client, 1
+        )
+
+    resumed = run_study(config, text, work_dir=work_dir, resume=True)
+
+    ledger = PrivacyLedger.load(
+        work_dir / "sites" / "cleveland" / "studies" / study / "privacy-ledger.json"
+    )
+    assert ledger.rounds_spent == [0, 1]
+    spent = resumed["sites"]["cleveland"]["epsilon_spent"]
+    assert spent == pytest.approx(ledger.epsilon_spent(), rel=1e-12)
+    version = MlflowClient().get_model_version(
+        study, resumed["registered_model_version"]
+    )
+    tagged = float(version.tags["medfed.dp.cleveland.epsilon_spent"])
+    assert tagged == pytest.approx(ledger.epsilon_spent(), rel=1e-12)

@@ -1,19 +1,24 @@
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from opacus import PrivacyEngine
 from opacus.accountants import PRVAccountant, RDPAccountant
 from torch.utils.data import DataLoader, TensorDataset
 
+from medfed.contract.config import parse_study_config
 from medfed.contract.models import build_model
 from medfed.errors import BudgetExceededError, ConfigError
 from medfed.sites.privacy import PrivacyLedger
+from medfed.sites.runner import SiteRunner
 from medfed.sites.training import (
     LocalTrainingSettings,
     dp_steps_per_epoch,
     train_locally,
 )
+from tests.conftest import CONFIGS
 
 
 def make_ledger(**overrides: object) -> PrivacyLedger:
@@ -195,3 +200,53 @@ def test_dp_noise_depends_on_seed_only() -> None:
 
     assert torch.equal(run(5), run(5))
     assert not torch.equal(run(5), run(6))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the DP seed comes from the study config only (docs/security.md)",
+)
+def test_noise_not_recoverable_from_config(tmp_path: Path) -> None:
+    # An attacker who has the study config and the envelope's sample count
+    # trains a model of the same shape on all-zero records with the seed the
+    # config gives. Zero inputs give zero weight gradients, so the attacker's
+    # weight update is the site's noise alone, and subtracting it must not
+    # leave the site's noise-free update.
+    config = parse_study_config(
+        yaml.safe_load((CONFIGS / "heart_disease.yaml").read_text())
+    )
+    runner = SiteRunner(config, "cleveland", tmp_path)
+    records, features = 120, 15
+    torch.manual_seed(123)
+    inputs = torch.randn(records, features)
+    labels = (inputs[:, 0] > 0).float()
+
+    def weight_update(
+        data: torch.Tensor, targets: torch.Tensor, sigma: float, seed: int
+    ) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = build_model("logistic_regression", in_features=features)
+        start = model.linear.weight.detach().clone()
+        # One batch of every record, so one DP-SGD step.
+        settings = LocalTrainingSettings(
+            epochs=1,
+            batch_size=records,
+            learning_rate=1.0,
+            max_grad_norm=1.0,
+            noise_multiplier=sigma,
+        )
+        train_locally(model, data, targets, settings, seed=seed)
+        return model.linear.weight.detach() - start
+
+    site_seed = runner._seed(3)
+    released = weight_update(inputs, labels, 5.0, site_seed)
+    noise_free = weight_update(inputs, labels, 1e-12, site_seed)
+    public_seed = zlib.crc32(
+        f"{config.training.seed}:{config.study}:cleveland:3".encode()
+    )
+    noise = weight_update(
+        torch.zeros(records, features), torch.zeros(records), 5.0, public_seed
+    )
+
+    assert (released - noise_free).norm() > 0.1
+    assert (released - noise - noise_free).abs().max() > 1e-3
