@@ -112,6 +112,10 @@ class SiteRoundReport:
 
 
 KIT_ENV_VAR = "MEDFED_KIT_DIR"
+#: The file in a study's state folder that contains the site's secret DP noise
+#: key, readable by the site's user only.
+NOISE_KEY_FILE = "dp-noise.key"
+NOISE_KEY_BYTES = 32
 
 
 _connections: dict[
@@ -1110,17 +1114,50 @@ class SiteRunner:
         return build_study_strategy(self.config.strategy_settings())
 
     def _seed(self, round_number: int, *, base_version: int | None = None) -> int:
-        # NOTE: this seed drives the DP noise and the Poisson batch sampling,
-        # and it is computed from values in the study config only. Anyone who
-        # has the config and the envelope's sample count can train on fake
-        # data with the same seed and subtract the site's noise from its
-        # update, which voids the DP guarantee. A fix needs a secret kept at
-        # the site, such as a random key in its state folder, mixed into the
-        # seed.
+        """Return the seed of a round's batch sampling and, under DP, its noise.
+
+        Under DP the seed is 62 bits of SHA-256 over the site's secret noise
+        key and the round, so no one without the site's state folder can
+        recompute its noise. Without DP it comes from the config alone, so
+        runs repeat bit for bit.
+        """
         key = f"{self.config.training.seed}:{self.config.study}:{self.site_id}:{round_number}"
         if base_version is not None:
             key += f":base{base_version}"
-        return zlib.crc32(key.encode())
+        if not self.config.privacy.enabled:
+            return zlib.crc32(key.encode())
+        digest = hashlib.sha256(self._noise_key() + key.encode()).digest()
+        # 62 bits leave room for the seed + 1 and seed + 2 of the noise and
+        # augmentation generators within torch's 64-bit seeds.
+        return int.from_bytes(digest[:8], "big") >> 2
+
+    def _noise_key(self) -> bytes:
+        """Return the site's secret DP noise key, creating it on first use.
+
+        Raises:
+            LedgerError: the key file exists but is not a key.
+        """
+        path = self.study_dir / NOISE_KEY_FILE
+        if path.exists():
+            key = path.read_bytes()
+            if len(key) != NOISE_KEY_BYTES:
+                raise LedgerError(
+                    f"site {self.site_id!r}: DP noise key {path} has "
+                    f"{len(key)} bytes, expected {NOISE_KEY_BYTES}. Restore it "
+                    "from a backup of the site's state folder, or delete it to "
+                    "draw new noise from the next round on"
+                )
+            return key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_bytes(NOISE_KEY_BYTES)
+        temporary = path.with_suffix(".tmp")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(key)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+        return key
 
 
 def evaluate_weights(

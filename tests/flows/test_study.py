@@ -330,8 +330,25 @@ def interrupt_after(last_round: int):  # type: ignore[no-untyped-def]
     return listener
 
 
+def give_same_noise_keys(config: StudyConfig, *work_dirs: Path) -> None:
+    """Write one DP noise key per site into each work folder.
+
+    Each site otherwise draws its own secret key, so two DP runs in two
+    folders would draw different noise.
+    """
+    from medfed.sites.runner import NOISE_KEY_BYTES, NOISE_KEY_FILE
+
+    for index, site in enumerate(config.sites):
+        key = bytes([index + 1]) * NOISE_KEY_BYTES
+        for work_dir in work_dirs:
+            folder = work_dir / "sites" / site.id / "studies" / config.study
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / NOISE_KEY_FILE).write_bytes(key)
+
+
 def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     config, text = short_config("heart_disease.yaml", "e2e-resume", rounds=3)
+    give_same_noise_keys(config, tmp_path / "reference", tmp_path / "resumed")
     reference = run_study(config, text, work_dir=tmp_path / "reference")
 
     with pytest.raises(Interrupt):

@@ -10,9 +10,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from medfed.contract.config import parse_study_config
 from medfed.contract.models import build_model
-from medfed.errors import BudgetExceededError, ConfigError
+from medfed.errors import BudgetExceededError, ConfigError, LedgerError
 from medfed.sites.privacy import PrivacyLedger
-from medfed.sites.runner import SiteRunner
+from medfed.sites.runner import NOISE_KEY_BYTES, NOISE_KEY_FILE, SiteRunner
 from medfed.sites.training import (
     LocalTrainingSettings,
     dp_steps_per_epoch,
@@ -202,10 +202,6 @@ def test_dp_noise_depends_on_seed_only() -> None:
     assert not torch.equal(run(5), run(6))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the DP seed comes from the study config only (docs/security.md)",
-)
 def test_noise_not_recoverable_from_config(tmp_path: Path) -> None:
     # An attacker who has the study config and the envelope's sample count
     # trains a model of the same shape on all-zero records with the seed the
@@ -250,3 +246,41 @@ def test_noise_not_recoverable_from_config(tmp_path: Path) -> None:
 
     assert (released - noise_free).norm() > 0.1
     assert (released - noise - noise_free).abs().max() > 1e-3
+
+
+def test_noise_key_private_and_kept(tmp_path: Path) -> None:
+    config = parse_study_config(
+        yaml.safe_load((CONFIGS / "heart_disease.yaml").read_text())
+    )
+    seed = SiteRunner(config, "cleveland", tmp_path)._seed(3)
+    key_path = tmp_path / "studies" / config.study / NOISE_KEY_FILE
+
+    assert key_path.stat().st_mode & 0o777 == 0o600
+    assert len(key_path.read_bytes()) == NOISE_KEY_BYTES
+    # A resumed site reads the same key, so a retried round replays.
+    assert SiteRunner(config, "cleveland", tmp_path)._seed(3) == seed
+    assert SiteRunner(config, "cleveland", tmp_path / "other")._seed(3) != seed
+
+
+def test_seed_without_dp_needs_no_key(tmp_path: Path) -> None:
+    raw = yaml.safe_load((CONFIGS / "heart_disease_nodp.yaml").read_text())
+    config = parse_study_config(raw)
+
+    first = SiteRunner(config, "cleveland", tmp_path / "a")._seed(3)
+    second = SiteRunner(config, "cleveland", tmp_path / "b")._seed(3)
+
+    assert first == second
+    assert not list(tmp_path.rglob(NOISE_KEY_FILE))
+
+
+def test_damaged_noise_key_rejected(tmp_path: Path) -> None:
+    config = parse_study_config(
+        yaml.safe_load((CONFIGS / "heart_disease.yaml").read_text())
+    )
+    key_path = tmp_path / "studies" / config.study / NOISE_KEY_FILE
+    key_path.parent.mkdir(parents=True)
+    key_path.write_bytes(b"short")
+
+    with pytest.raises(LedgerError, match=r"dp-noise\.key has 5 bytes"):
+        SiteRunner(config, "cleveland", tmp_path)._seed(3)
+    assert key_path.read_bytes() == b"short"
