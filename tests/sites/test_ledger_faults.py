@@ -29,6 +29,7 @@ from medfed.sites.runner import (
     weights_to_safetensors,
 )
 from tests.conftest import CONFIGS
+from tests.study_service import create_study
 
 STUDY = "ledger-faults"
 
@@ -52,22 +53,6 @@ def make_config(**changes: dict[str, Any]) -> StudyConfig:
     for section, values in changes.items():
         raw[section].update(values)
     return parse_study_config(raw)
-
-
-def create_study(client: AggregationClient, config: StudyConfig) -> None:
-    settings = {
-        "sites": [site.id for site in config.sites],
-        "strategy": config.strategy.name,
-        "strategy_params": config.strategy.params,
-        "local_layers": config.strategy.local_layers,
-    }
-    client.create_study(
-        config.study,
-        weights_to_safetensors(
-            initial_model_weights(config),
-            metadata={"medfed_study_settings": json.dumps(settings)},
-        ),
-    )
 
 
 def run_round(client: AggregationClient, runner: SiteRunner, number: int) -> None:

@@ -26,6 +26,7 @@ from medfed.sites.runner import (
 )
 from medfed.sites.tensor_files import load_tensors, save_tensors_atomic
 from tests.conftest import CONFIGS
+from tests.study_service import create_study
 
 
 @pytest.fixture
@@ -44,22 +45,6 @@ def make_config(strategy: dict[str, Any]) -> StudyConfig:
     raw["study"] = "site-state"
     raw["strategy"] = strategy
     return parse_study_config(raw)
-
-
-def create_study(client: AggregationClient, config: StudyConfig) -> None:
-    settings = {
-        "sites": [site.id for site in config.sites],
-        "strategy": config.strategy.name,
-        "strategy_params": config.strategy.params,
-        "local_layers": config.strategy.local_layers,
-    }
-    client.create_study(
-        config.study,
-        weights_to_safetensors(
-            initial_model_weights(config),
-            metadata={"medfed_study_settings": json.dumps(settings)},
-        ),
-    )
 
 
 def open_round(client: AggregationClient, round_number: int, sites: list[str]) -> None:
