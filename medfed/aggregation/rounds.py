@@ -279,7 +279,7 @@ class RoundService:
         The body's metadata carries the study settings as JSON. Returns
         version 0 and whether this call created it. Creating a study that
         exists with the same initial weights returns version 0 again, so a
-        coordinator can retry or resume; different weights are a conflict.
+        coordinator can retry or resume. Different weights are a conflict.
         """
         weights, metadata = _load_weights(body)
         raw_settings = metadata.get(SETTINGS_METADATA_KEY)

@@ -85,9 +85,9 @@ def run_asynchronous(
     status = client.asynchronous_status(study)
     # A resumed study continues each site's update count and last base version.
     # NOTE: the service stores no rejected update, so an update rejected as
-    # too stale before a resume is not counted here, and the site may then
-    # train more than training.rounds times; its privacy ledger still rejects
-    # any update over its budget.
+    # too stale before a resume is not counted here. The site may then train
+    # more than training.rounds times, but its ledger still rejects any
+    # update over its budget.
     updates = Counter(arrival["site"] for arrival in status["arrivals"])
     last_base: dict[str, int] = {}
     for arrival in status["arrivals"]:

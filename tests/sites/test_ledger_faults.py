@@ -10,7 +10,6 @@ real heart-disease files.
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +31,6 @@ from tests.conftest import CONFIGS
 from tests.study_service import create_study
 
 STUDY = "ledger-faults"
-
-
-@pytest.fixture
-def service(tmp_path: Path) -> Iterator[AggregationClient]:
-    with (
-        LocalAggregationService(
-            tmp_path / "aggregation", max_upload_bytes=1 << 20
-        ) as running,
-        AggregationClient(running.url) as client,
-    ):
-        yield client
 
 
 def make_config(**changes: dict[str, Any]) -> StudyConfig:
@@ -372,7 +360,7 @@ def test_lost_upload_response_charged_once(
     state_dir = tmp_path / "aggregation"
 
     # The service kills itself right after it stored the upload, so the
-    # site sees a failed upload of an update that was released.
+    # site gets a failed upload of an update that was released.
     monkeypatch.setenv(KILL_BEFORE_AUDIT_VARIABLE, "update.accepted")
     with (
         LocalAggregationService(state_dir, max_upload_bytes=1 << 20) as first,

@@ -7,7 +7,6 @@ files.
 """
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ import yaml
 
 from medfed.contract.config import StudyConfig, parse_study_config
 from medfed.errors import ServiceError
-from medfed.flows.local import LocalAggregationService
 from medfed.sites.client import AggregationClient
 from medfed.sites.runner import (
     SiteRunner,
@@ -27,17 +25,6 @@ from medfed.sites.runner import (
 from medfed.sites.tensor_files import load_tensors, save_tensors_atomic
 from tests.conftest import CONFIGS
 from tests.study_service import create_study
-
-
-@pytest.fixture
-def service(tmp_path: Path) -> Iterator[AggregationClient]:
-    with (
-        LocalAggregationService(
-            tmp_path / "aggregation", max_upload_bytes=1 << 20
-        ) as running,
-        AggregationClient(running.url) as client,
-    ):
-        yield client
 
 
 def make_config(strategy: dict[str, Any]) -> StudyConfig:

@@ -24,9 +24,9 @@ from medfed.errors import ConfigError
 __all__ = ["DEFAULT_KEY_EXCHANGE_SECONDS", "SecureAggregationConfig"]
 
 #: Seconds each key-exchange phase of a masking round may take when the
-#: config sets none. Sites advertise and share keys while they train, and
-#: healthy sites finish within seconds over loopback; deployed sites may
-#: first wait for a worker to start their container.
+#: config sets none. Sites exchange keys while they train, and healthy sites
+#: finish within seconds over loopback. Deployed sites may first wait for a
+#: worker to start their container.
 #: NOTE: a guess, not measured on deployed sites. A site whose round starts
 #: later than this after the round opened is left out of that round.
 DEFAULT_KEY_EXCHANGE_SECONDS = 300.0
