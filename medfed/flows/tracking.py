@@ -39,6 +39,19 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+
+class _NoSignatureNotice(logging.Filter):
+    """A filter that drops MLflow's notice that it inferred no model signature.
+
+    medfed logs its models without an input example, because an example
+    would be patient records, so MLflow has nothing to infer a signature
+    from and says so on every registration.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to infer model signature")
+
+
 _MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 
 
@@ -281,13 +294,19 @@ class StudyTracker:
                 ),
                 encoding="utf-8",
             )
-            info = mlflow.pyfunc.log_model(
-                name="global_model",
-                python_model=str(_MODEL_CODE),
-                artifacts={"weights": str(weights_path), "spec": str(spec_path)},
-                registered_model_name=name,
-                pip_requirements=["medfed", "torch==2.13.0", "safetensors"],
-            )
+            notice = _NoSignatureNotice()
+            mlflow_logger = logging.getLogger("mlflow.pyfunc")
+            mlflow_logger.addFilter(notice)
+            try:
+                info = mlflow.pyfunc.log_model(
+                    name="global_model",
+                    python_model=str(_MODEL_CODE),
+                    artifacts={"weights": str(weights_path), "spec": str(spec_path)},
+                    registered_model_name=name,
+                    pip_requirements=["medfed", "torch==2.13.0", "safetensors"],
+                )
+            finally:
+                mlflow_logger.removeFilter(notice)
         registered = str(info.registered_model_version)
         client = MlflowClient()
         tags = {

@@ -1,6 +1,7 @@
 """Short studies through the real flow: Prefect, uvicorn and MLflow."""
 
 import json
+import logging
 import math
 import shutil
 import warnings
@@ -95,17 +96,26 @@ def test_dp_study_end_to_end(tmp_path: Path) -> None:
 
 def test_registered_model_loads_without_pickle(tmp_path: Path) -> None:
     config, text = short_config("heart_disease_nodp.yaml", "e2e-load", rounds=1)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        summary = run_study(config, text, work_dir=tmp_path)
-        model = mlflow.pyfunc.load_model(
-            f"models:/e2e-load/{summary['registered_model_version']}"
-        )
+    notices: list[logging.LogRecord] = []
+    collector = logging.Handler()
+    collector.emit = notices.append  # type: ignore[method-assign]
+    logging.getLogger("mlflow.pyfunc").addHandler(collector)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            summary = run_study(config, text, work_dir=tmp_path)
+            model = mlflow.pyfunc.load_model(
+                f"models:/e2e-load/{summary['registered_model_version']}"
+            )
+    finally:
+        logging.getLogger("mlflow.pyfunc").removeHandler(collector)
     scores = model.predict([[0.0] * 15, [1.0] * 15])
 
     assert scores.shape == (2,)
     # MLflow warns about the predict method's type hints on every log and load.
     assert not [item for item in caught if "type hint" in str(item.message)]
+    # Nor about the signature it cannot infer without an input example.
+    assert not [item for item in notices if "signature" in item.getMessage()]
     assert all(0.0 <= score <= 1.0 for score in scores)
 
 
