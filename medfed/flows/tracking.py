@@ -44,8 +44,8 @@ class _NoSignatureNotice(logging.Filter):
     """A filter that drops MLflow's notice that it inferred no model signature.
 
     medfed logs its models without an input example, because an example
-    would be patient records, so MLflow has nothing to infer a signature
-    from and says so on every registration.
+    would be patient records. MLflow then has nothing to infer a signature
+    from, and it logs a warning on every registration.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
