@@ -15,6 +15,10 @@ def create_study(client: AggregationClient, config: StudyConfig) -> None:
         "strategy_params": config.strategy.params,
         "local_layers": config.strategy.local_layers,
     }
+    if config.secure_aggregation.mode != "none":
+        settings["secure_aggregation"] = config.secure_aggregation.model_dump(
+            mode="json"
+        )
     client.create_study(
         config.study,
         weights_to_safetensors(

@@ -409,9 +409,8 @@ class SiteRunner:
         uploads the site never made can only stop the site, never make it
         spend more.
 
-        NOTE: masked uploads (``secure_aggregation: masking``) are stored
-        apart from the round's other uploads and are not in the round status,
-        so this check does not see them.
+        Under masking the site sends its masked envelope to the round's
+        upload route, so it is in ``uploaded`` like any other upload.
         """
         charged = set(ledger.rounds_spent)
         for earlier in range(round_number + 1):

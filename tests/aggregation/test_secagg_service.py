@@ -75,7 +75,10 @@ def run_site(
     errors: list,
     encoding=None,
     delta: dict[str, np.ndarray] | None = None,
+    route: str = "upload",
 ) -> None:
+    """Run one site's masking round; ``route`` ``masked`` sends the masked
+    update to the masking route, ``upload`` to the round's upload route."""
     name = SITES[index]
     site = MaskingSite(
         site=name,
@@ -91,7 +94,9 @@ def run_site(
                 site_delta(index) if delta is None else delta,
                 sample_count=10 * (index + 1),
                 wait_seconds=60,
-                upload=lambda envelope: client.upload(study, 0, name, envelope),
+                upload=None
+                if route == "masked"
+                else lambda envelope: client.upload(study, 0, name, envelope),
             )
         except Exception as error:  # reported by the test's assert
             errors.append(error)
@@ -99,12 +104,17 @@ def run_site(
             masking.close()
 
 
-def test_masking_round_finalizes(service: LocalAggregationService) -> None:
+@pytest.mark.parametrize("route", ["upload", "masked"])
+def test_masking_round_finalizes(service: LocalAggregationService, route: str) -> None:
     with AggregationClient(service.url) as client:
         study = create_study(client, SECURE.model_dump(mode="json"))
         errors: list = []
         threads = [
-            threading.Thread(target=run_site, args=(service.url, study, index, errors))
+            threading.Thread(
+                target=run_site,
+                args=(service.url, study, index, errors),
+                kwargs={"route": route},
+            )
             for index in range(4)
         ]
         for thread in threads:
@@ -117,6 +127,8 @@ def test_masking_round_finalizes(service: LocalAggregationService) -> None:
 
     assert errors == []
     assert status["state"] == "finalized"
+    # Masked envelopes from either route are stored as the round's uploads
+    # once it is unmasked.
     assert sorted(status["uploaded"]) == SITES
     weights = [10 * (index + 1) for index in range(4)]
     mean_b = sum(0.1 * index * weight for index, weight in enumerate(weights)) / 100

@@ -10,6 +10,7 @@ real heart-disease files.
 
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ def make_config(**changes: dict[str, Any]) -> StudyConfig:
     raw["study"] = STUDY
     raw["training"].update(rounds=3, local_epochs=1)
     for section, values in changes.items():
-        raw[section].update(values)
+        raw.setdefault(section, {}).update(values)
     return parse_study_config(raw)
 
 
@@ -255,6 +256,63 @@ def test_rolled_back_ledger_rejected(
     assert "the aggregation service accepted one from this site" in message
     assert runner.ledger_path.read_bytes() == backup.read_bytes()
     assert service.round_status(STUDY, 2)["uploaded"] == []
+
+
+MASKING = {"mode": "masking", "clip": 10.0, "max_weight": 1000}
+
+
+def run_masking_round(
+    client: AggregationClient, runners: list[SiteRunner], number: int
+) -> dict[str, Any]:
+    """Train every site of a masking round at once; return the final status."""
+    client.open_round(
+        STUDY,
+        number,
+        sites=[runner.site_id for runner in runners],
+        quorum=len(runners),
+        deadline_seconds=300,
+    )
+    with ThreadPoolExecutor(len(runners)) as pool:
+        reports = list(pool.map(lambda site: site.train_round(client, number), runners))
+    assert [report.status for report in reports] == ["uploaded"] * len(runners)
+    status = client.finalize(STUDY, number)
+    assert status["state"] == "finalized", status["reason"]
+    return status
+
+
+@pytest.mark.parametrize("rollback", ["restored", "deleted"])
+def test_masking_ledger_rollback_rejected(
+    tmp_path: Path, data_root: Path, service: AggregationClient, rollback: str
+) -> None:
+    config = make_config(secure_aggregation=MASKING)
+    create_study(service, config)
+    runners = [
+        SiteRunner(config, site.id, tmp_path / site.id, data_root)
+        for site in config.sites
+    ]
+    cleveland = runners[0]
+    run_masking_round(service, runners, 0)
+    backup = tmp_path / "ledger-after-round-0.json"
+    shutil.copy(cleveland.ledger_path, backup)
+    status = run_masking_round(service, runners, 1)
+    assert status["uploaded"] == sorted(site.id for site in config.sites)
+
+    if rollback == "restored":
+        shutil.copy(backup, cleveland.ledger_path)
+    else:
+        cleveland.ledger_path.unlink()
+    # The copy lacks round 1; without a ledger, round 0 is the first missing.
+    missing = 1 if rollback == "restored" else 0
+    sites = [site.id for site in config.sites]
+    service.open_round(STUDY, 2, sites=sites, quorum=len(sites), deadline_seconds=300)
+    with pytest.raises(LedgerError) as raised:
+        cleveland.train_round(service, 2)
+
+    assert f"charges no update for round {missing} of study" in str(raised.value)
+    if rollback == "restored":
+        assert cleveland.ledger_path.read_bytes() == backup.read_bytes()
+    progress = service.round_status(STUDY, 2)["masking"]
+    assert "cleveland" not in progress["advertised"]
 
 
 def test_deleted_ledger_rejected(
