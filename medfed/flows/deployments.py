@@ -2,7 +2,8 @@
 
 A site is reached only through its Prefect work pool ``site-<site_id>``. The
 coordinator creates the pool and, in it, one deployment of each site flow
-(``site_prepare``, ``site_round``, ``site_decrypt``, ``site_evaluation``).
+(``site_prepare``, ``site_round``, ``site_update``, ``site_decrypt``,
+``site_evaluation``).
 The site's worker
 polls the pool and runs those flows inside the site's container. Deployments
 name their flow by module path, so the worker imports it from the medfed
@@ -45,6 +46,7 @@ __all__ = [
     "deployed_site_evaluation",
     "deployed_site_prepare",
     "deployed_site_round",
+    "deployed_site_update",
     "register_site_deployments",
     "run_site_flow",
     "site_deployment_name",
@@ -55,7 +57,13 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: The flows each site pool gets a deployment of.
-SITE_FLOW_NAMES = ("site_prepare", "site_round", "site_decrypt", "site_evaluation")
+SITE_FLOW_NAMES = (
+    "site_prepare",
+    "site_round",
+    "site_update",
+    "site_decrypt",
+    "site_evaluation",
+)
 
 #: Seconds between checks of a remote flow run's state.
 POLL_SECONDS = 1.0
@@ -178,7 +186,10 @@ def register_site_deployments(
         site_evaluation,
         site_prepare,
         site_round,
+        site_update,
     )
+
+    site_flows = (site_prepare, site_round, site_update, site_decrypt, site_evaluation)
 
     pools = {}
     with (
@@ -196,7 +207,7 @@ def register_site_deployments(
                 logger.info("created work pool %s", pool)
             except ObjectAlreadyExists:
                 pass
-            for site_flow in (site_prepare, site_round, site_decrypt, site_evaluation):
+            for site_flow in site_flows:
                 deployment = cast(
                     RunnerDeployment,
                     site_flow.to_deployment(
@@ -398,6 +409,35 @@ def deployed_site_round(
 def site_round_run_name(study: str, site_id: str, round_number: int) -> str:
     """Return the flow run name of a site's ``site_round`` run."""
     return f"{site_id}: {study} round {round_number}"
+
+
+@task(
+    name="site_asynchronous_update",
+    task_run_name="{site_id}: train update {update_number} (deployed)",
+    cache_policy=NONE,
+    persist_result=False,
+)
+def deployed_site_update(
+    config: StudyConfig,
+    site_id: str,
+    update_number: int,
+    aggregation_url: str,
+    state_dir: str,
+) -> dict[str, Any]:
+    """Run ``site_update`` in the site's pool; wait up to the round deadline."""
+    parameters = {
+        "config": _config_parameter(config),
+        "site_id": site_id,
+        "update_number": update_number,
+        "aggregation_url": aggregation_url,
+    }
+    return run_site_flow(
+        "site_update",
+        site_id,
+        parameters,
+        timeout=config.round.deadline_seconds,
+        flow_run_name=f"{site_id}: {config.study} update {update_number}",
+    )
 
 
 @task(

@@ -33,6 +33,7 @@ __all__ = [
     "site_evaluation",
     "site_prepare",
     "site_round",
+    "site_update",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,26 @@ def site_round(
     runner = _runner(config, site_id)
     runner.signer = signer
     report = runner.train_round(client, round_number).to_dict()
+    return _publish(report)
+
+
+@flow(
+    name="site_update",
+    flow_run_name="{site_id}: {config.study} update {update_number}",
+    persist_result=False,
+)
+def site_update(
+    config: StudyConfig, site_id: str, update_number: int, aggregation_url: str
+) -> dict[str, Any]:
+    """Train one update of an asynchronous study on the latest global version.
+
+    Returns the site's report (``SiteRoundReport`` as a dict), with the
+    statuses of ``SiteRunner.train_asynchronous``.
+    """
+    client, signer = connect_site(aggregation_url)
+    runner = _runner(config, site_id)
+    runner.signer = signer
+    report = runner.train_asynchronous(client, update_number).to_dict()
     return _publish(report)
 
 

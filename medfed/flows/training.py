@@ -210,13 +210,13 @@ class _Coordinator:
         self.asynchronous_task: Any = site_asynchronous_update
         self.deployed_sites = deployed_sites
         if deployed_sites:
-            _check_deployable(config)
             from medfed.flows import deployments
 
             self.prepare_task = deployments.deployed_site_prepare
             self.round_task = deployments.deployed_site_round
             self.evaluation_task = deployments.deployed_site_evaluation
             self.decrypt_task = deployments.deployed_site_decrypt
+            self.asynchronous_task = deployments.deployed_site_update
         self.work_dir = work_dir
         self.aggregation_url = aggregation_url
         self.sites = [site.id for site in config.sites]
@@ -994,16 +994,6 @@ def _gather(
     return {site: results[site] for site in futures}
 
 
-def _check_deployable(config: StudyConfig) -> None:
-    """Reject a study that deployed sites cannot run yet."""
-    if config.round.asynchronous is not None:
-        raise ConfigError(
-            "round.asynchronous runs only with in-process sites: deployed sites "
-            "(--deployed-sites) have no asynchronous update flow yet; remove "
-            "round.asynchronous or run the sites in-process"
-        )
-
-
 def check_local_data(config: StudyConfig, work_dir: Path) -> None:
     """Check that every site of a local study can read its raw data file.
 
@@ -1050,9 +1040,7 @@ def run_study(
     """
     from medfed.flows.local import LocalAggregationService
 
-    if deployed_sites:
-        _check_deployable(config)
-    else:
+    if not deployed_sites:
         check_local_data(config, work_dir)
     # Local mode trains every site at once in this process, so each site gets
     # an equal share of the cores instead of every torch op spawning threads

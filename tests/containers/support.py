@@ -25,8 +25,12 @@ def write_study_config(
     rounds: int = 3,
     deadline_seconds: float = 240.0,
     quorum: int | None = None,
+    asynchronous: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a small heart-disease study over the four hospitals; return its path."""
+    """Write a small heart-disease study over the four hospitals; return its path.
+
+    ``asynchronous`` becomes the study's ``round.asynchronous`` section.
+    """
     config = {
         "study": study,
         "data": {"dataset": "heart_disease", "test_fraction": 0.34, "seed": 42},
@@ -44,6 +48,11 @@ def write_study_config(
         "round": {"deadline_seconds": deadline_seconds, "quorum": quorum},
         "tracking": {"experiment": "medfed-containers"},
     }
+    if asynchronous is not None:
+        config["round"] = {
+            "deadline_seconds": deadline_seconds,
+            "asynchronous": asynchronous,
+        }
     path = folder / f"{study}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path

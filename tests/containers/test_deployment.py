@@ -341,10 +341,65 @@ def test_site_flows_ran_in_own_pools(
         assert {run["state_type"] for run in train_runs} == {"COMPLETED"}
 
 
-def _flow_runs(api_url: str) -> list[dict[str, Any]]:
-    response = httpx.post(
-        f"{api_url}/flow_runs/filter", json={"limit": 200}, timeout=30
+# An asynchronous study through the work pools
+
+
+@pytest.fixture(scope="module")
+def asynchronous_study(
+    deployment: RunningDeployment, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    folder = tmp_path_factory.mktemp("asynchronous")
+    config_path = with_aggregation_url(
+        write_study_config(
+            folder, "heart-asynchronous", rounds=3, asynchronous={"buffer_size": 2}
+        ),
+        deployment.aggregation_url,
     )
+    started = time.monotonic()
+    status, output, summary = finish(
+        run_deployed_study(config_path, deployment, folder / "work"), folder / "work"
+    )
+    TIMINGS["asynchronous_study_seconds"] = time.monotonic() - started
+    assert status == 0, output[-4000:]
+    return summary
+
+
+def test_asynchronous_study_publishes_versions(
+    asynchronous_study: dict[str, Any],
+) -> None:
+    assert asynchronous_study["asynchronous"]["versions"] == 3
+    assert asynchronous_study["model_version"] == 3
+    assert asynchronous_study["asynchronous"]["failures"] == []
+    updates = [entry["updates"] for entry in asynchronous_study["sites"].values()]
+    # Each version takes two arrivals, and every site trains at most 3 times.
+    assert sum(updates) >= 6
+    assert max(updates) <= 3
+
+
+def test_asynchronous_updates_ran_in_own_pools(
+    deployment: RunningDeployment, asynchronous_study: dict[str, Any]
+) -> None:
+    runs = _flow_runs(deployment.prefect_api_url, name_like="heart-asynchronous")
+    for site in HEART_SITES:
+        update_runs = [
+            run
+            for run in runs
+            if run["name"].startswith(f"{site}: heart-asynchronous update")
+        ]
+        accepted = asynchronous_study["sites"][site]["updates"]
+        assert len(update_runs) >= accepted, [run["name"] for run in runs]
+        assert {run["work_pool_name"] for run in update_runs} == {site_pool_name(site)}
+        assert {run["state_type"] for run in update_runs} <= {
+            "COMPLETED",
+            "CANCELLED",
+        }
+
+
+def _flow_runs(api_url: str, name_like: str | None = None) -> list[dict[str, Any]]:
+    body: dict[str, Any] = {"limit": 200}
+    if name_like is not None:
+        body["flow_runs"] = {"name": {"like_": name_like}}
+    response = httpx.post(f"{api_url}/flow_runs/filter", json=body, timeout=30)
     response.raise_for_status()
     runs: list[dict[str, Any]] = response.json()
     return runs

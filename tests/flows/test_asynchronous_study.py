@@ -23,7 +23,7 @@ import yaml
 from mlflow import MlflowClient
 
 from medfed.contract.config import StudyConfig, parse_study_config
-from medfed.errors import ConfigError, MedfedError
+from medfed.errors import MedfedError
 from medfed.flows.local import LocalAggregationService
 from medfed.flows.training import run_study
 from medfed.sites import runner as runner_module
@@ -166,16 +166,6 @@ def test_slow_site_does_not_hold_versions(
     )
     assert run.info.status == "FINISHED"
     assert summary["registered_model_version"] is not None
-
-
-def test_deployed_sites_rejected_in_async_mode(tmp_path: Path) -> None:
-    config, text = async_config("async-deployed")
-
-    with pytest.raises(ConfigError) as raised:
-        run_study(config, text, work_dir=tmp_path, deployed_sites=True)
-
-    assert "round.asynchronous runs only with in-process sites" in str(raised.value)
-    assert not tmp_path.joinpath("coordinator.json").exists()
 
 
 @pytest.mark.usefixtures("prefect_api", "mlflow_uri")
