@@ -327,7 +327,7 @@ def test_study_is_recorded_in_mlflow(
 def test_site_flows_ran_in_own_pools(
     deployment: RunningDeployment, three_round_study: dict[str, Any]
 ) -> None:
-    runs = _flow_runs(deployment.prefect_api_url)
+    runs = _flow_runs(deployment.prefect_api_url, "heart-three-rounds")
     for site in HEART_SITES:
         pool = site_pool_name(site)
         site_runs = [run for run in runs if run["parameters"].get("site_id") == site]
@@ -379,7 +379,7 @@ def test_asynchronous_study_publishes_versions(
 def test_asynchronous_updates_ran_in_own_pools(
     deployment: RunningDeployment, asynchronous_study: dict[str, Any]
 ) -> None:
-    runs = _flow_runs(deployment.prefect_api_url, name_like="heart-asynchronous")
+    runs = _flow_runs(deployment.prefect_api_url, "heart-asynchronous")
     for site in HEART_SITES:
         update_runs = [
             run
@@ -395,10 +395,13 @@ def test_asynchronous_updates_ran_in_own_pools(
         }
 
 
-def _flow_runs(api_url: str, name_like: str | None = None) -> list[dict[str, Any]]:
-    body: dict[str, Any] = {"limit": 200}
-    if name_like is not None:
-        body["flow_runs"] = {"name": {"like_": name_like}}
+def _flow_runs(api_url: str, study: str) -> list[dict[str, Any]]:
+    """Return the flow runs whose name contains ``study``, at most 200.
+
+    The filter keeps the count under the limit, which all of the tier's
+    studies together could pass.
+    """
+    body = {"limit": 200, "flow_runs": {"name": {"like_": study}}}
     response = httpx.post(f"{api_url}/flow_runs/filter", json=body, timeout=30)
     response.raise_for_status()
     runs: list[dict[str, Any]] = response.json()
@@ -550,7 +553,7 @@ def test_round_before_stop_keeps_all_uploads(
 def test_stopped_site_run_is_cancelled(
     deployment: RunningDeployment, study_with_stopped_site: dict[str, Any]
 ) -> None:
-    runs = _flow_runs(deployment.prefect_api_url)
+    runs = _flow_runs(deployment.prefect_api_url, STOPPED_STUDY)
     stopped = [
         run for run in runs if run["name"] == f"switzerland: {STOPPED_STUDY} round 1"
     ]
@@ -558,10 +561,93 @@ def test_stopped_site_run_is_cancelled(
     assert stopped[0]["state_type"] == "CANCELLED"
 
 
+ASYNCHRONOUS_STOPPED_STUDY = "heart-asynchronous-site-stops"
+
+
+def _wait_for_version(
+    running: RunningDeployment,
+    study: str,
+    version: int,
+    timeout: float,
+    process: subprocess.Popen[str],
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            output, _ = process.communicate()
+            raise AssertionError(
+                f"study {study} exited before version {version}:\n{output[-4000:]}"
+            )
+        response = httpx.get(
+            f"{running.aggregation_url}/v1/studies/{study}/asynchronous",
+            verify=client_ssl_context(coordinator_kit(running)),
+            timeout=10,
+        )
+        if response.status_code == 200 and response.json()["latest_version"] >= version:
+            return
+        time.sleep(1.0)
+    raise AssertionError(f"{study} did not publish version {version} in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def asynchronous_study_with_stopped_site(
+    engine: Any,
+    deployment: RunningDeployment,
+    settings: DeploymentSettings,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Any]:
+    """Run an asynchronous study of 4 versions; stop switzerland after version 1."""
+    folder = tmp_path_factory.mktemp("asynchronous-stopped")
+    config_path = with_aggregation_url(
+        write_study_config(
+            folder,
+            ASYNCHRONOUS_STOPPED_STUDY,
+            rounds=4,
+            deadline_seconds=SHORT_DEADLINE_SECONDS,
+            asynchronous={"buffer_size": 2},
+        ),
+        deployment.aggregation_url,
+    )
+    container = engine.containers.get(settings.container_name("site", "switzerland"))
+    process = run_deployed_study(config_path, deployment, folder / "work")
+    stopper_error: list[BaseException] = []
+
+    def stop_after_first_version() -> None:
+        try:
+            _wait_for_version(
+                deployment, ASYNCHRONOUS_STOPPED_STUDY, 1, STUDY_TIMEOUT, process
+            )
+            container.stop(timeout=5)
+        except BaseException as error:
+            stopper_error.append(error)
+
+    stopper = threading.Thread(target=stop_after_first_version)
+    started = time.monotonic()
+    stopper.start()
+    try:
+        status, output, summary = finish(process, folder / "work")
+        stopper.join()
+    finally:
+        TIMINGS["asynchronous_stopped_site_seconds"] = time.monotonic() - started
+        container.start()
+    assert not stopper_error, stopper_error
+    assert status == 0, output[-4000:]
+    return summary
+
+
+def test_async_study_survives_stopped_site(
+    asynchronous_study_with_stopped_site: dict[str, Any],
+) -> None:
+    summary = asynchronous_study_with_stopped_site
+    assert summary["asynchronous"]["versions"] == 4
+    failed = [failure["site"] for failure in summary["asynchronous"]["failures"]]
+    assert failed == ["switzerland"]
+
+
 def test_resumed_study_skips_finished_round(
     deployment: RunningDeployment, resumed_study: dict[str, Any]
 ) -> None:
-    runs = _flow_runs(deployment.prefect_api_url)
+    runs = _flow_runs(deployment.prefect_api_url, RESUMED_STUDY)
     for site in HEART_SITES:
         first_round = [
             run for run in runs if run["name"] == f"{site}: {RESUMED_STUDY} round 0"
@@ -587,7 +673,7 @@ def test_resume_leaves_out_stopped_site(
     assert summary["sites"]["switzerland"]["train_records"] is None
     assert "site switzerland could not prepare its data" in resumed_study["output"]
 
-    runs = _flow_runs(deployment.prefect_api_url)
+    runs = _flow_runs(deployment.prefect_api_url, RESUMED_STUDY)
     names = [run["name"] for run in runs]
     assert f"switzerland: {RESUMED_STUDY} round 1" not in names
     prepares = [
