@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -411,6 +412,43 @@ def _flow_runs(api_url: str, study: str) -> list[dict[str, Any]]:
 # A site that stops mid-study
 
 
+def run_and_stop_site(
+    config_path: Path,
+    running: RunningDeployment,
+    work_dir: Path,
+    container: Any,
+    *,
+    stop_when: Callable[[subprocess.Popen[str]], None],
+    timing: str,
+) -> tuple[int, str, dict[str, Any]]:
+    """Run a deployed study and stop ``container`` once ``stop_when`` returns.
+
+    The container starts again when the study ends, and the study's wall
+    time goes to ``TIMINGS[timing]``. Returns what ``finish`` returns.
+    """
+    process = run_deployed_study(config_path, running, work_dir)
+    stopper_error: list[BaseException] = []
+
+    def stop() -> None:
+        try:
+            stop_when(process)
+            container.stop(timeout=5)
+        except BaseException as error:
+            stopper_error.append(error)
+
+    stopper = threading.Thread(target=stop)
+    started = time.monotonic()
+    stopper.start()
+    try:
+        result = finish(process, work_dir)
+        stopper.join()
+    finally:
+        TIMINGS[timing] = time.monotonic() - started
+        container.start()
+    assert not stopper_error, stopper_error
+    return result
+
+
 def _wait_for_finalized_round(
     running: RunningDeployment,
     study: str,
@@ -464,33 +502,21 @@ def study_with_stopped_site(
         deployment.aggregation_url,
     )
     container = engine.containers.get(settings.container_name("site", "switzerland"))
-    process = run_deployed_study(config_path, deployment, folder / "work")
-    stopper_error: list[BaseException] = []
-
-    def stop_after_first_round() -> None:
-        try:
-            _wait_for_finalized_round(
-                deployment, STOPPED_STUDY, 0, STUDY_TIMEOUT, process
-            )
-            container.stop(timeout=5)
-        except BaseException as error:
-            stopper_error.append(error)
-
-    stopper = threading.Thread(target=stop_after_first_round)
-    started = time.monotonic()
-    stopper.start()
-    try:
-        status, output, summary = finish(process, folder / "work")
-        stopper.join()
-        rounds = {
-            number: aggregation_round(deployment, STOPPED_STUDY, number).json()
-            for number in range(2)
-        }
-    finally:
-        TIMINGS["stopped_site_study_seconds"] = time.monotonic() - started
-        container.start()
-    assert not stopper_error, stopper_error
+    status, output, summary = run_and_stop_site(
+        config_path,
+        deployment,
+        folder / "work",
+        container,
+        stop_when=lambda process: _wait_for_finalized_round(
+            deployment, STOPPED_STUDY, 0, STUDY_TIMEOUT, process
+        ),
+        timing="stopped_site_study_seconds",
+    )
     assert status == 0, output[-4000:]
+    rounds = {
+        number: aggregation_round(deployment, STOPPED_STUDY, number).json()
+        for number in range(2)
+    }
     return {"summary": summary, "rounds": rounds, "output": output}
 
 
@@ -609,28 +635,16 @@ def asynchronous_study_with_stopped_site(
         deployment.aggregation_url,
     )
     container = engine.containers.get(settings.container_name("site", "switzerland"))
-    process = run_deployed_study(config_path, deployment, folder / "work")
-    stopper_error: list[BaseException] = []
-
-    def stop_after_first_version() -> None:
-        try:
-            _wait_for_version(
-                deployment, ASYNCHRONOUS_STOPPED_STUDY, 1, STUDY_TIMEOUT, process
-            )
-            container.stop(timeout=5)
-        except BaseException as error:
-            stopper_error.append(error)
-
-    stopper = threading.Thread(target=stop_after_first_version)
-    started = time.monotonic()
-    stopper.start()
-    try:
-        status, output, summary = finish(process, folder / "work")
-        stopper.join()
-    finally:
-        TIMINGS["asynchronous_stopped_site_seconds"] = time.monotonic() - started
-        container.start()
-    assert not stopper_error, stopper_error
+    status, output, summary = run_and_stop_site(
+        config_path,
+        deployment,
+        folder / "work",
+        container,
+        stop_when=lambda process: _wait_for_version(
+            deployment, ASYNCHRONOUS_STOPPED_STUDY, 1, STUDY_TIMEOUT, process
+        ),
+        timing="asynchronous_stopped_site_seconds",
+    )
     assert status == 0, output[-4000:]
     return summary
 
