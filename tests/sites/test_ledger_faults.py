@@ -264,7 +264,7 @@ MASKING = {"mode": "masking", "clip": 10.0, "max_weight": 1000}
 def run_masking_round(
     client: AggregationClient, runners: list[SiteRunner], number: int
 ) -> dict[str, Any]:
-    """Train every site of a masking round at once; return the final status."""
+    """Train every site of a masking round at once and return the final status."""
     client.open_round(
         STUDY,
         number,
@@ -301,7 +301,8 @@ def test_masking_ledger_rollback_rejected(
         shutil.copy(backup, cleveland.ledger_path)
     else:
         cleveland.ledger_path.unlink()
-    # The copy lacks round 1; without a ledger, round 0 is the first missing.
+    # The restored copy does not charge round 1. A deleted ledger charges no
+    # round, so round 0 is the first one missing.
     missing = 1 if rollback == "restored" else 0
     sites = [site.id for site in config.sites]
     service.open_round(STUDY, 2, sites=sites, quorum=len(sites), deadline_seconds=300)
