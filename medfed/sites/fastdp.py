@@ -36,11 +36,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 
+from medfed.dp_random import KeyedRandom
 from medfed.errors import ConfigError
 
 __all__ = [
@@ -48,6 +50,7 @@ __all__ = [
     "SUPPORTED_LAYERS",
     "PrivateStep",
     "check_supported",
+    "keyed_noise_like",
     "poisson_batches",
     "private_gradient",
     "supports_fast_dp",
@@ -329,33 +332,34 @@ def _generate_noise(
     std: float,
     reference: torch.Tensor,
     generator: torch.Generator | None,
-    secure_mode: bool,
+    noise_source: KeyedRandom | None,
 ) -> torch.Tensor:
-    """Draw noise exactly as Opacus 1.6's DPOptimizer does, same generator calls."""
+    """Draw noise from ``noise_source``, else as Opacus 1.6's DPOptimizer does.
+
+    With a torch ``generator`` the calls are Opacus' own, so a generator
+    seeded alike gives Opacus' noise.
+    """
+    if noise_source is not None:
+        return keyed_noise_like(reference, std, noise_source)
     if std == 0:
         return torch.zeros_like(reference)
-    if not secure_mode:
-        return torch.normal(
-            mean=0.0,
-            std=std,
-            size=reference.shape,
-            generator=generator,
-            dtype=reference.dtype,
-            device=reference.device,
-        )
-    # Summing four draws and halving keeps the variance but defeats attacks on
-    # the floating-point representation of a single Gaussian sample.
-    torch.normal(mean=0.0, std=std, size=(1, 1), generator=generator)
-    total = torch.zeros_like(reference)
-    for _ in range(4):
-        total += torch.normal(
-            mean=0.0,
-            std=std,
-            size=reference.shape,
-            generator=generator,
-            device=reference.device,
-        )
-    return total / 2
+    return torch.normal(
+        mean=0.0,
+        std=std,
+        size=reference.shape,
+        generator=generator,
+        dtype=reference.dtype,
+        device=reference.device,
+    )
+
+
+def keyed_noise_like(
+    reference: torch.Tensor, std: float, source: KeyedRandom
+) -> torch.Tensor:
+    """Return Gaussian noise of ``std`` from ``source``, shaped like ``reference``."""
+    dtype = np.float64 if reference.dtype == torch.float64 else np.float32
+    noise = source.gaussian_noise(tuple(reference.shape), std, dtype)
+    return torch.from_numpy(noise).to(dtype=reference.dtype, device=reference.device)
 
 
 def private_gradient(
@@ -368,7 +372,7 @@ def private_gradient(
     noise_multiplier: float,
     expected_batch_size: float,
     generator: torch.Generator | None = None,
-    secure_mode: bool = False,
+    noise_source: KeyedRandom | None = None,
 ) -> PrivateStep:
     """Store the clipped, noised, averaged DP-SGD gradient in each ``.grad``.
 
@@ -376,9 +380,10 @@ def private_gradient(
     ``(sum_i min(1, C / (||g_i|| + 1e-6)) * g_i[p] + N(0, (sigma * C)^2)) / B``
     where ``g_i`` is sample i's gradient over all parameters, ``C`` is
     ``max_grad_norm``, ``sigma`` is ``noise_multiplier`` and ``B`` is
-    ``expected_batch_size``. The noise is drawn from ``generator`` parameter
-    by parameter in ``model.parameters()`` order, so a generator seeded alike
-    gives the same noise as Opacus' ``DPOptimizer``.
+    ``expected_batch_size``. The noise is drawn parameter by parameter in
+    ``model.parameters()`` order, from ``noise_source`` when given, else from
+    the torch ``generator``; a generator seeded alike gives the same noise as
+    Opacus' ``DPOptimizer``.
 
     Args:
         model: a model whose trainable layers pass ``check_supported``.
@@ -391,8 +396,10 @@ def private_gradient(
         noise_multiplier: ``sigma``, noise standard deviation over ``C``.
         expected_batch_size: sample rate times dataset size, the divisor that
             keeps the sensitivity independent of the drawn batch size.
-        generator: source of the noise; ``None`` uses torch's default.
-        secure_mode: draw noise as Opacus' secure mode does.
+        generator: torch generator of the noise when ``noise_source`` is None;
+            ``None`` uses torch's default. Not cryptographic: for tests that
+            compare with Opacus.
+        noise_source: cryptographic source of the noise, which sites use.
 
     Returns:
         The per-sample gradient norms before clipping and the per-sample
@@ -401,7 +408,12 @@ def private_gradient(
     Raises:
         ConfigError: a privacy parameter is out of range, a layer is not
             supported, or ``loss_fn`` does not return one loss per sample.
+        ValueError: both ``generator`` and ``noise_source`` are given.
     """
+    if generator is not None and noise_source is not None:
+        raise ValueError(
+            "give private_gradient a generator or a noise_source, not both"
+        )
     _validate_privacy(max_grad_norm, noise_multiplier, expected_batch_size)
     layers = check_supported(model)
     batch = inputs.shape[0]
@@ -411,7 +423,7 @@ def private_gradient(
         if not parameter.requires_grad:
             continue
         total = summed[parameter]
-        noise = _generate_noise(std, total, generator, secure_mode)
+        noise = _generate_noise(std, total, generator, noise_source)
         parameter.grad = (total + noise) / expected_batch_size
     logger.debug("private gradient over %d samples", batch)
     return step
@@ -494,6 +506,7 @@ def poisson_batches(
     *,
     sample_rate: float,
     generator: torch.Generator | None = None,
+    source: KeyedRandom | None = None,
     steps: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield index tensors drawn by Poisson sampling, as Opacus' DP data loader.
@@ -501,15 +514,24 @@ def poisson_batches(
     Each index is included in each batch independently with probability
     ``sample_rate``; this is the sampling that Opacus' RDP and PRV
     accountants assume. ``steps`` defaults to ``int(1 / sample_rate)``, one
-    expected pass over the data.
+    expected pass over the data. The draws come from ``source`` when given,
+    else from the torch ``generator`` through Opacus' sampler.
 
     Raises:
         ConfigError: ``sample_rate`` is outside (0, 1] or ``num_samples`` < 1.
+        ValueError: both ``generator`` and ``source`` are given.
     """
     if not 0 < sample_rate <= 1:
         raise ConfigError(f"sample_rate must be in (0, 1], got {sample_rate}")
     if num_samples < 1:
         raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
+    if generator is not None and source is not None:
+        raise ValueError("give poisson_batches a generator or a source, not both")
+    if source is not None:
+        for _ in range(int(1 / sample_rate) if steps is None else steps):
+            indices = source.poisson_sample(num_samples, sample_rate)
+            yield torch.from_numpy(indices).to(torch.long)
+        return
     sampler = UniformWithReplacementSampler(
         num_samples=num_samples,
         sample_rate=sample_rate,

@@ -510,7 +510,7 @@ class SiteRunner:
                 (inputs, labels),
                 ledger,
                 round_number,
-                seed=self._seed(round_number),
+                randomness=self._randomness(round_number),
                 correct_gradients=scaffold.correct_gradients if scaffold else None,
             )
             result, epsilon = training_run.result, training_run.epsilon
@@ -611,11 +611,11 @@ class SiteRunner:
 
         base = client.download_model(study, None)
         shared = self._shared_names(base.weights)
-        # The seed fixes the batches and the DP noise. A resumed study takes
-        # the update number from the service's accepted updates, so an update
-        # that reached the service without being accepted is trained again
-        # under the same number. Its base version is part of the seed: the
-        # same noise on another base version's gradients would let anyone
+        # The seed and DP key fix the batches and the DP noise. A resumed study
+        # takes the update number from the service's accepted updates, so an
+        # update that reached the service without being accepted is trained
+        # again under the same number. Its base version is part of the key:
+        # the same noise on another base version's gradients would let anyone
         # who received both updates subtract the noise.
         training_run = self._train_update(
             base,
@@ -623,7 +623,7 @@ class SiteRunner:
             (inputs, labels),
             ledger,
             update_number,
-            seed=self._seed(update_number, base_version=base.version),
+            randomness=self._randomness(update_number, base_version=base.version),
         )
         epsilon = training_run.epsilon
         trained, delta = training_run.trained, training_run.delta
@@ -710,22 +710,25 @@ class SiteRunner:
         ledger: PrivacyLedger | None,
         number: int,
         *,
-        seed: int,
+        randomness: tuple[int, bytes | None],
         correct_gradients: GradientCorrection | None = None,
     ) -> "_LocalUpdate":
         """Train from ``base`` and return the update of the ``shared`` weights.
 
         ``number`` is the round, or in an asynchronous study the site's
         update number; the ledger records the steps under it and is saved.
+        ``randomness`` is the seed and DP key that ``_randomness`` returns.
         """
         model = self._model_with(self._merged_weights(base.weights))
         inputs, labels = split
+        seed, dp_key = randomness
         result = train_locally(
             model,
             inputs,
             labels,
             self._training_settings(ledger, number),
             seed=seed,
+            dp_key=dp_key,
             correct_gradients=correct_gradients,
         )
         trained = {
@@ -1112,23 +1115,43 @@ class SiteRunner:
         # the service.
         return build_study_strategy(self.config.strategy_settings())
 
-    def _seed(self, round_number: int, *, base_version: int | None = None) -> int:
-        """Return the seed of a round's batch sampling and, under DP, its noise.
-
-        Under DP the seed is 62 bits of SHA-256 over the site's secret noise
-        key and the round, so no one without the site's state folder can
-        recompute its noise. Without DP it comes from the config alone, so
-        runs repeat bit for bit.
-        """
-        key = f"{self.config.training.seed}:{self.config.study}:{self.site_id}:{round_number}"
-        if base_version is not None:
-            key += f":base{base_version}"
+    def _randomness(
+        self, round_number: int, *, base_version: int | None = None
+    ) -> tuple[int, bytes | None]:
+        """Return a round's training seed and, under DP, its DP key."""
+        seed = self._seed(round_number, base_version=base_version)
         if not self.config.privacy.enabled:
-            return zlib.crc32(key.encode())
-        digest = hashlib.sha256(self._noise_key() + key.encode()).digest()
-        # 62 bits leave room for the seed + 1 and seed + 2 of the noise and
-        # augmentation generators within torch's 64-bit seeds.
+            return seed, None
+        return seed, self._dp_key(round_number, base_version=base_version)
+
+    def _seed(self, round_number: int, *, base_version: int | None = None) -> int:
+        """Return the seed of a round's augmentation and, without DP, batches.
+
+        Under DP the seed is 62 bits of the round's DP key (``_dp_key``).
+        Without DP it comes from the config alone, so runs repeat bit for bit.
+        """
+        if not self.config.privacy.enabled:
+            return zlib.crc32(self._round_label(round_number, base_version).encode())
+        digest = self._dp_key(round_number, base_version=base_version)
+        # 62 bits leave room for the seed + 2 of the augmentation generator
+        # within torch's 64-bit seeds.
         return int.from_bytes(digest[:8], "big") >> 2
+
+    def _dp_key(self, round_number: int, *, base_version: int | None = None) -> bytes:
+        """Return the 32-byte key of a round's DP batch sampling and noise.
+
+        It is SHA-256 over the site's secret noise key and the round, so no
+        one without the site's state folder can recompute its noise, and the
+        site replays a round's noise when it trains the round again.
+        """
+        label = self._round_label(round_number, base_version)
+        return hashlib.sha256(self._noise_key() + label.encode()).digest()
+
+    def _round_label(self, round_number: int, base_version: int | None) -> str:
+        label = f"{self.config.training.seed}:{self.config.study}:{self.site_id}:{round_number}"
+        if base_version is not None:
+            label += f":base{base_version}"
+        return label
 
     def _noise_key(self) -> bytes:
         """Return the site's secret DP noise key, creating it on first use.

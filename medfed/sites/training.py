@@ -5,8 +5,11 @@ Under DP the site samples each batch by Poisson sampling with rate
 ``max_grad_norm`` and adds Gaussian noise of standard deviation
 ``noise_multiplier * max_grad_norm`` to the summed gradient (``DPOptimizer``).
 An epoch is ``int(records / batch_size)`` such steps, which is what the
-privacy ledger counts. Randomness comes from generators seeded per site and
-round, so a round replays bit for bit.
+privacy ledger counts. Under DP, batch sampling and noise come from
+``KeyedRandom`` (ChaCha20) under a secret key per site and round, never from
+torch's generator, whose 64-bit seed could be guessed. The same key replays a
+round bit for bit. Without DP, randomness comes from torch generators seeded
+per site and round.
 
 Models whose trainable layers ``medfed.sites.fastdp`` supports (convolutions,
 linear layers, GroupNorm) take the one-backward-pass DP-SGD step, which
@@ -15,19 +18,24 @@ batches and noise draws. Other models use Opacus' ``GradSampleModule``.
 """
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 from opacus import GradSampleModule
-from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from medfed.dp_random import KeyedRandom, derive_key
 from medfed.errors import ConfigError
 from medfed.sites.data.augment import RandomAffine
-from medfed.sites.fastdp import poisson_batches, private_gradient, supports_fast_dp
+from medfed.sites.fastdp import (
+    keyed_noise_like,
+    poisson_batches,
+    private_gradient,
+    supports_fast_dp,
+)
 from medfed.sites.regularizers import apply_proximal_step
 
 __all__ = [
@@ -100,6 +108,7 @@ def train_locally(
     settings: LocalTrainingSettings,
     *,
     seed: int,
+    dp_key: bytes | None = None,
     correct_gradients: GradientCorrection | None = None,
 ) -> TrainingResult:
     """Train ``model`` in place on a site's training split.
@@ -108,19 +117,24 @@ def train_locally(
         model: a model returning one logit per record.
         inputs: features or images, first dimension = records.
         labels: float labels in {0, 1}, shape (records,).
-        seed: seeds batch sampling and DP noise for this site and round.
+        seed: seeds augmentation and, without DP, batch sampling.
+        dp_key: under DP, the 32-byte secret that keys batch sampling and
+            noise; use one key per site and round. None draws a key from the
+            operating system, so the round cannot be replayed.
         correct_gradients: called with ``model`` once each step's gradient is
             final and before the optimizer uses it (SCAFFOLD's correction).
             Under DP that is after clipping, noise and scaling, so the
             correction must not depend on this round's records: then it is
             post-processing and the privacy guarantee is unchanged.
     """
-    if settings.private and supports_fast_dp(model):
+    randomness = _DPRandomness.from_key(dp_key) if settings.private else None
+    if randomness is not None and supports_fast_dp(model):
         return _train_fast_dp(
             model,
             inputs,
             labels,
             settings,
+            randomness,
             seed=seed,
             correct_gradients=correct_gradients,
         )
@@ -134,34 +148,38 @@ def train_locally(
     loss_function = nn.BCEWithLogitsLoss(pos_weight=_positive_weight(settings))
     trained: nn.Module = model
 
-    if settings.private:
+    batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+    if randomness is not None:
         assert (
             settings.max_grad_norm is not None and settings.noise_multiplier is not None
         )
         trained = GradSampleModule(model)
-        loader: DataLoader = DPDataLoader(
-            dataset,
-            sample_rate=dp_sample_rate(len(dataset), settings.batch_size),
-            generator=sampling,
-        )
-        optimizer: torch.optim.Optimizer = DPOptimizer(
+        optimizer: torch.optim.Optimizer = _KeyedDPOptimizer(
             _sgd(trained, settings),
+            noise_source=randomness.noise,
             noise_multiplier=settings.noise_multiplier,
             max_grad_norm=settings.max_grad_norm,
             expected_batch_size=settings.batch_size,
-            generator=torch.Generator().manual_seed(seed + 1),
         )
+
+        def batches() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+            for indices in randomness.batches(len(labels), settings.batch_size):
+                yield inputs[indices], labels[indices]
+
     else:
         loader = DataLoader(
             dataset, batch_size=settings.batch_size, shuffle=True, generator=sampling
         )
         optimizer = _sgd(trained, settings)
 
+        def batches() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+            return loader
+
     trained.train()
     steps = 0
     loss_total = 0.0
     for _ in range(settings.epochs):
-        for batch_inputs, batch_labels in loader:
+        for batch_inputs, batch_labels in batches():
             optimizer.zero_grad(set_to_none=True)
             if len(batch_labels) == 0:
                 # Poisson sampling can draw an empty batch. The step still
@@ -194,18 +212,17 @@ def _train_fast_dp(
     inputs: torch.Tensor,
     labels: torch.Tensor,
     settings: LocalTrainingSettings,
+    randomness: "_DPRandomness",
     *,
     seed: int,
     correct_gradients: GradientCorrection | None = None,
 ) -> TrainingResult:
     """Train with ``private_gradient``: Poisson batches, clip, noise, SGD step.
 
-    The generators are seeded as in the Opacus path (sampling ``seed``,
-    noise ``seed + 1``), so both paths draw the same batches and noise.
+    ``randomness`` is drawn from in the same order as in the Opacus path, so
+    both paths draw the same batches and noise from the same key.
     """
     assert settings.max_grad_norm is not None and settings.noise_multiplier is not None
-    sampling = torch.Generator().manual_seed(seed)
-    noise = torch.Generator().manual_seed(seed + 1)
     augmenting = torch.Generator().manual_seed(seed + 2)
     start = {
         name: parameter.detach().numpy().copy()
@@ -226,11 +243,7 @@ def _train_fast_dp(
     steps = 0
     loss_total = 0.0
     for _ in range(settings.epochs):
-        for indices in poisson_batches(
-            len(labels),
-            sample_rate=dp_sample_rate(len(labels), settings.batch_size),
-            generator=sampling,
-        ):
+        for indices in randomness.batches(len(labels), settings.batch_size):
             batch_inputs, batch_labels = inputs[indices], labels[indices]
             if settings.augmentation is not None:
                 batch_inputs = settings.augmentation(batch_inputs, augmenting)
@@ -243,7 +256,7 @@ def _train_fast_dp(
                 max_grad_norm=settings.max_grad_norm,
                 noise_multiplier=settings.noise_multiplier,
                 expected_batch_size=settings.batch_size,
-                generator=noise,
+                noise_source=randomness.noise,
             )
             if correct_gradients is not None:
                 correct_gradients(model)
@@ -259,6 +272,64 @@ def _train_fast_dp(
             if len(step.losses):
                 loss_total += float(step.losses.mean())
     return TrainingResult(steps=steps, mean_loss=loss_total / max(steps, 1))
+
+
+@dataclass(frozen=True)
+class _DPRandomness:
+    """The two keyed streams of DP training: batch sampling and noise."""
+
+    sampling: KeyedRandom
+    noise: KeyedRandom
+
+    @classmethod
+    def from_key(cls, key: bytes | None) -> "_DPRandomness":
+        if key is None:
+            return cls(KeyedRandom.from_entropy(), KeyedRandom.from_entropy())
+        return cls(
+            KeyedRandom(derive_key(key, "batch sampling")),
+            KeyedRandom(derive_key(key, "gradient noise")),
+        )
+
+    def batches(self, records: int, batch_size: int) -> Iterator[torch.Tensor]:
+        """Yield one epoch of Poisson-sampled index batches."""
+        return poisson_batches(
+            records,
+            sample_rate=dp_sample_rate(records, batch_size),
+            source=self.sampling,
+        )
+
+
+class _KeyedDPOptimizer(DPOptimizer):
+    """Opacus' DPOptimizer with its noise drawn from a ``KeyedRandom``.
+
+    Opacus draws from a torch generator unless its secure mode is on, and its
+    secure mode needs ``torchcsprng``, of which the package index offers no
+    version for this Python and torch.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        noise_source: KeyedRandom,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: int,
+    ) -> None:
+        super().__init__(
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+        )
+        self._noise_source = noise_source
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for parameter in self.params:
+            summed = parameter.summed_grad
+            noise = keyed_noise_like(summed, std, self._noise_source)
+            parameter.grad = (summed + noise).view_as(parameter)
 
 
 def _positive_weight(settings: LocalTrainingSettings) -> torch.Tensor | None:

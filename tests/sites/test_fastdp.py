@@ -10,6 +10,7 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from medfed.contract.models import build_model
+from medfed.dp_random import KeyedRandom
 from medfed.errors import ConfigError
 from medfed.sites import fastdp
 from medfed.sites.fastdp import check_supported, poisson_batches, private_gradient
@@ -267,7 +268,7 @@ def test_fastdp_noise_std_is_sigma_c_over_batch(sigma):
     assert float(noise.std()) == pytest.approx(expected, rel=0.15)
 
 
-def test_fastdp_secure_mode_keeps_noise_scale():
+def test_fastdp_keyed_noise_keeps_noise_scale():
     model = build_model("resnet_gn", widths=[8, 16])
     private_gradient(
         model,
@@ -277,11 +278,26 @@ def test_fastdp_secure_mode_keeps_noise_scale():
         max_grad_norm=1.0,
         noise_multiplier=1.0,
         expected_batch_size=10,
-        generator=torch.Generator().manual_seed(0),
-        secure_mode=True,
+        noise_source=KeyedRandom(bytes(32)),
     )
     noise = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     assert float(noise.std()) == pytest.approx(0.1, rel=0.15)
+
+
+def test_fastdp_refuses_two_noise_sources():
+    model = build_model("resnet_gn", widths=[8, 16])
+    with pytest.raises(ValueError, match="a generator or a noise_source, not both"):
+        private_gradient(
+            model,
+            bce,
+            torch.zeros(0, 1, 28, 28),
+            torch.zeros(0),
+            max_grad_norm=1.0,
+            noise_multiplier=1.0,
+            expected_batch_size=10,
+            generator=torch.Generator().manual_seed(0),
+            noise_source=KeyedRandom(bytes(32)),
+        )
 
 
 def test_fastdp_rejects_batchnorm():

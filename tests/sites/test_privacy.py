@@ -1,3 +1,4 @@
+import hashlib
 import zlib
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from medfed.contract.config import parse_study_config
 from medfed.contract.models import build_model
 from medfed.errors import BudgetExceededError, ConfigError, LedgerError
+from medfed.sites import training
 from medfed.sites.privacy import PrivacyLedger
 from medfed.sites.runner import NOISE_KEY_BYTES, NOISE_KEY_FILE, SiteRunner
 from medfed.sites.training import (
@@ -183,23 +185,90 @@ def test_dp_noise_has_calibrated_scale() -> None:
     assert change.std().item() == pytest.approx(expected_std, rel=0.03)
 
 
-def test_dp_noise_depends_on_seed_only() -> None:
-    def run(seed: int) -> torch.Tensor:
+def train_noise_only(
+    *, seed: int, dp_key: bytes | None, private: bool = True
+) -> torch.Tensor:
+    """Train a zero model one DP epoch on 32 equal records; return its weight."""
+    model = build_model("logistic_regression", in_features=8)
+    torch.nn.init.zeros_(model.linear.weight)
+    torch.nn.init.zeros_(model.linear.bias)
+    settings = LocalTrainingSettings(
+        epochs=1,
+        batch_size=8,
+        learning_rate=1.0,
+        max_grad_norm=1.0 if private else None,
+        noise_multiplier=1.0 if private else None,
+    )
+    train_locally(
+        model, torch.ones(32, 8), torch.ones(32), settings, seed=seed, dp_key=dp_key
+    )
+    return model.linear.weight.detach().clone()
+
+
+def test_dp_noise_depends_on_key_only() -> None:
+    key, other_key = bytes(32), bytes(31) + b"\x01"
+
+    assert torch.equal(
+        train_noise_only(seed=5, dp_key=key), train_noise_only(seed=5, dp_key=key)
+    )
+    # The noise does not depend on the seed, so the seed reveals no noise.
+    assert torch.equal(
+        train_noise_only(seed=5, dp_key=key), train_noise_only(seed=6, dp_key=key)
+    )
+    assert not torch.equal(
+        train_noise_only(seed=5, dp_key=key), train_noise_only(seed=5, dp_key=other_key)
+    )
+
+
+def test_dp_noise_without_key_is_fresh() -> None:
+    torch.manual_seed(0)
+    first = train_noise_only(seed=5, dp_key=None)
+    torch.manual_seed(0)
+    second = train_noise_only(seed=5, dp_key=None)
+
+    assert not torch.equal(first, second)
+
+
+def test_dp_noise_ignores_torch_generators() -> None:
+    # Reseeding torch's global generator leaves the noise unchanged.
+    key = bytes(32)
+    torch.manual_seed(0)
+    first = train_noise_only(seed=5, dp_key=key)
+    torch.manual_seed(1)
+    second = train_noise_only(seed=5, dp_key=key)
+
+    assert torch.equal(first, second)
+
+
+def test_opacus_path_matches_fast_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Models that the one-pass DP-SGD step does not support train through
+    # Opacus' GradSampleModule. From one key both paths draw the same batches
+    # and noise, so they reach the same weights.
+    torch.manual_seed(0)
+    inputs = torch.randn(64, 8)
+    labels = (inputs[:, 0] > 0).float()
+    settings = LocalTrainingSettings(
+        epochs=2,
+        batch_size=16,
+        learning_rate=0.5,
+        max_grad_norm=1.0,
+        noise_multiplier=1.0,
+    )
+
+    def trained_weight() -> torch.Tensor:
+        torch.manual_seed(1)
         model = build_model("logistic_regression", in_features=8)
-        torch.nn.init.zeros_(model.linear.weight)
-        torch.nn.init.zeros_(model.linear.bias)
-        settings = LocalTrainingSettings(
-            epochs=1,
-            batch_size=8,
-            learning_rate=1.0,
-            max_grad_norm=1.0,
-            noise_multiplier=1.0,
-        )
-        train_locally(model, torch.ones(32, 8), torch.ones(32), settings, seed=seed)
+        train_locally(model, inputs, labels, settings, seed=3, dp_key=bytes(32))
         return model.linear.weight.detach().clone()
 
-    assert torch.equal(run(5), run(5))
-    assert not torch.equal(run(5), run(6))
+    fast = trained_weight()
+    monkeypatch.setattr(training, "supports_fast_dp", lambda model: False)
+    through_opacus = trained_weight()
+
+    assert torch.allclose(fast, through_opacus, atol=1e-6)
+    assert not torch.equal(fast, torch.zeros_like(fast))
 
 
 def test_noise_not_recoverable_from_config(tmp_path: Path) -> None:
@@ -218,7 +287,11 @@ def test_noise_not_recoverable_from_config(tmp_path: Path) -> None:
     labels = (inputs[:, 0] > 0).float()
 
     def weight_update(
-        data: torch.Tensor, targets: torch.Tensor, sigma: float, seed: int
+        data: torch.Tensor,
+        targets: torch.Tensor,
+        sigma: float,
+        seed: int,
+        key: bytes,
     ) -> torch.Tensor:
         torch.manual_seed(0)
         model = build_model("logistic_regression", in_features=features)
@@ -231,17 +304,23 @@ def test_noise_not_recoverable_from_config(tmp_path: Path) -> None:
             max_grad_norm=1.0,
             noise_multiplier=sigma,
         )
-        train_locally(model, data, targets, settings, seed=seed)
+        train_locally(model, data, targets, settings, seed=seed, dp_key=key)
         return model.linear.weight.detach() - start
 
-    site_seed = runner._seed(3)
-    released = weight_update(inputs, labels, 5.0, site_seed)
-    noise_free = weight_update(inputs, labels, 1e-12, site_seed)
+    site_seed, key = runner._randomness(3)
+    released = weight_update(inputs, labels, 5.0, site_seed, key)
+    noise_free = weight_update(inputs, labels, 1e-12, site_seed, key)
     public_seed = zlib.crc32(
         f"{config.training.seed}:{config.study}:cleveland:3".encode()
     )
+    # The attacker's best guess at the key: one derived from the public seed.
+    guessed_key = hashlib.sha256(str(public_seed).encode()).digest()
     noise = weight_update(
-        torch.zeros(records, features), torch.zeros(records), 5.0, public_seed
+        torch.zeros(records, features),
+        torch.zeros(records),
+        5.0,
+        public_seed,
+        guessed_key,
     )
 
     assert (released - noise_free).norm() > 0.1
@@ -252,24 +331,27 @@ def test_noise_key_private_and_kept(tmp_path: Path) -> None:
     config = parse_study_config(
         yaml.safe_load((CONFIGS / "heart_disease.yaml").read_text())
     )
-    seed = SiteRunner(config, "cleveland", tmp_path)._seed(3)
+    randomness = SiteRunner(config, "cleveland", tmp_path)._randomness(3)
     key_path = tmp_path / "studies" / config.study / NOISE_KEY_FILE
 
     assert key_path.stat().st_mode & 0o777 == 0o600
     assert len(key_path.read_bytes()) == NOISE_KEY_BYTES
     # A resumed site reads the same key, so a retried round replays.
-    assert SiteRunner(config, "cleveland", tmp_path)._seed(3) == seed
-    assert SiteRunner(config, "cleveland", tmp_path / "other")._seed(3) != seed
+    assert SiteRunner(config, "cleveland", tmp_path)._randomness(3) == randomness
+    other = SiteRunner(config, "cleveland", tmp_path / "other")._randomness(3)
+    assert other[0] != randomness[0]
+    assert other[1] != randomness[1]
 
 
 def test_seed_without_dp_needs_no_key(tmp_path: Path) -> None:
     raw = yaml.safe_load((CONFIGS / "heart_disease_nodp.yaml").read_text())
     config = parse_study_config(raw)
 
-    first = SiteRunner(config, "cleveland", tmp_path / "a")._seed(3)
-    second = SiteRunner(config, "cleveland", tmp_path / "b")._seed(3)
+    first = SiteRunner(config, "cleveland", tmp_path / "a")._randomness(3)
+    second = SiteRunner(config, "cleveland", tmp_path / "b")._randomness(3)
 
     assert first == second
+    assert first[1] is None
     assert not list(tmp_path.rglob(NOISE_KEY_FILE))
 
 
