@@ -20,7 +20,7 @@ def central_dp(**params: object) -> CentralDP:
         "noise_multiplier": 1.5,
         "total_sites": 10,
         "sites_per_round": 4,
-        "seed": 7,
+        "noise_key": bytes(32),
     }
     defaults.update(params)
     wrapper = get_wrapper("central_dp", get_strategy("fedavg"), defaults)
@@ -211,11 +211,24 @@ def test_state_rejects_malformed_history() -> None:
             "accountant must be one of \\['rdp', 'prv'\\], got 'gdp'",
         ),
         ({"adaptive_clipping": "yes"}, "adaptive_clipping must be true or false"),
+        ({"noise_key": 7}, "noise_key must be 32 bytes; remove it"),
+        ({"noise_key": bytes(8)}, "noise_key must be 32 bytes; remove it"),
     ],
 )
 def test_rejects_invalid_parameter(params: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         central_dp(**params)
+
+
+def test_noise_differs_between_services_without_key() -> None:
+    # Without a key each service draws its own from the operating system, so
+    # two services releasing the same sum add different noise.
+    def released() -> np.ndarray:
+        strategy = central_dp(noise_key=None)
+        updates = [SiteUpdate(f"s{i}", zeros(50), 1) for i in range(4)]
+        return strategy.aggregate(zeros(50), updates)["w"]
+
+    assert not np.array_equal(released(), released())
 
 
 def test_rejects_inner_robust_rule() -> None:

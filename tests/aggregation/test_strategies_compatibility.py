@@ -136,7 +136,7 @@ def test_build_strategy_reports_wrapper_parameter() -> None:
                         "clip_norm": 10.0,
                         "noise_multiplier": 1.0,
                         "total_sites": 3,
-                        "seed": 3,
+                        "noise_key": bytes(32),
                     },
                 )
             ],

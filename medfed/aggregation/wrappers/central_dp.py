@@ -21,7 +21,9 @@ so that both releases together cost what one Gaussian mechanism with
 multiplier ``sigma`` costs; the accountant records ``sigma``.
 
 Privacy is accounted per round with an Opacus accountant (RDP or PRV) at
-sampling rate ``sites_per_round / total_sites``.
+sampling rate ``sites_per_round / total_sites``. The noise comes from a
+ChaCha20 keystream (``medfed.dp_random``) under a key the service draws from
+the operating system and never stores.
 """
 
 import logging
@@ -45,6 +47,7 @@ from medfed.aggregation.wrappers.base import (
     wrapped_chain,
 )
 from medfed.aggregation.wrappers.clipping import clip_update
+from medfed.dp_random import KEY_BYTES, KeyedRandom
 from medfed.errors import AggregationError, ConfigError
 
 __all__ = ["CLIP_INDICATOR", "CentralDP"]
@@ -81,8 +84,9 @@ class CentralDP(StrategyWrapper):
         clip_count_stddev: noise on the unclipped count; defaults to
             ``sites_per_round / 20`` as Andrew et al. suggest. It must exceed
             ``noise_multiplier / 2``.
-        seed: seed of the noise generator, for tests only; the default draws
-            from operating-system entropy.
+        noise_key: 32-byte key of the noise generator (``KeyedRandom``), for
+            tests only: anyone who knows it can subtract the noise. The default
+            draws a key from the operating system's entropy.
     """
 
     name = "central_dp"
@@ -102,7 +106,7 @@ class CentralDP(StrategyWrapper):
         target_quantile: float = 0.5,
         clip_learning_rate: float = 0.2,
         clip_count_stddev: float | None = None,
-        seed: int | None = None,
+        noise_key: bytes | None = None,
     ) -> None:
         super().__init__(inner)
 
@@ -154,11 +158,7 @@ class CentralDP(StrategyWrapper):
         self._init_adaptive_clipping(
             adaptive_clipping, target_quantile, clip_learning_rate, clip_count_stddev
         )
-        # NOTE: numpy's PCG64 seeded from OS entropy is not a cryptographic
-        # generator, and sampling Gaussians in floating point leaks through
-        # the low-order bits (Mironov, CCS 2012); Opacus' secure_mode avoids
-        # both and this wrapper does not yet.
-        self._rng = np.random.default_rng(seed)
+        self._noise = _noise_source(noise_key)
 
     def _init_adaptive_clipping(
         self,
@@ -267,7 +267,7 @@ class CentralDP(StrategyWrapper):
         stddev = self.delta_noise_multiplier * self.clip_norm
         noisy = {
             key: np.asarray(value, np.float64)
-            + self._rng.normal(0.0, stddev, np.shape(value))
+            + self._noise.gaussian_noise(np.shape(value), stddev)
             for key, value in summed.delta.items()
         }
         released = UpdateSum(
@@ -291,7 +291,9 @@ class CentralDP(StrategyWrapper):
         return result
 
     def _adapt_clip_norm(self, below: float) -> None:
-        noisy_count = below + self._rng.normal(0.0, self.clip_count_stddev)
+        noisy_count = below + float(
+            self._noise.gaussian_noise((), self.clip_count_stddev)
+        )
         fraction = noisy_count / self.sites_per_round
         self.clip_norm *= math.exp(
             -self.clip_learning_rate * (fraction - self.target_quantile)
@@ -368,3 +370,15 @@ def _create_accountant(name: str) -> Any:
             "image"
         ) from None
     return create_accountant(name)
+
+
+def _noise_source(noise_key: bytes | None) -> KeyedRandom:
+    if noise_key is None:
+        return KeyedRandom.from_entropy()
+    if not isinstance(noise_key, bytes) or len(noise_key) != KEY_BYTES:
+        raise ConfigError(
+            f"central_dp noise_key must be {KEY_BYTES} bytes; remove it from the "
+            "study config, because the default key from the operating system is "
+            "the one that keeps the noise secret"
+        )
+    return KeyedRandom(noise_key)
