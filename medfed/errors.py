@@ -19,6 +19,7 @@ __all__ = [
     "ServiceError",
     "SignatureError",
     "SiteRunError",
+    "StateRollbackError",
 ]
 
 
@@ -115,3 +116,14 @@ class SiteRunError(MedfedError):
     """A site's flow run in deployment mode failed or missed its deadline."""
 
     exit_code = 12
+
+
+class StateRollbackError(MedfedError):
+    """The aggregation service has fewer model versions than the study released.
+
+    Its state was restored from an older backup or replaced. Resuming would
+    train and release the lost versions again, and the privacy they spent
+    would no longer be counted wherever the sites' ledgers went back too.
+    """
+
+    exit_code = 13

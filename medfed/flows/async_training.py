@@ -154,6 +154,7 @@ def run_asynchronous(
         while latest < status["latest_version"]:
             latest += 1
             coordinator.version_seconds.append(time.monotonic() - started)
+            tracker.log_published(latest)
             logger.info("study %s published version %d", study, latest)
             # Sites evaluate only the final version, so the summary carries
             # no pooled metrics.

@@ -136,6 +136,10 @@ def secure_aggregation_params(
     return params
 
 
+#: Metrics logged with the model version as their step.
+_VERSION_METRICS = ("pooled.test_loss", "asynchronous.published_version")
+
+
 class StudyTracker:
     """Logs one study to MLflow as one run."""
 
@@ -260,6 +264,28 @@ class StudyTracker:
             mlflow.log_metric(
                 "asynchronous.version_seconds", seconds, step=step, synchronous=False
             )
+
+    def log_published(self, version: int) -> None:
+        """Log that the service published ``version`` of an asynchronous study."""
+        mlflow.log_metric(
+            "asynchronous.published_version", version, step=version, synchronous=False
+        )
+
+    def recorded_version(self) -> int:
+        """Return the highest model version this run logged metrics at, or 0.
+
+        Synchronous rounds log ``pooled.test_loss`` at each new version, and
+        asynchronous studies ``asynchronous.published_version``. Both are
+        logged after the service publishes the version, so an intact service
+        is never behind this figure.
+        """
+        client = MlflowClient()
+        steps = [
+            metric.step
+            for key in _VERSION_METRICS
+            for metric in client.get_metric_history(self.run_id, key)
+        ]
+        return max(steps, default=0)
 
     def log_event(self, name: str, text: str) -> None:
         mlflow.set_tag(f"medfed.event.{name}", text[:5000])

@@ -41,6 +41,7 @@ from medfed.errors import (
     QuorumError,
     ServiceError,
     SiteRunError,
+    StateRollbackError,
 )
 from medfed.flows.async_training import (
     asynchronous_summary,
@@ -305,6 +306,8 @@ class _Coordinator:
                     for site in self.sites
                 ],
             )
+        if resumed:
+            self._check_service_not_rolled_back(client, tracker)
         client.create_study(self.config.study, self._initial_model())
         status = client.study_status(self.config.study)
         version: int = status["latest_version"]
@@ -367,6 +370,36 @@ class _Coordinator:
                 + (self._last_round_reasons() or "see the aggregation service log")
             )
         return self._finish(client, tracker, prepared, version)
+
+    def _check_service_not_rolled_back(
+        self, client: AggregationClient, tracker: StudyTracker
+    ) -> None:
+        """Raise if the service lacks versions that the MLflow run recorded.
+
+        Raises:
+            StateRollbackError: the service's latest version of the study is
+                older than the run's, or the service has no such study.
+        """
+        recorded = tracker.recorded_version()
+        if recorded == 0:
+            return
+        try:
+            status = client.study_status(self.config.study)
+        except ServiceError as error:
+            if error.status_code != 404:
+                raise
+            status = {"latest_version": 0}
+        version = int(status["latest_version"])
+        if version >= recorded:
+            return
+        raise StateRollbackError(
+            f"the aggregation service has version {version} of study "
+            f"{self.config.study!r}, but MLflow run {tracker.run_id} recorded "
+            f"version {recorded}: the service's state was restored from an older "
+            "backup or replaced. Restore the service's latest state directory "
+            "and resume again; if it is lost, start a new study, because the "
+            "sites already spent privacy on the lost versions"
+        )
 
     def _train_asynchronously(
         self,

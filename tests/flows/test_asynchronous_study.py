@@ -10,6 +10,7 @@ the study's last version until its first update has arrived.
 """
 
 import json
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +24,7 @@ import yaml
 from mlflow import MlflowClient
 
 from medfed.contract.config import StudyConfig, parse_study_config
-from medfed.errors import MedfedError
+from medfed.errors import MedfedError, StateRollbackError
 from medfed.flows.local import LocalAggregationService
 from medfed.flows.training import run_study
 from medfed.sites import runner as runner_module
@@ -387,3 +388,28 @@ def test_resume_recorded_in_mlflow(tmp_path: Path) -> None:
     assert [str(version.version) for version in versions] == [
         summary["registered_model_version"]
     ]
+
+
+@pytest.mark.usefixtures("prefect_api", "mlflow_uri")
+def test_resume_on_emptied_service_rejected(tmp_path: Path) -> None:
+    # Each published version is in MLflow as the study runs, so a resume
+    # after the service lost its state stops before training again.
+    study = "async-rollback"
+    config, text = async_config(study, rounds=6)
+    work_dir = tmp_path / "run"
+
+    def stop_at_version_two(number: int, summary: dict[str, Any]) -> None:
+        if summary["version"] == 2:
+            raise StopStudy("stopped at version 2")
+
+    with pytest.raises(StopStudy):
+        run_study(config, text, work_dir=work_dir, listener=stop_at_version_two)
+    state = json.loads((work_dir / "coordinator.json").read_text())
+    history = MlflowClient().get_metric_history(
+        state["mlflow_run_id"], "asynchronous.published_version"
+    )
+    assert sorted(metric.step for metric in history)[:2] == [1, 2]
+    shutil.rmtree(work_dir / "aggregation")
+
+    with pytest.raises(StateRollbackError, match="has version 0 of study"):
+        run_study(config, text, work_dir=work_dir, resume=True)

@@ -454,3 +454,76 @@ def test_resume_reports_epsilon_of_skipped_round(tmp_path: Path) -> None:
     )
     tagged = float(version.tags["medfed.dp.cleveland.epsilon_spent"])
     assert tagged == pytest.approx(ledger.epsilon_spent(), rel=1e-12)
+
+
+def service_version(aggregation_dir: Path, study: str) -> int | None:
+    """Return the study's latest version in a stored service, None if absent."""
+    from medfed.errors import ServiceError
+    from medfed.flows.local import LocalAggregationService
+    from medfed.sites.client import AggregationClient
+
+    with (
+        LocalAggregationService(aggregation_dir, max_upload_bytes=10**7) as service,
+        AggregationClient(service.url) as client,
+    ):
+        try:
+            return int(client.study_status(study)["latest_version"])
+        except ServiceError as error:
+            if error.status_code == 404:
+                return None
+            raise
+
+
+def test_resume_on_restored_service_rejected(tmp_path: Path) -> None:
+    # The service and ledgers go back to a copy taken after round 0, but MLflow
+    # recorded round 1, which a resume would release again uncounted.
+    from medfed.errors import StateRollbackError
+
+    study = "e2e-rollback"
+    config, text = short_config("heart_disease.yaml", study, rounds=3)
+    work_dir = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        run_study(config, text, work_dir=work_dir, listener=interrupt_after(0))
+    backup = tmp_path / "backup"
+    for part in ("aggregation", "sites"):
+        shutil.copytree(work_dir / part, backup / part)
+    with pytest.raises(Interrupt):
+        run_study(
+            config,
+            text,
+            work_dir=work_dir,
+            resume=True,
+            listener=interrupt_after(1),
+        )
+    for part in ("aggregation", "sites"):
+        shutil.rmtree(work_dir / part)
+        shutil.copytree(backup / part, work_dir / part)
+    ledger_path = work_dir / "sites" / "cleveland" / "studies" / study
+    ledger_before = (ledger_path / "privacy-ledger.json").read_bytes()
+
+    with pytest.raises(StateRollbackError) as raised:
+        run_study(config, text, work_dir=work_dir, resume=True)
+
+    message = str(raised.value)
+    assert "has version 1 of study 'e2e-rollback'" in message
+    assert "recorded version 2" in message
+    assert "Restore the service's latest state directory" in message
+    assert service_version(work_dir / "aggregation", study) == 1
+    assert (ledger_path / "privacy-ledger.json").read_bytes() == ledger_before
+
+
+def test_resume_on_empty_service_rejected(tmp_path: Path) -> None:
+    from medfed.errors import StateRollbackError
+
+    study = "e2e-rollback-empty"
+    config, text = short_config("heart_disease.yaml", study, rounds=2)
+    work_dir = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        run_study(config, text, work_dir=work_dir, listener=interrupt_after(0))
+    shutil.rmtree(work_dir / "aggregation")
+
+    with pytest.raises(StateRollbackError, match="has version 0 of study"):
+        run_study(config, text, work_dir=work_dir, resume=True)
+
+    # The check runs before the study is created again.
+    assert service_version(work_dir / "aggregation", study) is None
