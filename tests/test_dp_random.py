@@ -1,5 +1,7 @@
 """The cryptographic source of DP randomness: ChaCha20 draws and their laws."""
 
+import re
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -100,6 +102,25 @@ def test_invalid_std_rejected(std: float) -> None:
         KeyedRandom(ZERO_KEY).gaussian_noise((2,), std)
 
 
+@pytest.mark.parametrize(("std", "dtype"), [(1e38, np.float32), (1e307, np.float64)])
+def test_overflowing_std_rejected(std: float, dtype: type[np.floating]) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"noise std {std} would overflow")):
+        KeyedRandom(ZERO_KEY).gaussian_noise((2,), std, dtype)
+
+
+def test_largest_allowed_std_stays_finite() -> None:
+    std = float(np.finfo(np.float32).max) / 32
+
+    noise = KeyedRandom(ZERO_KEY).gaussian_noise((100_000,), std, np.float32)
+
+    assert np.isfinite(noise).all()
+
+
+def test_negative_shape_rejected() -> None:
+    with pytest.raises(ValueError, match=r"shape must not be negative, got \(3, -1\)"):
+        KeyedRandom(ZERO_KEY).gaussian_noise((3, -1), 1.0)
+
+
 def test_poisson_sample_keeps_each_index_at_rate() -> None:
     source = KeyedRandom(ZERO_KEY)
     sizes = [len(source.poisson_sample(1000, 0.1)) for _ in range(200)]
@@ -122,9 +143,22 @@ def test_short_key_rejected() -> None:
         KeyedRandom(bytes(16))
 
 
-def test_negative_count_rejected() -> None:
-    with pytest.raises(ValueError, match="negative number of values: -8"):
-        KeyedRandom(ZERO_KEY).uniform(-1)
+def test_text_key_rejected() -> None:
+    with pytest.raises(ValueError, match="key must be 32 bytes, got str; pass"):
+        KeyedRandom("a" * 32)  # type: ignore[arg-type]
+
+
+def test_bytes_like_keys_draw_alike() -> None:
+    expected = KeyedRandom(ZERO_KEY).uniform(4)
+
+    assert np.array_equal(KeyedRandom(bytearray(32)).uniform(4), expected)
+    assert np.array_equal(KeyedRandom(memoryview(bytes(32))).uniform(4), expected)
+
+
+@pytest.mark.parametrize("method", ["uniform", "standard_normal"])
+def test_negative_count_rejected(method: str) -> None:
+    with pytest.raises(ValueError, match="number of draws must be >= 0, got -1"):
+        getattr(KeyedRandom(ZERO_KEY), method)(-1)
 
 
 def test_exhausted_stream_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -133,5 +167,5 @@ def test_exhausted_stream_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
     source = KeyedRandom(ZERO_KEY)
     source.uniform(8)
 
-    with pytest.raises(ValueError, match="derive a new key"):
+    with pytest.raises(ValueError, match=r"8 more bytes .* \(64 used\)"):
         source.uniform(1)

@@ -356,7 +356,15 @@ def _generate_noise(
 def keyed_noise_like(
     reference: torch.Tensor, std: float, source: KeyedRandom
 ) -> torch.Tensor:
-    """Return Gaussian noise of ``std`` from ``source``, shaped like ``reference``."""
+    """Return Gaussian noise of ``std`` from ``source``, shaped like ``reference``.
+
+    Raises:
+        ValueError: ``reference`` is not a floating-point tensor.
+    """
+    if not reference.is_floating_point():
+        raise ValueError(
+            f"DP noise is drawn for floating-point tensors, got {reference.dtype}"
+        )
     dtype = np.float64 if reference.dtype == torch.float64 else np.float32
     noise = source.gaussian_noise(tuple(reference.shape), std, dtype)
     return torch.from_numpy(noise).to(dtype=reference.dtype, device=reference.device)

@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import random
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,6 +38,7 @@ import numpy as np
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from medfed.dp_random import KeyedRandom
 from medfed.errors import BudgetExceededError, ConfigError, LedgerError
 
 __all__ = ["LedgerTerms", "PrivacyLedger", "compute_epsilon", "ledger_advice"]
@@ -384,10 +384,11 @@ class PrivacyLedger:
 
 
 def _noisy_counts(counts: tuple[int, int], noise: float) -> list[float]:
-    # DP noise comes from the operating system's entropy, never from a seeded
-    # generator that someone could replay.
-    source = random.SystemRandom()
-    return [max(0.0, count + source.gauss(0.0, noise)) for count in counts]
+    # The key comes from the operating system, so no one can replay the noise.
+    draws = KeyedRandom.from_entropy().gaussian_noise((len(counts),), noise)
+    return [
+        max(0.0, count + float(draw)) for count, draw in zip(counts, draws, strict=True)
+    ]
 
 
 def _noise_multiplier_after_counts(

@@ -27,7 +27,7 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from medfed.dp_random import KeyedRandom, derive_key
+from medfed.dp_random import KEY_BYTES, KeyedRandom, derive_key
 from medfed.errors import ConfigError
 from medfed.sites.data.augment import RandomAffine
 from medfed.sites.fastdp import (
@@ -283,8 +283,19 @@ class _DPRandomness:
 
     @classmethod
     def from_key(cls, key: bytes | None) -> "_DPRandomness":
+        """Return the streams derived from ``key``, or fresh ones when None.
+
+        Raises:
+            ValueError: ``key`` is not 32 bytes.
+        """
         if key is None:
             return cls(KeyedRandom.from_entropy(), KeyedRandom.from_entropy())
+        if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+            given = f"{len(key)} bytes" if isinstance(key, bytes) else repr(type(key))
+            raise ValueError(
+                f"dp_key must be {KEY_BYTES} bytes, got {given}; pass the "
+                "site runner's round key or None"
+            )
         return cls(
             KeyedRandom(derive_key(key, "batch sampling")),
             KeyedRandom(derive_key(key, "gradient noise")),
@@ -328,8 +339,16 @@ class _KeyedDPOptimizer(DPOptimizer):
         std = self.noise_multiplier * self.max_grad_norm
         for parameter in self.params:
             summed = parameter.summed_grad
+            # As Opacus does, noise each summed gradient once: noising it again
+            # would release one sum twice under independent noise.
+            if getattr(summed, "_medfed_noised", False):
+                raise ValueError(
+                    "the summed gradient already has noise; call zero_grad "
+                    "before the next step"
+                )
             noise = keyed_noise_like(summed, std, self._noise_source)
             parameter.grad = (summed + noise).view_as(parameter)
+            summed._medfed_noised = True
 
 
 def _positive_weight(settings: LocalTrainingSettings) -> torch.Tensor | None:

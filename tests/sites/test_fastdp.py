@@ -415,3 +415,10 @@ def test_poisson_batches_mean_size_is_rate_times_count():
 def test_poisson_batches_reject_invalid_arguments(count, rate, message):
     with pytest.raises(ConfigError, match=message):
         next(poisson_batches(count, sample_rate=rate))
+
+
+def test_keyed_noise_rejects_integer_tensor():
+    with pytest.raises(ValueError, match=r"floating-point tensors, got torch\.int64"):
+        fastdp.keyed_noise_like(
+            torch.zeros(3, dtype=torch.long), 1.0, KeyedRandom(bytes(32))
+        )

@@ -5,12 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from opacus import PrivacyEngine
+from opacus import GradSampleModule, PrivacyEngine
 from opacus.accountants import PRVAccountant, RDPAccountant
 from torch.utils.data import DataLoader, TensorDataset
 
 from medfed.contract.config import parse_study_config
 from medfed.contract.models import build_model
+from medfed.dp_random import KeyedRandom
 from medfed.errors import BudgetExceededError, ConfigError, LedgerError
 from medfed.sites import training
 from medfed.sites.privacy import PrivacyLedger
@@ -220,6 +221,14 @@ def test_dp_noise_depends_on_key_only() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("key", "message"), [(bytes(31), "got 31 bytes"), ("k" * 32, "got <class 'str'>")]
+)
+def test_invalid_dp_key_rejected(key: object, message: str) -> None:
+    with pytest.raises(ValueError, match=f"dp_key must be 32 bytes, {message}"):
+        train_noise_only(seed=5, dp_key=key)  # type: ignore[arg-type]
+
+
 def test_dp_noise_without_key_is_fresh() -> None:
     torch.manual_seed(0)
     first = train_noise_only(seed=5, dp_key=None)
@@ -366,3 +375,25 @@ def test_damaged_noise_key_rejected(tmp_path: Path) -> None:
     with pytest.raises(LedgerError, match=r"dp-noise\.key has 5 bytes"):
         SiteRunner(config, "cleveland", tmp_path)._seed(3)
     assert key_path.read_bytes() == b"short"
+
+
+def test_keyed_optimizer_noises_each_sum_once() -> None:
+    # A second add_noise on one summed gradient would release that sum twice
+    # under independent noise, so it raises as Opacus' DPOptimizer does.
+    model = build_model("logistic_regression", in_features=4)
+    wrapped = GradSampleModule(model)
+    optimizer = training._KeyedDPOptimizer(
+        torch.optim.SGD(wrapped.parameters(), lr=0.1),
+        noise_source=KeyedRandom(bytes(32)),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=4,
+    )
+    torch.nn.functional.binary_cross_entropy_with_logits(
+        wrapped(torch.ones(4, 4)), torch.ones(4)
+    ).backward()
+    optimizer.clip_and_accumulate()
+    optimizer.add_noise()
+
+    with pytest.raises(ValueError, match="already has noise; call zero_grad"):
+        optimizer.add_noise()
