@@ -188,6 +188,17 @@ class WrapperConfig(_Strict):
     name: str = Field(min_length=1)
     params: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _check_noise_key(self) -> "WrapperConfig":
+        # The service builds the strategy anew for every round, so a key from
+        # the config would add the same noise to every round's sum.
+        if self.name == "central_dp" and "noise_key" in self.params:
+            raise ValueError(
+                "central_dp noise_key is for tests only; remove it, because the "
+                "service must draw a new secret key for each round's noise"
+            )
+        return self
+
 
 class StrategyConfig(_Strict):
     name: str = "fedavg"

@@ -211,8 +211,8 @@ def test_state_rejects_malformed_history() -> None:
             "accountant must be one of \\['rdp', 'prv'\\], got 'gdp'",
         ),
         ({"adaptive_clipping": "yes"}, "adaptive_clipping must be true or false"),
-        ({"noise_key": 7}, "noise_key must be 32 bytes; remove it"),
-        ({"noise_key": bytes(8)}, "noise_key must be 32 bytes; remove it"),
+        ({"noise_key": 7}, "noise_key must be 32 bytes, got int; leave it out"),
+        ({"noise_key": bytes(8)}, "noise_key must be 32 bytes, got 8 bytes"),
     ],
 )
 def test_rejects_invalid_parameter(params: dict[str, object], message: str) -> None:

@@ -81,6 +81,22 @@ def test_central_dp_total_sites_from_site_list() -> None:
             {"name": "fedavg", "wrappers": [{"name": "median", "extra": 1}]},
             "extra",
         ),
+        (
+            {
+                "name": "fedavg",
+                "wrappers": [
+                    {
+                        "name": "central_dp",
+                        "params": {
+                            "clip_norm": 1.0,
+                            "noise_multiplier": 1.0,
+                            "noise_key": bytes(32),
+                        },
+                    }
+                ],
+            },
+            "central_dp noise_key is for tests only; remove it",
+        ),
     ],
 )
 def test_invalid_strategy_rejected(strategy: dict[str, Any], message: str) -> None:
