@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from safetensors.numpy import save_file
 
@@ -29,6 +30,7 @@ from medfed.contract.metrics import EvaluationAggregates
 from medfed.contract.secagg.config import SecureAggregationConfig
 from medfed.contract.secagg.int8_ring import Int8RingEncoding
 from medfed.contract.secagg.ring import FixedPointEncoding
+from medfed.errors import ConfigError
 
 __all__ = [
     "StudyTracker",
@@ -136,6 +138,28 @@ def secure_aggregation_params(
     return params
 
 
+def _check_resumable(run_id: str, study: str) -> None:
+    """Raise unless the tracking store has run ``run_id`` and it is not deleted.
+
+    Raises:
+        ConfigError: the run is missing or deleted.
+    """
+    try:
+        stage = MlflowClient().get_run(run_id).info.lifecycle_stage
+    except MlflowException:
+        raise ConfigError(
+            f"MLflow run {run_id} of study {study!r} is not in the tracking store "
+            f"{tracking_uri()}; point MLFLOW_TRACKING_URI at the store the study "
+            "started in, or start a new study in a new --work-dir"
+        ) from None
+    if stage == "deleted":
+        raise ConfigError(
+            f"MLflow run {run_id} of study {study!r} is deleted; restore it with "
+            f"'mlflow runs restore --run-id {run_id}' and resume again, or start a "
+            "new study in a new --work-dir"
+        )
+
+
 #: Metrics logged with the model version as their step.
 _VERSION_METRICS = ("pooled.test_loss", "asynchronous.published_version")
 
@@ -154,6 +178,7 @@ class StudyTracker:
                 experiment_id=experiment.experiment_id, run_name=config.study
             )
         else:
+            _check_resumable(run_id, config.study)
             run = mlflow.start_run(run_id=run_id)
         self.run_id = run.info.run_id
         if run_id is None:

@@ -292,6 +292,9 @@ class _Coordinator:
     def _train(
         self, client: AggregationClient, tracker: StudyTracker, *, resumed: bool
     ) -> dict[str, Any]:
+        # Before the sites prepare: a rejected resume must not touch their state.
+        if resumed:
+            self._check_service_not_rolled_back(client, tracker)
         prepared = self._prepare_sites(tracker)
         self.train_records = {
             site: int(info["train_records"]) for site, info in prepared.items()
@@ -306,8 +309,6 @@ class _Coordinator:
                     for site in self.sites
                 ],
             )
-        if resumed:
-            self._check_service_not_rolled_back(client, tracker)
         client.create_study(self.config.study, self._initial_model())
         status = client.study_status(self.config.study)
         version: int = status["latest_version"]

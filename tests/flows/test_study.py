@@ -521,9 +521,32 @@ def test_resume_on_empty_service_rejected(tmp_path: Path) -> None:
     with pytest.raises(Interrupt):
         run_study(config, text, work_dir=work_dir, listener=interrupt_after(0))
     shutil.rmtree(work_dir / "aggregation")
+    shutil.rmtree(work_dir / "sites")
 
     with pytest.raises(StateRollbackError, match="has version 0 of study"):
         run_study(config, text, work_dir=work_dir, resume=True)
 
-    # The check runs before the study is created again.
+    # The check runs before the sites prepare and the study is created again.
+    assert not (work_dir / "sites").exists()
     assert service_version(work_dir / "aggregation", study) is None
+
+
+def test_resume_of_deleted_mlflow_run_rejected(tmp_path: Path) -> None:
+    from medfed.errors import ConfigError
+
+    study = "e2e-deleted-run"
+    config, text = short_config("heart_disease.yaml", study, rounds=2)
+    work_dir = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        run_study(config, text, work_dir=work_dir, listener=interrupt_after(0))
+    run_id = json.loads((work_dir / "coordinator.json").read_text())["mlflow_run_id"]
+    MlflowClient().delete_run(run_id)
+
+    with pytest.raises(ConfigError) as raised:
+        run_study(config, text, work_dir=work_dir, resume=True)
+
+    assert f"MLflow run {run_id} of study 'e2e-deleted-run' is deleted" in str(
+        raised.value
+    )
+    assert f"mlflow runs restore --run-id {run_id}" in str(raised.value)
+    assert service_version(work_dir / "aggregation", study) == 1
