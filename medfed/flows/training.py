@@ -340,6 +340,7 @@ class _Coordinator:
                 f"resumed at round {first_round} of {self.config.training.rounds}"
             )
 
+        finished = 0
         for round_number in range(first_round, self.config.training.rounds):
             round_started = time.monotonic()
             result = self._run_round(client, tracker, round_number, skip=uploaded)
@@ -348,6 +349,7 @@ class _Coordinator:
                 break
             if result.version is None:
                 continue
+            finished += 1
             version, reports = result.version, result.reports
             self.last_round = round_number
             self._evaluate(version)
@@ -365,9 +367,12 @@ class _Coordinator:
                     "uploaded": sorted(reports),
                 })  # fmt: skip
 
-        if version == 0:
+        # A resumed run that adds no round fails like a new one: a model of the
+        # earlier run, registered with exit code 0, would hide why it stopped.
+        if finished == 0:
+            since = f" since the resume at round {first_round}" if resumed else ""
             raise QuorumError(
-                f"study {self.config.study!r} finished no round; "
+                f"study {self.config.study!r} finished no round{since}; "
                 + (self._last_round_reasons() or "see the aggregation service log")
             )
         return self._finish(client, tracker, prepared, version)

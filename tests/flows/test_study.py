@@ -550,3 +550,25 @@ def test_resume_of_deleted_mlflow_run_rejected(tmp_path: Path) -> None:
     )
     assert f"mlflow runs restore --run-id {run_id}" in str(raised.value)
     assert service_version(work_dir / "aggregation", study) == 1
+
+
+def test_resume_finishing_no_round_fails(tmp_path: Path) -> None:
+    # The sites lose their folders after round 0, so each finds an upload that
+    # its ledger does not charge and stops: the resume adds no round and fails.
+    study = "e2e-resume-no-round"
+    config, text = short_config("heart_disease.yaml", study, rounds=3)
+    work_dir = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        run_study(config, text, work_dir=work_dir, listener=interrupt_after(0))
+    shutil.rmtree(work_dir / "sites")
+
+    with pytest.raises(QuorumError) as raised:
+        run_study(config, text, work_dir=work_dir, resume=True)
+
+    message = str(raised.value)
+    assert message.startswith(
+        "study 'e2e-resume-no-round' finished no round since the resume at round 1; "
+    )
+    assert "site cleveland failed: privacy ledger" in message
+    assert "but the aggregation service accepted one from this site" in message
+    assert service_version(work_dir / "aggregation", study) == 1
