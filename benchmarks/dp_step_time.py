@@ -98,44 +98,38 @@ def make_steps(
 
     steps["opacus_ghost"] = opacus_ghost
 
-    fast = build_model(model_name)
-    fast_opt = torch.optim.SGD(fast.parameters(), lr=0.01)
+    steps["fastdp"] = fastdp_step(model_name, images, labels, None)
+    steps["fastdp_keyed"] = fastdp_step(
+        model_name, images, labels, KeyedRandom.from_entropy()
+    )
+    return steps
 
-    def fastdp() -> None:
-        fast_opt.zero_grad()
+
+def fastdp_step(
+    model_name: str,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    noise_source: KeyedRandom | None,
+) -> Callable[[], None]:
+    """Build a fast-path DP step; noise from ``noise_source`` or torch's generator."""
+    model = build_model(model_name)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def step() -> None:
+        optimizer.zero_grad()
         private_gradient(
-            fast,
+            model,
             per_sample_loss,
             images,
             labels,
             max_grad_norm=MAX_GRAD_NORM,
             noise_multiplier=NOISE_MULTIPLIER,
-            expected_batch_size=batch,
-        )
-        fast_opt.step()
-
-    steps["fastdp"] = fastdp
-
-    keyed = build_model(model_name)
-    keyed_opt = torch.optim.SGD(keyed.parameters(), lr=0.01)
-    noise_source = KeyedRandom.from_entropy()
-
-    def fastdp_keyed() -> None:
-        keyed_opt.zero_grad()
-        private_gradient(
-            keyed,
-            per_sample_loss,
-            images,
-            labels,
-            max_grad_norm=MAX_GRAD_NORM,
-            noise_multiplier=NOISE_MULTIPLIER,
-            expected_batch_size=batch,
+            expected_batch_size=images.shape[0],
             noise_source=noise_source,
         )
-        keyed_opt.step()
+        optimizer.step()
 
-    steps["fastdp_keyed"] = fastdp_keyed
-    return steps
+    return step
 
 
 def measure(

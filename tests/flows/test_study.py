@@ -474,16 +474,24 @@ def service_version(aggregation_dir: Path, study: str) -> int | None:
             raise
 
 
+def interrupted_study(
+    tmp_path: Path, study: str, rounds: int
+) -> tuple[StudyConfig, str, Path]:
+    """Run a heart-disease DP study and interrupt it after round 0."""
+    config, text = short_config("heart_disease.yaml", study, rounds=rounds)
+    work_dir = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        run_study(config, text, work_dir=work_dir, listener=interrupt_after(0))
+    return config, text, work_dir
+
+
 def test_resume_on_restored_service_rejected(tmp_path: Path) -> None:
     # The service and ledgers go back to a copy taken after round 0, but MLflow
     # recorded round 1, which a resume would release again uncounted.
     from medfed.errors import StateRollbackError
 
     study = "e2e-rollback"
-    config, text = short_config("heart_disease.yaml", study, rounds=3)
-    work_dir = tmp_path / "run"
-    with pytest.raises(Interrupt):
-        run_study(config, text, work_dir=work_dir, listener=interrupt_after(0))
+    config, text, work_dir = interrupted_study(tmp_path, study, rounds=3)
     backup = tmp_path / "backup"
     for part in ("aggregation", "sites"):
         shutil.copytree(work_dir / part, backup / part)
@@ -516,10 +524,7 @@ def test_resume_on_empty_service_rejected(tmp_path: Path) -> None:
     from medfed.errors import StateRollbackError
 
     study = "e2e-rollback-empty"
-    config, text = short_config("heart_disease.yaml", study, rounds=2)
-    work_dir = tmp_path / "run"
-    with pytest.raises(Interrupt):
-        run_study(config, text, work_dir=work_dir, listener=interrupt_after(0))
+    config, text, work_dir = interrupted_study(tmp_path, study, rounds=2)
     shutil.rmtree(work_dir / "aggregation")
     shutil.rmtree(work_dir / "sites")
 
@@ -535,10 +540,7 @@ def test_resume_of_deleted_mlflow_run_rejected(tmp_path: Path) -> None:
     from medfed.errors import ConfigError
 
     study = "e2e-deleted-run"
-    config, text = short_config("heart_disease.yaml", study, rounds=2)
-    work_dir = tmp_path / "run"
-    with pytest.raises(Interrupt):
-        run_study(config, text, work_dir=work_dir, listener=interrupt_after(0))
+    config, text, work_dir = interrupted_study(tmp_path, study, rounds=2)
     run_id = json.loads((work_dir / "coordinator.json").read_text())["mlflow_run_id"]
     MlflowClient().delete_run(run_id)
 
@@ -556,10 +558,7 @@ def test_resume_finishing_no_round_fails(tmp_path: Path) -> None:
     # The sites lose their folders after round 0, so each finds an upload that
     # its ledger does not charge and stops: the resume adds no round and fails.
     study = "e2e-resume-no-round"
-    config, text = short_config("heart_disease.yaml", study, rounds=3)
-    work_dir = tmp_path / "run"
-    with pytest.raises(Interrupt):
-        run_study(config, text, work_dir=work_dir, listener=interrupt_after(0))
+    config, text, work_dir = interrupted_study(tmp_path, study, rounds=3)
     shutil.rmtree(work_dir / "sites")
 
     with pytest.raises(QuorumError) as raised:
