@@ -160,8 +160,13 @@ def _check_resumable(run_id: str, study: str) -> None:
         )
 
 
-#: Metrics logged with the model version as their step.
-_VERSION_METRICS = ("pooled.test_loss", "asynchronous.published_version")
+#: Metrics logged with the model version as their step. Two for synchronous
+#: rounds, because ``log_round`` leaves out a metric that is NaN.
+_VERSION_METRICS = (
+    "pooled.decision_threshold",
+    "pooled.test_loss",
+    "asynchronous.published_version",
+)
 
 
 class StudyTracker:
@@ -299,8 +304,9 @@ class StudyTracker:
     def recorded_version(self) -> int:
         """Return the highest model version this run logged metrics at, or 0.
 
-        Synchronous rounds log ``pooled.test_loss`` at each new version, and
-        asynchronous studies ``asynchronous.published_version``. Both are
+        Synchronous rounds log ``pooled.decision_threshold`` and
+        ``pooled.test_loss`` at each new version, and asynchronous studies
+        ``asynchronous.published_version``. Both are
         logged after the service publishes the version, so an intact service
         is never behind this figure.
         """
