@@ -61,7 +61,8 @@ def test_uniform_draws_lie_on_grid_in_unit_interval(
     draws = KeyedRandom(ZERO_KEY).uniform(100_000, dtype)
 
     assert draws.dtype == dtype
-    assert draws.min() >= 0.0 and draws.max() < 1.0
+    assert draws.min() >= 0.0
+    assert draws.max() < 1.0
     scaled = draws.astype(np.float64) * 2.0**bits
     assert np.array_equal(scaled, np.floor(scaled))
     assert stats.kstest(draws, "uniform").pvalue > 1e-3
@@ -128,7 +129,8 @@ def test_poisson_sample_keeps_each_index_at_rate() -> None:
 
     assert np.mean(sizes) == pytest.approx(100, rel=0.03)
     assert np.all(np.diff(batch) > 0)
-    assert batch.min() >= 0 and batch.max() < 1000
+    assert batch.min() >= 0
+    assert batch.max() < 1000
     assert len(source.poisson_sample(50, 0.0)) == 0
     assert np.array_equal(source.poisson_sample(50, 1.0), np.arange(50))
 

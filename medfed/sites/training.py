@@ -291,9 +291,9 @@ class _DPRandomness:
         if key is None:
             return cls(KeyedRandom.from_entropy(), KeyedRandom.from_entropy())
         if not isinstance(key, bytes) or len(key) != KEY_BYTES:
-            given = f"{len(key)} bytes" if isinstance(key, bytes) else repr(type(key))
+            actual = f"{len(key)} bytes" if isinstance(key, bytes) else repr(type(key))
             raise ValueError(
-                f"dp_key must be {KEY_BYTES} bytes, got {given}; pass the "
+                f"dp_key must be {KEY_BYTES} bytes, got {actual}; pass the "
                 "site runner's round key or None"
             )
         return cls(

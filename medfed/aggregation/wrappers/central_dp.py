@@ -85,7 +85,7 @@ class CentralDP(StrategyWrapper):
             ``sites_per_round / 20`` as Andrew et al. suggest. It must exceed
             ``noise_multiplier / 2``.
         noise_key: 32-byte key of the noise generator (``KeyedRandom``), for
-            tests only: anyone who knows it can subtract the noise, and the
+            tests only: anyone who has it can subtract the noise, and the
             service builds the strategy anew each round, so a fixed key would
             repeat the noise. The default draws a key from the operating
             system's entropy; a study config cannot set one.
@@ -378,13 +378,13 @@ def _noise_source(noise_key: bytes | None) -> KeyedRandom:
     if noise_key is None:
         return KeyedRandom.from_entropy()
     if not isinstance(noise_key, bytes) or len(noise_key) != KEY_BYTES:
-        given = (
+        actual = (
             f"{len(noise_key)} bytes"
             if isinstance(noise_key, bytes)
             else type(noise_key).__name__
         )
         raise ConfigError(
-            f"central_dp noise_key must be {KEY_BYTES} bytes, got {given}; leave "
+            f"central_dp noise_key must be {KEY_BYTES} bytes, got {actual}; leave "
             "it out, so that the key comes from the operating system"
         )
     return KeyedRandom(noise_key)
